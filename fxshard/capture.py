@@ -1,0 +1,517 @@
+"""Capture: a model and example inputs become an fx graph with shapes.
+
+``capture`` traces with ``torch.fx.symbolic_trace`` and falls back to non-strict
+``torch.export``. Either way the result is a plain :class:`torch.fx.GraphModule` that
+takes one flat positional argument per placeholder, returns a flat tuple, and holds the
+user's own ``Parameter`` and buffer objects (so a split of it trains the user's model).
+Shapes come from fake-tensor propagation (``torch.fx.passes.shape_prop.ShapeProp`` with a
+``FakeTensorMode``): nothing is computed and nothing is allocated, so a model on the
+``meta`` device captures too. See docs/architecture.md.
+
+Example::
+
+    graph = capture(model, (tokens,))
+    for node in graph.gm.graph.nodes:
+        print(node.name, node.meta["tensor_meta"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxshard.errors import CaptureError
+
+__all__ = ["CapturedGraph", "OutputSpec", "capture", "node_values"]
+
+Method = Literal["auto", "symbolic_trace", "export"]
+
+
+# ---------------------------------------------------------------------------------------
+# Output structure: the captured graph returns a flat tuple; OutputSpec rebuilds the
+# model's own structure (tensor, tuple, list, namedtuple, dict and dict subclasses such as
+# HF ModelOutput, dataclasses, constants) around it.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """How to rebuild the model's output structure from the flat tuple the graph returns.
+
+    ``tree`` is a nested description: ``("leaf", i)``, ``("const", value)``,
+    ``("seq", type, children)``, ``("map", type, keys, children)`` or
+    ``("dataclass", type, names, children)``.
+    """
+
+    tree: Any
+    num_leaves: int
+
+    def rebuild(self, flat: tuple | list) -> Any:
+        """Return the model-shaped output for the graph's flat outputs."""
+        return _rebuild(self.tree, flat)
+
+
+def _rebuild(tree: Any, flat: tuple | list) -> Any:
+    kind = tree[0]
+    if kind == "leaf":
+        return flat[tree[1]]
+    if kind == "const":
+        return tree[1]
+    if kind == "seq":
+        _, typ, children = tree
+        items = [_rebuild(c, flat) for c in children]
+        if typ is tuple or typ is list:
+            return typ(items)
+        return typ(*items)  # namedtuple
+    if kind == "map":
+        _, typ, keys, children = tree
+        values = [_rebuild(c, flat) for c in children]
+        out = typ() if typ is not dict else {}
+        for key, value in zip(keys, values):
+            out[key] = value
+        return out
+    _, typ, names, children = tree
+    return typ(**{n: _rebuild(c, flat) for n, c in zip(names, children)})
+
+
+def _flatten_output_arg(arg: Any, leaves: list[torch.fx.Node]) -> Any:
+    """Describe the output node's argument, collecting graph-valued leaves in order."""
+    if isinstance(arg, torch.fx.Node):
+        target = arg.target
+        if (arg.op == "call_function" and isinstance(target, type)
+                and dataclasses.is_dataclass(target)):
+            # fx records `return Out(logits=x)` as a call to the dataclass: look inside.
+            names = [f.name for f in dataclasses.fields(target)]
+            bound = dict(zip(names, arg.args))
+            bound.update(arg.kwargs)
+            present = [n for n in names if n in bound]
+            return ("dataclass", target, tuple(present),
+                    tuple(_flatten_output_arg(bound[n], leaves) for n in present))
+        if arg.op == "call_function" and target is _build_mapping:
+            typ, keys, values = arg.args
+            return ("map", typ, tuple(keys), tuple(_flatten_output_arg(v, leaves) for v in values))
+        leaves.append(arg)
+        return ("leaf", len(leaves) - 1)
+    if isinstance(arg, (tuple, list)):
+        return ("seq", type(arg), tuple(_flatten_output_arg(a, leaves) for a in arg))
+    if isinstance(arg, Mapping):
+        return ("map", type(arg), tuple(arg.keys()),
+                tuple(_flatten_output_arg(v, leaves) for v in arg.values()))
+    return ("const", arg)
+
+
+def _build_mapping(typ: type, keys: tuple, values: tuple) -> Any:
+    """Rebuild a dict subclass inside a traced graph (fx would turn it into a plain dict)."""
+    out = typ()
+    for key, value in zip(keys, values):
+        out[key] = value
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------
+# The captured graph
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CapturedGraph:
+    """An fx graph of a model, with shapes, that owns the model's parameters.
+
+    Attributes:
+        gm: the graph; one placeholder per flat input, returns a flat tuple. Every node has
+            ``meta["val"]`` (fake tensors, or plain values) and ``meta["tensor_meta"]``.
+        method: ``"symbolic_trace"`` or ``"export"``.
+        model_name: the model's class name.
+        input_names: placeholder names, in call order.
+        output_spec: rebuilds the model's output structure from the flat outputs.
+        fake_mode: the FakeTensorMode the shapes were computed in.
+        fake_module: a fake-tensor copy of ``gm`` (for cost models that re-run nodes).
+        param_names: ``id(tensor) -> canonical name`` for every parameter and buffer of the
+            model (a tensor reachable under two names keeps its first name).
+        fallback_reason: why symbolic_trace was not used, when ``method == "export"``.
+    """
+
+    gm: torch.fx.GraphModule
+    method: str
+    model_name: str
+    input_names: tuple[str, ...]
+    output_spec: OutputSpec
+    fake_mode: FakeTensorMode
+    fake_module: torch.fx.GraphModule
+    param_names: Mapping[int, str]
+    flatten_inputs: Callable[[tuple, dict], list]
+    fallback_reason: str = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the captured graph eagerly; returns what the model returns."""
+        flat = self.gm(*self.flatten_inputs(args, kwargs))
+        return self.output_spec.rebuild(flat)
+
+    @property
+    def nodes(self) -> list[torch.fx.Node]:
+        """The graph's nodes in topological order."""
+        return list(self.gm.graph.nodes)
+
+    def fingerprint(self) -> str:
+        """A stable hash of the graph's structure, shapes and dtypes."""
+        h = hashlib.sha256()
+        for node in self.gm.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            shape = (tuple(meta.shape), str(meta.dtype)) if hasattr(meta, "shape") else None
+            args = [a.name for a in node.all_input_nodes]
+            h.update(repr((node.name, node.op, _target_name(node), args, shape)).encode())
+        return h.hexdigest()[:16]
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def node_values(node: torch.fx.Node) -> list[torch.Tensor]:
+    """The tensors a node produces (its ``meta["val"]``, flattened)."""
+    return [v for v in pytree.tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------
+
+
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, with user leaf modules and dict subclasses kept typed."""
+
+    def __init__(self, leaf_modules: tuple) -> None:
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, dict) and type(a) is not dict and not dataclasses.is_dataclass(a):
+            keys = tuple(a.keys())
+            values = tuple(self.create_arg(v) for v in a.values())
+            return self.create_node("call_function", _build_mapping, (type(a), keys, values), {})
+        return super().create_arg(a)
+
+
+def _trace_symbolic(model: torch.nn.Module, leaf_modules: tuple) -> torch.fx.Graph:
+    return _Tracer(leaf_modules).trace(model)
+
+
+def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph, torch.nn.Module, Any]:
+    exported = torch.export.export(model, args, kwargs, strict=False)
+    unlifted = exported.module()
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(unlifted.graph, {})
+    graph.output(out)
+    for node in list(graph.nodes):
+        # export's input-guard check is a module of the unlifted wrapper, not of the model.
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return graph, unlifted, exported.call_spec
+
+
+def _flatten_output_node(graph: torch.fx.Graph) -> OutputSpec:
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves: list[torch.fx.Node] = []
+    tree = _flatten_output_arg(output.args[0], leaves)
+    output.args = (tuple(leaves),)
+    _erase_unused_constructors(graph)
+    return OutputSpec(tree=tree, num_leaves=len(leaves))
+
+
+def _erase_unused_constructors(graph: torch.fx.Graph) -> None:
+    # Only the structure-building nodes the output flattening made dead; nothing else is
+    # removed (an unused in-place update of a buffer must stay).
+    for node in reversed(list(graph.nodes)):
+        if (node.op == "call_function" and not node.users
+                and (node.target is _build_mapping
+                     or (isinstance(node.target, type) and dataclasses.is_dataclass(node.target)))):
+            graph.erase_node(node)
+
+
+def _output_spec_from_pytree(graph: torch.fx.Graph, out_spec: Any) -> OutputSpec:
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    output.args = (tuple(leaves),)
+    tree = _pytree_to_tree(out_spec, iter(range(len(leaves))))
+    return OutputSpec(tree=tree, num_leaves=len(leaves))
+
+
+def _pytree_to_tree(spec: Any, counter: Any) -> Any:
+    if spec.is_leaf():
+        return ("leaf", next(counter))
+    kids = spec.children() if hasattr(spec, "children") else spec.children_specs
+    children = [_pytree_to_tree(c, counter) for c in kids]
+    typ = spec.type
+    if typ in (tuple, list) or (isinstance(typ, type) and issubclass(typ, tuple)):
+        return ("seq", typ, tuple(children))
+    if isinstance(typ, type) and issubclass(typ, dict):
+        keys = spec.context if isinstance(spec.context, (list, tuple)) else list(spec.context)
+        return ("map", typ, tuple(keys), tuple(children))
+    if dataclasses.is_dataclass(typ):
+        names = spec.context[0] if isinstance(spec.context, tuple) else spec.context
+        return ("dataclass", typ, tuple(names), tuple(children))
+    raise CaptureError(f"output type {typ.__name__} from torch.export is not supported; return "
+                       f"tensors, tuples, lists, dicts or dataclasses")
+
+
+def _build_root(graph: torch.fx.Graph, model: torch.nn.Module,
+                extra: torch.nn.Module | None) -> dict[str, Any]:
+    """Map every attribute the graph uses to the user's own object where it has one."""
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        try:
+            root[node.target] = _resolve(model, node.target)
+        except AttributeError:
+            if extra is None:
+                raise
+            # Constants that export lifted out of the code (e.g. _tensor_constant0).
+            root[node.target] = _resolve(extra, node.target)
+    return root
+
+
+def _resolve(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _signature_flattener(model: torch.nn.Module, input_names: tuple[str, ...]) -> Callable:
+    sig = inspect.signature(model.forward)
+
+    def flatten(args: tuple, kwargs: dict) -> list:
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise CaptureError(f"inputs do not match {type(model).__name__}.forward{sig}: {e}") from e
+        bound.apply_defaults()
+        return [bound.arguments[name] for name in input_names]
+
+    return flatten
+
+
+def _pytree_flattener(in_spec: Any, num_inputs: int, model_name: str) -> Callable:
+    def flatten(args: tuple, kwargs: dict) -> list:
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != in_spec:
+            raise CaptureError(f"inputs have structure {spec}, but {model_name} was captured with "
+                               f"{in_spec}; call it with the same argument structure as the example")
+        return leaves[:num_inputs]
+
+    return flatten
+
+
+class _ValueProp(torch.fx.Interpreter):
+    """Fake-tensor propagation: ``meta["val"]`` and ``meta["tensor_meta"]`` on every node.
+
+    Runs a fake copy of the module (as ShapeProp does with a fake mode) so the real one is
+    never touched, and raises instead of printing tracebacks.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, fake_mode: FakeTensorMode) -> None:
+        from torch._dynamo.utils import deepcopy_to_fake_tensor
+
+        self.fake_module = deepcopy_to_fake_tensor(gm, fake_mode)
+        if _has_meta(self.fake_module):
+            # Fake CPU tensors instead of fake meta ones: meta dispatches attention to the
+            # math path (which saves the S x S matrix); CPU takes the fused kernel, as a GPU does.
+            _fake_to_cpu(self.fake_module, fake_mode)
+        super().__init__(self.fake_module)
+        self.fake_mode = fake_mode
+        self.real_nodes = list(gm.graph.nodes)
+        self._index = {n: i for i, n in enumerate(self.fake_module.graph.nodes)}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            with self.fake_mode:
+                result = super().run_node(n)
+        except Exception as e:
+            raise CaptureError(f"fake-tensor propagation failed at node {n.name!r} "
+                               f"({n.format_node()}): {type(e).__name__}: {_first_line(e)}") from e
+        for node in (n, self.real_nodes[self._index[n]]):
+            node.meta["val"] = result
+            node.meta["tensor_meta"] = pytree.tree_map(_tensor_meta, result)
+        return result
+
+
+def _tensor_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _extract_tensor_metadata(value)
+    return None
+
+
+def _fake_to_cpu(module: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
+    """Replace every meta tensor of a fake module by a fake CPU tensor, keeping ties."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            with fake_mode:
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+            memo[id(t)] = (torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                           if isinstance(t, torch.nn.Parameter) else new)
+        return memo[id(t)]
+
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, t in table.items():
+                if t is not None and t.device.type == "meta":
+                    table[name] = convert(t)
+        for name, value in vars(sub).items():  # plain tensor attributes that get_attr reads
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                setattr(sub, name, convert(value))
+
+
+def _has_meta(module: torch.nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _fakeify(value: Any, fake_mode: FakeTensorMode) -> Any:
+    def convert(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if v.device.type == "meta":
+                with fake_mode:  # see _ValueProp: meta inputs become fake CPU tensors
+                    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu",
+                                               requires_grad=v.requires_grad)
+            return fake_mode.from_tensor(v)
+        return v
+
+    return pytree.tree_map(convert, value)
+
+
+def _canonical_names(model: torch.nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        names.setdefault(id(t), name)
+    return names
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | Any = (),
+            *, example_kwargs: Mapping[str, Any] | None = None, method: Method = "auto",
+            leaf_modules: Iterable[type | str] = ()) -> CapturedGraph:
+    """Trace ``model`` into a flat fx graph with shapes, without running it for real.
+
+    Args:
+        model: the module; on a real device or on ``meta``. It is never mutated.
+        example_inputs: positional inputs (a tuple; a single tensor is accepted), or a dict
+            of keyword inputs.
+        example_kwargs: keyword inputs, besides positional ones.
+        method: ``"auto"`` (symbolic_trace, then torch.export), or force one of them.
+        leaf_modules: module types or qualified names to keep as single nodes.
+
+    Returns:
+        A :class:`CapturedGraph`.
+
+    Raises:
+        CaptureError: the model cannot be traced (both reasons are given for ``auto``), or
+            the example inputs do not fit the model.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    if method not in ("auto", "symbolic_trace", "export"):
+        raise CaptureError(f"method={method!r} is unknown; use 'auto', 'symbolic_trace' or 'export'")
+    args, kwargs = _split_inputs(example_inputs, example_kwargs)
+    leaf_modules = tuple(leaf_modules)
+    name = type(model).__name__
+
+    reasons: dict[str, str] = {}
+    if method in ("auto", "symbolic_trace"):
+        try:
+            return _finish_symbolic(model, args, kwargs, leaf_modules)
+        except CaptureError:
+            raise
+        except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
+            reasons["symbolic_trace"] = f"{type(e).__name__}: {_first_line(e)}"
+            if method == "symbolic_trace":
+                raise CaptureError(
+                    f"torch.fx.symbolic_trace failed on {name}: {reasons['symbolic_trace']}. "
+                    f"Try method='export', or mark the failing submodule as a leaf with "
+                    f"leaf_modules=(ItsClass,)") from e
+    try:
+        return _finish_export(model, args, kwargs, reasons.get("symbolic_trace", ""))
+    except CaptureError:
+        raise
+    except Exception as e:
+        reasons["torch.export"] = f"{type(e).__name__}: {_first_line(e)}"
+        detail = "; ".join(f"{k} failed with {v}" for k, v in reasons.items())
+        raise CaptureError(
+            f"cannot capture {name}: {detail}. Ways out: make data-dependent control flow "
+            f"depend on shapes only or use torch.cond; mark untraceable submodules with "
+            f"leaf_modules=(...); for Hugging Face-style models pass use_cache=False and "
+            f"return_dict=True in the config; pass example inputs of the real types") from e
+
+
+def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, Mapping):
+        return (), {**dict(example_inputs), **kwargs}
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs), kwargs
+    if not isinstance(example_inputs, tuple):
+        return (example_inputs,), kwargs
+    return example_inputs, kwargs
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _finish_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict,
+                     leaf_modules: tuple) -> CapturedGraph:
+    graph = _trace_symbolic(model, leaf_modules)
+    output_spec = _flatten_output_node(graph)
+    input_names = tuple(n.target for n in graph.nodes if n.op == "placeholder")
+    if any(n.startswith("*") for n in input_names):
+        raise TypeError("forward takes *args or **kwargs, which symbolic_trace cannot name")
+    gm = torch.fx.GraphModule(_build_root(graph, model, None), graph, class_name=type(model).__name__)
+    flatten = _signature_flattener(model, input_names)
+    flat_inputs = flatten(args, kwargs)
+    return _propagate(gm, model, "symbolic_trace", input_names, output_spec, flatten, flat_inputs, "")
+
+
+def _finish_export(model: torch.nn.Module, args: tuple, kwargs: dict, reason: str) -> CapturedGraph:
+    graph, unlifted, call_spec = _trace_export(model, args, kwargs)
+    output_spec = _output_spec_from_pytree(graph, call_spec.out_spec)
+    graph.lint()
+    gm = torch.fx.GraphModule(_build_root(graph, model, unlifted), graph, class_name=type(model).__name__)
+    input_names = tuple(n.name for n in graph.nodes if n.op == "placeholder")
+    flatten = _pytree_flattener(call_spec.in_spec, len(input_names), type(model).__name__)
+    flat_inputs = flatten(args, kwargs)
+    return _propagate(gm, model, "export", input_names, output_spec, flatten, flat_inputs, reason)
+
+
+def _propagate(gm: torch.fx.GraphModule, model: torch.nn.Module, method: str,
+               input_names: tuple[str, ...], output_spec: OutputSpec, flatten: Callable,
+               flat_inputs: list, reason: str) -> CapturedGraph:
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    prop = _ValueProp(gm, fake_mode)
+    try:
+        prop.run(*_fakeify(flat_inputs, fake_mode))
+    except CaptureError as e:
+        raise CaptureError(f"{type(model).__name__} ({method}): {e}. Check that the example "
+                           f"inputs have the shapes and dtypes the model expects") from e
+    return CapturedGraph(gm=gm, method=method, model_name=type(model).__name__,
+                         input_names=input_names, output_spec=output_spec, fake_mode=fake_mode,
+                         fake_module=prop.fake_module, param_names=_canonical_names(model),
+                         flatten_inputs=flatten, fallback_reason=reason)

@@ -1,0 +1,282 @@
+"""Device-independent work of every node: FLOPs, bytes moved, parameters, saved activations.
+
+Each node is re-run alone on fake tensors (no compute, no memory) under
+``torch.utils.flop_counter.FlopCounterMode``: once forward, once backward with
+``torch.autograd.grad``. Saved-for-backward tensors are seen through
+``torch.autograd.graph.saved_tensors_hooks``. Nothing here knows about devices; the cost
+models turn this work into time (docs/cost_models.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from fxshard.capture import CapturedGraph, node_values
+from fxshard.errors import CostModelError
+
+__all__ = ["NodeWork", "analyze", "tensor_bytes"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeWork:
+    """What one fx node does, independent of the device it runs on.
+
+    Attributes:
+        name, op, target: the fx node's name, opcode and target (as text).
+        module: the qualified name of the module the node belongs to ("" at top level).
+        dtype: the dtype that sets the node's compute rate (its widest floating input).
+        fwd_flops, bwd_flops: floating-point operations forward and backward.
+        fwd_bytes, bwd_bytes: bytes read plus written by the node's kernels.
+        fwd_kernels, bwd_kernels: kernel launches (0 for views, getitem, placeholders).
+        params, param_sizes: canonical names and bytes of the parameters the node holds
+            directly (a parameter reachable under two names has its first name).
+        buffers, buffer_sizes: the same for buffers (and constant tensors).
+        param_bytes, buffer_bytes: their sums.
+        output_bytes: bytes of the node's output tensors (what an edge out of it carries).
+        saved_bytes: bytes of new tensors the node saves for backward.
+        saved_inputs: names of input nodes whose outputs the node saves for backward.
+        flop_ops: the aten operators that carry the forward FLOPs (e.g. "aten.mm").
+        is_view: the outputs alias the inputs (no data moves).
+        view_of: for a view, the input node whose storage it shares.
+        requires_grad: some output takes part in backward.
+    """
+
+    name: str
+    op: str
+    target: str
+    module: str = ""
+    dtype: str = "float32"
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    fwd_bytes: int = 0
+    bwd_bytes: int = 0
+    fwd_kernels: int = 0
+    bwd_kernels: int = 0
+    params: tuple[str, ...] = ()
+    param_sizes: tuple[int, ...] = ()
+    buffers: tuple[str, ...] = ()
+    buffer_sizes: tuple[int, ...] = ()
+    param_bytes: int = 0
+    buffer_bytes: int = 0
+    output_bytes: int = 0
+    saved_bytes: int = 0
+    saved_inputs: tuple[str, ...] = ()
+    flop_ops: tuple[str, ...] = ()
+    is_view: bool = False
+    view_of: str = ""
+    requires_grad: bool = False
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements (its view, not its whole storage)."""
+    return t.numel() * t.element_size()
+
+
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any,
+                             out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels; the CPU one gets the same formula.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def _counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+
+
+def _module_of(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.removeprefix("L['self'].").removeprefix("L__self__.")
+    return ""
+
+
+def _held_tensors(node: torch.fx.Node, gm: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """(attribute path, real tensor) for parameters and buffers a node holds directly."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        prefix = f"{node.target}."
+        return ([(prefix + n, t) for n, t in mod.named_parameters()]
+                + [(prefix + n, t) for n, t in mod.named_buffers()])
+    if node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor):
+            return [(str(node.target), value)]
+    return []
+
+
+class _NodeRunner(torch.fx.Interpreter):
+    """Runs single nodes of the fake module with given fake inputs."""
+
+    def run_one(self, node: torch.fx.Node, env: dict[torch.fx.Node, Any]) -> Any:
+        self.env = env
+        return self.run_node(node)
+
+
+def _detach(value: Any) -> Any:
+    def go(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            d = v.detach()
+            if v.requires_grad and (v.is_floating_point() or v.is_complex()):
+                d.requires_grad_(True)
+            return d
+        return v
+
+    return pytree.tree_map(go, value)
+
+
+def _dtype_of(tensors: list[torch.Tensor]) -> str:
+    floats = [t for t in tensors if t.is_floating_point()]
+    if not floats:
+        return str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
+    widest = max(floats, key=lambda t: t.element_size())
+    return str(widest.dtype).removeprefix("torch.")
+
+
+def analyze(captured: CapturedGraph) -> list[NodeWork]:
+    """Return the work of every node of ``captured``, in graph order.
+
+    Raises:
+        CostModelError: a node cannot be re-run on fake tensors (the node is named).
+    """
+    runner = _NodeRunner(captured.fake_module)
+    real_nodes = list(captured.gm.graph.nodes)
+    fake_nodes = list(captured.fake_module.graph.nodes)
+    fake_state = {id(t) for t in captured.fake_module.parameters()}
+    fake_state |= {id(t) for t in captured.fake_module.buffers()}
+    works = []
+    for real, fake in zip(real_nodes, fake_nodes):
+        try:
+            works.append(_analyze_node(real, fake, captured, runner, fake_state))
+        except CostModelError:
+            raise
+        except Exception as e:
+            raise CostModelError(f"cannot analyse node {real.name!r} ({real.format_node()}): "
+                                 f"{type(e).__name__}: {e}") from e
+    return works
+
+
+def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGraph,
+                  runner: _NodeRunner, fake_state: set[int]) -> NodeWork:
+    params: dict[str, int] = {}
+    buffers: dict[str, int] = {}
+    for path, t in _held_tensors(real, captured.gm):
+        table = params if isinstance(t, torch.nn.Parameter) else buffers
+        table.setdefault(captured.param_names.get(id(t), path), tensor_bytes(t))
+    outputs = node_values(real)
+    base = dict(name=real.name, op=real.op, target=_target_text(real), module=_module_of(real),
+                params=tuple(params), param_sizes=tuple(params.values()),
+                buffers=tuple(buffers), buffer_sizes=tuple(buffers.values()),
+                param_bytes=sum(params.values()), buffer_bytes=sum(buffers.values()),
+                output_bytes=_unique_bytes(outputs),
+                requires_grad=any(t.requires_grad for t in outputs))
+    if real.op in ("placeholder", "get_attr", "output"):
+        return NodeWork(**base, dtype=_dtype_of(outputs))
+
+    inputs = {n: _detach(n.meta.get("val")) for n in fake.all_input_nodes}
+    input_tensors: list[torch.Tensor] = []
+    owner: dict[int, str] = {}
+    for n, v in inputs.items():
+        for t in pytree.tree_leaves(v):
+            if isinstance(t, torch.Tensor):
+                input_tensors.append(t)
+                owner[id(t)] = n.name
+    module_state: list[torch.Tensor] = []
+    if fake.op == "call_module":
+        sub = captured.fake_module.get_submodule(fake.target)
+        module_state = list(sub.parameters()) + list(sub.buffers())
+    state_ids = fake_state | {id(t) for t in module_state}
+    state_storages = {t.untyped_storage()._cdata for t in module_state}
+
+    saved: list[torch.Tensor] = []
+    with captured.fake_mode:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with _counter() as fwd_counter:
+                result = runner.run_one(fake, dict(inputs))
+        out_tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+        grad_outs = [t for t in out_tensors if t.requires_grad and t.grad_fn is not None]
+        wrt = [t for t in input_tensors + [p for p in module_state if p.requires_grad] if t.requires_grad]
+        bwd_flops = 0
+        if grad_outs and wrt:
+            with _counter() as bwd_counter:
+                torch.autograd.grad(grad_outs, wrt, [torch.ones_like(t) for t in grad_outs],
+                                    allow_unused=True)
+            bwd_flops = bwd_counter.get_total_flops()
+
+    is_view = bool(out_tensors) and all(
+        any(torch._C._is_alias_of(o, i) for i in input_tensors + module_state) for o in out_tensors)
+    view_of = next((owner[id(i)] for i in input_tensors if torch._C._is_alias_of(out_tensors[0], i)),
+                   "") if is_view else ""
+    new_saved: list[torch.Tensor] = []
+    saved_inputs: dict[str, None] = {}
+    input_storages = {t.untyped_storage()._cdata: owner[id(t)] for t in input_tensors}
+    attr_inputs = {n.name for n in fake.all_input_nodes if n.op == "get_attr"}
+    for t in saved:
+        if id(t) in state_ids or t.untyped_storage()._cdata in state_storages:
+            continue  # parameters are counted as parameter memory, not activations
+        src = owner.get(id(t)) or input_storages.get(t.untyped_storage()._cdata)
+        if src is not None:
+            if src not in attr_inputs:
+                saved_inputs[src] = None
+        else:
+            new_saved.append(t)
+    read_bytes = _unique_bytes(input_tensors + module_state)
+    out_bytes = base["output_bytes"]
+    fwd_flops = fwd_counter.get_total_flops()
+    flop_ops = tuple(sorted(str(op) for op, n in fwd_counter.get_flop_counts().get("Global", {}).items() if n))
+    grad_in_bytes = _unique_bytes(wrt)
+    saved_total = _unique_bytes(saved)
+    kernels = 0 if is_view or not out_tensors else 1
+    return NodeWork(
+        **base,
+        dtype=_dtype_of(input_tensors + module_state or out_tensors),
+        fwd_flops=fwd_flops, bwd_flops=bwd_flops,
+        fwd_bytes=0 if is_view else read_bytes + out_bytes,
+        bwd_bytes=0 if (is_view or not grad_outs) else out_bytes + saved_total + grad_in_bytes,
+        fwd_kernels=kernels, bwd_kernels=0 if (is_view or not grad_outs) else max(1, len(wrt)),
+        saved_bytes=_unique_bytes(new_saved), saved_inputs=tuple(saved_inputs),
+        flop_ops=flop_ops, is_view=is_view, view_of=view_of)
+
+
+def _target_text(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name

@@ -1,0 +1,112 @@
+"""The analytical cost model: a roofline with efficiency factors and a per-kernel overhead.
+
+time = kernels * launch_overhead + max(flops / (peak(dtype) * compute_eff),
+                                        bytes / (bandwidth * memory_eff))
+
+FLOPs come only from the operators FlopCounterMode counts (matmul, convolution, attention),
+so elementwise work is priced by the bytes it moves. The factors and where they come from
+are in docs/cost_models.md; issue-level calibration against measured runs refines them per
+device preset (``RooflineFactors`` entries in ``FACTORS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from fxshard.capture import CapturedGraph
+from fxshard.cost_models.analysis import NodeWork
+from fxshard.cost_models.base import NodeTime, register_cost_model
+
+if TYPE_CHECKING:
+    from fxshard.cluster import DeviceSpec
+
+__all__ = ["FACTORS", "AnalyticalCostModel", "RooflineFactors", "factors_for", "roofline_time"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RooflineFactors:
+    """How close real kernels get to a device's datasheet peaks.
+
+    Attributes:
+        matmul_eff: fraction of peak FLOP/s reached by matmul/convolution/attention kernels.
+        memory_eff: fraction of peak memory bandwidth reached by memory-bound kernels.
+        launch_overhead_s: fixed cost per kernel (launch and framework dispatch).
+        conv_tf32: fp32 convolutions run on TF32 tensor cores (cuDNN's default in PyTorch;
+            fp32 matmuls do not, ``torch.backends.cuda.matmul.allow_tf32`` is off by default).
+    """
+
+    matmul_eff: float
+    memory_eff: float
+    launch_overhead_s: float
+    conv_tf32: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("matmul_eff", "memory_eff"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name}={value} must be in (0, 1]; it is a fraction of the peak")
+        if self.launch_overhead_s < 0:
+            raise ValueError(f"launch_overhead_s={self.launch_overhead_s} must be >= 0")
+
+
+# Defaults per device kind, then per preset. Sources and reasoning: docs/cost_models.md.
+_KIND_DEFAULTS: Mapping[str, RooflineFactors] = {
+    "cuda": RooflineFactors(matmul_eff=0.70, memory_eff=0.80, launch_overhead_s=5e-6, conv_tf32=True),
+    "rocm": RooflineFactors(matmul_eff=0.55, memory_eff=0.75, launch_overhead_s=8e-6),
+    "cpu": RooflineFactors(matmul_eff=0.50, memory_eff=0.60, launch_overhead_s=4e-6),
+}
+FACTORS: dict[str, RooflineFactors] = {}
+
+
+def factors_for(device: DeviceSpec) -> RooflineFactors:
+    """The roofline factors for a device: its preset's if calibrated, else its kind's."""
+    return FACTORS.get(device.name) or _KIND_DEFAULTS.get(device.kind, _KIND_DEFAULTS["cuda"])
+
+
+_CONV_OPS = ("aten.convolution", "aten.convolution_backward")
+
+
+def roofline_time(flops: float, nbytes: float, kernels: int, dtype: torch.dtype,
+                  device: DeviceSpec, factors: RooflineFactors, *, tf32: bool = False) -> float:
+    """Seconds for ``kernels`` kernels doing ``flops`` and moving ``nbytes`` on ``device``."""
+    if kernels == 0 and flops == 0:
+        return 0.0
+    peak = device.peak_flops_for(dtype, allow_tf32=tf32)
+    compute = flops / (peak * factors.matmul_eff) if flops else 0.0
+    memory = nbytes / (device.memory_bandwidth * factors.memory_eff) if nbytes else 0.0
+    return kernels * factors.launch_overhead_s + max(compute, memory)
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+class AnalyticalCostModel:
+    """Roofline time per node from its FLOPs, bytes and kernel count."""
+
+    name = "analytical"
+
+    def __init__(self, factors: RooflineFactors | None = None) -> None:
+        self.factors = factors
+
+    def node_times(self, captured: CapturedGraph, works: Sequence[NodeWork],
+                   device: DeviceSpec) -> list[NodeTime]:
+        factors = self.factors or factors_for(device)
+        times = []
+        for w in works:
+            dtype = _dtype(w.dtype)
+            tf32 = factors.conv_tf32 and any(op in _CONV_OPS for op in w.flop_ops)
+            fwd = roofline_time(w.fwd_flops, w.fwd_bytes, w.fwd_kernels, dtype, device, factors, tf32=tf32)
+            bwd = roofline_time(w.bwd_flops, w.bwd_bytes, w.bwd_kernels, dtype, device, factors, tf32=tf32)
+            times.append(NodeTime(fwd_s=fwd, bwd_s=bwd))
+        return times
+
+
+@register_cost_model("analytical")
+def _analytical() -> AnalyticalCostModel:
+    return AnalyticalCostModel()

@@ -1,0 +1,40 @@
+"""The fxshard exception hierarchy.
+
+Every error fxshard raises for bad input or an impossible request is a subclass of
+:class:`FxshardError`. Messages name the problem, the numbers involved and a way out.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxshardError",
+    "CaptureError",
+    "DeviceSpecError",
+    "ClusterError",
+    "CostModelError",
+    "ZooError",
+]
+
+
+class FxshardError(Exception):
+    """Base class of every error fxshard raises for bad input or an impossible request."""
+
+
+class CaptureError(FxshardError):
+    """The model could not be turned into an fx graph with shapes."""
+
+
+class DeviceSpecError(FxshardError, ValueError):
+    """A device, preset or ``devices`` argument is malformed or unknown."""
+
+
+class ClusterError(FxshardError, ValueError):
+    """A cluster description is inconsistent (no devices, bad links, bad JSON)."""
+
+
+class CostModelError(FxshardError):
+    """A cost model cannot price a node, or an unknown cost model was asked for."""
+
+
+class ZooError(FxshardError, ValueError):
+    """An unknown built-in model name or a bad model factory reference."""
