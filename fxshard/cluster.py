@@ -300,7 +300,7 @@ def get_preset(name: str) -> DeviceSpec:
     """
     if not isinstance(name, str):
         raise DeviceSpecError(f"device preset name {name!r} is not a string; expected one of {', '.join(PRESETS)}")
-    key = name.strip().casefold()
+    key = re.sub(r"[\s_]+", "-", name.strip()).casefold()  # "h100 80gb" and "H100_80GB" name the preset too
     by_key = {preset.casefold(): preset for preset in PRESETS}
     if key in by_key:
         return PRESETS[by_key[key]]

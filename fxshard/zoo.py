@@ -307,7 +307,6 @@ def resolve(name_or_ref: str, *, batch_size: int | None = None, seq_len: int | N
         raise ZooError(f"batch_size/seq_len cannot be applied to factory {name_or_ref!r}; "
                        f"set the input shapes inside the factory")
     _check_dtype(dtype)
-    dtype = entry.dtype if dtype is None else dtype
     dev = None if device is None else _device(device)
     with _seeded(seed):
         zm = load_factory(name_or_ref)

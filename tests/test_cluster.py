@@ -112,6 +112,7 @@ def test_with_memory_and_peak_flops_normalised() -> None:
 @pytest.mark.parametrize(("query", "expected"), [
     ("H100-80GB", "H100-80GB"), ("h100-80gb", "H100-80GB"), ("h100", "H100-80GB"), (" H200 ", "H200-141GB"),
     ("v100", "V100-32GB"), ("mi300x", "MI300X"), ("CPU", "cpu"), ("l4", "L4"),
+    ("h100 80gb", "H100-80GB"), ("A100_40GB", "A100-40GB"),
 ])
 def test_get_preset(query: str, expected: str) -> None:
     assert get_preset(query) is PRESETS[expected]

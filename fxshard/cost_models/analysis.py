@@ -40,8 +40,11 @@ class NodeWork:
         buffers, buffer_sizes: the same for buffers (and constant tensors).
         param_bytes, buffer_bytes: their sums.
         output_bytes: bytes of the node's output tensors (what an edge out of it carries).
-        saved_bytes: bytes of new tensors the node saves for backward.
-        saved_inputs: names of input nodes whose outputs the node saves for backward.
+        saved_bytes: bytes of intermediate tensors the node saves for backward (neither its
+            inputs nor its outputs, e.g. BatchNorm's batch statistics, max-pool indices).
+        saved_values: names of nodes whose outputs this node saves for backward, its own
+            name included when it saves its output (a ReLU does); each output counts once
+            in a graph's total however many nodes save it.
         flop_ops: the aten operators that carry the forward FLOPs (e.g. "aten.mm").
         is_view: the outputs alias the inputs (no data moves).
         view_of: for a view, the input node whose storage it shares.
@@ -67,7 +70,7 @@ class NodeWork:
     buffer_bytes: int = 0
     output_bytes: int = 0
     saved_bytes: int = 0
-    saved_inputs: tuple[str, ...] = ()
+    saved_values: tuple[str, ...] = ()
     flop_ops: tuple[str, ...] = ()
     is_view: bool = False
     view_of: str = ""
@@ -241,16 +244,20 @@ def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGr
     view_of = next((owner[id(i)] for i in input_tensors if torch._C._is_alias_of(out_tensors[0], i)),
                    "") if is_view else ""
     new_saved: list[torch.Tensor] = []
-    saved_inputs: dict[str, None] = {}
+    saved_values: dict[str, None] = {}
     input_storages = {t.untyped_storage()._cdata: owner[id(t)] for t in input_tensors}
     attr_inputs = {n.name for n in fake.all_input_nodes if n.op == "get_attr"}
+    out_storages = {t.untyped_storage()._cdata for t in out_tensors}
     for t in saved:
-        if id(t) in state_ids or t.untyped_storage()._cdata in state_storages:
+        storage = t.untyped_storage()._cdata
+        if id(t) in state_ids or storage in state_storages:
             continue  # parameters are counted as parameter memory, not activations
-        src = owner.get(id(t)) or input_storages.get(t.untyped_storage()._cdata)
+        src = owner.get(id(t)) or input_storages.get(storage)
         if src is not None:
             if src not in attr_inputs:
-                saved_inputs[src] = None
+                saved_values[src] = None
+        elif storage in out_storages:
+            saved_values[real.name] = None
         else:
             new_saved.append(t)
     read_bytes = _unique_bytes(input_tensors + module_state)
@@ -267,7 +274,7 @@ def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGr
         fwd_bytes=0 if is_view else read_bytes + out_bytes,
         bwd_bytes=0 if (is_view or not grad_outs) else out_bytes + saved_total + grad_in_bytes,
         fwd_kernels=kernels, bwd_kernels=0 if (is_view or not grad_outs) else max(1, len(wrt)),
-        saved_bytes=_unique_bytes(new_saved), saved_inputs=tuple(saved_inputs),
+        saved_bytes=_unique_bytes(new_saved), saved_values=tuple(saved_values),
         flop_ops=flop_ops, is_view=is_view, view_of=view_of)
 
 

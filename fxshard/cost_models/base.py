@@ -64,7 +64,7 @@ class NodeCost:
     def to_row(self) -> dict:
         """A flat JSON-able row (the ``fxshard inspect --json`` format)."""
         row = dataclasses.asdict(self.work)
-        for key in ("params", "param_sizes", "buffers", "buffer_sizes", "saved_inputs"):
+        for key in ("params", "param_sizes", "buffers", "buffer_sizes", "saved_values"):
             row[key] = list(row[key])
         row["flops"] = self.work.fwd_flops
         row["fwd_time_s"] = self.fwd_time_s
@@ -146,7 +146,7 @@ class GraphCosts:
             if wanted is not None and c.name not in wanted:
                 continue
             total += c.work.saved_bytes
-            saved_outputs.update(self._storage_owner(n) for n in c.work.saved_inputs)
+            saved_outputs.update(self._storage_owner(n) for n in c.work.saved_values)
         return total + sum(self[n].work.output_bytes for n in saved_outputs)
 
     def _storage_owner(self, name: str) -> str:

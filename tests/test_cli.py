@@ -1,0 +1,109 @@
+"""The fxshard command line, in-process and through the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxshard.cli import main
+
+
+def test_devices_lists_every_preset(capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    for name in ("V100-32GB", "A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB", "L4", "T4", "MI300X", "cpu"):
+        assert name in out
+    assert "This machine" in out
+
+
+def test_devices_json(capsys):
+    assert main(["devices", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["presets"]["H100-80GB"]["memory_bytes"] == 80 * 2**30
+    assert "nvlink4" in doc["links"]
+
+
+def test_inspect_json_rows(tmp_path):
+    dest = tmp_path / "rows.json"
+    assert main(["inspect", "gpt2-tiny", "--batch-size", "2", "--json", str(dest)]) == 0
+    doc = json.loads(dest.read_text())
+    rows = doc["nodes"]
+    assert len(rows) == doc["model"]["nodes"] > 10
+    for row in rows:
+        for key in ("name", "op", "target", "flops", "param_bytes", "output_bytes", "time_s"):
+            assert key in row
+    # The tied embedding / LM head weight counts once in the total, twice in the rows.
+    assert doc["totals"]["param_bytes"] < sum(r["param_bytes"] for r in rows)
+    assert doc["totals"]["param_bytes"] == 4 * sum(
+        p.numel() for p in __import__("fxshard.zoo").zoo.build("gpt2-tiny").model.parameters())
+
+
+def test_inspect_table_and_top(capsys):
+    assert main(["inspect", "mlp", "--device", "A100-80GB", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "A100-80GB" in out and "parameters" in out
+
+
+def test_inspect_factory_file(tmp_path, capsys):
+    factory = tmp_path / "mymodel.py"
+    factory.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())\n"
+        "    return model, (torch.randn(4, 8),)\n")
+    assert main(["inspect", f"{factory}:make", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["totals"]["param_bytes"] == (64 + 8) * 4
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["inspect", "gtp2"], 2, "did you mean 'gpt2'"),
+    (["inspect", "mlp", "--device", "H100-8GB"], 2, "H100-80GB"),
+    (["inspect", "nowhere.py:make"], 2, "nowhere.py"),
+])
+def test_bad_usage_exits_2_with_a_one_line_reason(argv, code, needle, capsys):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "mlp", "--batch-size", "0"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_uncapturable_model_exits_1(tmp_path, capsys):
+    factory = tmp_path / "bad.py"
+    factory.write_text(
+        "import torch\n"
+        "class Bad(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2 if x.sum() > 0 else x\n"
+        "def make():\n"
+        "    return Bad(), (torch.randn(3),)\n")
+    assert main(["inspect", f"{factory}:make"]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic_trace" in err and "torch.export" in err
+
+
+@pytest.mark.parametrize("command", [[], ["devices"], ["inspect"]])
+def test_help_through_the_entry_point(command):
+    result = subprocess.run([sys.executable, "-m", "fxshard.cli", *command, "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "usage: fxshard" in result.stdout
+
+
+def test_console_script_runs_inspect():
+    result = subprocess.run(["fxshard", "inspect", "llama-tiny", "--json", "-"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["model"]["name"] == "llama-tiny"
