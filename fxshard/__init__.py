@@ -1,7 +1,40 @@
-"""fxshard: an automatic model-parallel compiler for PyTorch."""
+"""fxshard: an automatic model-parallel compiler for PyTorch.
+
+Example::
+
+    import fxshard
+    from fxshard.zoo import build
+
+    z = build("llama-70b")                       # on the meta device
+    graph = fxshard.capture(z.model, z.example_inputs)
+    costs = fxshard.estimate(graph, fxshard.Cluster.parse("8xH100-80GB").devices[0].spec)
+"""
 
 from fxshard.capture import CapturedGraph, capture
-from fxshard.errors import CaptureError, FxshardError
+from fxshard.cluster import Cluster, DeviceSpec, Link
+from fxshard.cost_models import estimate, register_cost_model
+from fxshard.errors import (
+    CaptureError,
+    ClusterError,
+    CostModelError,
+    DeviceSpecError,
+    FxshardError,
+    ZooError,
+)
 
-__all__ = ["CaptureError", "CapturedGraph", "FxshardError", "capture"]
+__all__ = [
+    "CaptureError",
+    "CapturedGraph",
+    "Cluster",
+    "ClusterError",
+    "CostModelError",
+    "DeviceSpec",
+    "DeviceSpecError",
+    "FxshardError",
+    "Link",
+    "ZooError",
+    "capture",
+    "estimate",
+    "register_cost_model",
+]
 __version__ = "0.1.0"

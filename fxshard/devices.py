@@ -348,6 +348,55 @@ def format_bytes(n: float) -> str:
     return f"{sign}{value:.0f} B" if step == 0 else f"{sign}{value:.1f} {units[step]}"
 
 
+# The units format_budget writes, largest first; parse_bytes reads them all.
+_BUDGET_UNITS = (("TiB", 1 << 40), ("TB", 10**12), ("GiB", 1 << 30), ("GB", 10**9), ("MiB", 1 << 20),
+                 ("MB", 10**6), ("KiB", 1 << 10), ("KB", 10**3), ("B", 1))
+
+
+def _in_unit(n: int, size: int) -> Decimal:
+    with localcontext() as context:
+        context.prec = len(str(n)) + 45  # exact: n / 2**40 has at most 40 digits after the point
+        return Decimal(n) / size
+
+
+def _short_exact(n: int) -> str | None:
+    """``n`` bytes as at most four significant digits of the largest unit that holds it exactly, if any."""
+    for unit, size in _BUDGET_UNITS:
+        value = _in_unit(n, size).normalize()
+        if value >= 1 and len(value.as_tuple().digits) <= 4:
+            return f"{value:f}{unit}"
+    return None
+
+
+def format_budget(n: int) -> str:
+    """A memory budget as cluster strings write it, short and read back by :func:`parse_bytes`.
+
+    Exact when four significant digits of some unit hold ``n`` (the largest such unit:
+    ``"2GB"``, ``"1.5GiB"``, ``"512MiB"``); otherwise three significant digits of the largest
+    binary unit that keeps the number at least 1 (``"23.6GiB"``, under 0.5% off). Either way
+    ``format_budget(parse_bytes(text)) == text`` for the text it returns (docs/devices.md).
+
+    Raises:
+        DeviceSpecError: ``n`` is not an integer >= 0.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise DeviceSpecError(f"format_budget({n!r}): expected a whole number of bytes >= 0")
+    n = int(n)
+    if n == 0:
+        return "0B"
+    exact = _short_exact(n)
+    if exact is not None:
+        return exact
+    # n >= 10,000 here (smaller counts are exact in bytes), so the unit is KiB or larger.
+    unit, size = next((unit, size) for unit, size in _BUDGET_UNITS if unit.endswith("iB") and n >= size)
+    value = _in_unit(n, size)
+    rounded = value.quantize(Decimal(1).scaleb(value.adjusted() - 2), rounding=ROUND_HALF_EVEN)
+    text = f"{rounded.normalize():f}{unit}"
+    # The rounded text may parse to a size with a short exact form ("6.32MiB" is 6,627,000 bytes, "6.627MB");
+    # writing that form instead keeps what this returns a fixed point of parse-then-format.
+    return _short_exact(parse_bytes(text)) or text
+
+
 def host_memory_bytes() -> int:
     """Memory this process may use on this machine: physical RAM, capped by a cgroup limit."""
     try:
@@ -371,19 +420,61 @@ def host_memory_bytes() -> int:
     return total
 
 
+# Nominal figures for this machine's CPU; there is no datasheet to read them from (docs/devices.md).
+_CPU_FP32_FLOP_PER_CYCLE = 32  # 2 AVX2 FMA units x 8 FP32 lanes x 2 FLOP, per core
+_CPU_NOMINAL_HZ = 2.5e9
+_CPU_BANDWIDTH_PER_CORE, _CPU_BANDWIDTH_CAP = 10 * _GB, 100 * _GB
+
+
+def _cpu_cores() -> int:
+    """Cores this process may run on: its affinity mask where the OS has one, else all of them."""
+    try:
+        return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+    except (AttributeError, OSError):  # no sched_getaffinity on macOS and Windows
+        return os.cpu_count() or 1
+
+
+def local_cpu_spec(*, devices: int = 1) -> DeviceSpec:
+    """This machine's CPU as one of ``devices`` CPU devices, which share the host memory evenly.
+
+    Named ``"cpu"`` like the generic preset (so link defaults and cost factors keyed on it
+    apply), with figures from this machine's core count: FP32 peak = cores x 32 FLOP/cycle x a
+    nominal 2.5 GHz, FP64 half that, memory bandwidth 10 GB/s per core up to 100 GB/s. The clock
+    and bandwidth are nominal, not measured; docs/devices.md gives the reasoning.
+
+    Raises:
+        DeviceSpecError: ``devices`` is not a positive integer.
+
+    Example::
+
+        local_cpu_spec(devices=2).memory_bytes == host_memory_bytes() // 2
+    """
+    count = _positive_int(devices, "local_cpu_spec devices", DeviceSpecError)
+    cores = _cpu_cores()
+    fp32 = cores * _CPU_FP32_FLOP_PER_CYCLE * _CPU_NOMINAL_HZ
+    return DeviceSpec(name="cpu", kind="cpu", memory_bytes=max(1, host_memory_bytes() // count),
+                      peak_flops={"float64": fp32 / 2, "float32": fp32},
+                      memory_bandwidth=min(cores * _CPU_BANDWIDTH_PER_CORE, _CPU_BANDWIDTH_CAP),
+                      source=f"this machine, nominal: {cores} cores x 32 FP32 FLOP/cycle (2 AVX2 FMA x 8 lanes x 2) "
+                             "x 2.5 GHz, 10 GB/s of memory bandwidth per core up to 100 GB/s; see docs/devices.md")
+
+
 _GPU_NAMES = (
-    (re.compile(r"\bH200\b", re.I), "H200-141GB"),
-    (re.compile(r"\bH100\b(?!.*\b(PCIe|NVL)\b)", re.I), "H100-80GB"),  # PCIe and NVL parts are slower
-    (re.compile(r"\bA100\b", re.I), "A100"),
-    (re.compile(r"\bV100\b", re.I), "V100-32GB"),
-    (re.compile(r"\bL4\b", re.I), "L4"),
-    (re.compile(r"\bT4\b", re.I), "T4"),
-    (re.compile(r"\bMI300X\b", re.I), "MI300X"),
+    (re.compile(r"\bH200\b", re.IGNORECASE), "H200-141GB"),
+    (re.compile(r"\bH100\b(?!.*\b(PCIe|NVL)\b)", re.IGNORECASE), "H100-80GB"),  # PCIe and NVL parts are slower
+    (re.compile(r"\bA100\b", re.IGNORECASE), "A100"),
+    (re.compile(r"\bV100\b", re.IGNORECASE), "V100-32GB"),
+    (re.compile(r"\bL4\b", re.IGNORECASE), "L4"),
+    (re.compile(r"\bT4\b", re.IGNORECASE), "T4"),
+    (re.compile(r"\bMI300X\b", re.IGNORECASE), "MI300X"),
 )
 
 
-def _cuda_spec(index: int) -> DeviceSpec:
-    """The spec of local GPU ``index``: a preset with the card's real memory, or a conservative estimate."""
+def local_gpu_spec(index: int) -> DeviceSpec:
+    """The spec of local GPU ``index``: a preset with the card's real memory, or a conservative estimate.
+
+    Known names map to presets as listed in docs/devices.md ("Local GPUs").
+    """
     props = torch.cuda.get_device_properties(index)
     name, memory = str(props.name), int(props.total_memory)
     for pattern, preset in _GPU_NAMES:
