@@ -13,6 +13,7 @@ __all__ = [
     "ClusterError",
     "CostModelError",
     "ZooError",
+    "PartitionError",
 ]
 
 
@@ -38,3 +39,7 @@ class CostModelError(FxshardError):
 
 class ZooError(FxshardError, ValueError):
     """An unknown built-in model name or a bad model factory reference."""
+
+
+class PartitionError(FxshardError):
+    """A graph cannot be split as asked (too little memory, more stages than nodes, a cycle)."""
