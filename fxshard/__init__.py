@@ -19,8 +19,10 @@ from fxshard.errors import (
     CostModelError,
     DeviceSpecError,
     FxshardError,
+    PartitionError,
     ZooError,
 )
+from fxshard.passes.partition import Partition, partition_graph, partitioners, register_partitioner
 
 __all__ = [
     "CaptureError",
@@ -32,9 +34,14 @@ __all__ = [
     "DeviceSpecError",
     "FxshardError",
     "Link",
+    "Partition",
+    "PartitionError",
     "ZooError",
     "capture",
     "estimate",
+    "partition_graph",
+    "partitioners",
     "register_cost_model",
+    "register_partitioner",
 ]
 __version__ = "0.1.0"

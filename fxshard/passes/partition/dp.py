@@ -102,33 +102,44 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
     f_link = np.array([problem.link[s, s + 1] for s in range(k - 1)] + [0.0])
     positions = np.arange(n + 1)
 
+    # What does not depend on the probe T is computed once per stage.
+    b_stage, a_stage, lo_stage = [], [], []
+    for s in range(k):
+        sp = problem.speeds[s]
+        b_stage.append(comp / sp - cross * (f_link[s - 1] if s > 0 else 0.0))
+        a_stage.append(comp / sp + cross * f_link[s])
+        if math.isinf(problem.mem_limit[s]):
+            lo_stage.append(None)
+        else:
+            lo_stage.append(np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left"))
+    ends = [valid.copy() for _ in range(k)]
+    for s in range(k):
+        ends[s][0] = False
+        if s < k - 1:
+            ends[s][n] = False
+        else:
+            ends[s][:n] = False
+    neg_inf = np.full(n + 1, -np.inf)
+
     def sweep(t: float, keep: bool) -> list[np.ndarray] | None:
         reach = np.zeros(n + 1, dtype=bool)
         reach[0] = True
         history = [reach]
         tol = t * (1 + 1e-12) + 1e-300
         for s in range(k):
-            sp = problem.speeds[s]
-            f_in = f_link[s - 1] if s > 0 else 0.0
-            b_val = np.where(reach, comp / sp - cross * f_in, -np.inf)
-            a_val = comp / sp + cross * f_link[s]
-            if math.isinf(problem.mem_limit[s]):
-                best = np.concatenate([[-np.inf], np.maximum.accumulate(b_val)[:-1]])
+            b_val = np.where(reach, b_stage[s], neg_inf)
+            if lo_stage[s] is None:
+                best = np.empty(n + 1)
+                best[0] = -np.inf
+                np.maximum.accumulate(b_val[:-1], out=best[1:])
             else:
-                lo = np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left")
-                best = _RangeMax(b_val).query(lo, positions - 1)
-            nxt = (best >= a_val - tol) & valid
-            if s < k - 1:
-                nxt[n] = False
-                nxt[0] = False
-            else:
-                nxt[:n] = False
-            if not nxt.any():
+                best = _RangeMax(b_val).query(lo_stage[s], positions - 1)
+            reach = (best >= a_stage[s] - tol) & ends[s]
+            if not reach.any():
                 return None
-            reach = nxt
             if keep:
                 history.append(reach)
-        return history if keep else [reach]
+        return history
 
     total = comp[-1] / problem.speeds.min() + 2 * cross.max() * max(f_link.max(), 1.0)
     hi = total * 1.000001 + 1e-12
@@ -137,9 +148,12 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
             f"no split of the {n} units into {k} contiguous stages fits the memory limits "
             f"({', '.join(f'{x:.4g}' for x in problem.mem_limit)} bytes; the graph needs "
             f"{mem[-1]:.4g}); use more stages or larger devices")
-    lo = 0.0
+    lo = float(max(comp[-1] / problem.speeds.sum(), 0.0))
+    guess = _equal_compute_bound(comp, cross, f_link, mem, valid, problem)
+    if guess is not None and guess < hi:
+        hi = guess * (1 + 1e-12) + 1e-300
     for _ in range(200):
-        if hi - lo <= 1e-10 * hi:
+        if hi - lo <= 1e-9 * hi:
             break
         mid = 0.5 * (lo + hi)
         if sweep(mid, False) is None:
@@ -149,6 +163,30 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
     history = sweep(hi, True)
     assert history is not None
     return _backtrack(problem, comp, mem, cross, f_link, history, hi)
+
+
+def _equal_compute_bound(comp: np.ndarray, cross: np.ndarray, f_link: np.ndarray, mem: np.ndarray,
+                         valid: np.ndarray, problem: Problem) -> float | None:
+    """The bottleneck of cutting where compute (scaled by speed) splits evenly: an upper bound."""
+    k, n = problem.k, len(comp) - 1
+    share = np.cumsum(problem.speeds)[:-1] / problem.speeds.sum() * comp[-1]
+    allowed = np.flatnonzero(valid[1:n]) + 1
+    bounds, prev = [0], 0
+    for s, target in enumerate(share):
+        ok = allowed[(allowed > prev) & (allowed <= n - (k - 1 - s))]
+        if ok.size == 0:
+            return None
+        prev = int(ok[np.argmin(np.abs(comp[ok] - target))])
+        bounds.append(prev)
+    bounds.append(n)
+    worst = 0.0
+    for s in range(k):
+        i, j = bounds[s], bounds[s + 1]
+        if mem[j] - mem[i] > problem.mem_limit[s] * (1 + 1e-12):
+            return None
+        f_in = f_link[s - 1] if s > 0 else 0.0
+        worst = max(worst, (comp[j] - comp[i]) / problem.speeds[s] + cross[i] * f_in + cross[j] * f_link[s])
+    return worst
 
 
 def _backtrack(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray,

@@ -98,11 +98,11 @@ def metis_partition(problem: Problem, seed: int = 0) -> np.ndarray:
             break
         labels = metis_labels(problem, parts, seed=seed)
         repaired = repair(problem, labels)
-        candidates.append(repaired)
         try:
+            # The repaired stages are one contiguous split of this order: the DP is no worse.
             candidates.append(dp_split(problem, priority_order(problem, repaired)))
         except PartitionError:
-            pass  # this order has no split within memory; the plain order's DP stands
+            candidates.append(repaired)  # no split of this order fits memory; refine may mend it
     if problem.num_units <= _REFINE_LIMIT:
         candidates = [refine(problem, c) for c in candidates]
     scores = [_score(problem, c) for c in candidates]

@@ -103,6 +103,19 @@ class Problem:
         return stages
 
 
+def _column(data: list[dict], key: str, names: Sequence[Hashable]) -> np.ndarray:
+    """One numeric attribute of every node (missing or None = 0), checked finite and >= 0."""
+    raw = [d.get(key) for d in data]
+    try:
+        values = np.array([0.0 if x is None else x for x in raw], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.shape != (len(raw),) or not np.all(np.isfinite(values) & (values >= 0)):
+        # The slow path names the offending node.
+        values = np.array([_number(x, key, name) for name, x in zip(names, raw)], dtype=np.float64)
+    return values
+
+
 def _number(value: Any, what: str, node: Hashable) -> float:
     if value is None:
         return 0.0
@@ -159,26 +172,31 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     n = len(nodes)
     if n == 0:
         raise PartitionError("the graph has no nodes; nothing to partition")
-    if not nx.is_directed_acyclic_graph(graph):
+    index = {node: i for i, node in enumerate(nodes)}
+    data = [d for _, d in graph.nodes(data=True)]
+    compute = _column(data, "compute", nodes)
+    memory = _column(data, "memory", nodes)
+    params = _column(data, "params", nodes)
+    edge_list = list(graph.edges(data="comm"))
+    src = np.fromiter((index[u] for u, _, _ in edge_list), dtype=np.int64, count=len(edge_list))
+    dst = np.fromiter((index[v] for _, v, _ in edge_list), dtype=np.int64, count=len(edge_list))
+    edge_comm = _column([{"comm": c} for _, _, c in edge_list], "comm",
+                        [f"edge {u!r}->{v!r}" for u, v, _ in edge_list]) if edge_list else np.zeros(0)
+    comm = np.zeros(n)
+    np.maximum.at(comm, src, edge_comm)  # SPEC: the same for every edge out of a node
+    pins = np.zeros(n, dtype=np.int64)
+    for i, d in enumerate(data):
+        pin = d.get("pin")
+        if pin is not None:
+            if pin not in ("first", "last"):
+                raise PartitionError(f"node {nodes[i]!r}: pin={pin!r}; use 'first' or 'last'")
+            pins[i] = PIN_FIRST if pin == "first" else PIN_LAST
+    if _topo_order(n, *_csr(n, src, dst)).size < n:
         cycle = nx.find_cycle(graph)
         raise PartitionError(f"the graph has a cycle ({' -> '.join(repr(u) for u, _ in cycle)}); "
                              f"a pipeline needs a DAG")
-    index = {node: i for i, node in enumerate(nodes)}
-    compute = np.array([_number(graph.nodes[v].get("compute"), "compute", v) for v in nodes])
-    memory = np.array([_number(graph.nodes[v].get("memory"), "memory", v) for v in nodes])
-    params = np.array([_number(graph.nodes[v].get("params"), "params", v) for v in nodes])
-    comm = np.zeros(n)
-    for u, v, data in graph.edges(data=True):
-        c = _number(data.get("comm"), f"comm of edge {u!r}->{v!r}", u)
-        comm[index[u]] = max(comm[index[u]], c)  # SPEC: the same for every edge out of a node
-    pins = np.zeros(n, dtype=np.int64)
-    for v in nodes:
-        pin = graph.nodes[v].get("pin")
-        if pin not in (None, "first", "last"):
-            raise PartitionError(f"node {v!r}: pin={pin!r}; use 'first' or 'last'")
-        pins[index[v]] = {None: PIN_NONE, "first": PIN_FIRST, "last": PIN_LAST}[pin]
 
-    unit_of, members = _units(graph, nodes, index)
+    unit_of, members = _units(graph, data, index)
     u_count = len(members)
     if k > u_count:
         what = f"{n} nodes" if u_count == n else f"{n} nodes in {u_count} colocated groups"
@@ -187,36 +205,30 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     u_memory = np.bincount(unit_of, weights=memory, minlength=u_count)
     u_params = np.bincount(unit_of, weights=params, minlength=u_count)
     u_pin = np.zeros(u_count, dtype=np.int64)
-    for u, group in enumerate(members):
-        kinds = {int(pins[i]) for i in group} - {PIN_NONE}
-        if len(kinds) > 1 and k > 1:
-            raise PartitionError(f"colocated nodes {[nodes[i] for i in group][:4]} are pinned both first "
-                                 f"and last; unpin one or drop the colocation")
-        u_pin[u] = kinds.pop() if kinds else PIN_NONE
-    layer = tuple(str(graph.nodes[nodes[group[0]]].get("layer", "") or "") for group in members)
+    np.maximum.at(u_pin, unit_of, pins)
+    if k > 1 and u_count < n:
+        has_first = np.zeros(u_count, dtype=bool)
+        has_first[unit_of[pins == PIN_FIRST]] = True
+        clash = np.flatnonzero(has_first & (u_pin == PIN_LAST))
+        if clash.size:
+            group = [nodes[i] for i in members[clash[0]]][:4]
+            raise PartitionError(f"colocated nodes {group} are pinned both first and last; unpin one or "
+                                 f"drop the colocation")
+    layer = tuple(str(data[group[0]].get("layer", "") or "") for group in members)
 
-    # Unit DAG and values.
-    edges = set()
-    consumers: dict[int, set[int]] = {}
-    for u, v in graph.edges():
-        a, b = unit_of[index[u]], unit_of[index[v]]
-        if a != b:
-            edges.add((a, b))
-            consumers.setdefault(index[u], set()).add(b)
-    succ_lists: list[list[int]] = [[] for _ in range(u_count)]
-    for a, b in sorted(edges):
-        succ_lists[a].append(b)
-    succ_ptr = np.zeros(u_count + 1, dtype=np.int64)
-    succ_ptr[1:] = np.cumsum([len(s) for s in succ_lists])
-    succ = np.array([b for s in succ_lists for b in s], dtype=np.int64)
-    val_nodes = sorted(consumers)
-    val_src = np.array([unit_of[i] for i in val_nodes], dtype=np.int64)
-    val_comm = np.array([comm[i] for i in val_nodes], dtype=np.float64)
-    val_ptr = np.zeros(len(val_nodes) + 1, dtype=np.int64)
-    val_ptr[1:] = np.cumsum([len(consumers[i]) for i in val_nodes])
-    val_dst = np.array([b for i in val_nodes for b in sorted(consumers[i])], dtype=np.int64)
+    # Unit DAG and values (a value: a node whose output is consumed in another unit).
+    ua, ub = unit_of[src], unit_of[dst]
+    cross = ua != ub
+    pairs = np.unique(ua[cross] * u_count + ub[cross])
+    succ_ptr, succ = _csr(u_count, pairs // u_count, pairs % u_count)
+    vpairs = np.unique(src[cross] * u_count + ub[cross])
+    v_node, val_dst = vpairs // u_count, vpairs % u_count
+    val_nodes, counts = np.unique(v_node, return_counts=True)
+    val_src = unit_of[val_nodes]
+    val_comm = comm[val_nodes]
+    val_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    order = _topo_order(u_count, succ_ptr, succ, unit_of)
+    order = _topo_order(u_count, succ_ptr, succ)
     speeds_arr = _per_stage(speeds, k, "speeds", 1.0)
     limit = _per_stage(memory_limit, k, "memory_limit", math.inf)
     link_arr = np.ones((k, k)) if link is None else np.asarray(link, dtype=np.float64)
@@ -231,16 +243,16 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     return problem
 
 
-def _units(graph: nx.DiGraph, nodes: tuple, index: dict) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+def _units(graph: nx.DiGraph, data: list[dict], index: dict) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
     """Merge colocated nodes, then merge whatever a path between group members forces in."""
     groups: dict[Hashable, int] = {}
-    label = np.arange(len(nodes))
-    for i, v in enumerate(nodes):
-        key = graph.nodes[v].get("colocate")
+    label = np.arange(len(data))
+    for i, d in enumerate(data):
+        key = d.get("colocate")
         if key is not None:
             label[i] = groups.setdefault(key, i)
     if len(groups) == 0:
-        return label, tuple((i,) for i in range(len(nodes)))
+        return label, tuple((i,) for i in range(len(data)))
     closure = _convex_closure(graph, index, label)
     _, unit_of = np.unique(closure, return_inverse=True)
     members: list[list[int]] = [[] for _ in range(unit_of.max() + 1)]
@@ -279,22 +291,36 @@ def _convex_closure(graph: nx.DiGraph, index: dict, group: np.ndarray) -> np.nda
                 label[label == lab] = target
 
 
-def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray, unit_of: np.ndarray) -> np.ndarray:
-    """Kahn's algorithm taking the lowest-numbered ready unit first (graph order)."""
+def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Successor lists (CSR, each list sorted) of edges src -> dst over n vertices."""
+    order = np.lexsort((dst, src))
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(ptr, src + 1, 1)
+    return np.cumsum(ptr), dst[order].astype(np.int64)
+
+
+def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray) -> np.ndarray:
+    """Kahn's algorithm taking the lowest-numbered ready vertex first (graph order).
+
+    Shorter than n when the graph has a cycle.
+    """
+    src = np.repeat(np.arange(n), np.diff(succ_ptr))
+    if np.all(src < succ):
+        return np.arange(n, dtype=np.int64)  # already numbered in a topological order
     import heapq
 
-    indeg = np.bincount(succ, minlength=n) if succ.size else np.zeros(n, dtype=np.int64)
+    indeg = np.bincount(succ, minlength=n).tolist()
+    lists = [succ[succ_ptr[u]:succ_ptr[u + 1]].tolist() for u in range(n)]
     ready = [u for u in range(n) if indeg[u] == 0]
     heapq.heapify(ready)
     order = []
-    indeg = indeg.copy()
     while ready:
         u = heapq.heappop(ready)
         order.append(u)
-        for v in succ[succ_ptr[u]:succ_ptr[u + 1]]:
+        for v in lists[u]:
             indeg[v] -= 1
             if indeg[v] == 0:
-                heapq.heappush(ready, int(v))
+                heapq.heappush(ready, v)
     return np.array(order, dtype=np.int64)
 
 

@@ -34,12 +34,14 @@ def repair(problem: Problem, labels: np.ndarray) -> np.ndarray:
     # Squeeze the label ranks onto k stages in proportion (more labels than stages is fine).
     want = (want * problem.k) // len(uniq)
     want[problem.pin == PIN_FIRST] = 0
-    stage = np.empty(problem.num_units, dtype=np.int64)
     pred_ptr, pred = problem.predecessors_csr()
-    for u in order:
-        ps = pred[pred_ptr[u]:pred_ptr[u + 1]]
-        floor = stage[ps].max() if ps.size else 0
-        stage[u] = max(want[u], floor)
+    ptr, plist = pred_ptr.tolist(), pred.tolist()
+    out = want.tolist()
+    for u in order.tolist():
+        for p in plist[ptr[u]:ptr[u + 1]]:
+            if out[p] > out[u]:
+                out[u] = out[p]
+    stage = np.array(out, dtype=np.int64)
     stage[problem.pin == PIN_LAST] = problem.k - 1
     return stage
 

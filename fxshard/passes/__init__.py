@@ -1,0 +1,1 @@
+"""Graph passes: graph -> graph and graph -> assignment (cost graphs, partitioners)."""

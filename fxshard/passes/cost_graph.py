@@ -1,0 +1,196 @@
+"""From a captured, priced fx graph to the cost graph every partitioner takes.
+
+The fx path and the research path share one interface: this pass turns a
+:class:`CapturedGraph` and its :class:`GraphCosts` into the networkx DAG of SPEC
+("Partitioning any graph"), and :func:`partition_model` runs any registered partitioner on it
+for a :class:`Cluster`, with per-device speeds and memory and per-link communication factors.
+
+What each node carries (docs/partitioning.md):
+
+- ``compute``: forward + backward seconds in training, forward in inference.
+- ``memory``: parameter bytes times the training state per parameter (weights, gradients,
+  optimizer state; see cost_models/memory.py), buffers, and, in training, the activations the
+  node keeps for backward times ``activation_factor`` (micro-batches in flight).
+- ``params``, ``layer`` (the repeated block it belongs to), ``pin`` (inputs first, outputs last).
+- edges: ``comm`` = seconds to send the producer's output over the reference link, twice in
+  training (its gradient comes back).
+
+``get_attr`` nodes (parameters and buffers read by several nodes, e.g. rotary tables) are not
+partitioned: one with a single consumer joins it; one with several is replicated on every
+stage that reads it, so its bytes are charged to each consumer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+
+from fxshard.capture import CapturedGraph
+from fxshard.cluster import Cluster, DeviceSpec, Link
+from fxshard.cost_models import GraphCosts, analyze, estimate
+from fxshard.cost_models.memory import bytes_per_parameter
+from fxshard.errors import PartitionError
+from fxshard.passes.partition import Partition, partition_graph
+
+__all__ = ["StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes"]
+
+_SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def layer_label(node: torch.fx.Node) -> str:
+    """The repeated block a node belongs to ("layers.3"): the outermost module-stack entry
+    whose last name is an index (a ModuleList / Sequential child), or ""."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        last = path.rsplit(".", 1)[-1]
+        if last.isdigit():
+            return path
+    if node.op == "call_module":
+        parts = str(node.target).split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit() and i > 0:
+                return ".".join(parts[: i + 1])
+    return ""
+
+
+def _state_factor(dtype: str, *, training: bool, optimizer: str) -> float:
+    """Bytes held per byte of parameter: 16-bit weights train in mixed precision."""
+    mixed = dtype in _SIXTEEN_BIT
+    per_param = bytes_per_parameter(optimizer, "mixed" if mixed else "fp32", training=training)
+    return per_param / (2 if mixed else 4)
+
+
+def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, training: bool = True,
+               optimizer: str = "adam", activation_factor: float = 1.0) -> nx.DiGraph:
+    """The partitioner's view of a model: see the module docstring for the attributes."""
+    nodes = list(captured.gm.graph.nodes)
+    by_name = {c.name: c for c in costs}
+    graph = nx.DiGraph()
+    # Activation bytes: each saved tensor charged once, to the node that allocated it.
+    saved_owner: dict[str, int] = {}
+    if training:
+        for c in costs:
+            for name in c.work.saved_values:
+                owner = costs._storage_owner(name)
+                saved_owner[owner] = costs[owner].work.output_bytes
+    replicated: dict[str, int] = {}
+    for node in nodes:
+        c = by_name[node.name]
+        w = c.work
+        if node.op == "get_attr":
+            if len(node.users) > 1:
+                replicated[node.name] = int(w.param_bytes * _state_factor(w.dtype, training=training,
+                                                                          optimizer=optimizer) + w.buffer_bytes)
+            continue
+        activations = (w.saved_bytes + saved_owner.get(node.name, 0)) * activation_factor if training else 0.0
+        state = w.param_bytes * _state_factor(w.dtype, training=training, optimizer=optimizer) + w.buffer_bytes
+        attrs = dict(compute=c.fwd_time_s + (c.bwd_time_s if training else 0.0),
+                     memory=float(state + activations), params=float(w.param_bytes),
+                     layer=layer_label(node), op=node.op)
+        if node.op == "placeholder":
+            attrs["pin"] = "first"
+        elif node.op == "output":
+            attrs["pin"] = "last"
+        graph.add_node(node.name, **attrs)
+    factor = 2.0 if training else 1.0
+    for node in nodes:
+        if node.op == "get_attr":
+            users = list(node.users)
+            if len(users) == 1:  # joins its only consumer
+                user = users[0].name
+                w = by_name[node.name].work
+                extra = w.param_bytes * _state_factor(w.dtype, training=training, optimizer=optimizer)
+                graph.nodes[user]["memory"] += float(extra + w.buffer_bytes)
+                graph.nodes[user]["params"] += float(w.param_bytes)
+            else:
+                for user in users:
+                    graph.nodes[user.name]["memory"] += float(replicated[node.name])
+            continue
+        out_bytes = by_name[node.name].work.output_bytes
+        for user in node.users:
+            graph.add_edge(node.name, user.name, comm=factor * link.transfer_time(out_bytes),
+                           bytes=out_bytes)
+    return graph
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StagePlacement:
+    """Which device runs each stage, and what that means for the partitioner."""
+
+    devices: tuple[int, ...]
+    speeds: tuple[float, ...]
+    memory_limit: tuple[float, ...]
+    link: np.ndarray
+    reference: DeviceSpec
+    reference_link: Link
+
+
+def placement(cluster: Cluster, k: int, *, captured: CapturedGraph | None = None,
+              works: Sequence | None = None, devices: Sequence[int] | None = None,
+              memory_reserve: float = 0.0) -> StagePlacement:
+    """Stage s on ``devices[s]`` (default: the first k in rank order, machine by machine).
+
+    Speeds are the ratio of the whole graph's estimated time on the reference device (the
+    first one) to its time on each stage's device; link factors are the reference (intra-
+    machine) bandwidth over each pair's bandwidth.
+    """
+    chosen = tuple(range(k)) if devices is None else tuple(devices)
+    if len(chosen) != k or len(set(chosen)) != k or not all(0 <= d < cluster.num_devices for d in chosen):
+        raise PartitionError(f"need {k} distinct devices of the cluster's {cluster.num_devices} for {k} stages, "
+                             f"got {chosen}")
+    specs = [cluster.devices[d].spec for d in chosen]
+    reference = specs[0]
+    speeds = [1.0] * k
+    if captured is not None and len({s.name for s in specs}) > 1:
+        works = list(works) if works is not None else analyze(captured)
+        times: dict[str, float] = {}
+        for spec in specs:
+            if spec.name not in times:
+                g = estimate(captured, spec, works=works)
+                times[spec.name] = g.fwd_time_s + g.bwd_time_s
+        speeds = [times[reference.name] / times[s.name] for s in specs]
+    ref_link = cluster.intra_link
+    link = np.ones((k, k))
+    for a in range(k):
+        for b in range(k):
+            if a != b:
+                link[a, b] = ref_link.bandwidth / cluster.link(chosen[a], chosen[b]).bandwidth
+    limits = tuple(float(s.memory_bytes) * (1 - memory_reserve) for s in specs)
+    return StagePlacement(devices=chosen, speeds=tuple(speeds), memory_limit=limits, link=link,
+                          reference=reference, reference_link=ref_link)
+
+
+def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partitioner: str = "metis",
+                    training: bool = True, optimizer: str = "adam", activation_factor: float = 1.0,
+                    costs: GraphCosts | None = None, cost_model: str = "analytical", seed: int = 0,
+                    devices: Sequence[int] | None = None, memory_reserve: float = 0.0) -> tuple[Partition, nx.DiGraph]:
+    """Partition a captured model into k stages on the first k devices of ``cluster``.
+
+    Returns:
+        The partition and the cost graph it was computed on.
+    """
+    works = analyze(captured)
+    place = placement(cluster, k, captured=captured, works=works, devices=devices, memory_reserve=memory_reserve)
+    if costs is None:
+        costs = estimate(captured, place.reference, cost_model=cost_model, works=works)
+    graph = cost_graph(captured, costs, link=place.reference_link, training=training, optimizer=optimizer,
+                       activation_factor=activation_factor)
+    part = partition_graph(graph, k, partitioner=partitioner, memory_limit=place.memory_limit, seed=seed,
+                           speeds=place.speeds, link=place.link)
+    return part, graph
+
+
+def stage_bytes(graph: nx.DiGraph, stage_of: Mapping[str, int]) -> float:
+    """Bytes sent between stages (each value once per consuming stage)."""
+    total = 0.0
+    for u in graph.nodes:
+        targets = {stage_of[v] for v in graph.successors(u)} - {stage_of[u]}
+        if targets:
+            nbytes = next(iter(graph.out_edges(u, data="bytes")))[2] or 0
+            total += nbytes * len(targets)
+    return total
