@@ -20,9 +20,12 @@ from fxshard.errors import (
     DeviceSpecError,
     FxshardError,
     PartitionError,
+    PlanError,
     ZooError,
 )
 from fxshard.passes.partition import Partition, partition_graph, partitioners, register_partitioner
+from fxshard.plan import Plan
+from fxshard.planner import plan
 
 __all__ = [
     "CaptureError",
@@ -36,11 +39,14 @@ __all__ = [
     "Link",
     "Partition",
     "PartitionError",
+    "Plan",
+    "PlanError",
     "ZooError",
     "capture",
     "estimate",
     "partition_graph",
     "partitioners",
+    "plan",
     "register_cost_model",
     "register_partitioner",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "CostModelError",
     "ZooError",
     "PartitionError",
+    "PlanError",
 ]
 
 
@@ -43,3 +44,7 @@ class ZooError(FxshardError, ValueError):
 
 class PartitionError(FxshardError):
     """A graph cannot be split as asked (too little memory, more stages than nodes, a cycle)."""
+
+
+class PlanError(FxshardError):
+    """No plan exists for the request (nothing fits), or the options contradict each other."""

@@ -7,7 +7,7 @@ docs/cost_models.md.
 
 from fxshard.cost_models import analytical as _analytical  # noqa: F401  (registers "analytical")
 from fxshard.cost_models import profiled as _profiled  # noqa: F401  (registers "profiled")
-from fxshard.cost_models.analysis import NodeWork, analyze, tensor_bytes
+from fxshard.cost_models.analysis import NodeWork, analyze, scale_batch, tensor_bytes
 from fxshard.cost_models.analytical import AnalyticalCostModel, RooflineFactors, factors_for
 from fxshard.cost_models.base import (
     CostModel,
@@ -39,6 +39,7 @@ __all__ = [
     "factors_for",
     "get_cost_model",
     "register_cost_model",
+    "scale_batch",
     "tensor_bytes",
     "training_memory",
 ]

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from fxshard.capture import CapturedGraph, node_values
 from fxshard.errors import CostModelError
 
-__all__ = ["NodeWork", "analyze", "tensor_bytes"]
+__all__ = ["NodeWork", "analyze", "scale_batch", "tensor_bytes"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -287,3 +287,26 @@ def _target_text(node: torch.fx.Node) -> str:
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
     return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
+
+
+def scale_batch(works: list[NodeWork], fraction: float) -> list[NodeWork]:
+    """The work of the same graph on ``fraction`` of the batch (a micro-batch).
+
+    FLOPs and activation bytes scale with the batch; parameters, buffers and kernel counts
+    do not. Exact for the batch-linear operators that dominate models (matmul, convolution,
+    attention, elementwise); the planner uses it to price micro-batches without re-capturing.
+    """
+    if not 0 < fraction <= 1:
+        raise CostModelError(f"batch fraction {fraction} must be in (0, 1]")
+
+    def scale(w: NodeWork) -> NodeWork:
+        state = w.param_bytes + w.buffer_bytes
+        return dataclasses.replace(
+            w,
+            fwd_flops=round(w.fwd_flops * fraction), bwd_flops=round(w.bwd_flops * fraction),
+            fwd_bytes=round(max(w.fwd_bytes - state, 0) * fraction + min(state, w.fwd_bytes)),
+            bwd_bytes=round(max(w.bwd_bytes - w.param_bytes, 0) * fraction + min(w.param_bytes, w.bwd_bytes)),
+            output_bytes=w.output_bytes if w.op == "get_attr" else round(w.output_bytes * fraction),
+            saved_bytes=round(w.saved_bytes * fraction))
+
+    return [scale(w) for w in works]

@@ -19,10 +19,10 @@ __all__ = ["Optimizer", "Precision", "TrainingMemory", "bytes_per_parameter", "t
 Optimizer = Literal["adam", "sgd", "none"]
 Precision = Literal["fp32", "mixed"]
 
-# Optimizer state in fp32 bytes per parameter: Adam keeps two moments, SGD one momentum
-# buffer (torch.optim.SGD with momentum > 0), "none" (inference, or a user optimizer that
-# keeps no state) nothing.
-_STATE_BYTES = {"adam": 8, "sgd": 4, "none": 0}
+# Optimizer state in fp32 bytes per parameter: Adam (and AdamW) keeps two moments; SGD as
+# torch.optim.SGD builds it by default (momentum=0) keeps none; "none" is gradients only: no
+# optimizer state and no fp32 master copy (the optimizer step is the user's, in place).
+_STATE_BYTES = {"adam": 8, "sgd": 0, "none": 0}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,7 +44,8 @@ def training_memory(optimizer: str = "adam", precision: str = "fp32", *,
     """Bytes each parameter costs in training (or inference) with this optimizer.
 
     Args:
-        optimizer: "adam" (also AdamW), "sgd" (with momentum) or "none".
+        optimizer: "adam" (also AdamW), "sgd" (torch.optim.SGD's default, no momentum: no
+            state) or "none" (gradients only, no optimizer state, no fp32 master copy).
         precision: "fp32", or "mixed" (16-bit weights and gradients, fp32 master weights).
         training: False gives the weights alone.
         param_dtype_bytes: bytes of the stored weights, when they differ from the precision's
@@ -61,7 +62,7 @@ def training_memory(optimizer: str = "adam", precision: str = "fp32", *,
     weight = param_dtype_bytes or (4 if precision == "fp32" else 2)
     if not training:
         return TrainingMemory(weights=weight, gradients=0, master_weights=0, optimizer_state=0)
-    master = 4 if precision == "mixed" else 0
+    master = 4 if precision == "mixed" and optimizer != "none" else 0
     return TrainingMemory(weights=weight, gradients=weight, master_weights=master,
                           optimizer_state=_STATE_BYTES[optimizer])
 

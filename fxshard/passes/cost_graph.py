@@ -137,11 +137,13 @@ def placement(cluster: Cluster, k: int, *, captured: CapturedGraph | None = None
 
     Speeds are the ratio of the whole graph's estimated time on the reference device (the
     first one) to its time on each stage's device; link factors are the reference (intra-
-    machine) bandwidth over each pair's bandwidth.
+    machine) bandwidth over each pair's bandwidth. A device may hold several stages (the
+    virtual stages of interleaved schedules): they share its memory, and pass values to each
+    other for free.
     """
-    chosen = tuple(range(k)) if devices is None else tuple(devices)
-    if len(chosen) != k or len(set(chosen)) != k or not all(0 <= d < cluster.num_devices for d in chosen):
-        raise PartitionError(f"need {k} distinct devices of the cluster's {cluster.num_devices} for {k} stages, "
+    chosen = tuple(range(k)) if devices is None else tuple(int(d) for d in devices)
+    if len(chosen) != k or not all(0 <= d < cluster.num_devices for d in chosen):
+        raise PartitionError(f"need one device of the cluster's {cluster.num_devices} for each of {k} stages, "
                              f"got {chosen}")
     specs = [cluster.devices[d].spec for d in chosen]
     reference = specs[0]
@@ -158,9 +160,12 @@ def placement(cluster: Cluster, k: int, *, captured: CapturedGraph | None = None
     link = np.ones((k, k))
     for a in range(k):
         for b in range(k):
-            if a != b:
+            if chosen[a] == chosen[b]:
+                link[a, b] = 0.0
+            else:
                 link[a, b] = ref_link.bandwidth / cluster.link(chosen[a], chosen[b]).bandwidth
-    limits = tuple(float(s.memory_bytes) * (1 - memory_reserve) for s in specs)
+    share = {d: chosen.count(d) for d in chosen}
+    limits = tuple(float(s.memory_bytes) * (1 - memory_reserve) / share[d] for s, d in zip(specs, chosen))
     return StagePlacement(devices=chosen, speeds=tuple(speeds), memory_limit=limits, link=link,
                           reference=reference, reference_link=ref_link)
 

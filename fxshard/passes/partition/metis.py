@@ -60,8 +60,8 @@ def _undirected(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def metis_labels(problem: Problem, parts: int, *, seed: int = 0) -> np.ndarray:
     """pymetis labels (0..parts-1) for the units."""
     n = problem.num_units
-    if parts <= 1 or n <= parts:
-        return np.arange(n) % max(parts, 1)
+    if parts <= 1 or n < 2 * parts:  # METIS needs a few vertices per part to bisect at all
+        return (np.arange(n) * max(parts, 1)) // max(n, 1)
     ptr, cols, eweights = _undirected(problem)
     ncon = 2 if problem.memory.max() > 0 else 1
     vweights = np.stack([_scaled(problem.compute), _scaled(problem.memory)], axis=1)[:, :ncon].reshape(-1)
@@ -94,7 +94,7 @@ def metis_partition(problem: Problem, seed: int = 0) -> np.ndarray:
     multiples = (1, 2, 4) if problem.num_units <= 20000 else (1,)
     for mult in multiples:
         parts = k * mult
-        if parts > problem.num_units:
+        if 2 * parts > problem.num_units:
             break
         labels = metis_labels(problem, parts, seed=seed)
         repaired = repair(problem, labels)

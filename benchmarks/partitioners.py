@@ -1,0 +1,610 @@
+"""Every registered partitioner on one suite: public instances, zoo models on clusters, a 1e5-node DAG.
+
+Three parts, one row per (item, partitioner):
+
+- ``public``: the four instances of Tarnawski et al. (NeurIPS 2020) in
+  ``shared/data/dnn-partitioning``, under their own max-load objective (``objective="direct"``),
+  next to the reference values that directory's README publishes.
+- ``zoo``: the built-in models, captured and priced once per (model, device), on realistic
+  clusters in training with Adam (pipeline objective). The cost graph is built once per
+  (model, cluster) exactly as ``partition_model`` builds it, so the seconds measure
+  ``partition_graph`` alone (problem compilation + partitioner).
+- ``scale``: a seeded random DAG of 1e5 nodes (a chain plus random forward skips), k = 8,
+  timed end to end through ``partition_graph``.
+
+Usage::
+
+    python benchmarks/partitioners.py                         # everything (a few minutes)
+    python benchmarks/partitioners.py --quick                 # public instances, resnet and gpt2
+    python benchmarks/partitioners.py --md out.md --csv out.csv --data path/to/dnn-partitioning
+
+Results and how to read them: docs/benchmarks.md, "Partitioners".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import networkx as nx
+import numpy as np
+
+import fxshard
+from fxshard.errors import FxshardError
+
+__all__ = ["PUBLIC_REFERENCE", "ZOO_CASES", "Row", "ZooCase", "main", "run_public", "run_scale", "run_zoo"]
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dnn-partitioning"
+BASELINES = ("uniform", "params", "layers")
+
+# Reference values for k = maxFPGAs = 6, copied from shared/data/dnn-partitioning/README.md
+# ("Reference values"): the authors' exact DP optimum over contiguous splits, and what
+# PipeDream's partitioner reaches. None where the README gives no number (the exact DP on
+# inceptionv3 runs > 10 min; PipeDream was not reported on resnet50).
+PUBLIC_REFERENCE: dict[str, tuple[float | None, float | None]] = {
+    "bert24_inference": (17.790, 17.790),
+    "gnmt_inference": (32.911, 33.031),
+    "resnet50_inference": (34.223, None),
+    "inceptionv3_inference": (None, 60.417),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZooCase:
+    """One model on one cluster: micro-batch shape, stages and activation memory factor.
+
+    ``activation_factor`` is the number of micro-batches whose activations a stage keeps
+    (1F1B: the first stage holds k of them, so k is the worst case).
+    """
+
+    model: str
+    cluster: str
+    k: int
+    batch: int
+    seq: int | None = None
+    activation_factor: float = 1.0
+    group: Literal["heavy-head", "unet", "uniform-decoder", "vision"] = "vision"
+
+    @property
+    def item(self) -> str:
+        shape = f"b{self.batch}" + (f" s{self.seq}" if self.seq else "")
+        return f"{self.model} ({shape})"
+
+    @property
+    def config(self) -> str:
+        return f"{self.cluster}, k={self.k}, act x{self.activation_factor:g}"
+
+
+# Micro-batch shapes are picked so that Adam state + activations of k micro-batches in flight
+# fit; llama-70b does not fit that way on 16 x 80 GB (the error row says by how much), so it
+# also runs with one micro-batch of activations per stage.
+ZOO_CASES: tuple[ZooCase, ...] = (
+    ZooCase(model="resnet", cluster="4xA100-80GB", k=4, batch=32, activation_factor=4),
+    ZooCase(model="resnet", cluster="4xV100-32GB", k=4, batch=32, activation_factor=4),
+    ZooCase(model="unet", cluster="4xA100-80GB", k=4, batch=16, activation_factor=4, group="unet"),
+    ZooCase(model="unet", cluster="4xV100-32GB", k=4, batch=16, activation_factor=4, group="unet"),
+    ZooCase(model="inception", cluster="4xA100-80GB", k=4, batch=32, activation_factor=4),
+    ZooCase(model="inception", cluster="4xV100-32GB", k=4, batch=32, activation_factor=4),
+    ZooCase(model="gpt2", cluster="4xA100-80GB", k=4, batch=8, seq=1024, activation_factor=4, group="heavy-head"),
+    ZooCase(model="gpt2", cluster="8xL4", k=8, batch=8, seq=1024, activation_factor=8, group="heavy-head"),
+    ZooCase(model="gpt2-xl", cluster="8xA100-40GB", k=8, batch=8, seq=1024, activation_factor=8,
+            group="heavy-head"),
+    ZooCase(model="llama-7b", cluster="8xH100-80GB", k=8, batch=2, seq=2048, activation_factor=8,
+            group="uniform-decoder"),
+    ZooCase(model="llama-7b", cluster="2x4xA100-80GB", k=8, batch=2, seq=2048, activation_factor=8,
+            group="uniform-decoder"),
+    ZooCase(model="llama-70b", cluster="2x8xH100-80GB", k=16, batch=1, seq=4096, activation_factor=16,
+            group="uniform-decoder"),
+    ZooCase(model="llama-70b", cluster="2x8xH100-80GB", k=16, batch=1, seq=4096, activation_factor=1,
+            group="uniform-decoder"),
+)
+QUICK_MODELS = ("resnet", "gpt2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """One partitioner on one suite item; times in seconds, memory in bytes (raw units on ``public``)."""
+
+    suite: Literal["public", "zoo", "scale"]
+    item: str
+    config: str
+    partitioner: str
+    bottleneck: float = math.nan
+    lower_bound: float = math.nan
+    ratio_best: float = math.nan  # filled in once the item's rows are all in
+    cut: float = math.nan
+    cut_bytes: float = math.nan  # zoo only: bytes sent between stages per micro-batch
+    max_stage_memory: float = math.nan
+    memory_limit: float = math.nan  # the smallest stage's limit
+    acyclic: bool | None = None
+    fits_memory: bool | None = None
+    seconds: float = math.nan  # partition_graph end to end
+    partitioner_seconds: float = math.nan  # the partitioner function alone
+    optimum: float | None = None  # public only (README)
+    pipedream: float | None = None  # public only (README)
+    group: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.acyclic and self.fits_memory)
+
+    @property
+    def ratio_lb(self) -> float:
+        return self.bottleneck / self.lower_bound if self.lower_bound > 0 else math.nan
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.update(ratio_lb=self.ratio_lb, valid=self.valid if self.ok else None)
+        return data
+
+
+def _measure(row: Row, run: Callable[[], fxshard.Partition], graph: nx.DiGraph | None = None) -> Row:
+    """Run one partition, fill the row from it (or from its error)."""
+    start = time.perf_counter()
+    try:
+        part = run()
+    except FxshardError as e:
+        return replace(row, seconds=time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+    seconds = time.perf_counter() - start
+    extra = {}
+    if graph is not None:
+        from fxshard.passes.cost_graph import stage_bytes
+
+        extra["cut_bytes"] = stage_bytes(graph, part.stage_of)
+    return replace(row, bottleneck=part.bottleneck, lower_bound=part.lower_bound, cut=part.cut,
+                   max_stage_memory=max(part.stage_memory), acyclic=part.is_acyclic,
+                   fits_memory=part.fits_memory, seconds=seconds, partitioner_seconds=part.seconds, **extra)
+
+
+def with_ratio_best(rows: list[Row]) -> list[Row]:
+    """The rows with ratio_best: bottleneck over the best valid bottleneck on the same item and config."""
+    best: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        if r.ok and r.valid:
+            key = (r.suite, r.item, r.config)
+            best[key] = min(best.get(key, math.inf), r.bottleneck)
+    return [replace(r, ratio_best=r.bottleneck / best[(r.suite, r.item, r.config)])
+            if r.ok and (r.suite, r.item, r.config) in best else r for r in rows]
+
+
+# ---------------------------------------------------------------- public instances
+
+
+def run_public(data_dir: Path, names: Sequence[str]) -> list[Row]:
+    """Every partitioner on every public instance, objective ``direct``."""
+    from fxshard.passes.partition.instances import load_tarnawski
+
+    if not data_dir.is_dir():
+        raise SystemExit(f"no instance directory at {data_dir}; pass --data DIR (the dnn-partitioning data)")
+    rows = []
+    for name, (optimum, pipedream) in PUBLIC_REFERENCE.items():
+        inst = load_tarnawski(data_dir / f"{name}.json")
+        for p in names:
+            row = Row(suite="public", item=name, config=f"k={inst.k}", partitioner=p, optimum=optimum,
+                      pipedream=pipedream, memory_limit=inst.memory_limit)
+            rows.append(_measure(row, partial(fxshard.partition_graph, inst.graph, inst.k, partitioner=p,
+                                              memory_limit=inst.memory_limit, objective="direct")))
+        print(f"  public {name}: done", file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- zoo models
+
+
+@dataclass
+class _Priced:
+    """A captured model with its analysis and its costs per device name."""
+
+    captured: object
+    works: list
+    costs: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    dtype: str = ""
+    params: int = 0
+
+
+def _price(cache: dict, case: ZooCase, spec: fxshard.DeviceSpec) -> _Priced:
+    from fxshard.capture import capture
+    from fxshard.cost_models import analyze, estimate
+    from fxshard.zoo import build
+
+    key = (case.model, case.batch, case.seq)
+    if key not in cache:
+        start = time.perf_counter()
+        z = build(case.model, batch_size=case.batch, seq_len=case.seq)
+        captured = capture(z.model, z.example_inputs)
+        dtype = str(next(z.model.parameters()).dtype).removeprefix("torch.")
+        cache[key] = _Priced(captured=captured, works=analyze(captured), seconds=time.perf_counter() - start,
+                             dtype=dtype, params=z.num_params)
+    priced = cache[key]
+    if spec.name not in priced.costs:
+        start = time.perf_counter()
+        priced.costs[spec.name] = estimate(priced.captured, spec, works=priced.works)
+        priced.seconds += time.perf_counter() - start
+    return priced
+
+
+def block_share(graph: nx.DiGraph) -> float:
+    """Compute outside the repeated blocks (embeddings, LM head, stems) over one mean block's."""
+    per_block: dict[str, float] = {}
+    outside = 0.0
+    for _, d in graph.nodes(data=True):
+        if d.get("layer"):
+            per_block[d["layer"]] = per_block.get(d["layer"], 0.0) + d["compute"]
+        else:
+            outside += d["compute"]
+    if not per_block:
+        return math.nan
+    return outside / (sum(per_block.values()) / len(per_block))
+
+
+def has_unique_order(graph: nx.DiGraph) -> bool:
+    """True if the DAG has one topological order: then every acyclic split is a contiguous split of
+    it, and ``dp`` (exact over that order) is the exact optimum."""
+    order = list(nx.topological_sort(graph))
+    return all(graph.has_edge(a, b) for a, b in itertools.pairwise(order))
+
+
+def run_zoo(cases: Sequence[ZooCase], names: Sequence[str]) -> tuple[list[Row], dict[str, dict]]:
+    """Every partitioner on every case; returns rows and per-case facts (nodes, block share, pricing time)."""
+    from fxshard.passes.cost_graph import cost_graph, placement
+
+    cache: dict = {}
+    facts: dict[str, dict] = {}
+    rows = []
+    for case in cases:
+        cluster = fxshard.Cluster.parse(case.cluster)
+        base = {"suite": "zoo", "item": case.item, "config": case.config, "group": case.group}
+        try:
+            place = placement(cluster, case.k)  # homogeneous devices: no re-analysis
+            priced = _price(cache, case, place.reference)
+            if len({cluster.devices[d].spec.name for d in place.devices}) > 1:  # speeds need the graph
+                place = placement(cluster, case.k, captured=priced.captured, works=priced.works)
+            graph = cost_graph(priced.captured, priced.costs[place.reference.name], link=place.reference_link,
+                               training=True, optimizer="adam", activation_factor=case.activation_factor)
+        except FxshardError as e:
+            rows += [Row(partitioner=p, error=f"{type(e).__name__}: {e}", **base) for p in names]
+            continue
+        facts[f"{case.item} / {case.config}"] = {
+            "nodes": graph.number_of_nodes(), "block_share": block_share(graph), "pricing_s": priced.seconds,
+            "dtype": priced.dtype, "params": priced.params, "unique_order": has_unique_order(graph),
+            "memory": sum(d["memory"] for _, d in graph.nodes(data=True)), "limit": sum(place.memory_limit)}
+        for p in names:
+            row = Row(partitioner=p, memory_limit=min(place.memory_limit), **base)
+            rows.append(_measure(row, partial(fxshard.partition_graph, graph, case.k, partitioner=p,
+                                              memory_limit=place.memory_limit, speeds=place.speeds,
+                                              link=place.link), graph))
+        print(f"  zoo {case.item} on {case.config}: done", file=sys.stderr, flush=True)
+    return rows, facts
+
+
+# ---------------------------------------------------------------- synthetic scale
+
+
+def random_dag(n: int, *, seed: int = 0, skips: float = 0.5, max_span: int = 200) -> nx.DiGraph:
+    """A chain 0 -> 1 -> ... -> n-1 plus ``skips * n`` random forward edges spanning up to ``max_span``."""
+    rng = np.random.default_rng(seed)
+    compute = rng.lognormal(0.0, 0.5, n)
+    memory = rng.uniform(0.5, 1.5, n) * 1e6
+    comm = rng.uniform(0.0, 0.2, n)
+    src = rng.integers(0, n - 2, int(skips * n))
+    dst = np.minimum(src + rng.integers(2, max_span + 1, src.size), n - 1)
+    g = nx.DiGraph()
+    g.add_nodes_from((i, {"compute": float(compute[i]), "memory": float(memory[i])}) for i in range(n))
+    g.add_edges_from((i, i + 1, {"comm": float(comm[i])}) for i in range(n - 1))
+    g.add_edges_from((int(a), int(b), {"comm": float(comm[a])}) for a, b in zip(src, dst))
+    return g
+
+
+def run_scale(n: int, k: int, names: Sequence[str], *, repeat: int = 5, seed: int = 0) -> tuple[list[Row], dict]:
+    """Time ``partition_graph`` (problem build + partitioner) on a random n-node DAG, median of ``repeat``.
+
+    Twice: without memory limits, and with every stage limited to 1.5x the average memory.
+    """
+    start = time.perf_counter()
+    g = random_dag(n, seed=seed)
+    gen_s = time.perf_counter() - start
+    total_mem = sum(d["memory"] for _, d in g.nodes(data=True))
+    item = f"random DAG n={n} e={g.number_of_edges()}"
+    rows, times = [], {}
+    for config, limit in ((f"k={k}, no memory limit", None), (f"k={k}, memory 1.5x avg", 1.5 * total_mem / k)):
+        for p in names:
+            runs = []
+            for _ in range(repeat):
+                row = Row(suite="scale", item=item, config=config, partitioner=p,
+                          memory_limit=math.inf if limit is None else limit)
+                runs.append(_measure(row, partial(fxshard.partition_graph, g, k, partitioner=p,
+                                                  memory_limit=limit, seed=seed)))
+            secs = [r.seconds for r in runs]
+            times[(config, p)] = secs
+            rows.append(replace(runs[-1], seconds=statistics.median(secs),
+                                partitioner_seconds=statistics.median(r.partitioner_seconds for r in runs)))
+            print(f"  scale {config} {p}: {', '.join(f'{s:.2f}' for s in secs)} s", file=sys.stderr, flush=True)
+    return rows, {"generate_s": gen_s, "times": times, "edges": g.number_of_edges()}
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return format(x, fmt)
+
+
+def _bytes(x: float) -> str:
+    if math.isnan(x):
+        return ""
+    if math.isinf(x):
+        return "none"
+    return f"{x / 2**30:.1f} GiB" if x >= 2**27 else f"{x / 2**20:.1f} MiB"
+
+
+def _valid(r: Row) -> str:
+    if r.valid:
+        return "yes"
+    why = [w for w, bad in (("cyclic", not r.acyclic), ("over memory", not r.fits_memory)) if bad]
+    return "NO (" + ", ".join(why) + ")"
+
+
+def _table(head: Sequence[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def _error_cells(r: Row, width: int, lead: list[str]) -> list[str]:
+    return lead + [f"error: {r.error}"] + [""] * (width - len(lead) - 1)
+
+
+def public_table(rows: list[Row]) -> str:
+    head = ["instance", "k", "partitioner", "max-load", "/ lower bound", "/ best", "README optimum", "/ optimum",
+            "PipeDream", "/ PipeDream", "cut", "max stage mem", "valid", "seconds"]
+    body = []
+    for r in rows:
+        lead = [r.item, r.config.removeprefix("k="), r.partitioner]
+        if not r.ok:
+            body.append(_error_cells(r, len(head), lead))
+            continue
+        body.append(lead + [_num(r.bottleneck, ".3f"), _num(r.ratio_lb, ".3f"), _num(r.ratio_best, ".3f"),
+                            _num(r.optimum, ".3f") or "unknown",
+                            _num(r.bottleneck / r.optimum, ".3f") if r.optimum else "",
+                            _num(r.pipedream, ".3f") or "-",
+                            _num(r.bottleneck / r.pipedream, ".3f") if r.pipedream else "",
+                            _num(r.cut, ".2f"), _bytes(r.max_stage_memory), _valid(r), _num(r.seconds, ".3f")])
+    return _table(head, body)
+
+
+def zoo_table(rows: list[Row]) -> str:
+    head = ["model (micro-batch)", "cluster, k, activations", "partitioner", "bottleneck ms", "/ lower bound",
+            "/ best", "cut ms", "cut MB", "max stage mem (limit)", "valid", "seconds"]
+    body = []
+    shown: set[tuple[str, str]] = set()
+    for r in rows:
+        lead = [r.item, r.config, r.partitioner]
+        if not r.ok:
+            same = [o for o in rows if (o.item, o.config) == (r.item, r.config)]
+            if all(o.error == r.error for o in same):  # the problem itself failed: one row says it
+                if (r.item, r.config) not in shown:
+                    shown.add((r.item, r.config))
+                    body.append(_error_cells(r, len(head), [r.item, r.config, "all"]))
+                continue
+            body.append(_error_cells(r, len(head), lead))
+            continue
+        body.append(lead + [_num(1e3 * r.bottleneck, ".4g"), _num(r.ratio_lb, ".3f"), _num(r.ratio_best, ".3f"),
+                            _num(1e3 * r.cut, ".3g"), _num(r.cut_bytes / 1e6, ".4g"),
+                            f"{_bytes(r.max_stage_memory)} ({_bytes(r.memory_limit)})", _valid(r),
+                            _num(r.seconds, ".3f")])
+    return _table(head, body)
+
+
+def scale_table(rows: list[Row]) -> str:
+    head = ["graph", "k, memory", "partitioner", "bottleneck", "/ lower bound", "/ best", "cut", "valid",
+            "seconds (median)", "partitioner alone s (median)"]
+    body = []
+    for r in rows:
+        lead = [r.item, r.config, r.partitioner]
+        if not r.ok:
+            body.append(_error_cells(r, len(head), lead))
+            continue
+        body.append(lead + [_num(r.bottleneck, ".5g"), _num(r.ratio_lb, ".4f"), _num(r.ratio_best, ".4f"),
+                            _num(r.cut, ".4g"), _valid(r), _num(r.seconds, ".3f"), _num(r.partitioner_seconds, ".3f")])
+    return _table(head, body)
+
+
+def _machine() -> str:
+    """CPU model, cores, memory, OS and versions, for the record."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        mem = ""
+    return (f"{os.cpu_count()} cores of {cpu}{mem}, {platform.system()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, numpy {np.__version__}, networkx {nx.__version__}")
+
+
+def _find(rows: list[Row], **want: str) -> list[Row]:
+    return [r for r in rows if all(getattr(r, k) == v for k, v in want.items())]
+
+
+def summary(rows: list[Row], zoo_facts: dict, scale_facts: dict | None) -> str:
+    """One line per target: met / NOT met / not checked, with the numbers."""
+    out = []
+
+    def verdict(ok: bool | None) -> str:
+        return "not checked" if ok is None else ("met" if ok else "NOT met")
+
+    # 1. metis within 2% of the README's exact optimum on the public instances.
+    public = _find(rows, suite="public", partitioner="metis")
+    if public:
+        parts, known_ok = [], True
+        for r in public:
+            if not r.ok:
+                parts.append(f"{r.item}: error")
+                known_ok = False
+            elif r.optimum:
+                gap = r.bottleneck / r.optimum - 1
+                known_ok &= gap <= 0.02
+                parts.append(f"{r.item} {r.bottleneck:.3f} vs {r.optimum:.3f} ({100 * gap:+.2f}%)")
+            else:
+                parts.append(f"{r.item} {r.bottleneck:.3f}: optimum unknown, {100 * (r.ratio_lb - 1):+.2f}% over "
+                             f"the lower bound {r.lower_bound:.3f} (so at most that far from the optimum)")
+        out.append(f"- metis within 2% of the exact optimum on the public instances: {verdict(known_ok)} on the "
+                   f"{sum(1 for r in public if r.optimum)} with a published optimum; " + "; ".join(parts) + ".")
+        inc = [r for r in public if r.item == "inceptionv3_inference" and r.ok]
+        if inc:
+            r = inc[0]
+            out.append(f"- inceptionv3 below PipeDream's {r.pipedream:.3f}: {verdict(r.bottleneck < r.pipedream)} "
+                       f"(metis {r.bottleneck:.3f}, {100 * (r.bottleneck / r.pipedream - 1):+.1f}%).")
+
+    # 2. every plan acyclic.
+    done = [r for r in rows if r.ok]
+    acyclic = sum(1 for r in done if r.acyclic)
+    fits = sum(1 for r in done if r.fits_memory)
+    errors = len(rows) - len(done)
+    out.append(f"- 100% of plans acyclic: {verdict(acyclic == len(done))} ({acyclic}/{len(done)} plans; "
+               f"{fits}/{len(done)} also fit memory; {errors} runs raised an error and returned no plan).")
+
+    # 3. 1e5 nodes in under 1 s.
+    if scale_facts:
+        scale = _find(rows, suite="scale")
+        parts, ok = [], True
+        for config in dict.fromkeys(r.config for r in scale):
+            for r in (r for r in scale if r.config == config and r.partitioner in ("metis", "dp")):
+                secs = scale_facts["times"][(config, r.partitioner)]
+                ok &= r.ok and r.seconds < 1.0
+                parts.append(f"{r.partitioner} with {config.split(', ', 1)[1]}: {verdict(r.ok and r.seconds < 1.0)}, "
+                             f"median {r.seconds:.2f} s, min {min(secs):.2f} s over {len(secs)} runs "
+                             f"(partitioner alone {r.partitioner_seconds:.2f} s)")
+        out.append(f"- a 1e5-node graph in under 1 s, partition_graph end to end: {verdict(ok)}; {scale[0].item}, "
+                   f"k={scale[0].config.split(',')[0].removeprefix('k=')}: " + "; ".join(parts)
+                   + f" (building the networkx graph, not counted: {scale_facts['generate_s']:.1f} s).")
+
+    # 4. heavy heads and U-Net: metis >= 1.3x better than every baseline.
+    zoo_groups = {}
+    for r in _find(rows, suite="zoo"):
+        zoo_groups.setdefault((r.item, r.config), {})[r.partitioner] = r
+    heavy, uniform = [], []
+    for (item, config), by_p in zoo_groups.items():
+        m = by_p.get("metis")
+        if m is None or not m.ok:
+            continue
+        share = zoo_facts.get(f"{item} / {config}", {}).get("block_share", math.nan)
+        if m.group in ("heavy-head", "unet"):
+            # The best any plan can do against a baseline: its bottleneck over the lower bound, or
+            # over the exact optimum (dp) when the graph has a single topological order.
+            fact = zoo_facts.get(f"{item} / {config}", {})
+            floor = by_p["dp"].bottleneck if fact.get("unique_order") and by_p.get("dp", m).ok else m.lower_bound
+            factors = {p: (by_p[p].bottleneck / m.bottleneck, by_p[p].bottleneck / floor) for p in BASELINES
+                       if p in by_p and by_p[p].ok}
+            heavy.append((item, config, factors, share))
+        elif m.group == "uniform-decoder" and "layers" in by_p and by_p["layers"].ok:
+            uniform.append((item, config, m.bottleneck / by_p["layers"].bottleneck - 1, share, by_p["layers"]))
+    if heavy:
+        ok = all(f >= 1.3 for _, _, factors, _ in heavy for f, _ in factors.values())
+        parts = [f"{item} on {config}: " + ", ".join(
+                     f"{p} {f:.2f}x" + (f" (no plan can exceed {cap:.2f}x)" if f < 1.3 else "")
+                     for p, (f, cap) in factors.items())
+                 + (f"; non-block compute = {share:.1f} blocks" if not math.isnan(share) else "")
+                 for item, config, factors, share in heavy]
+        out.append("- heavy embeddings / LM heads and U-Net, metis >= 1.3x better than uniform, params and layers: "
+                   f"{verdict(ok)}; baseline bottleneck / metis bottleneck (the cap is the baseline's bottleneck over "
+                   "the lower bound, or over the exact optimum where the graph has one topological order): "
+                   + "; ".join(parts) + ".")
+    if uniform:
+        ok = all(d <= 0.01 for _, _, d, _, _ in uniform)
+        parts = [f"{item} on {config}: {100 * d:+.2f}%" + ("" if lay.valid else " (layers plan over memory)")
+                 + f" (non-block compute = {share:.2f} blocks)" for item, config, d, share, lay in uniform]
+        out.append(f"- uniform decoders, metis never more than 1% worse than layers: {verdict(ok)}; metis vs layers: "
+                   + "; ".join(parts) + ".")
+    return "\n".join(out) + "\n"
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    fields = list(rows[0].as_dict())
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(r.as_dict() for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"instance directory (default {DEFAULT_DATA})")
+    p.add_argument("--quick", action="store_true", help=f"public instances and {' and '.join(QUICK_MODELS)} only")
+    p.add_argument("--models", nargs="+", choices=sorted({c.model for c in ZOO_CASES}),
+                   help="zoo models to run (default: all in the suite)")
+    p.add_argument("--partitioners", nargs="+", help="default: every registered one")
+    p.add_argument("--scale-nodes", type=int, default=100_000)
+    p.add_argument("--scale-k", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=5, help="timing repeats on the scale graph (median reported)")
+    p.add_argument("--md", type=Path, help="also write the markdown tables and summary")
+    p.add_argument("--csv", type=Path, help="also write every row as CSV")
+    args = p.parse_args(argv)
+
+    names = args.partitioners or fxshard.partitioners()
+    models = args.models or (QUICK_MODELS if args.quick else sorted({c.model for c in ZOO_CASES}))
+    cases = [c for c in ZOO_CASES if c.model in models]
+
+    start = time.perf_counter()
+    rows = run_public(args.data, names)
+    zoo_rows, zoo_facts = run_zoo(cases, names)
+    rows += zoo_rows
+    scale_facts = None
+    if not args.quick:
+        scale_rows, scale_facts = run_scale(args.scale_nodes, args.scale_k, names, repeat=args.repeat)
+        rows += scale_rows
+    rows = with_ratio_best(rows)
+    elapsed = time.perf_counter() - start
+
+    table = public_table(_find(rows, suite="public"))
+    sections = [f"Public instances (objective `direct`, units of the files):\n\n{table}"]
+    if zoo_rows:
+        notes = "\n".join(f"- {key}: {f['params'] / 1e6:,.0f}M params in {f['dtype']}, {f['nodes']} nodes, "
+                          f"{'one topological order (dp exact), ' if f['unique_order'] else ''}"
+                          f"non-block compute = {f['block_share']:.2f} mean blocks, "
+                          f"memory {f['memory'] / 2**30:.0f} GiB of {f['limit'] / 2**30:.0f} GiB, "
+                          f"capture+analyze+estimate {f['pricing_s']:.1f} s (shared across clusters)"
+                          for key, f in zoo_facts.items())
+        table = zoo_table(_find(rows, suite="zoo"))
+        sections.append(f"Zoo models (training, Adam, objective `pipeline`):\n\n{table}\n{notes}\n")
+    if scale_facts:
+        sections.append(f"Synthetic scale:\n\n{scale_table(_find(rows, suite='scale'))}")
+    sections.append(f"Targets:\n\n{summary(rows, zoo_facts, scale_facts)}")
+    sections.append(f"Total wall time {elapsed:.0f} s on {_machine()}.\n")
+    text = "\n".join(sections)
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    if args.csv:
+        write_csv(rows, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

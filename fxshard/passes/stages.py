@@ -1,0 +1,124 @@
+"""From a stage assignment to per-stage figures: nodes, memory, time, bytes sent.
+
+The partitioner assigns the nodes of the cost graph; this pass completes the assignment to
+every fx node (a ``get_attr`` goes with its first consumer, and is replicated on every other
+stage that reads it) and totals each stage exactly:
+
+- parameters: every tensor a stage holds or reads, each once (a tied weight used on two
+  stages is held on both, as Megatron does with embeddings);
+- activations: the tensors the stage's nodes save for backward, each once per stage, a
+  tensor received from an earlier stage included (the stage keeps its own copy);
+- transient: the largest single node's output plus its gradient (the logits of an LM head);
+- sends: bytes crossing each boundary, a value that skips stages counted on every boundary
+  it is forwarded across.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from fxshard.capture import CapturedGraph
+from fxshard.cost_models import GraphCosts
+from fxshard.cost_models.memory import bytes_per_parameter
+
+__all__ = ["StageSummary", "complete_assignment", "summarize_stages"]
+
+_SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageSummary:
+    """Totals of one stage, at the batch size ``costs`` were computed for."""
+
+    index: int
+    nodes: tuple[str, ...]
+    fwd_flops: float
+    fwd_time_s: float
+    bwd_time_s: float
+    param_bytes: int
+    state_bytes: float
+    activation_bytes: float
+    transient_bytes: float
+    send_bytes: float
+    first_module: str
+    last_module: str
+
+
+def complete_assignment(captured: CapturedGraph, stage_of: Mapping[str, int]) -> dict[str, int]:
+    """Every fx node's stage: get_attr nodes (absent from cost graphs) join their first consumer."""
+    full = dict(stage_of)
+    for node in captured.gm.graph.nodes:
+        if node.name not in full:
+            users = [full[u.name] for u in node.users if u.name in full]
+            full[node.name] = min(users) if users else 0
+    return full
+
+
+def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mapping[str, int], k: int, *,
+                     training: bool = True, optimizer: str = "adam",
+                     stage_costs: Sequence[GraphCosts] | None = None) -> list[StageSummary]:
+    """Per-stage totals of an assignment.
+
+    Args:
+        captured, costs: the graph and its costs (at micro-batch size for a pipeline).
+        stage_of: stage of every cost-graph node (get_attr nodes may be absent).
+        k: number of stages.
+        training, optimizer: what the state per parameter holds.
+        stage_costs: per stage, the costs on that stage's device (heterogeneous clusters);
+            default ``costs`` for all.
+    """
+    full = complete_assignment(captured, stage_of)
+    nodes = list(captured.gm.graph.nodes)
+    members: list[list[str]] = [[] for _ in range(k)]
+    for node in nodes:
+        members[full[node.name]].append(node.name)
+    # Tensors each stage holds: its own nodes' and those of get_attr nodes it reads.
+    held: list[dict[str, tuple[int, int, str]]] = [{} for _ in range(k)]  # name -> (bytes, is_param, dtype)
+    for node in nodes:
+        w = costs[node.name].work
+        stages = {full[node.name]} | ({full[u.name] for u in node.users} if node.op == "get_attr" else set())
+        for s in stages:
+            for name, size in zip(w.params, w.param_sizes):
+                held[s][name] = (size, 1, w.dtype)
+            for name, size in zip(w.buffers, w.buffer_sizes):
+                held[s][name] = (size, 0, w.dtype)
+    boundary = [0.0] * max(k - 1, 0)
+    for node in nodes:
+        if node.op == "get_attr" or not node.users:
+            continue
+        a = full[node.name]
+        last = max(full[u.name] for u in node.users)
+        for s in range(a, last):
+            boundary[s] += costs[node.name].work.output_bytes
+    summaries = []
+    for s in range(k):
+        names = members[s]
+        own = stage_costs[s] if stage_costs is not None else costs
+        works = [costs[n].work for n in names]
+        params = sum(size for size, is_param, _ in held[s].values() if is_param)
+        state = 0.0
+        for size, is_param, dtype in held[s].values():
+            if is_param:
+                mixed = dtype in _SIXTEEN_BIT
+                per = bytes_per_parameter(optimizer, "mixed" if mixed else "fp32", training=training)
+                state += size * per / (2 if mixed else 4)
+            else:
+                state += size
+        saved: set[str] = set()
+        activation = 0.0
+        if training:
+            for w in works:
+                activation += w.saved_bytes
+                saved.update(costs._storage_owner(v) for v in w.saved_values)
+            activation += sum(costs[v].work.output_bytes for v in saved)
+        transient = max((2 * w.output_bytes for w in works if w.op not in ("get_attr", "placeholder")), default=0)
+        modules = [w.module for w in works if w.module]
+        summaries.append(StageSummary(
+            index=s, nodes=tuple(names), fwd_flops=float(sum(w.fwd_flops for w in works)),
+            fwd_time_s=sum(own[n].fwd_time_s for n in names),
+            bwd_time_s=sum(own[n].bwd_time_s for n in names) if training else 0.0,
+            param_bytes=int(params), state_bytes=state, activation_bytes=activation,
+            transient_bytes=float(transient), send_bytes=boundary[s] if s < k - 1 else 0.0,
+            first_module=modules[0] if modules else "", last_module=modules[-1] if modules else ""))
+    return summaries

@@ -1,0 +1,210 @@
+"""The Plan: how a model runs on a cluster, as frozen, JSON-serialisable data.
+
+A plan names the strategy (single, ddp, pipeline, hybrid), the stages with their nodes and
+devices, the schedule and micro-batches, the estimate, the alternatives that were ranked
+below it, and a fingerprint of the captured graph it was made for. ``to_json`` /
+``Plan.from_json`` round-trip exactly; ``str(plan)`` is a readable summary. See SPEC and
+docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fxshard.errors import FxshardError
+
+__all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "ModelInfo", "Plan", "PlanFormatError", "StagePlan"]
+
+SCHEMA_VERSION = 1
+STRATEGIES = ("single", "ddp", "pipeline", "hybrid")
+
+
+class PlanFormatError(FxshardError, ValueError):
+    """Plan JSON that is malformed, of another schema version, or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """One pipeline stage (the whole model for single and ddp).
+
+    Times and bytes are per micro-batch; ``flops`` is forward FLOPs per micro-batch.
+    ``devices`` holds one device per data-parallel replica of the stage.
+    """
+
+    index: int
+    devices: tuple[str, ...]
+    device_indices: tuple[int, ...]
+    nodes: tuple[str, ...]
+    flops: float
+    param_bytes: int
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    fwd_time_s: float
+    bwd_time_s: float
+    send_bytes: float
+    first_module: str = ""
+    last_module: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """Predicted cost of one training (or inference) step over the whole batch."""
+
+    step_time_s: float
+    bubble_fraction: float
+    samples_per_s: float
+    lower_bound_step_time_s: float
+    allreduce_time_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Alternative:
+    """A candidate the planner considered, with why it ranked where it did."""
+
+    strategy: str
+    stages: int
+    replicas: int
+    microbatches: int
+    schedule: str | None
+    step_time_s: float
+    samples_per_s: float
+    peak_memory_bytes: float
+    fits: bool
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What the plan was made for."""
+
+    name: str
+    nodes: int
+    param_bytes: int
+    fingerprint: str
+    method: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """How a model runs on a cluster (SPEC: "Plan")."""
+
+    strategy: str
+    partitioner: str
+    schedule: str | None
+    microbatches: int
+    replicas: int
+    batch_size: int
+    training: bool
+    optimizer: str
+    cluster: Mapping[str, Any]
+    model: ModelInfo
+    stages: tuple[StagePlan, ...]
+    estimate: Estimate
+    reason: str = ""
+    alternatives: tuple[Alternative, ...] = ()
+    fxshard_plan: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise PlanFormatError(f"strategy={self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.microbatches < 1 or self.replicas < 1:
+            raise PlanFormatError(f"microbatches={self.microbatches}, replicas={self.replicas}: both must be >= 1")
+        if [s.index for s in self.stages] != list(range(len(self.stages))):
+            raise PlanFormatError(f"stage indices {[s.index for s in self.stages]} must be 0..{len(self.stages) - 1}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_of(self) -> dict[str, int]:
+        """Node name -> stage index."""
+        return {n: s.index for s in self.stages for n in s.nodes}
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["cluster"] = json.loads(json.dumps(dict(self.cluster)))
+        ordered = {"fxshard_plan": data.pop("fxshard_plan")}
+        ordered.update(data)
+        return ordered
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """JSON text; ``Plan.from_json`` gives back an equal plan."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping):
+            raise PlanFormatError(f"a plan is a JSON object, got {type(data).__name__}")
+        version = data.get("fxshard_plan")
+        if version != SCHEMA_VERSION:
+            raise PlanFormatError(f"plan schema version {version!r}; this fxshard reads version {SCHEMA_VERSION}. "
+                                  f"Re-plan with this version ('fxshard plan ... --json FILE')")
+        try:
+            fields = dict(data)
+            fields["model"] = ModelInfo(**fields["model"])
+            fields["estimate"] = Estimate(**fields["estimate"])
+            fields["stages"] = tuple(_stage(s) for s in fields["stages"])
+            fields["alternatives"] = tuple(Alternative(**a) for a in fields.get("alternatives", ()))
+            return cls(**fields)
+        except (KeyError, TypeError) as e:
+            raise PlanFormatError(f"plan JSON is missing or has unexpected fields: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse plan JSON.
+
+        Raises:
+            PlanFormatError: not JSON, another schema version, or missing fields.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanFormatError(f"plan is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    # -- text ----------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        e = self.estimate
+        shape = {"single": "1 device", "ddp": f"{self.replicas} data-parallel replicas",
+                 "pipeline": f"{self.num_stages} stages", "hybrid": f"{self.num_stages} stages x {self.replicas} replicas"}
+        lines = [f"fxshard plan: {self.strategy} ({shape[self.strategy]}), "
+                 + (f"schedule {self.schedule}, " if self.schedule else "")
+                 + f"{self.microbatches} micro-batches, partitioner {self.partitioner}",
+                 f"  model {self.model.name}: {self.model.nodes} nodes, {_gib(self.model.param_bytes)} of parameters, "
+                 f"fingerprint {self.model.fingerprint}",
+                 f"  batch {self.batch_size}, {'training with ' + self.optimizer if self.training else 'inference'}"]
+        for s in self.stages:
+            span = f"{s.first_module or s.nodes[0]} .. {s.last_module or s.nodes[-1]}" if s.nodes else "-"
+            lines.append(f"  stage {s.index} on {','.join(s.devices)}: {len(s.nodes)} nodes ({span}), "
+                         f"params {_gib(s.param_bytes)}, peak {_gib(s.peak_memory_bytes)} of "
+                         f"{_gib(s.memory_capacity_bytes)}, fwd {_ms(s.fwd_time_s)}, bwd {_ms(s.bwd_time_s)}, "
+                         f"sends {_gib(s.send_bytes)}")
+        lines.append(f"  estimate: step {_ms(e.step_time_s)}, bubble {e.bubble_fraction:.1%}, "
+                     f"{e.samples_per_s:.1f} samples/s (lower bound {_ms(e.lower_bound_step_time_s)})")
+        if self.reason:
+            lines.append(f"  why: {self.reason}")
+        return "\n".join(lines)
+
+
+def _stage(data: Mapping[str, Any]) -> StagePlan:
+    fields = dict(data)
+    for key in ("devices", "device_indices", "nodes"):
+        fields[key] = tuple(fields[key])
+    return StagePlan(**fields)
+
+
+def _gib(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"

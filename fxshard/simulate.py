@@ -1,0 +1,328 @@
+"""Simulate a pipeline schedule: step time, busy and idle time per rank, bubble, memory.
+
+The per-rank action orders come from ``torch.distributed.pipelining``'s own schedule
+classes, never re-derived here:
+
+- single-stage schedules (GPipe, 1F1B) are run for real (``_step_microbatches``) against a
+  recording stand-in for the stage, so the order is exactly what the runtime executes;
+- multi-stage schedules (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble,
+  DualPipeV) publish their order as ``pipeline_order``.
+
+Every order is checked (each stage runs each micro-batch's forward and backward exactly once)
+before it is timed. The simulation then executes each rank's actions in order, each starting
+when its rank is free and its inputs have arrived: a forward needs the previous stage's
+forward plus the transfer, a backward needs this stage's forward and the next stage's
+backward plus the transfer; a weight-gradient action (W) follows its input-gradient action
+(I). See docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+from unittest import mock
+
+from fxshard.errors import FxshardError
+
+__all__ = [
+    "SCHEDULES",
+    "SimulationError",
+    "SimResult",
+    "StageTiming",
+    "TimedAction",
+    "rank_actions",
+    "simulate",
+    "to_chrome_trace",
+]
+
+
+class SimulationError(FxshardError):
+    """A schedule cannot be simulated (unknown name, bad sizes, an inconsistent order)."""
+
+
+# fxshard name -> (torch schedule class name, stages per rank)
+SCHEDULES: dict[str, tuple[str, int]] = {
+    "gpipe": ("GPipe", 1),
+    "1f1b": ("1F1B", 1),
+    "interleaved1f1b": ("Interleaved1F1B", 2),
+    "loopedbfs": ("LoopedBFS", 2),
+    "interleavedzb": ("InterleavedZeroBubble", 2),
+    "zbv": ("ZBVZeroBubble", 2),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageTiming:
+    """Seconds per micro-batch of one stage, and what it sends to the next.
+
+    Attributes:
+        fwd_s, bwd_s: forward and full backward compute.
+        bwd_input_share: fraction of ``bwd_s`` spent on input gradients (the I action of
+            zero-bubble schedules); the rest is the weight gradient (W).
+        send_fwd_s: transfer of the activations to the next stage; ``send_bwd_s``: of their
+            gradients back to this stage.
+        activation_bytes: bytes kept per micro-batch in flight; ``static_bytes``: parameters,
+            gradients, optimizer state; ``transient_bytes``: the largest temporary.
+        reduce_s: gradient all-reduce at the end of the step (data-parallel replicas).
+    """
+
+    fwd_s: float
+    bwd_s: float
+    bwd_input_share: float = 0.5
+    send_fwd_s: float = 0.0
+    send_bwd_s: float = 0.0
+    activation_bytes: float = 0.0
+    static_bytes: float = 0.0
+    transient_bytes: float = 0.0
+    reduce_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedAction:
+    """One executed action: rank, stage, kind (F, B, I, W, R), micro-batch, start, end."""
+
+    rank: int
+    stage: int
+    kind: str
+    microbatch: int
+    start: float
+    end: float
+
+    def label(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch if self.microbatch >= 0 else ''}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimResult:
+    """What a simulated step costs.
+
+    Attributes:
+        step_time_s: from the first action to the last.
+        busy_s, idle_s: per rank.
+        bubble_fraction: idle share of all ranks' time.
+        peak_inflight: per stage, the most micro-batches whose activations are held at once.
+        peak_memory_bytes: per stage, static + peak_inflight x activation + transient.
+        timeline: every action with its times.
+    """
+
+    schedule: str
+    ranks: int
+    stages: int
+    microbatches: int
+    step_time_s: float
+    busy_s: tuple[float, ...]
+    idle_s: tuple[float, ...]
+    bubble_fraction: float
+    peak_inflight: tuple[int, ...]
+    peak_memory_bytes: tuple[float, ...]
+    timeline: tuple[TimedAction, ...]
+
+
+def _schedule_class(schedule: str) -> tuple[type, int]:
+    from torch.distributed.pipelining import schedules as sched
+
+    key = schedule.lower().replace("-", "").replace("_", "")
+    if key not in SCHEDULES:
+        raise SimulationError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    name, per_rank = SCHEDULES[key]
+    try:
+        return sched.get_schedule_class(name), per_rank
+    except ValueError as e:
+        raise SimulationError(f"this torch has no {name} schedule ({e}); use 'gpipe' or '1f1b'") from e
+
+
+def _mock_stage(rank: int, ranks: int, num_stages: int, stage_index: int) -> Any:
+    from torch.distributed.pipelining import PipelineStage
+
+    stage = mock.create_autospec(PipelineStage, instance=True)
+    stage.group_rank, stage.group_size, stage.submod = rank, ranks, None
+    stage.num_stages, stage.stage_index, stage.device = num_stages, stage_index, "cpu"
+    stage.is_first, stage.is_last = stage_index == 0, stage_index == num_stages - 1
+    for name in ("get_fwd_recv_ops", "get_fwd_send_ops", "get_bwd_recv_ops", "get_bwd_send_ops"):
+        getattr(stage, name).return_value = []
+    return stage
+
+
+def _record_single(cls: type, ranks: int, microbatches: int) -> list[list[tuple[int, str, int]]]:
+    """Run a single-stage schedule's own step loop on recording stand-in stages."""
+    orders = []
+    for rank in range(ranks):
+        log: list[tuple[int, str, int]] = []
+        stage = _mock_stage(rank, ranks, ranks, rank)
+        stage.forward_one_chunk.side_effect = lambda i, *a, _r=rank, _l=log, **k: _l.append((_r, "F", i))
+        stage.backward_one_chunk.side_effect = lambda i, *a, _r=rank, _l=log, **k: _l.append((_r, "B", i))
+        schedule = cls(stage, microbatches, loss_fn=lambda *a, **k: None)
+        schedule._stage_forward_initialized = True
+        schedule._stage_backward_initialized = True
+        schedule._step_microbatches(target_mbs=[None] * microbatches)
+        orders.append(log)
+    return orders
+
+
+def _published_multi(cls: type, ranks: int, microbatches: int, per_rank: int) -> list[list[tuple[int, str, int]]]:
+    """A multi-stage schedule's published ``pipeline_order``, flattened to (stage, kind, mb)."""
+    stages = [_mock_stage(0, ranks, ranks * per_rank, i) for i in range(per_rank)]
+    schedule = cls(stages, microbatches, loss_fn=lambda *a, **k: None)
+    orders = []
+    for rank in range(ranks):
+        flat: list[tuple[int, str, int]] = []
+        for action in schedule.pipeline_order[rank]:
+            if action is None:
+                continue
+            parts = action.sub_actions if action.sub_actions else (action,)
+            for a in parts:
+                kind = a.computation_type.value
+                if kind in ("F", "B", "I", "W"):
+                    flat.append((a.stage_index, kind, a.microbatch_index))
+        orders.append(flat)
+    return orders
+
+
+def rank_actions(schedule: str, ranks: int, microbatches: int) -> list[list[tuple[int, str, int]]]:
+    """Per rank, the ordered (stage, kind, micro-batch) actions torch's schedule runs.
+
+    Raises:
+        SimulationError: unknown schedule, sizes the schedule refuses, or an order that does
+            not run every stage's forward and backward once per micro-batch.
+    """
+    cls, per_rank = _schedule_class(schedule)
+    if ranks < 1 or microbatches < 1:
+        raise SimulationError(f"need at least one rank and one micro-batch, got {ranks} and {microbatches}")
+    try:
+        if per_rank == 1:
+            orders = _record_single(cls, ranks, microbatches)
+        else:
+            orders = _published_multi(cls, ranks, microbatches, per_rank)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise SimulationError(f"torch's {schedule} schedule refuses {ranks} ranks x {microbatches} "
+                              f"micro-batches: {e}") from e
+    _validate(orders, ranks * per_rank, microbatches, schedule)
+    return orders
+
+
+def _validate(orders: list[list[tuple[int, str, int]]], stages: int, microbatches: int, schedule: str) -> None:
+    seen: dict[tuple[int, str, int], int] = {}
+    for actions in orders:
+        for key in actions:
+            seen[key] = seen.get(key, 0) + 1
+    for s in range(stages):
+        for i in range(microbatches):
+            full = seen.get((s, "B", i), 0)
+            split = (seen.get((s, "I", i), 0), seen.get((s, "W", i), 0))
+            if seen.get((s, "F", i), 0) != 1 or not (full == 1 and split == (0, 0) or full == 0 and split == (1, 1)):
+                raise SimulationError(
+                    f"torch's {schedule} order runs stage {s}, micro-batch {i} as F x{seen.get((s, 'F', i), 0)}, "
+                    f"B x{full}, I/W x{split}; every stage must run each micro-batch once forward and once backward")
+
+
+def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) -> SimResult:
+    """Time one training step of ``len(stages)`` stages under a torch schedule.
+
+    Interleaved schedules place stage s on rank ``s % ranks`` (and the V-shaped ones as their
+    order says); ``len(stages)`` must be the ranks times the schedule's stages per rank.
+
+    Example::
+
+        r = simulate("1f1b", [StageTiming(fwd_s=1, bwd_s=2)] * 4, 8)
+        r.bubble_fraction  # 3 / 11
+    """
+    _, per_rank = _schedule_class(schedule)
+    if len(stages) % per_rank:
+        raise SimulationError(f"{schedule} runs {per_rank} stages per rank; {len(stages)} stages do not divide")
+    ranks = len(stages) // per_rank
+    orders = rank_actions(schedule, ranks, microbatches)
+    n_stages = len(stages)
+    done: dict[tuple[int, str, int], float] = {}
+    clock = [0.0] * ranks
+    cursor = [0] * ranks
+    timeline: list[TimedAction] = []
+    inflight = [0] * n_stages
+    peak = [0] * n_stages
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for rank in range(ranks):
+            while cursor[rank] < len(orders[rank]):
+                s, kind, i = orders[rank][cursor[rank]]
+                ready = _ready_time(done, stages, s, kind, i, n_stages)
+                if ready is None:
+                    break
+                t = stages[s]
+                duration = {"F": t.fwd_s, "B": t.bwd_s, "I": t.bwd_s * t.bwd_input_share,
+                            "W": t.bwd_s * (1 - t.bwd_input_share)}[kind]
+                start = max(clock[rank], ready)
+                end = start + duration
+                done[(s, kind, i)] = end
+                clock[rank] = end
+                timeline.append(TimedAction(rank, s, kind, i, start, end))
+                if kind == "F":
+                    inflight[s] += 1
+                    peak[s] = max(peak[s], inflight[s])
+                elif kind in ("B", "W"):
+                    inflight[s] -= 1
+                cursor[rank] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = {r: orders[r][cursor[r]] for r in range(ranks) if cursor[r] < len(orders[r])}
+            raise SimulationError(f"{schedule} order deadlocks in simulation; next actions: {stuck}")
+    for s, t in enumerate(stages):
+        if t.reduce_s > 0:
+            rank = _rank_of(orders, s)
+            start = clock[rank]
+            clock[rank] = start + t.reduce_s
+            timeline.append(TimedAction(rank, s, "R", -1, start, clock[rank]))
+    step = max(clock) if timeline else 0.0
+    busy = [0.0] * ranks
+    for a in timeline:
+        busy[a.rank] += a.end - a.start
+    idle = [step - b for b in busy]
+    bubble = sum(idle) / (ranks * step) if step > 0 else 0.0
+    memory = tuple(t.static_bytes + peak[s] * t.activation_bytes + t.transient_bytes for s, t in enumerate(stages))
+    return SimResult(schedule=schedule, ranks=ranks, stages=n_stages, microbatches=microbatches, step_time_s=step,
+                     busy_s=tuple(busy), idle_s=tuple(idle), bubble_fraction=bubble, peak_inflight=tuple(peak),
+                     peak_memory_bytes=memory, timeline=tuple(sorted(timeline, key=lambda a: (a.start, a.rank))))
+
+
+def _rank_of(orders: list[list[tuple[int, str, int]]], stage: int) -> int:
+    for rank, actions in enumerate(orders):
+        if any(a[0] == stage for a in actions):
+            return rank
+    raise SimulationError(f"stage {stage} appears in no rank's order")
+
+
+def _ready_time(done: dict, stages: Sequence[StageTiming], s: int, kind: str, i: int, n: int) -> float | None:
+    """When the inputs of action (s, kind, i) are available, or None if not yet known."""
+    deps: list[tuple[tuple[int, str, int], float]] = []
+    if kind == "F":
+        if s > 0:
+            deps.append(((s - 1, "F", i), stages[s - 1].send_fwd_s))
+    elif kind in ("B", "I"):
+        deps.append(((s, "F", i), 0.0))
+        if s < n - 1:
+            nxt = (s + 1, "B", i) if (s + 1, "B", i) in done else (s + 1, "I", i)
+            deps.append((nxt, stages[s].send_bwd_s))
+    else:  # W
+        deps.append(((s, "I", i), 0.0))
+    ready = 0.0
+    for key, delay in deps:
+        if key not in done:
+            return None
+        ready = max(ready, done[key] + delay)
+    return ready
+
+
+def to_chrome_trace(result: SimResult) -> str:
+    """The timeline as Chrome trace JSON (chrome://tracing, Perfetto): one row per rank."""
+    names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)", "R": "all-reduce"}
+    events: list[dict[str, Any]] = [
+        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{result.schedule} simulation"}}]
+    for rank in range(result.ranks):
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}})
+    for a in result.timeline:
+        events.append({"name": a.label(), "cat": names[a.kind], "ph": "X", "pid": 0, "tid": a.rank,
+                       "ts": a.start * 1e6, "dur": (a.end - a.start) * 1e6,
+                       "args": {"stage": a.stage, "microbatch": a.microbatch, "kind": names[a.kind]}})
+    return json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
