@@ -1,0 +1,243 @@
+"""Split a captured graph into one GraphModule per pipeline stage.
+
+Stage s takes exactly the values that cross boundary s (the model's flat inputs for stage 0)
+and returns exactly the values that cross boundary s+1 (the model's flat outputs for the last
+stage). A value produced on stage a and last read on stage b is therefore passed through every
+stage between, which is what every ``torch.distributed.pipelining`` schedule needs (a stage
+talks only to its neighbours), interleaved ones included.
+
+Between stages only tensors travel. A boundary value that is not one tensor (an int from
+``x.size(1)``, a ``torch.Size``, a tuple from ``torch.split``, a float, None) is flattened: its
+tensors travel as they are, numbers travel as 0-d tensors, and the receiving stage rebuilds
+the original value with one ``_rebuild`` call. Constants (None, strings) are baked in.
+
+Parameters and buffers are never sent: each stage references the attributes its nodes use,
+from the captured graph's own module, so in one process a tied weight is the same Parameter
+on both stages (its gradient accumulates once), and under torchrun each rank holds only its
+own stage's tensors. See docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from fxshard.capture import CapturedGraph
+from fxshard.errors import PartitionError
+
+__all__ = ["StageGraph", "SplitGraph", "split_graph"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """How one flattened leaf of a boundary value travels: "tensor", "number" or "const"."""
+
+    kind: str
+    python_type: type | None = None
+    value: Any = None
+
+
+class _Repack(torch.nn.Module):
+    """Receiving side: the tensors of a boundary value back into the value itself."""
+
+    def __init__(self, spec: Any, leaves: tuple[_Leaf, ...]) -> None:
+        super().__init__()
+        self.spec, self.leaves = spec, leaves
+
+    def forward(self, *received: Any) -> Any:
+        it = iter(received)
+        out = []
+        for leaf in self.leaves:
+            if leaf.kind == "tensor":
+                out.append(next(it))
+            elif leaf.kind == "number":
+                out.append(leaf.python_type(next(it).item()))
+            else:
+                out.append(leaf.value)
+        return pytree.tree_unflatten(out, self.spec)
+
+
+class _Unpack(torch.nn.Module):
+    """Sending side: a boundary value as a tuple of tensors (numbers as 0-d tensors)."""
+
+    def __init__(self, leaves: tuple[_Leaf, ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def forward(self, value: Any) -> tuple:
+        out = []
+        for leaf, v in zip(self.leaves, pytree.tree_leaves(value)):
+            if leaf.kind == "tensor":
+                out.append(v)
+            elif leaf.kind == "number":
+                out.append(torch.tensor(v))
+        return tuple(out)
+
+
+_TENSOR_SPEC = pytree.tree_flatten(torch.empty(0))[1]
+
+
+def _is_plain_tensor(spec: Any, leaves: tuple[_Leaf, ...]) -> bool:
+    return len(leaves) == 1 and leaves[0].kind == "tensor" and spec == _TENSOR_SPEC
+
+
+def _flatten_value(value: Any) -> tuple[Any, tuple[_Leaf, ...]]:
+    flat, spec = pytree.tree_flatten(value)
+    leaves = []
+    for v in flat:
+        if isinstance(v, torch.Tensor):
+            leaves.append(_Leaf("tensor"))
+        elif isinstance(v, (bool, int, float)) or isinstance(v, torch.SymInt):
+            leaves.append(_Leaf("number", python_type=type(v) if not isinstance(v, torch.SymInt) else int))
+        else:
+            leaves.append(_Leaf("const", value=v))
+    return spec, tuple(leaves)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StageGraph:
+    """One stage: its module, the boundary values it takes and returns (by producer name)."""
+
+    index: int
+    module: torch.fx.GraphModule
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    num_input_tensors: int
+    num_output_tensors: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitGraph:
+    """All stages of a split; run them in order, feeding each the previous one's outputs."""
+
+    stages: tuple[StageGraph, ...]
+
+    def __call__(self, *flat_inputs: Any) -> tuple:
+        values: tuple = tuple(flat_inputs)
+        for stage in self.stages:
+            values = stage.module(*values)
+        return values
+
+
+def split_graph(captured: CapturedGraph, stage_of: Mapping[str, int], k: int) -> SplitGraph:
+    """Split ``captured`` along ``stage_of`` (every non-get_attr node's stage) into k stages.
+
+    Raises:
+        PartitionError: a node without a stage, or an edge that goes back to an earlier stage.
+    """
+    graph = captured.gm.graph
+    nodes = list(graph.nodes)
+    stage: dict[torch.fx.Node, int] = {}
+    for node in nodes:
+        if node.op == "get_attr":
+            continue
+        if node.op == "output":
+            stage[node] = k - 1
+        elif node.op == "placeholder":
+            stage[node] = 0
+        elif node.name in stage_of:
+            stage[node] = int(stage_of[node.name])
+        else:
+            raise PartitionError(f"node {node.name!r} has no stage in the plan; the plan was made for another graph")
+        if not 0 <= stage[node] < k:
+            raise PartitionError(f"node {node.name!r} is on stage {stage[node]}, outside 0..{k - 1}")
+    for node in nodes:
+        for user in node.users:
+            if node in stage and user in stage and stage[user] < stage[node]:
+                raise PartitionError(f"edge {node.name} -> {user.name} goes from stage {stage[node]} back to "
+                                     f"stage {stage[user]}; a pipeline's stages only read earlier ones")
+    # Values crossing boundary b (between stages b-1 and b), in graph order.
+    crossing: list[list[torch.fx.Node]] = [[] for _ in range(k + 1)]
+    for node in nodes:
+        if node not in stage or node.op == "output" or not node.users:
+            continue
+        last = max(stage[u] for u in node.users)
+        for b in range(stage[node] + 1, last + 1):
+            crossing[b].append(node)
+    output_node = next(n for n in reversed(nodes) if n.op == "output")
+    stages = []
+    for s in range(k):
+        stages.append(_build_stage(captured, nodes, stage, s, k, crossing, output_node))
+    return SplitGraph(stages=tuple(stages))
+
+
+def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: int,
+                 crossing: list[list[torch.fx.Node]], output_node: torch.fx.Node) -> StageGraph:
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    root: dict[str, Any] = {}
+    n_in = 0
+    if s == 0:
+        for node in nodes:
+            if node.op == "placeholder":
+                env[node] = g.node_copy(node, lambda n: env[n])
+                n_in += 1
+        inputs = tuple(n.name for n in nodes if n.op == "placeholder")
+    else:
+        inputs = tuple(n.name for n in crossing[s])
+        for node in crossing[s]:
+            spec, leaves = _flatten_value(node.meta.get("val"))
+            if _is_plain_tensor(spec, leaves):
+                env[node] = g.placeholder(node.name)
+                n_in += 1
+                continue
+            received = []
+            for i, leaf in enumerate(leaves):
+                if leaf.kind != "const":
+                    received.append(g.placeholder(f"{node.name}_{i}"))
+            n_in += len(received)
+            name = f"_fxshard_repack_{node.name}"
+            root[name] = _Repack(spec, leaves)
+            env[node] = g.call_module(name, tuple(received))
+
+    def arg(n: torch.fx.Node) -> Any:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr":  # replicated on every stage that reads it
+            root[n.target] = _resolve(captured.gm, n.target)
+            env[n] = g.get_attr(n.target)
+            return env[n]
+        raise PartitionError(f"stage {s} reads {n.name!r}, which no earlier stage passes on")
+
+    for node in nodes:
+        if stage.get(node) != s or node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            root[node.target] = _resolve(captured.gm, node.target)
+        env[node] = g.node_copy(node, arg)
+    if s == k - 1:
+        outs = output_node.args[0]
+        g.output(tuple(arg(n) if isinstance(n, torch.fx.Node) else n for n in outs))
+        outputs = tuple(n.name if isinstance(n, torch.fx.Node) else repr(n) for n in outs)
+        n_out = len(outs)
+    else:
+        sent = []
+        for node in crossing[s + 1]:
+            spec, leaves = _flatten_value(node.meta.get("val"))
+            if _is_plain_tensor(spec, leaves):
+                sent.append(arg(node))
+                continue
+            name = f"_fxshard_unpack_{node.name}"
+            root[name] = _Unpack(leaves)
+            packed = g.call_module(name, (arg(node),))
+            count = sum(leaf.kind != "const" for leaf in leaves)
+            sent.extend(g.call_function(operator.getitem, (packed, j)) for j in range(count))
+        g.output(tuple(sent))
+        outputs = tuple(n.name for n in crossing[s + 1])
+        n_out = len(sent)
+    g.lint()
+    module = torch.fx.GraphModule(root, g, class_name=f"{captured.model_name}Stage{s}")
+    return StageGraph(index=s, module=module, inputs=inputs, outputs=outputs,
+                      num_input_tensors=n_in, num_output_tensors=n_out)
+
+
+def _resolve(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
