@@ -10,6 +10,7 @@ Example::
     costs = fxshard.estimate(graph, fxshard.Cluster.parse("8xH100-80GB").devices[0].spec)
 """
 
+from fxshard.api import CompiledModel, compile
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, DeviceSpec, Link
 from fxshard.cost_models import estimate, register_cost_model
@@ -18,6 +19,7 @@ from fxshard.errors import (
     ClusterError,
     CostModelError,
     DeviceSpecError,
+    ExecutionError,
     FxshardError,
     PartitionError,
     PlanError,
@@ -29,12 +31,14 @@ from fxshard.planner import plan
 
 __all__ = [
     "CaptureError",
+    "CompiledModel",
     "CapturedGraph",
     "Cluster",
     "ClusterError",
     "CostModelError",
     "DeviceSpec",
     "DeviceSpecError",
+    "ExecutionError",
     "FxshardError",
     "Link",
     "Partition",
@@ -43,6 +47,7 @@ __all__ = [
     "PlanError",
     "ZooError",
     "capture",
+    "compile",
     "estimate",
     "partition_graph",
     "partitioners",

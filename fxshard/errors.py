@@ -15,6 +15,7 @@ __all__ = [
     "ZooError",
     "PartitionError",
     "PlanError",
+    "ExecutionError",
 ]
 
 
@@ -48,3 +49,8 @@ class PartitionError(FxshardError):
 
 class PlanError(FxshardError):
     """No plan exists for the request (nothing fits), or the options contradict each other."""
+
+
+class ExecutionError(FxshardError):
+    """A plan cannot run as asked: inputs that do not micro-batch, a world size that does not
+    match the plan, a plan made for another model, a peer rank that failed."""

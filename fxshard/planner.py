@@ -443,7 +443,8 @@ def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptio
     cap = _capacity(cluster, 0, opts.memory_reserve)
     need = single.state_bytes + single.activation_bytes + single.transient_bytes
     total = sum(_capacity(cluster, d, opts.memory_reserve) for d in range(cluster.num_devices))
-    min_devices = math.ceil(single.state_bytes / cap) if cap > 0 else math.inf
+    # Nothing fits on these n devices, so more are needed; the state alone sets a floor.
+    min_devices = max(math.ceil(single.state_bytes / cap), cluster.num_devices + 1) if cap > 0 else math.inf
     param = single.param_bytes
     mixed = next((c.work.dtype for c in full if c.work.param_bytes), "float32") in ("bfloat16", "float16")
     elem = 2 if mixed else 4

@@ -322,8 +322,8 @@ def test_partition_model_on_heterogeneous_devices(gpt2):
     assert part.stage_compute == pytest.approx((raw[0] / place.speeds[0], raw[1] / place.speeds[1]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(k=5), dict(k=2, devices=[0, 4]), dict(k=2, devices=[0]),
-                                    dict(k=2, devices=[-1, 0])])
+@pytest.mark.parametrize("kwargs", [{"k": 5}, {"k": 2, "devices": [0, 4]}, {"k": 2, "devices": [0]},
+                                    {"k": 2, "devices": [-1, 0]}])
 def test_placement_refuses_bad_devices(kwargs):
     with pytest.raises(PartitionError):
         placement(Cluster.parse("4xcpu:1GB"), **kwargs)

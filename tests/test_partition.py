@@ -289,7 +289,7 @@ def settings_for(draw, case: Case, max_k: int = 6, link: bool = True) -> dict:
     if link and draw(st.booleans()):
         factors = np.array(draw(st.lists(st.sampled_from([0.5, 1.0, 4.0, 10.0]), min_size=k * k,
                                          max_size=k * k))).reshape(k, k)
-    return dict(k=k, memory_limit=memory_limit, speeds=speeds, link=factors)
+    return {"k": k, "memory_limit": memory_limit, "speeds": speeds, "link": factors}
 
 
 def memory_infeasible_up_front(case: Case, k: int, memory_limit) -> bool:
@@ -416,8 +416,8 @@ def test_dp_matches_brute_force(objective, case, data):
     assert part.bottleneck == pytest.approx(best[0], rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="dp's 'direct' DP tabulates segment costs without the link factors "
-                                       "(dp.py _direct_dp), so it optimises the wrong objective")
+@pytest.mark.xfail(strict=True, reason="documented limitation (dp.py): under objective='direct' the exact "
+                                       "DP assumes uniform links; with per-pair factors its cuts are a heuristic")
 def test_direct_dp_ignores_link_factors():
     graph = _slow_link_chain()
     link = np.ones((3, 3))
@@ -429,8 +429,8 @@ def test_direct_dp_ignores_link_factors():
     assert part.bottleneck == pytest.approx(best[0])  # got 9.5
 
 
-@pytest.mark.xfail(strict=True, reason="metis's candidates all come from the 'direct' DP, which ignores link "
-                                       "factors, and refine stops in a local optimum: 9.0 against 6.1")
+@pytest.mark.xfail(strict=True, reason="documented limitation: under objective='direct' with per-pair link "
+                                       "factors, refinement stops in a local optimum (9.0 against 6.1)")
 def test_direct_metis_with_slow_link_reaches_the_contiguous_optimum():
     graph = _slow_link_chain()
     link = np.ones((3, 3))
@@ -505,7 +505,7 @@ def _chain(n: int, *, compute=1.0, comm=0.1, memory=10.0, prefix="") -> nx.DiGra
     g = nx.DiGraph()
     g.add_nodes_from((f"{prefix}{i}" if prefix else i, {"compute": compute, "memory": memory}) for i in range(n))
     names = list(g.nodes)
-    g.add_edges_from((a, b, {"comm": comm}) for a, b in zip(names, names[1:]))
+    g.add_edges_from((a, b, {"comm": comm}) for a, b in itertools.pairwise(names))
     return g
 
 
@@ -533,7 +533,7 @@ def _random_layered(n: int, *, seed: int) -> nx.DiGraph:
 def test_docstring_example():
     g = nx.DiGraph()
     g.add_nodes_from([(i, {"compute": 1.0, "memory": 10}) for i in range(8)])
-    g.add_edges_from(((i, i + 1, {"comm": 0.1}) for i in range(7)))
+    g.add_edges_from((i, i + 1, {"comm": 0.1}) for i in range(7))
     part = fxshard.partition_graph(g, 2)
     assert part.stage_of[0] == 0
     assert part.bottleneck == pytest.approx(4.1)
@@ -690,9 +690,6 @@ def test_pins_are_honoured(name):
     assert partition_graph(unpinned, 2).bottleneck < 5.0
 
 
-@pytest.mark.xfail(strict=True, reason="dp (and metis, which starts from it) only cuts problem.order; a "
-                                       "node pinned 'first' late in graph order blocks every boundary, and "
-                                       "the error blames memory limits although there are none")
 @pytest.mark.parametrize("name", MEMORY_AWARE)
 def test_pinned_node_late_in_graph_order(name):
     g = nx.DiGraph()
@@ -704,8 +701,6 @@ def test_pinned_node_late_in_graph_order(name):
     assert part.is_valid and part.stage_of[3] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="impossible pins (a 'first' node downstream of a 'last' one) are "
-                                       "reported as a memory problem: 'fits the memory limits (inf, inf bytes)'")
 @pytest.mark.parametrize("name", MEMORY_AWARE)
 def test_impossible_pins_are_named_in_the_error(name):
     g = nx.DiGraph()
@@ -806,6 +801,28 @@ def test_bad_costs_name_the_node(attr, bad):
     assert attr in str(info.value)
 
 
+def test_unhashable_colocate_value_raises_partition_error():
+    graph = _chain(4)
+    graph.nodes[1]["colocate"] = graph.nodes[2]["colocate"] = ["group"]
+    with pytest.raises(PartitionError, match="colocate"):
+        partition_graph(graph, 2)
+
+
+def test_metis_writes_nothing_to_stdout_on_balanced_input(capfd):
+    partition_graph(_random_layered(60, seed=1), 3)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_metis_writes_nothing_to_stdout(capfd):
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(16))
+    graph.add_edges_from((i, i + 1) for i in range(15))
+    graph.nodes[7]["memory"] = 1.0
+    part = partition_graph(graph, 2)
+    assert part.is_valid
+    assert capfd.readouterr() == ("", "")
+
+
 def test_cyclic_graph_is_refused():
     graph = _chain(5)
     graph.add_edge(4, 1)
@@ -832,32 +849,25 @@ def _arg_id(kwargs: dict) -> str:
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(graph=nx.Graph()),
-    dict(graph=nx.DiGraph()),
-    dict(objective="fastest"),
-    dict(memory_limit=[100, 100, 100]),
-    dict(memory_limit=0),
-    dict(memory_limit=-5),
-    dict(memory_limit=float("nan")),
-    dict(speeds=[1.0]),
-    dict(speeds=[1.0, 0.0]),
-    dict(speeds=[1.0, -2.0]),
-    dict(link=np.ones((3, 3))),
-    dict(link=[[1, float("nan")], [1, 1]]),
-    dict(link=[[1, -1], [1, 1]]),
-    dict(link=2.0),
-    pytest.param(dict(memory_limit=True), marks=pytest.mark.xfail(
-        strict=True, reason="memory_limit=True escapes as TypeError: 'bool' object is not iterable")),
-    pytest.param(dict(memory_limit="lots"), marks=pytest.mark.xfail(
-        strict=True, reason="memory_limit='lots' escapes as ValueError from numpy")),
-    pytest.param(dict(link=[["a", "b"], ["c", "d"]]), marks=pytest.mark.xfail(
-        strict=True, reason="non-numeric link factors escape as ValueError from numpy")),
-    pytest.param(dict(speeds=[float("inf"), 1.0]), marks=pytest.mark.xfail(
-        strict=True, reason="an infinite speed is accepted (the check admits inf for memory limits), "
-                            "stage 0 computes for free and METIS prints errors to stderr")),
-    pytest.param(dict(seed="x"), marks=pytest.mark.xfail(
-        strict=True, reason="a non-integer seed escapes from pymetis as TypeError: METIS options accept only "
-                            "integer values")),
+    {"graph": nx.Graph()},
+    {"graph": nx.DiGraph()},
+    {"objective": "fastest"},
+    {"memory_limit": [100, 100, 100]},
+    {"memory_limit": 0},
+    {"memory_limit": -5},
+    {"memory_limit": float("nan")},
+    {"speeds": [1.0]},
+    {"speeds": [1.0, 0.0]},
+    {"speeds": [1.0, -2.0]},
+    {"link": np.ones((3, 3))},
+    {"link": [[1, float("nan")], [1, 1]]},
+    {"link": [[1, -1], [1, 1]]},
+    {"link": 2.0},
+    {"memory_limit": True},
+    {"memory_limit": "lots"},
+    {"link": [["a", "b"], ["c", "d"]]},
+    {"speeds": [float("inf"), 1.0]},
+    {"seed": "x"},
 ], ids=_arg_id)
 def test_bad_arguments_raise_partition_error(kwargs):
     kwargs = dict(kwargs)
@@ -866,15 +876,12 @@ def test_bad_arguments_raise_partition_error(kwargs):
         partition_graph(graph, 2, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="numpy integer scalars escape as TypeError: 'numpy.int64' object is not "
-                                       "iterable (problem._per_stage treats only int/float as one number)")
-@pytest.mark.parametrize("kwargs", [dict(memory_limit=np.int64(1000)), dict(speeds=np.int64(2))], ids=["memory", "speeds"])
+@pytest.mark.parametrize("kwargs", [{"memory_limit": np.int64(1000)}, {"speeds": np.int64(2)}],
+                         ids=["memory", "speeds"])
 def test_numpy_integer_scalars_are_accepted(kwargs):
     assert partition_graph(_chain(4), 2, **kwargs).is_valid
 
 
-@pytest.mark.xfail(strict=True, reason="seed=None (networkx's 'random' convention) escapes from pymetis as "
-                                       "TypeError: METIS options accept only integer values")
 def test_seed_none_is_accepted_or_refused_cleanly():
     try:
         part = partition_graph(_chain(6), 2, seed=None)
@@ -980,6 +987,20 @@ def test_user_answer_splitting_colocated_nodes_raises(registry):
         partition_graph(graph, 2, partitioner="splitter")
 
 
+@pytest.mark.parametrize("answer", [lambda p: None, lambda p: {0: None, 1: None, 2: None, 3: None}],
+                         ids=["None", "mapping-to-None"])
+def test_user_answer_of_none_raises_partition_error(registry, answer):
+    fxshard.register_partitioner("nothing", lambda problem, seed: answer(problem))
+    with pytest.raises(PartitionError, match="nothing"):
+        partition_graph(_chain(4), 2, partitioner="nothing")
+
+
+def test_user_answer_of_fractional_stages_raises(registry):
+    fxshard.register_partitioner("fractions", lambda problem, seed: np.array([0.0, 0.5, 1.0, 1.7]))
+    with pytest.raises(PartitionError):
+        partition_graph(_chain(4), 2, partitioner="fractions")
+
+
 @pytest.mark.parametrize("name", ["", None, 3])
 def test_bad_registrations(registry, name):
     with pytest.raises(PartitionError):
@@ -1030,7 +1051,7 @@ def test_layers_balances_blocks():
     for name in names:
         layer = ".".join(name.split(".")[:2]) if name.startswith("h.") else ""
         g.add_node(name, compute=1.0, layer=layer)
-    g.add_edges_from(zip(names, names[1:]), comm=0.1)
+    g.add_edges_from(itertools.pairwise(names), comm=0.1)
     part = partition_graph(g, 2, partitioner="layers")
     check_partition(g, part, 2)
     assert part.stage_of["embed"] == 0 and part.stage_of["head"] == 1

@@ -92,13 +92,14 @@ def get_partitioner(name: str) -> PartitionerFn:
 def partition_problem(problem: Problem, partitioner: str = "metis", *, seed: int = 0) -> Partition:
     """Run a registered partitioner on a compiled problem."""
     fn = get_partitioner(partitioner)
+    if seed is None:
+        seed = 0  # reproducible plans: None means the default seed, not a random one
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise PartitionError(f"seed={seed!r}; use an integer (the same seed gives the same partition)")
     start = time.perf_counter()
-    result = fn(problem, seed)
+    result = fn(problem, int(seed))
     seconds = time.perf_counter() - start
-    if isinstance(result, Mapping):
-        stage = problem.stage_array(result)
-    else:
-        stage = np.asarray(result, dtype=np.int64)
+    stage = _stages_from(problem, partitioner, result)
     if stage.shape != (problem.num_units,):
         raise PartitionError(f"partitioner {partitioner!r} returned {stage.shape} stages for "
                              f"{problem.num_units} units")
@@ -106,6 +107,28 @@ def partition_problem(problem: Problem, partitioner: str = "metis", *, seed: int
         raise PartitionError(f"partitioner {partitioner!r} used stage {int(stage.min())}..{int(stage.max())}; "
                              f"stages are 0..{problem.k - 1}, every unit must get one")
     return make_partition(problem, stage, partitioner=partitioner, seconds=seconds)
+
+
+def _stages_from(problem: Problem, partitioner: str, result: Any) -> np.ndarray:
+    """A partitioner's answer as integer stages per unit, or a PartitionError saying what is wrong."""
+    if isinstance(result, Mapping):
+        if any(not _is_int(v) for v in result.values()):
+            bad = next(v for v in result.values() if not _is_int(v))
+            raise PartitionError(f"partitioner {partitioner!r} gave a node the stage {bad!r}; stages are integers")
+        return problem.stage_array({node: int(v) for node, v in result.items()})
+    try:
+        raw = np.asarray(result, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PartitionError(f"partitioner {partitioner!r} returned {type(result).__name__}; return one integer "
+                             f"stage per unit (a numpy array) or a mapping node -> stage") from None
+    if raw.ndim != 1 or np.any(raw != np.round(raw)):
+        raise PartitionError(f"partitioner {partitioner!r} returned non-integer stages ({raw.ravel()[:6]}...); "
+                             f"return one integer stage per unit")
+    return raw.astype(np.int64)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def partition_graph(graph: nx.DiGraph, k: int, *, partitioner: str = "metis",

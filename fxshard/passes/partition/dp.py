@@ -8,7 +8,10 @@ range-maximum table: O(k n log n) per probe, fast enough for 1e5 units.
 
 Under the ``direct`` objective a stage's communication depends on the whole segment, so the
 segment costs are tabulated (O(n^2) memory) and a plain min-max DP runs over them; it is
-meant for graphs of a few thousand units, such as the public benchmark instances.
+meant for graphs of a few thousand units, such as the public benchmark instances. It is exact
+for uniform links only: with per-pair link factors a consumer's cost depends on the stage of
+every producer, which no segment table captures, so the cuts are chosen for uniform links and
+the result is then evaluated (and reported) with the real ones.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ Everything is deterministic for a given ``seed``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
 import numpy as np
 import pymetis
 
@@ -71,11 +76,32 @@ def metis_labels(problem: Problem, parts: int, *, seed: int = 0) -> np.ndarray:
     tpwgts = share.tolist()
     options = pymetis.Options(seed=seed, ufactor=30)
     kwargs = dict(vweights=vweights.tolist(), eweights=eweights.tolist(), tpwgts=tpwgts, options=options)
-    if hasattr(pymetis, "CSRAdjacency"):
-        result = pymetis.part_graph(parts, pymetis.CSRAdjacency(ptr.tolist(), cols.tolist()), **kwargs)
-    else:  # pymetis before 2025.2
-        result = pymetis.part_graph(parts, xadj=ptr.tolist(), adjncy=cols.tolist(), **kwargs)
+    with _quiet_stdout():  # METIS prints its warnings from C straight to file descriptor 1
+        if hasattr(pymetis, "CSRAdjacency"):
+            result = pymetis.part_graph(parts, pymetis.CSRAdjacency(ptr.tolist(), cols.tolist()), **kwargs)
+        else:  # pymetis before 2025.2
+            result = pymetis.part_graph(parts, xadj=ptr.tolist(), adjncy=cols.tolist(), **kwargs)
     return np.asarray(result[1] if isinstance(result, tuple) else result.vertex_part, dtype=np.int64)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence C-level writes to file descriptor 1 (they would corrupt ``--json -`` output)."""
+    fd = 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield  # no descriptor 1 at all: nothing to protect
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def _score(problem: Problem, stage: np.ndarray) -> tuple[float, float]:
@@ -90,6 +116,7 @@ def metis_partition(problem: Problem, seed: int = 0) -> np.ndarray:
     k = problem.k
     if k == 1:
         return np.zeros(problem.num_units, dtype=np.int64)
+    exact_cuts = problem.objective == "pipeline" or bool(np.all(problem.link[~np.eye(k, dtype=bool)] == 1.0))
     candidates = [dp_split(problem)]
     multiples = (1, 2, 4) if problem.num_units <= 20000 else (1,)
     for mult in multiples:
@@ -98,6 +125,9 @@ def metis_partition(problem: Problem, seed: int = 0) -> np.ndarray:
             break
         labels = metis_labels(problem, parts, seed=seed)
         repaired = repair(problem, labels)
+        if not exact_cuts:
+            candidates.append(repaired)
+            continue
         try:
             # The repaired stages are one contiguous split of this order: the DP is no worse.
             candidates.append(dp_split(problem, priority_order(problem, repaired)))

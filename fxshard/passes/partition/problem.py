@@ -106,39 +106,53 @@ class Problem:
 def _column(data: list[dict], key: str, names: Sequence[Hashable]) -> np.ndarray:
     """One numeric attribute of every node (missing or None = 0), checked finite and >= 0."""
     raw = [d.get(key) for d in data]
+    if any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw):
+        raw_ok = False
+    else:
+        raw_ok = True
     try:
+        if not raw_ok:
+            raise TypeError("not numbers")
         values = np.array([0.0 if x is None else x for x in raw], dtype=np.float64)
     except (TypeError, ValueError):
         values = None
     if values is None or values.shape != (len(raw),) or not np.all(np.isfinite(values) & (values >= 0)):
         # The slow path names the offending node.
-        values = np.array([_number(x, key, name) for name, x in zip(names, raw)], dtype=np.float64)
+        values = np.array([_number(x, key, where) for where, x in zip(names, raw)], dtype=np.float64)
     return values
 
 
-def _number(value: Any, what: str, node: Hashable) -> float:
+def _number(value: Any, what: str, where: str) -> float:
     if value is None:
         return 0.0
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise PartitionError(f"{where}: {what}={value!r} is not a number")
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise PartitionError(f"node {node!r}: {what}={value!r} is not a number") from None
+        raise PartitionError(f"{where}: {what}={value!r} is not a number") from None
     if not math.isfinite(x) or x < 0:
-        raise PartitionError(f"node {node!r}: {what}={value!r}; costs must be finite and >= 0")
+        raise PartitionError(f"{where}: {what}={value!r}; costs must be finite and >= 0")
     return x
 
 
-def _per_stage(value: Any, k: int, what: str, default: float) -> np.ndarray:
+def _per_stage(value: Any, k: int, what: str, default: float, *, allow_inf: bool) -> np.ndarray:
+    """One positive number per stage, from None (the default), one number, or k numbers."""
     if value is None:
         return np.full(k, default, dtype=np.float64)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        arr = np.full(k, float(value))
-    else:
-        arr = np.asarray(list(value), dtype=np.float64)
-        if arr.shape != (k,):
-            raise PartitionError(f"{what} has {arr.size} entries for k={k} stages; give one number or {k}")
-    if not np.all(np.isfinite(arr) | (arr == np.inf)) or np.any(np.isnan(arr)) or np.any(arr <= 0):
-        raise PartitionError(f"{what}={value!r}: every entry must be a positive number")
+    items = [value] * k if np.ndim(value) == 0 and not isinstance(value, str) else value
+    try:
+        if isinstance(items, str) or any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items):
+            raise TypeError("not a number")
+        arr = np.asarray(list(items), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PartitionError(f"{what}={value!r} is not a number or a list of numbers") from None
+    if arr.shape != (k,):
+        raise PartitionError(f"{what} has {arr.size} entries for k={k} stages; give one number or {k}")
+    ok = (arr > 0) & (np.isfinite(arr) | (allow_inf & (arr == np.inf)))
+    if not ok.all():
+        limit = "positive numbers (inf allowed)" if allow_inf else "finite positive numbers"
+        raise PartitionError(f"{what}={value!r}: every entry must be one of the {limit}")
     return arr
 
 
@@ -174,9 +188,10 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
         raise PartitionError("the graph has no nodes; nothing to partition")
     index = {node: i for i, node in enumerate(nodes)}
     data = [d for _, d in graph.nodes(data=True)]
-    compute = _column(data, "compute", nodes)
-    memory = _column(data, "memory", nodes)
-    params = _column(data, "params", nodes)
+    where = [f"node {v!r}" for v in nodes]
+    compute = _column(data, "compute", where)
+    memory = _column(data, "memory", where)
+    params = _column(data, "params", where)
     edge_list = list(graph.edges(data="comm"))
     src = np.fromiter((index[u] for u, _, _ in edge_list), dtype=np.int64, count=len(edge_list))
     dst = np.fromiter((index[v] for _, v, _ in edge_list), dtype=np.int64, count=len(edge_list))
@@ -228,10 +243,14 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     val_comm = comm[val_nodes]
     val_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    order = _topo_order(u_count, succ_ptr, succ)
-    speeds_arr = _per_stage(speeds, k, "speeds", 1.0)
-    limit = _per_stage(memory_limit, k, "memory_limit", math.inf)
-    link_arr = np.ones((k, k)) if link is None else np.asarray(link, dtype=np.float64)
+    _check_pins(u_pin, succ_ptr, succ, members, nodes, k)
+    order = _topo_order(u_count, succ_ptr, succ, u_pin)
+    speeds_arr = _per_stage(speeds, k, "speeds", 1.0, allow_inf=False)
+    limit = _per_stage(memory_limit, k, "memory_limit", math.inf, allow_inf=True)
+    try:
+        link_arr = np.ones((k, k)) if link is None else np.asarray(link, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PartitionError(f"link={link!r:.80} is not a {k}x{k} matrix of numbers") from None
     if link_arr.shape != (k, k) or np.any(~np.isfinite(link_arr)) or np.any(link_arr < 0):
         raise PartitionError(f"link factors must be a {k}x{k} matrix of finite numbers >= 0, got shape "
                              f"{link_arr.shape}")
@@ -250,7 +269,10 @@ def _units(graph: nx.DiGraph, data: list[dict], index: dict) -> tuple[np.ndarray
     for i, d in enumerate(data):
         key = d.get("colocate")
         if key is not None:
-            label[i] = groups.setdefault(key, i)
+            try:
+                label[i] = groups.setdefault(key, i)
+            except TypeError:
+                raise PartitionError(f"node #{i}: colocate={key!r} is not hashable; use a string or a number") from None
     if len(groups) == 0:
         return label, tuple((i,) for i in range(len(data)))
     closure = _convex_closure(graph, index, label)
@@ -299,29 +321,50 @@ def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.cumsum(ptr), dst[order].astype(np.int64)
 
 
-def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray) -> np.ndarray:
-    """Kahn's algorithm taking the lowest-numbered ready vertex first (graph order).
+def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray, pin: np.ndarray | None = None) -> np.ndarray:
+    """Kahn's algorithm taking the ready vertex that is pinned first, else unpinned, else pinned
+    last, lowest-numbered among equals (graph order): pinned vertices sit at the ends.
 
     Shorter than n when the graph has a cycle.
     """
     src = np.repeat(np.arange(n), np.diff(succ_ptr))
-    if np.all(src < succ):
-        return np.arange(n, dtype=np.int64)  # already numbered in a topological order
+    rank = np.ones(n, dtype=np.int64) if pin is None else np.choose(pin, [1, 0, 2])
+    if np.all(src < succ) and np.all(np.diff(rank) >= 0):
+        return np.arange(n, dtype=np.int64)  # graph order is already such an order
     import heapq
 
     indeg = np.bincount(succ, minlength=n).tolist()
     lists = [succ[succ_ptr[u]:succ_ptr[u + 1]].tolist() for u in range(n)]
-    ready = [u for u in range(n) if indeg[u] == 0]
+    rank_list = rank.tolist()
+    ready = [(rank_list[u], u) for u in range(n) if indeg[u] == 0]
     heapq.heapify(ready)
     order = []
     while ready:
-        u = heapq.heappop(ready)
+        _, u = heapq.heappop(ready)
         order.append(u)
         for v in lists[u]:
             indeg[v] -= 1
             if indeg[v] == 0:
-                heapq.heappush(ready, v)
+                heapq.heappush(ready, (rank_list[v], v))
     return np.array(order, dtype=np.int64)
+
+
+def _check_pins(pin: np.ndarray, succ_ptr: np.ndarray, succ: np.ndarray, members: tuple, nodes: tuple,
+                k: int) -> None:
+    """A node pinned last must not feed a node pinned first (that would need k == 1)."""
+    if k == 1 or not (np.any(pin == PIN_LAST) and np.any(pin == PIN_FIRST)):
+        return
+    seen = set(np.flatnonzero(pin == PIN_LAST).tolist())
+    frontier = list(seen)
+    while frontier:
+        u = frontier.pop()
+        for v in succ[succ_ptr[u]:succ_ptr[u + 1]].tolist():
+            if pin[v] == PIN_FIRST:
+                raise PartitionError(f"node {nodes[members[v][0]]!r} is pinned to the first stage but depends on "
+                                     f"a node pinned to the last; with k={k} stages no split honours both pins")
+            if v not in seen:
+                seen.add(v)
+                frontier.append(v)
 
 
 def _check_memory(problem: Problem) -> None:

@@ -1,0 +1,190 @@
+"""``fxshard.compile``: plan a model for a cluster and run it as planned.
+
+In one process the plan runs on local devices: ``single`` and ``ddp`` plans run the model as
+it is on the first device (data-parallel replicas need one process each, under torchrun);
+``pipeline`` and ``hybrid`` plans run their stages on the stages' devices with micro-batches.
+Under torchrun (``torch.distributed`` initialised) each rank builds only its own stage and
+runs it with ``torch.distributed.pipelining`` (see :mod:`fxshard.runtime.distributed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from fxshard.capture import CapturedGraph, capture
+from fxshard.cluster import Cluster
+from fxshard.errors import ExecutionError, PlanError
+from fxshard.passes.split import split_graph
+from fxshard.plan import Plan
+from fxshard.planner import PlanOptions, _batch_size, plan_captured
+from fxshard.runtime.local import LocalPipeline
+
+__all__ = ["CompiledModel", "compile"]
+
+
+def compile(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
+            example_kwargs: Mapping[str, Any] | None = None, **options: Any) -> CompiledModel:
+    """Plan ``model`` for ``devices`` and return a model that runs the plan.
+
+    Args:
+        model: the module.
+        devices: as for :func:`fxshard.plan`.
+        example_inputs: one batch of positional inputs; without them, planning happens at the
+            first call, from the real inputs.
+        example_kwargs: keyword inputs of that batch.
+        **options: :class:`~fxshard.planner.PlanOptions` fields.
+
+    Example::
+
+        compiled = fxshard.compile(model, ["cpu", "cpu"], (x,), microbatches=4)
+        loss = compiled.step(x, target=y, loss_fn=torch.nn.functional.mse_loss)
+        optimizer.step()   # an optimizer over model.parameters() keeps working
+    """
+    return CompiledModel(model, devices, example_inputs, example_kwargs=example_kwargs, **options)
+
+
+class CompiledModel:
+    """A model bound to a plan (SPEC: ``fxshard.CompiledModel``)."""
+
+    def __init__(self, model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
+                 example_kwargs: Mapping[str, Any] | None = None, plan: Plan | None = None,
+                 **options: Any) -> None:
+        self._model = model
+        self._devices = devices
+        try:
+            self._options = PlanOptions(**options)
+        except TypeError as e:
+            raise PlanError(f"unknown compile option: {e}") from e
+        self._plan: Plan | None = plan
+        self._captured: CapturedGraph | None = None
+        self._pipeline: LocalPipeline | None = None
+        self._distributed: Any = None
+        if example_inputs is not None or example_kwargs:
+            self._build(example_inputs if example_inputs is not None else (), dict(example_kwargs or {}))
+
+    # -- building ------------------------------------------------------------------------
+
+    def _build(self, args: Any, kwargs: dict) -> None:
+        captured = capture(self._model, args, example_kwargs=kwargs)
+        if self._plan is None:
+            cluster = Cluster.parse(self._devices)
+            self._plan = plan_captured(captured, cluster, _batch_size(captured, args, kwargs), self._options)
+        elif self._plan.model.fingerprint != captured.fingerprint():
+            raise ExecutionError(
+                f"the plan was made for {self._plan.model.name} (fingerprint {self._plan.model.fingerprint}, "
+                f"{self._plan.model.nodes} nodes); this model captures as {captured.model_name} (fingerprint "
+                f"{captured.fingerprint()}, {len(captured.nodes)} nodes). Re-plan for this model and input shapes")
+        self._captured = captured
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from fxshard.runtime.distributed import DistributedPipeline
+
+            self._distributed = DistributedPipeline(captured, self._plan, loss_fn=self._options.loss_fn)
+        elif self._plan.strategy in ("pipeline", "hybrid"):
+            split = split_graph(captured, self._plan.stage_of(), self._plan.num_stages)
+            devices = [_local_device(s.devices[0]) for s in self._plan.stages]
+            self._pipeline = LocalPipeline(split, devices, self._plan.microbatches)
+        else:
+            device = _local_device(self._plan.stages[0].devices[0])
+            if _model_device(self._model) != device:
+                self._model.to(device)
+
+    def _ensure(self, args: tuple, kwargs: dict) -> None:
+        if self._captured is None:
+            self._build(args, kwargs)
+
+    # -- SPEC surface --------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        """The plan (made at the first call when no example inputs were given)."""
+        if self._plan is None:
+            raise ExecutionError("no plan yet: call the model once, or compile with example_inputs")
+        return self._plan
+
+    @property
+    def strategy(self) -> str:
+        return self.plan.strategy
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward over the whole batch; returns what ``model(*args, **kwargs)`` returns."""
+        self._ensure(args, kwargs)
+        if self._distributed is not None:
+            return self._distributed.forward(args, kwargs)
+        if self._pipeline is None:
+            return self._model(*_to(args, self._first_device()), **_to(kwargs, self._first_device()))
+        flat = self._captured.flatten_inputs(args, kwargs)
+        return self._captured.output_spec.rebuild(self._pipeline.forward(flat))
+
+    def step(self, *args: Any, target: Any = None, loss_fn: Callable[..., torch.Tensor] | None = None,
+             **kwargs: Any) -> torch.Tensor | None:
+        """One forward and backward over the batch, in the plan's micro-batches.
+
+        Returns the mean loss where the last stage lives (None on other ranks). Gradients
+        accumulate in the parameters and equal those of the mean loss over the whole batch.
+        """
+        loss_fn = loss_fn or self._options.loss_fn
+        if loss_fn is None:
+            raise ExecutionError("step needs a loss: pass loss_fn=... here or to fxshard.compile "
+                                 "(called as loss_fn(output, target), or loss_fn(output) without a target)")
+        self._ensure(args, kwargs)
+        if self._distributed is not None:
+            return self._distributed.step(args, kwargs, target, loss_fn)
+        if self._pipeline is None:
+            device = self._first_device()
+            out = self._model(*_to(args, device), **_to(kwargs, device))
+            loss = loss_fn(out, _to(target, device)) if target is not None else loss_fn(out)
+            loss.backward()
+            return loss.detach()
+        flat = self._captured.flatten_inputs(args, kwargs)
+        return self._pipeline.step(flat, target, loss_fn, self._captured.output_spec.rebuild)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters this process owns: in one process, the model's own Parameters."""
+        if self._distributed is not None:
+            return self._distributed.parameters()
+        return self._model.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        if self._distributed is not None:
+            return self._distributed.named_parameters()
+        return self._model.named_parameters()
+
+    def state_dict(self, *, gather: bool = False) -> dict[str, torch.Tensor]:
+        """State under the original model's names (this rank's part under torchrun, or
+        everything with ``gather=True``), loadable by the original model."""
+        if self._distributed is not None:
+            return self._distributed.state_dict(gather=gather)
+        return self._model.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
+        """Load state saved under the original names (from any plan or the plain model)."""
+        if self._distributed is not None:
+            return self._distributed.load_state_dict(state, strict=strict)
+        return self._model.load_state_dict(state, strict=strict)
+
+    def _first_device(self) -> torch.device:
+        return _local_device(self.plan.stages[0].devices[0])
+
+
+def _local_device(name: str) -> torch.device:
+    name = name.split("/", 1)[-1]  # "m1/cuda:3" on multi-machine plans
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExecutionError(f"the plan puts work on {name}, but this machine has no CUDA; plan for this machine "
+                             f"(devices=N or ['cpu', ...]) or run under torchrun on the planned cluster")
+    return device
+
+
+def _model_device(model: torch.nn.Module) -> torch.device | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)

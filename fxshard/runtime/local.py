@@ -1,0 +1,160 @@
+"""One-process runtime: the plan's stages on local devices, micro-batched, autograd across.
+
+Forward runs the whole batch through the stages in order. ``step`` splits the batch into the
+plan's micro-batches, runs forward and backward per micro-batch (autograd follows tensors
+across devices), and scales each micro-batch's loss by its share of the batch, so the
+gradients equal those of the loss over the whole batch, as if the model had run eagerly.
+
+A parameter read by stages on different devices (a tied embedding and LM head) lives on each
+of them: the first stage's device holds the model's own Parameter, later devices hold copies
+refreshed from it before every step, and their gradients are added into it after backward.
+On one device the stages share the Parameter itself. See docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fxshard.errors import ExecutionError
+from fxshard.passes.split import SplitGraph
+
+__all__ = ["LocalPipeline", "split_microbatches"]
+
+
+def split_microbatches(values: Sequence[Any], m: int) -> list[list[Any]]:
+    """Split each tensor with a batch dimension into m chunks along dim 0; others repeat.
+
+    Raises:
+        ExecutionError: the batch does not divide into m equal micro-batches.
+    """
+    batch = next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if m == 1 or batch is None:
+        return [list(values)] * m if batch is None else [list(values)]
+    if batch % m:
+        raise ExecutionError(f"a batch of {batch} does not split into {m} equal micro-batches; use a batch that "
+                            f"{m} divides, or plan with microbatches= a divisor of {batch}")
+    chunks = []
+    for i in range(m):
+        chunk = []
+        for v in values:
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+                chunk.append(v.narrow(0, i * (batch // m), batch // m))
+            else:
+                chunk.append(v)
+        chunks.append(chunk)
+    return chunks
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
+
+
+class LocalPipeline:
+    """Run a split graph's stages on local devices.
+
+    Args:
+        split: the stages.
+        devices: one torch device per stage.
+        microbatches: micro-batches per ``step``.
+    """
+
+    def __init__(self, split: SplitGraph, devices: Sequence[str | torch.device], microbatches: int) -> None:
+        if len(devices) != len(split.stages):
+            raise ExecutionError(f"{len(split.stages)} stages need {len(split.stages)} devices, got {len(devices)}")
+        self.split = split
+        self.devices = [torch.device(d) for d in devices]
+        self.microbatches = microbatches
+        self._replicas: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        self._place()
+
+    def _place(self) -> None:
+        owner_device: dict[int, torch.device] = {}
+        for stage, device in zip(self.split.stages, self.devices):
+            module = stage.module
+            for name, param in list(module.named_parameters(remove_duplicate=False)):
+                pid = id(param)
+                if pid not in owner_device:
+                    owner_device[pid] = device
+                    if param.device != device:
+                        param.data = param.data.to(device)
+                elif owner_device[pid] != device:
+                    replica = torch.nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+                    _set_param(module, name, replica)
+                    self._replicas.append((param, replica))
+            for name, buf in list(module.named_buffers()):
+                if buf.device != device:
+                    _set_buffer(module, name, buf.to(device))
+
+    def _sync_replicas(self) -> None:
+        with torch.no_grad():
+            for owner, replica in self._replicas:
+                replica.copy_(owner)
+
+    def _reduce_replicas(self) -> None:
+        for owner, replica in self._replicas:
+            if replica.grad is not None:
+                grad = replica.grad.to(owner.device)
+                owner.grad = grad if owner.grad is None else owner.grad + grad
+                replica.grad = None
+
+    def forward(self, flat_inputs: Sequence[Any]) -> tuple:
+        """The flat outputs for the whole batch."""
+        self._sync_replicas()
+        return self.forward_chunk(flat_inputs)
+
+    def step(self, flat_inputs: Sequence[Any], target: Any, loss_fn: Callable[..., torch.Tensor],
+             rebuild: Callable[[tuple], Any]) -> torch.Tensor:
+        """Forward and backward over the batch in micro-batches; returns the mean loss.
+
+        ``rebuild`` turns flat outputs into what ``loss_fn(output, target)`` expects.
+        """
+        self._sync_replicas()
+        m = self.microbatches
+        chunks = split_microbatches(list(flat_inputs), m)
+        targets = split_microbatches([target], m) if target is not None else [[None]] * m
+        total = None
+        batch = sum(_batch_of(c) for c in chunks)
+        for chunk, (tgt,) in zip(chunks, targets):
+            out = self.forward_chunk(chunk)
+            loss = loss_fn(rebuild(out), _to(tgt, self.devices[-1])) if tgt is not None else loss_fn(rebuild(out))
+            share = _batch_of(chunk) / batch if batch else 1.0 / m
+            (loss * share).backward()
+            total = loss.detach() * share if total is None else total + loss.detach() * share
+        self._reduce_replicas()
+        return total
+
+    def forward_chunk(self, chunk: Sequence[Any]) -> tuple:
+        values: tuple = tuple(chunk)
+        for stage, device in zip(self.split.stages, self.devices):
+            values = stage.module(*_to(values, device))
+        return values
+
+
+def _batch_of(chunk: Sequence[Any]) -> int:
+    return next((v.shape[0] for v in chunk if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
+
+
+def _set_param(module: torch.nn.Module, qualname: str, param: torch.nn.Parameter) -> None:
+    """Give one stage its own copy of a parameter without touching the user's modules: the
+    module holding it is replaced, in this stage only, by a shallow clone."""
+    prefix, _, attr = qualname.rpartition(".")
+    holder = module.get_submodule(prefix) if prefix else module
+    if holder is module:
+        module._parameters[attr] = param
+        return
+    clone = copy.copy(holder)
+    clone._parameters = dict(holder._parameters)
+    clone._parameters[attr] = param
+    parent_name, _, child = prefix.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, child, clone)
+
+
+def _set_buffer(module: torch.nn.Module, qualname: str, buf: torch.Tensor) -> None:
+    prefix, _, attr = qualname.rpartition(".")
+    (module.get_submodule(prefix) if prefix else module)._buffers[attr] = buf
