@@ -90,26 +90,23 @@ class ZooCase:
 # Micro-batch shapes are picked so that Adam state + activations of k micro-batches in flight
 # fit; llama-70b does not fit that way on 16 x 80 GB (the error row says by how much), so it
 # also runs with one micro-batch of activations per stage.
-ZOO_CASES: tuple[ZooCase, ...] = (
-    ZooCase(model="resnet", cluster="4xA100-80GB", k=4, batch=32, activation_factor=4),
-    ZooCase(model="resnet", cluster="4xV100-32GB", k=4, batch=32, activation_factor=4),
-    ZooCase(model="unet", cluster="4xA100-80GB", k=4, batch=16, activation_factor=4, group="unet"),
-    ZooCase(model="unet", cluster="4xV100-32GB", k=4, batch=16, activation_factor=4, group="unet"),
-    ZooCase(model="inception", cluster="4xA100-80GB", k=4, batch=32, activation_factor=4),
-    ZooCase(model="inception", cluster="4xV100-32GB", k=4, batch=32, activation_factor=4),
-    ZooCase(model="gpt2", cluster="4xA100-80GB", k=4, batch=8, seq=1024, activation_factor=4, group="heavy-head"),
-    ZooCase(model="gpt2", cluster="8xL4", k=8, batch=8, seq=1024, activation_factor=8, group="heavy-head"),
-    ZooCase(model="gpt2-xl", cluster="8xA100-40GB", k=8, batch=8, seq=1024, activation_factor=8,
-            group="heavy-head"),
-    ZooCase(model="llama-7b", cluster="8xH100-80GB", k=8, batch=2, seq=2048, activation_factor=8,
-            group="uniform-decoder"),
-    ZooCase(model="llama-7b", cluster="2x4xA100-80GB", k=8, batch=2, seq=2048, activation_factor=8,
-            group="uniform-decoder"),
-    ZooCase(model="llama-70b", cluster="2x8xH100-80GB", k=16, batch=1, seq=4096, activation_factor=16,
-            group="uniform-decoder"),
-    ZooCase(model="llama-70b", cluster="2x8xH100-80GB", k=16, batch=1, seq=4096, activation_factor=1,
-            group="uniform-decoder"),
-)
+ZOO_CASES: tuple[ZooCase, ...] = tuple(
+    ZooCase(model=m, cluster=c, k=k, batch=b, seq=t, activation_factor=a, group=g)
+    for m, c, k, b, t, a, g in (
+        ("resnet", "4xA100-80GB", 4, 32, None, 4, "vision"),
+        ("resnet", "4xV100-32GB", 4, 32, None, 4, "vision"),
+        ("unet", "4xA100-80GB", 4, 16, None, 4, "unet"),
+        ("unet", "4xV100-32GB", 4, 16, None, 4, "unet"),
+        ("inception", "4xA100-80GB", 4, 32, None, 4, "vision"),
+        ("inception", "4xV100-32GB", 4, 32, None, 4, "vision"),
+        ("gpt2", "4xA100-80GB", 4, 8, 1024, 4, "heavy-head"),
+        ("gpt2", "8xL4", 8, 8, 1024, 8, "heavy-head"),
+        ("gpt2-xl", "8xA100-40GB", 8, 8, 1024, 8, "heavy-head"),
+        ("llama-7b", "8xH100-80GB", 8, 2, 2048, 8, "uniform-decoder"),
+        ("llama-7b", "2x4xA100-80GB", 8, 2, 2048, 8, "uniform-decoder"),
+        ("llama-70b", "2x8xH100-80GB", 16, 1, 4096, 16, "uniform-decoder"),
+        ("llama-70b", "2x8xH100-80GB", 16, 1, 4096, 1, "uniform-decoder"),
+    ))
 QUICK_MODELS = ("resnet", "gpt2")
 
 
@@ -455,6 +452,22 @@ def _machine() -> str:
             f"end {os.getloadavg()[0]:.1f}")
 
 
+def _revision() -> str:
+    """The commit measured, and the library files that differed from it (others' edits in flight)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxshard"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return f"commit `{head}`" + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def _find(rows: list[Row], **want: str) -> list[Row]:
     return [r for r in rows if all(getattr(r, k) == v for k, v in want.items())]
 
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         table = render(_find(rows, suite="scale"), SCALE_COLUMNS, ("graph", "k, memory", "partitioner"))
         sections.append(f"Synthetic scale:\n\n{table}")
     sections.append(f"Targets:\n\n{summary(rows, zoo_facts, scale_facts)}")
-    sections.append(f"Total wall time {elapsed:.0f} s on {_machine()}.\n")
+    sections.append(f"Total wall time {elapsed:.0f} s at {_revision()}, on {_machine()}.\n")
     text = "\n".join(sections)
     print(text)
     if args.md:

@@ -141,9 +141,11 @@ class Plan:
         if not isinstance(data, Mapping):
             raise PlanFormatError(f"a plan is a JSON object, got {type(data).__name__}")
         version = data.get("fxshard_plan")
-        if version != SCHEMA_VERSION:
+        if isinstance(version, bool) or version != SCHEMA_VERSION:
             raise PlanFormatError(f"plan schema version {version!r}; this fxshard reads version {SCHEMA_VERSION}. "
                                   f"Re-plan with this version ('fxshard plan ... --json FILE')")
+        if not isinstance(data.get("cluster"), Mapping):
+            raise PlanFormatError(f"plan 'cluster' must be an object (Cluster.to_dict()), got {data.get('cluster')!r:.60}")
         try:
             fields = dict(data)
             fields["model"] = ModelInfo(**fields["model"])
@@ -151,8 +153,8 @@ class Plan:
             fields["stages"] = tuple(_stage(s) for s in fields["stages"])
             fields["alternatives"] = tuple(Alternative(**a) for a in fields.get("alternatives", ()))
             return cls(**fields)
-        except (KeyError, TypeError) as e:
-            raise PlanFormatError(f"plan JSON is missing or has unexpected fields: {e}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanFormatError(f"plan JSON is missing or has malformed fields: {type(e).__name__}: {e}") from e
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

@@ -37,6 +37,9 @@ from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
 __all__ = ["PlanOptions", "plan", "plan_captured"]
 
 _ORDER = {"single": 0, "ddp": 1, "pipeline": 2, "hybrid": 3}
+# Where torch puts a schedule's stages: one per rank, looped (stage s on rank s % k), or V-shaped.
+_LAYOUT = {"gpipe": "flat", "1f1b": "flat", "interleaved1f1b": "loop", "loopedbfs": "loop",
+           "interleavedzb": "loop", "zbv": "v"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,16 @@ class PlanOptions:
     name: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.training, bool):
+            raise PlanError(f"training={self.training!r}; use True or False")
+        if self.schedule is not None and not isinstance(self.schedule, str):
+            raise PlanError(f"schedule={self.schedule!r}; use None (auto) or one of {', '.join(SCHEDULES)}")
+        if self.microbatches is not None and (isinstance(self.microbatches, bool)
+                                              or not isinstance(self.microbatches, int)):
+            raise PlanError(f"microbatches={self.microbatches!r}; use None (auto) or a positive integer")
+        if not self.training and self.schedule not in (None, "gpipe", "GPipe"):
+            raise PlanError(f"schedule={self.schedule!r} with training=False: inference runs forward only, where "
+                            f"every schedule is GPipe's fill and drain; drop schedule= or use 'gpipe'")
         if self.optimizer not in ("adam", "sgd", "none"):
             raise PlanError(f"optimizer={self.optimizer!r}; use 'adam', 'sgd' or 'none'")
         if self.strategy not in (None, *_ORDER):
@@ -266,10 +279,12 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
         per_replica = batch // d
         for k in _stage_counts(n, d):
             layout = _replica_layout(cluster, k, d)
-            for virtual in sorted({SCHEDULES[s][1] for s in schedules}):
-                group = [s for s in schedules if SCHEDULES[s][1] == virtual]
+            for shape in sorted({_LAYOUT[s] for s in schedules}):
+                group = [s for s in schedules if _LAYOUT[s] == shape]
+                virtual = SCHEDULES[group[0]][1]
                 try:
-                    stage_of, stage_devices = _partition(pricer, cluster, k, virtual, layout, group, opts, per_replica)
+                    stage_of, stage_devices = _partition(pricer, cluster, k, virtual, shape, layout, group, opts,
+                                                         per_replica)
                 except PartitionError as e:
                     out.append(_unfit(d, k, group[0], str(e), layout, opts))
                     continue
@@ -296,15 +311,16 @@ def _microbatch_options(per_replica: int, k: int, sched: str, opts: PlanOptions)
     return options[-4:] if len(options) > 4 else options
 
 
-def _partition(pricer: _Pricer, cluster: Cluster, k: int, virtual: int, layout: tuple, schedules: list[str],
-               opts: PlanOptions, per_replica: int) -> tuple[dict[str, int], tuple[tuple[int, ...], ...]]:
+def _partition(pricer: _Pricer, cluster: Cluster, k: int, virtual: int, shape: str, layout: tuple,
+               schedules: list[str], opts: PlanOptions,
+               per_replica: int) -> tuple[dict[str, int], tuple[tuple[int, ...], ...]]:
     """Partition into k x virtual stages; returns node -> stage and each stage's devices."""
     n_stages = k * virtual
-    if virtual == 1:
+    if shape == "flat":
         stage_devices = layout
-    elif "zbv" in schedules:  # V shape: rank r holds stages r and 2k - 1 - r
+    elif shape == "v":  # V shape (ZBVZeroBubble): rank r holds stages r and 2k - 1 - r
         stage_devices = tuple(layout[s] if s < k else layout[2 * k - 1 - s] for s in range(n_stages))
-    else:  # looped: stage s on rank s % k
+    else:  # looped (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble): stage s on rank s % k
         stage_devices = tuple(layout[s % k] for s in range(n_stages))
     reps = [devs[0] for devs in stage_devices]
     place = placement(cluster, n_stages, captured=pricer.captured, works=pricer.works, devices=reps,
@@ -420,9 +436,9 @@ def _reason(best: _Candidate, ranked: list[_Candidate], cluster: Cluster, batch:
                      f"{format_bytes(single.capacity[0])} available)")
     elif single is not None and best.strategy != "single":
         parts.append(f"{best.strategy} runs {rate:.1f} samples/s against {batch / single.step_time_s:.1f} on one device")
-    used = sum(len(d) for d in best.devices) if best.strategy in ("pipeline", "hybrid") else best.replicas
+    used = _devices_used(best)
     if used < cluster.num_devices:
-        better = [c for c in ranked if c.fits and sum(len(d) for d in c.devices) > used]
+        better = [c for c in ranked if c.fits and _devices_used(c) > used]
         if best.strategy == "ddp" and batch % cluster.num_devices:
             parts.append(f"uses {used} of {cluster.num_devices} devices: replicas must divide the batch of {batch}")
         elif better:
@@ -435,6 +451,10 @@ def _reason(best: _Candidate, ranked: list[_Candidate], cluster: Cluster, batch:
         parts.append(f"next best: {runner.strategy} x{runner.replicas} with {len(runner.devices)} stage(s)"
                      f"{', ' + runner.schedule if runner.schedule else ''} at {batch / runner.step_time_s:.1f} samples/s")
     return "; ".join(parts)
+
+
+def _devices_used(c: _Candidate) -> int:
+    return len({d for devs in c.devices for d in devs})
 
 
 def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions, ranked: list[_Candidate]) -> str:

@@ -345,8 +345,6 @@ def test_stage_indices_must_count_from_zero():
 # -- library bugs (see the report) -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="Plan.from_dict: a stage that is a JSON string (dict('xy')) escapes as a "
-                                       "bare ValueError, not PlanFormatError")
 def test_stage_that_is_a_string_is_a_format_error():
     data = make_plan().to_dict()
     data["stages"] = ["xy"]
@@ -358,8 +356,6 @@ def test_stage_that_is_a_string_is_a_format_error():
         pytest.fail(f"{type(e).__name__}: {e}")
 
 
-@pytest.mark.xfail(strict=True, reason="Plan.from_dict accepts a cluster that is not an object; to_json then "
-                                       "fails with TypeError")
 def test_cluster_that_is_not_an_object_is_a_format_error():
     data = make_plan().to_dict()
     data["cluster"] = 5
@@ -367,8 +363,6 @@ def test_cluster_that_is_not_an_object_is_a_format_error():
         Plan.from_json(json.dumps(data)).to_json()
 
 
-@pytest.mark.xfail(strict=True, reason="schema check uses ==, so JSON true (== 1 in Python) passes as version 1 "
-                                       "and the plan re-serialises with \"fxshard_plan\": true")
 def test_schema_version_true_is_not_version_1():
     data = make_plan().to_dict()
     data["fxshard_plan"] = True
