@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["SUITE", "ModelSpec", "Result", "main", "measure_fxshard", "measure_upstream", "ratio_lines",
-           "run_suite", "to_markdown"]
+           "run_suite", "split_spec", "to_markdown", "write_csv"]
 
 CHILD_TIMEOUT_S = 600
 RSS_GOAL_MB = 2000  # "under 2 GB RSS"
@@ -301,7 +301,7 @@ def ratio_lines(results: list[Result]) -> list[str]:
     for up in (r for r in results if r.tool == "upstream" and not r.error):
         for fx in (r for r in results if r.tool == "fxshard" and r.model == up.model and not r.error):
             what = "PlanError" if fx.plan_error else f"{fx.strategy} plan"
-            per_run = [f"{a / b:.2f}" for a, b in zip(fx.seconds_all, up.seconds_all)]
+            per_run = [f"{a / b:.2f}" for a, b in zip(fx.seconds_all, up.seconds_all, strict=False)]
             lines.append(f"ratio {up.model}: fxshard.plan {fx.mode} on {fx.devices} ({what}) {fx.seconds:.2f} s / "
                          f"upstream pipeline() {up.stages} stages {up.seconds:.2f} s = {fx.seconds / up.seconds:.2f}"
                          + (f" (run by run: {', '.join(per_run)})" if len(per_run) > 1 else "") + " (goal <= 1)")
@@ -315,9 +315,9 @@ def _count(n: int) -> str:
 
 def to_markdown(results: list[Result]) -> str:
     """The results as a markdown table, then the PlanError and error messages it refers to."""
-    head = ("| model | params | batch x seq | tool | mode | devices | nodes | seconds (fastest) | slowest s | peak RSS MB "
-            "| baseline RSS MB | strategy | stages | replicas | devices used | micro-batches | schedule | est. samples/s "
-            "| est. step s | outcome |")
+    head = ("| model | params | batch x seq | tool | mode | devices | nodes | seconds (fastest) | slowest s "
+            "| peak RSS MB | baseline RSS MB | strategy | stages | replicas | devices used | micro-batches | schedule "
+            "| est. samples/s | est. step s | outcome |")
     rows = [head, "|" + "---|" * (head.count(" | ") + 1)]
     notes = []
     for r in results:
@@ -338,7 +338,8 @@ def to_markdown(results: list[Result]) -> str:
             f"| {r.devices} | {r.nodes or ''} | {num(r.seconds, '.2f')} "
             f"| {num(max(r.seconds_all, default=math.nan), '.2f')} "
             f"| {num(r.peak_rss_mb, '.0f')} "
-            f"| {num(r.baseline_rss_mb, '.0f')} | {r.strategy} | {r.stages or ''} | {r.replicas if fits else ''} | {r.devices_used or ''} "
+            f"| {num(r.baseline_rss_mb, '.0f')} | {r.strategy} | {r.stages or ''} | {r.replicas if fits else ''} "
+            f"| {r.devices_used or ''} "
             f"| {r.microbatches or ''} | {r.schedule} | {num(r.samples_per_s, '.1f') if fits else ''} "
             f"| {num(r.step_time_s, '.3g') if fits else ''} | {outcome} |")
     out = "\n".join(rows) + "\n"
@@ -398,11 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["training", "inference"], default="training", help=argparse.SUPPRESS)
     p.add_argument("--tool", choices=["fxshard", "upstream"], default="fxshard", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: use 1 or more")
     options = {k: v for k, v in (("partitioner", args.partitioner), ("optimizer", args.optimizer)) if v}
 
     if args.one:
-        # METIS reports ("***Cannot bisect a graph with 0 vertices!") go to C stdout; send them to
-        # stderr so that the JSON line is the child's only stdout.
+        # C libraries print to fd 1 (METIS did: "***Cannot bisect a graph with 0 vertices!"); send
+        # fd 1 to stderr so that the JSON line is the child's only stdout.
         json_fd = os.dup(1)
         sys.stdout.flush()
         os.dup2(2, 1)

@@ -139,6 +139,7 @@ class CapturedGraph:
         param_names: ``id(tensor) -> canonical name`` for every parameter and buffer of the
             model (a tensor reachable under two names keeps its first name).
         fallback_reason: why symbolic_trace was not used, when ``method == "export"``.
+        state_names: the keys of the model's ``state_dict()`` (what a checkpoint holds).
     """
 
     gm: torch.fx.GraphModule
@@ -151,6 +152,7 @@ class CapturedGraph:
     param_names: Mapping[int, str]
     flatten_inputs: Callable[[tuple, dict], list]
     fallback_reason: str = ""
+    state_names: frozenset[str] = frozenset()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the captured graph eagerly; returns what the model returns."""
@@ -514,4 +516,5 @@ def _propagate(gm: torch.fx.GraphModule, model: torch.nn.Module, method: str,
     return CapturedGraph(gm=gm, method=method, model_name=type(model).__name__,
                          input_names=input_names, output_spec=output_spec, fake_mode=fake_mode,
                          fake_module=prop.fake_module, param_names=_canonical_names(model),
-                         flatten_inputs=flatten, fallback_reason=reason)
+                         flatten_inputs=flatten, fallback_reason=reason,
+                         state_names=frozenset(model.state_dict(keep_vars=True)))

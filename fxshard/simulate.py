@@ -19,6 +19,7 @@ backward plus the transfer; a weight-gradient action (W) follows its input-gradi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -183,10 +184,18 @@ def _published_multi(cls: type, ranks: int, microbatches: int, per_rank: int) ->
 def rank_actions(schedule: str, ranks: int, microbatches: int) -> list[list[tuple[int, str, int]]]:
     """Per rank, the ordered (stage, kind, micro-batch) actions torch's schedule runs.
 
+    The order depends only on (schedule, ranks, micro-batches) and is computed once for each.
+
     Raises:
         SimulationError: unknown schedule, sizes the schedule refuses, or an order that does
             not run every stage's forward and backward once per micro-batch.
     """
+    key = schedule.lower().replace("-", "").replace("_", "")
+    return [list(rank) for rank in _rank_actions(key, ranks, microbatches)]
+
+
+@functools.lru_cache(maxsize=512)
+def _rank_actions(schedule: str, ranks: int, microbatches: int) -> tuple[tuple[tuple[int, str, int], ...], ...]:
     cls, per_rank = _schedule_class(schedule)
     if ranks < 1 or microbatches < 1:
         raise SimulationError(f"need at least one rank and one micro-batch, got {ranks} and {microbatches}")
@@ -199,7 +208,7 @@ def rank_actions(schedule: str, ranks: int, microbatches: int) -> list[list[tupl
         raise SimulationError(f"torch's {schedule} schedule refuses {ranks} ranks x {microbatches} "
                               f"micro-batches: {e}") from e
     _validate(orders, ranks * per_rank, microbatches, schedule)
-    return orders
+    return tuple(tuple(rank) for rank in orders)
 
 
 def _validate(orders: list[list[tuple[int, str, int]]], stages: int, microbatches: int, schedule: str) -> None:

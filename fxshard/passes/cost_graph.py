@@ -148,6 +148,9 @@ def placement(cluster: Cluster, k: int, *, captured: CapturedGraph | None = None
     specs = [cluster.devices[d].spec for d in chosen]
     reference = specs[0]
     speeds = [1.0] * k
+    if captured is None and len({s.name for s in specs}) > 1:
+        raise PartitionError(f"stages on different devices ({', '.join(sorted({s.name for s in specs}))}) need the "
+                             f"captured graph to weigh their speeds: pass captured=")
     if captured is not None and len({s.name for s in specs}) > 1:
         works = list(works) if works is not None else analyze(captured)
         times: dict[str, float] = {}
@@ -173,13 +176,18 @@ def placement(cluster: Cluster, k: int, *, captured: CapturedGraph | None = None
 def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partitioner: str = "metis",
                     training: bool = True, optimizer: str = "adam", activation_factor: float = 1.0,
                     costs: GraphCosts | None = None, cost_model: str = "analytical", seed: int = 0,
-                    devices: Sequence[int] | None = None, memory_reserve: float = 0.0) -> tuple[Partition, nx.DiGraph]:
+                    devices: Sequence[int] | None = None, memory_reserve: float = 0.0,
+                    works: Sequence | None = None) -> tuple[Partition, nx.DiGraph]:
     """Partition a captured model into k stages on the first k devices of ``cluster``.
+
+    ``costs`` (on the first stage's device) and ``works`` (from :func:`analyze`) are computed
+    when not given; pass them to partition one model many times.
 
     Returns:
         The partition and the cost graph it was computed on.
     """
-    works = analyze(captured)
+    if works is None and (costs is None or len({cluster.devices[d].spec.name for d in (devices or range(k))}) > 1):
+        works = analyze(captured)
     place = placement(cluster, k, captured=captured, works=works, devices=devices, memory_reserve=memory_reserve)
     if costs is None:
         costs = estimate(captured, place.reference, cost_model=cost_model, works=works)

@@ -125,8 +125,12 @@ class SplitGraph:
         return values
 
 
-def split_graph(captured: CapturedGraph, stage_of: Mapping[str, int], k: int) -> SplitGraph:
+def split_graph(captured: CapturedGraph, stage_of: Mapping[str, int], k: int, *,
+                copy_outputs: bool = False) -> SplitGraph:
     """Split ``captured`` along ``stage_of`` (every non-get_attr node's stage) into k stages.
+
+    ``copy_outputs`` makes every tensor a stage sends a fresh copy (zero-bubble schedules
+    detach stage outputs in place while the stage still needs them for weight gradients).
 
     Raises:
         PartitionError: a node without a stage, or an edge that goes back to an earlier stage.
@@ -163,12 +167,13 @@ def split_graph(captured: CapturedGraph, stage_of: Mapping[str, int], k: int) ->
     output_node = next(n for n in reversed(nodes) if n.op == "output")
     stages = []
     for s in range(k):
-        stages.append(_build_stage(captured, nodes, stage, s, k, crossing, output_node))
+        stages.append(_build_stage(captured, nodes, stage, s, k, crossing, output_node, copy_outputs))
     return SplitGraph(stages=tuple(stages))
 
 
 def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: int,
-                 crossing: list[list[torch.fx.Node]], output_node: torch.fx.Node) -> StageGraph:
+                 crossing: list[list[torch.fx.Node]], output_node: torch.fx.Node,
+                 copy_outputs: bool) -> StageGraph:
     g = torch.fx.Graph()
     env: dict[torch.fx.Node, Any] = {}
     root: dict[str, Any] = {}
@@ -221,13 +226,19 @@ def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: i
         for node in crossing[s + 1]:
             spec, leaves = _flatten_value(node.meta.get("val"))
             if _is_plain_tensor(spec, leaves):
-                sent.append(arg(node))
+                value = arg(node)
+                if copy_outputs or getattr(node.meta.get("val"), "_base", None) is not None:
+                    # A view cannot be sent as is: pipelining detaches stage outputs in place
+                    # after backward, which a view forbids. Send a copy.
+                    value = g.call_method("clone", (value,))
+                sent.append(value)
                 continue
             name = f"_fxshard_unpack_{node.name}"
             root[name] = _Unpack(leaves)
             packed = g.call_module(name, (arg(node),))
             count = sum(leaf.kind != "const" for leaf in leaves)
-            sent.extend(g.call_function(operator.getitem, (packed, j)) for j in range(count))
+            items = [g.call_function(operator.getitem, (packed, j)) for j in range(count)]
+            sent.extend(g.call_method("clone", (t,)) if copy_outputs else t for t in items)
         g.output(tuple(sent))
         outputs = tuple(n.name for n in crossing[s + 1])
         n_out = len(sent)

@@ -88,8 +88,10 @@ class _RangeMax:
         lo, hi = lo[ok], hi[ok]
         level = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
         res = np.empty(lo.shape)
-        for lv in np.unique(level):
+        for lv in range(int(level.max()) + 1):  # at most log2(n) levels: cheaper than np.unique
             sel = level == lv
+            if not sel.any():
+                continue
             table = self.levels[lv]
             res[sel] = np.maximum(table[lo[sel]], table[hi[sel] - (1 << lv) + 1])
         out[ok] = res

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import networkx as nx
 import numpy as np
 
+from fxshard.devices import format_bytes
 from fxshard.errors import PartitionError
 
 __all__ = ["Objective", "Problem", "build_problem"]
@@ -375,13 +376,16 @@ def _check_memory(problem: Problem) -> None:
     if total > limit.sum():
         per = limit.max()
         need = math.ceil(total / per) if per > 0 else math.inf
+        sizes = sorted(set(limit.tolist()))
+        each = (f"{format_bytes(sizes[0])} each" if len(sizes) == 1
+                else f"{format_bytes(min(sizes))} to {format_bytes(max(sizes))} each")
         raise PartitionError(
-            f"the graph needs {total:.4g} bytes of memory; {problem.k} stages give {limit.sum():.4g} "
-            f"({', '.join(f'{x:.4g}' for x in limit)}); use at least {need} stages or larger devices")
+            f"the graph needs {format_bytes(total)} of memory; {problem.k} stages give {format_bytes(limit.sum())} "
+            f"({each}); use at least {need} stages of the largest size, or larger devices")
     biggest = int(np.argmax(problem.memory))
     if problem.memory[biggest] > limit.max():
         names = [problem.nodes[i] for i in problem.members[biggest]][:3]
         raise PartitionError(
             f"node {names[0]!r}{' (with its colocated group)' if len(problem.members[biggest]) > 1 else ''} "
-            f"needs {problem.memory[biggest]:.4g} bytes, more than the largest stage's {limit.max():.4g}; "
+            f"needs {format_bytes(problem.memory[biggest])}, more than the largest stage's {format_bytes(limit.max())}; "
             f"no split can hold it: use a device with more memory or split that node")
