@@ -107,3 +107,65 @@ def test_console_script_runs_inspect():
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["model"]["name"] == "llama-tiny"
+
+
+def test_plan_json_round_trips_and_prints_a_table(tmp_path, capsys):
+    from fxshard.plan import Plan
+
+    dest = tmp_path / "plan.json"
+    assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8", "--json", str(dest)]) == 0
+    out = capsys.readouterr().out
+    plan = Plan.from_json(dest.read_text())
+    assert plan.strategy in ("pipeline", "hybrid")
+    assert "alternatives considered" in out and "why:" in out and "samples/s" in out
+    for stage in plan.stages:
+        assert f"{stage.index}" in out
+
+
+def test_plan_json_to_stdout_is_pure_json(capsys):
+    assert main(["plan", "mlp", "--devices", "2xcpu:1GB", "--batch-size", "4", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fxshard_plan"] == 1 and doc["strategy"] in ("single", "ddp", "pipeline", "hybrid")
+
+
+def test_plan_that_cannot_fit_exits_1_with_numbers(capsys):
+    assert main(["plan", "mlp", "--devices", "2xcpu:5MB", "--batch-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "needs" in err and "MiB" in err and "Traceback" not in err
+
+
+def test_plan_options_reach_the_planner(capsys):
+    assert main(["plan", "gpt2-tiny", "--devices", "2xcpu:1GB", "--batch-size", "4", "--strategy", "pipeline",
+                 "--schedule", "gpipe", "--microbatches", "2", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["strategy"], doc["schedule"], doc["microbatches"]) == ("pipeline", "gpipe", 2)
+
+
+def test_compare_rows_have_the_spec_fields(capsys):
+    assert main(["compare", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8",
+                 "--partitioners", "metis,uniform", "--json", "-"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["partitioner"] for r in rows] == ["metis", "uniform"]
+    for row in rows:
+        for key in ("partitioner", "step_time_s", "bottleneck_stage_time_s", "lower_bound_step_time_s",
+                    "cut_bytes", "max_stage_memory_bytes", "plan_seconds"):
+            assert key in row
+    assert sum(r["best"] for r in rows) == 1
+
+
+def test_compare_unknown_partitioner_is_an_error(capsys):
+    assert main(["compare", "mlp", "--devices", "2xcpu:1GB", "--partitioners", "metis,nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["compare"], ["export"], ["simulate"]])
+def test_help_of_every_command(command):
+    result = subprocess.run([sys.executable, "-m", "fxshard.cli", *command, "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: fxshard" in result.stdout
+
+
+def test_missing_devices_is_bad_usage():
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "mlp"])
+    assert info.value.code == 2
