@@ -78,6 +78,8 @@ class CompiledModel:
                 f"{self._plan.model.nodes} nodes); this model captures as {captured.model_name} (fingerprint "
                 f"{captured.fingerprint()}, {len(captured.nodes)} nodes). Re-plan for this model and input shapes")
         self._captured = captured
+        self._captured_args = (args, kwargs)
+        self._mode = self._model.training
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             from fxshard.runtime.distributed import DistributedPipeline
 
@@ -94,6 +96,10 @@ class CompiledModel:
     def _ensure(self, args: tuple, kwargs: dict) -> None:
         if self._captured is None:
             self._build(args, kwargs)
+        elif self._model.training != self._mode:
+            # Tracing bakes train/eval decisions made in Python (F.dropout(x, p, self.training))
+            # into the graph: a mode switch re-captures, keeping the plan.
+            self._build(*self._captured_args)
 
     # -- SPEC surface --------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxshard.errors import CaptureError
@@ -102,9 +103,12 @@ def _flatten_output_arg(arg: Any, leaves: list[torch.fx.Node]) -> Any:
         leaves.append(arg)
         return ("leaf", len(leaves) - 1)
     if isinstance(arg, (tuple, list)):
-        return ("seq", type(arg), tuple(_flatten_output_arg(a, leaves) for a in arg))
+        # fx stores a returned list as its own read-only list type: give the model's back.
+        typ = list if isinstance(arg, immutable_list) else type(arg)
+        return ("seq", typ, tuple(_flatten_output_arg(a, leaves) for a in arg))
     if isinstance(arg, Mapping):
-        return ("map", type(arg), tuple(arg.keys()),
+        typ = dict if isinstance(arg, immutable_dict) else type(arg)
+        return ("map", typ, tuple(arg.keys()),
                 tuple(_flatten_output_arg(v, leaves) for v in arg.values()))
     return ("const", arg)
 

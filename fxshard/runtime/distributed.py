@@ -246,6 +246,9 @@ class DistributedPipeline:
             raise ExecutionError("under torchrun the loss is part of the pipeline schedule: pass loss_fn to "
                                  "fxshard.compile, not to step")
         args, kwargs, target = self._shard((args, kwargs, target))
+        if self.schedule is not None and target is not None and not isinstance(target, torch.Tensor):
+            raise ExecutionError(f"under torchrun the target must be one tensor (torch.distributed.pipelining splits "
+                                 f"it into micro-batches), got {type(target).__name__}; pack it into a tensor")
         if self.schedule is None:
             flat = self.captured.flatten_inputs(args, kwargs)
             out = self.captured.output_spec.rebuild(self.ddp(*_to(flat, self.device)))

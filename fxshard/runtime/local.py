@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from fxshard.errors import ExecutionError
 from fxshard.passes.split import SplitGraph
 
-__all__ = ["LocalPipeline", "split_microbatches"]
+__all__ = ["LocalPipeline", "split_microbatches", "split_tree"]
 
 
 def split_microbatches(values: Sequence[Any], m: int) -> list[list[Any]]:
@@ -48,6 +48,12 @@ def split_microbatches(values: Sequence[Any], m: int) -> list[list[Any]]:
                 chunk.append(v)
         chunks.append(chunk)
     return chunks
+
+
+def split_tree(value: Any, m: int) -> list[Any]:
+    """m micro-batches of a nested value (a tensor, a tuple or dict of tensors)."""
+    leaves, spec = pytree.tree_flatten(value)
+    return [pytree.tree_unflatten(chunk, spec) for chunk in split_microbatches(leaves, m)]
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -116,7 +122,7 @@ class LocalPipeline:
         self._sync_replicas()
         m = self.microbatches
         chunks = split_microbatches(list(flat_inputs), m)
-        targets = split_microbatches([target], m) if target is not None else [[None]] * m
+        targets = [[t] for t in split_tree(target, m)] if target is not None else [[None]] * m
         total = None
         batch = sum(_batch_of(c) for c in chunks)
         for chunk, (tgt,) in zip(chunks, targets):
