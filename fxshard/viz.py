@@ -282,7 +282,7 @@ def _stage_times(ax: Any, plan: Plan) -> None:
         ax.bar([i + width / 2 for i in x], bwd, width, color=_KINDS["B"][0], label="backward")
     ax.set_ylabel("ms per micro-batch")
     ax.set_title("compute time per stage")
-    ax.margins(y=0.15)
+    ax.set_ylim(0, max(fwd + bwd + [1e-9]) * 1.3)  # headroom for the legend
     ax.legend(loc="upper right", ncol=2, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
     _stage_ticks(ax, n)
@@ -311,7 +311,7 @@ def _stage_memory(ax: Any, plan: Plan) -> None:
                         textcoords="offset points", ha="center", va="bottom", fontsize=_FONT - 1)
     ax.set_ylabel(f"memory ({unit})")
     ax.set_title("peak memory against capacity")
-    ax.set_ylim(0, max(peaks + caps) / scale * 1.25)
+    ax.set_ylim(0, max(peaks + caps + [1.0]) / scale * 1.3)  # headroom for the labels and legend
     ax.legend(handles=handles, loc="upper right", ncol=3, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
     _stage_ticks(ax, n)
