@@ -463,8 +463,10 @@ def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptio
     cap = _capacity(cluster, 0, opts.memory_reserve)
     need = single.state_bytes + single.activation_bytes + single.transient_bytes
     total = sum(_capacity(cluster, d, opts.memory_reserve) for d in range(cluster.num_devices))
-    # Nothing fits on these n devices, so more are needed; the state alone sets a floor.
+    # Nothing fits on these n devices, so more are needed: the state alone sets a floor, the
+    # state plus this batch's activations (held all at once, as GPipe does) a safe count.
     min_devices = max(math.ceil(single.state_bytes / cap), cluster.num_devices + 1) if cap > 0 else math.inf
+    with_activations = max(math.ceil(need / cap), min_devices) if cap > 0 else math.inf
     param = single.param_bytes
     mixed = next((c.work.dtype for c in full if c.work.param_bytes), "float32") in ("bfloat16", "float16")
     elem = 2 if mixed else 4
@@ -479,7 +481,7 @@ def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptio
                 f"{closest.microbatches} micro-batches): {_over(closest)}")
     elif refused:
         widest = max(refused, key=lambda c: len(c.devices))
-        hint = f"; a pipeline of {len(widest.devices)} stages: {widest.note}"
+        hint = f"; a pipeline of {len(widest.devices)} stages: {widest.note.split('; use at least')[0]}"
     else:
         hint = ""
     return (f"{pricer.captured.model_name} needs {format_bytes(need)} for "
@@ -487,7 +489,8 @@ def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptio
             f"({format_bytes(single.state_bytes)} of parameters and optimizer state, "
             f"{format_bytes(single.activation_bytes)} of activations); {cluster.describe()} gives "
             f"{format_bytes(cap)} per device, {format_bytes(total)} in all{hint}. Ways out: at least "
-            f"{min_devices} devices of this size"
+            f"{min_devices} devices of this size for the parameters and optimizer state alone "
+            f"({with_activations} to also hold this batch's activations at once)"
             + (f", optimizer='sgd' (state {format_bytes(sgd)})" if opts.training and opts.optimizer == "adam" else "")
             + (f", inference (weights {format_bytes(inference)})" if opts.training else "")
             + f", more micro-batches or a smaller batch (activations {format_bytes(per_sample)} per sample)")
