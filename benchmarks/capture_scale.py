@@ -16,50 +16,29 @@ Results and how to read them: docs/benchmarks.md, "Capture and cost scale".
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+
+from _suite import (
+    BY_NAME,
+    SUITE,
+    ChildError,
+    ModelSpec,
+    build,
+    count,
+    current_rss_mb,
+    max_rss_mb,
+    publish,
+    run_child,
+)
 
 __all__ = ["SUITE", "ModelSpec", "Result", "main", "measure_one", "run_suite"]
 
 DEVICE = "H100-80GB"
 CHILD_TIMEOUT_S = 600
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """A published decoder shape; ``seq_len`` is the default sequence length for it."""
-
-    name: str
-    family: Literal["gpt2", "llama"]
-    n_layers: int
-    dim: int
-    n_heads: int
-    seq_len: int
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None  # llama only
-    vocab_size: int = 50257
-
-
-SUITE: tuple[ModelSpec, ...] = (
-    ModelSpec(name="gpt2-small", family="gpt2", n_layers=12, dim=768, n_heads=12, seq_len=1024),
-    ModelSpec(name="gpt2-medium", family="gpt2", n_layers=24, dim=1024, n_heads=16, seq_len=1024),
-    ModelSpec(name="gpt2-xl", family="gpt2", n_layers=48, dim=1600, n_heads=25, seq_len=1024),
-    ModelSpec(name="llama-7b", family="llama", n_layers=32, dim=4096, n_heads=32, ffn_hidden=11008,
-              vocab_size=32000, seq_len=2048),
-    ModelSpec(name="llama-13b", family="llama", n_layers=40, dim=5120, n_heads=40, ffn_hidden=13824,
-              vocab_size=32000, seq_len=2048),
-    ModelSpec(name="llama-30b", family="llama", n_layers=60, dim=6656, n_heads=52, ffn_hidden=17920,
-              vocab_size=32000, seq_len=2048),
-    ModelSpec(name="llama2-70b", family="llama", n_layers=80, dim=8192, n_heads=64, n_kv_heads=8,
-              ffn_hidden=28672, vocab_size=32000, seq_len=2048),
-)
-_BY_NAME = {s.name: s for s in SUITE}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,25 +63,6 @@ class Result:
     error: str = ""
 
 
-def _max_rss_mb() -> float:
-    import resource
-
-    # ru_maxrss is KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def _current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except OSError:  # not Linux: fall back on the peak so far
-        return _max_rss_mb()
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _expected_fwd_flops(spec: ModelSpec, params: int, batch: int, seq: int) -> int:
     """2 * params * tokens for the matmuls, plus QK^T and PV (causal mask not exploited)."""
     tokens = batch * seq
@@ -112,32 +72,19 @@ def _expected_fwd_flops(spec: ModelSpec, params: int, batch: int, seq: int) -> i
 
 def measure_one(name: str, *, batch: int, seq: int | None) -> Result:
     """Build ``name`` on meta, capture it and price it; runs in the calling process."""
-    import torch
-
     import fxshard  # noqa: F401  (counted in the baseline)
 
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     from fxshard.capture import capture
     from fxshard.cluster import get_preset
     from fxshard.cost_models import analyze, estimate
-    from fxshard.models import GPT2, GPT2Config, Llama, LlamaConfig
 
-    spec = _BY_NAME[name]
-    seq = seq or spec.seq_len
-    with torch.device("meta"):
-        if spec.family == "gpt2":
-            model = GPT2(GPT2Config(n_layer=spec.n_layers, n_head=spec.n_heads, n_embd=spec.dim,
-                                    vocab_size=spec.vocab_size, block_size=max(seq, 1024)))
-        else:
-            model = Llama(LlamaConfig(dim=spec.dim, n_layers=spec.n_layers, n_heads=spec.n_heads,
-                                      n_kv_heads=spec.n_kv_heads, ffn_hidden=spec.ffn_hidden,
-                                      vocab_size=spec.vocab_size, max_seq_len=max(seq, 2048)))
-    model.to(torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
-    idx = torch.randint(0, spec.vocab_size, (batch, seq), device="meta")
+    spec = BY_NAME[name]
+    built = build(spec, batch=batch, seq=seq)
+    params, seq = built.params, built.seq
 
     t0 = time.perf_counter()
-    captured = capture(model, (idx,))
+    captured = capture(built.model, (built.tokens,))
     t1 = time.perf_counter()
     works = analyze(captured)
     costs = estimate(captured, get_preset(DEVICE), works=works)
@@ -145,7 +92,7 @@ def measure_one(name: str, *, batch: int, seq: int | None) -> Result:
 
     return Result(model=name, params=params, batch=batch, seq=seq, nodes=len(costs),
                   capture_s=t1 - t0, cost_s=t2 - t1, total_s=t2 - t0,
-                  peak_rss_mb=_max_rss_mb(), baseline_rss_mb=baseline,
+                  peak_rss_mb=max_rss_mb(), baseline_rss_mb=baseline,
                   fwd_flops=costs.fwd_flops, fwd_flops_expected=_expected_fwd_flops(spec, params, batch, seq),
                   param_bytes=costs.param_bytes, saved_activation_bytes=costs.saved_activation_bytes(),
                   step_time_s=costs.fwd_time_s + costs.bwd_time_s)
@@ -162,21 +109,12 @@ def run_suite(names: list[str], *, batch: int, seq: int | None, timeout_s: float
     """Measure each model in a fresh ``sys.executable`` subprocess, one after another."""
     results = []
     for name in names:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--batch-size", str(batch)]
-        if seq is not None:
-            cmd += ["--seq-len", str(seq)]
-        eff_seq = seq or _BY_NAME[name].seq_len
+        args = ["--one", name, "--batch-size", str(batch)] + (["--seq-len", str(seq)] if seq is not None else [])
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            results.append(_failed(name, batch, eff_seq, f"timed out after {timeout_s:.0f} s"))
+            results.append(Result(**run_child(__file__, args, timeout_s=timeout_s)))
+        except ChildError as e:
+            results.append(_failed(name, batch, seq or BY_NAME[name].seq_len, str(e)))
             continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-            results.append(_failed(name, batch, eff_seq, f"exit {proc.returncode}: {tail}"))
-            continue
-        results.append(Result(**json.loads(lines[-1])))
         print(f"  {name}: {results[-1].total_s:.1f} s, {results[-1].peak_rss_mb:.0f} MB", file=sys.stderr)
     return results
 
@@ -187,11 +125,6 @@ def _human(n: float, units: tuple[str, ...] = ("", "K", "M", "G", "T", "P", "E")
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}Z"
-
-
-def _count(n: int) -> str:
-    """Parameter counts the way papers write them: 124M, 1.56B, 69.0B."""
-    return f"{n / 1e6:.0f}M" if n < 1e9 else f"{n / 1e9:#.3g}B"
 
 
 def to_markdown(results: list[Result]) -> str:
@@ -205,24 +138,16 @@ def to_markdown(results: list[Result]) -> str:
             rows.append(f"| {r.model} | failed: {r.error} |" + " |" * (head.count(" | ") - 1))
             continue
         rows.append(
-            f"| {r.model} | {_count(r.params)} | {r.batch} x {r.seq} | {r.nodes} | {r.capture_s:.2f} "
+            f"| {r.model} | {count(r.params)} | {r.batch} x {r.seq} | {r.nodes} | {r.capture_s:.2f} "
             f"| {r.cost_s:.2f} | {r.total_s:.2f} | {1000 * r.total_s / r.nodes:.1f} | {r.peak_rss_mb:.0f} "
             f"| {r.baseline_rss_mb:.0f} | {_human(r.fwd_flops)} | {r.fwd_flops / r.fwd_flops_expected:.3f} "
             f"| {r.step_time_s:.3g} |")
     return "\n".join(rows) + "\n"
 
 
-def write_csv(results: list[Result], path: Path) -> None:
-    fields = list(Result.__dataclass_fields__)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(asdict(r) for r in results)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(_BY_NAME), default=list(_BY_NAME),
+    p.add_argument("--models", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
                    help="subset of the suite (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None,
@@ -230,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=CHILD_TIMEOUT_S, help="seconds per child")
     p.add_argument("--csv", type=Path, help="also write the results as CSV")
     p.add_argument("--md", type=Path, help="also write the markdown table")
-    p.add_argument("--one", choices=list(_BY_NAME), help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--one", choices=list(BY_NAME), help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
 
     if args.one:
@@ -238,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     results = run_suite(args.models, batch=args.batch_size, seq=args.seq_len, timeout_s=args.timeout)
-    table = to_markdown(results)
-    print(table)
-    if args.md:
-        args.md.write_text(table)
-    if args.csv:
-        write_csv(results, args.csv)
+    publish(to_markdown(results), [asdict(r) for r in results], md=args.md, csv_path=args.csv)
     return 1 if any(r.error for r in results) else 0
 
 

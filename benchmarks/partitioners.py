@@ -24,10 +24,8 @@ Results and how to read them: docs/benchmarks.md, "Partitioners".
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import math
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ from typing import Literal
 
 import networkx as nx
 import numpy as np
+from _suite import machine, publish
 
 import fxshard
 from fxshard.errors import FxshardError
@@ -439,16 +438,10 @@ def render(rows: list[Row], columns: Sequence[Column], lead_names: Sequence[str]
 
 
 def _machine() -> str:
-    """CPU model, cores, memory, OS and versions, for the record (Linux: /proc/cpuinfo)."""
+    """The machine and versions (benchmarks/_suite.py), with numpy's, networkx's and the load at the end."""
     import os
 
-    import torch
-
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores of {cpu}, {mem:.0f} GiB, {platform.system()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}, networkx {nx.__version__}; load average at the "
+    return (f"{machine()}, numpy {np.__version__}, networkx {nx.__version__}; load average at the "
             f"end {os.getloadavg()[0]:.1f}")
 
 
@@ -568,14 +561,6 @@ def summary(rows: list[Row], zoo_facts: dict, scale_facts: dict | None) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-    fields = list(rows[0].as_dict())
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(r.as_dict() for r in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"instance directory (default {DEFAULT_DATA})")
@@ -622,12 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(f"Synthetic scale:\n\n{table}")
     sections.append(f"Targets:\n\n{summary(rows, zoo_facts, scale_facts)}")
     sections.append(f"Total wall time {elapsed:.0f} s at {_revision()}, on {_machine()}.\n")
-    text = "\n".join(sections)
-    print(text)
-    if args.md:
-        args.md.write_text(text)
-    if args.csv:
-        write_csv(rows, args.csv)
+    publish("\n".join(sections), [r.as_dict() for r in rows], md=args.md, csv_path=args.csv)
     return 0
 
 

@@ -1,9 +1,9 @@
 """Plan time and peak RSS of ``fxshard.plan`` for decoder LMs from 124M to 70B parameters, next to
 upstream ``torch.distributed.pipelining.pipeline()`` with hand-given split points on the 70B model.
 
-Every model is built on the meta device in bfloat16 (the shapes and the build of
-benchmarks/capture_scale.py) and measured in its own subprocess, so each peak RSS is that run's
-alone. The fxshard side times ``fxshard.plan(model, devices, (tokens,), **options)`` end to end
+Every model is built on the meta device in bfloat16 (the shapes and the build in benchmarks/_suite.py,
+shared with benchmarks/capture_scale.py) and measured in its own subprocess, so each peak RSS is
+that run's alone. The fxshard side times ``fxshard.plan(model, devices, (tokens,), **options)`` end to end
 (capture, cost, partition, search) on a realistic cluster per size; a model for which no training
 plan fits (``PlanError``) is planned again for inference in a fresh child, so there is a plan time
 to report. The upstream side times ``pipeline(module=model, mb_args=(micro_batch_tokens,),
@@ -25,60 +25,37 @@ Results and how to read them: docs/benchmarks.md, "Plan scale".
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from _suite import (
+    BY_NAME,
+    ChildError,
+    ModelSpec,
+    build,
+    count,
+    current_rss_mb,
+    machine,
+    max_rss_mb,
+    publish,
+    run_child,
+)
+
 __all__ = ["SUITE", "ModelSpec", "Result", "main", "measure_fxshard", "measure_upstream", "ratio_lines",
-           "run_suite", "split_spec", "to_markdown", "write_csv"]
+           "run_suite", "split_spec", "to_markdown"]
 
 CHILD_TIMEOUT_S = 600
 RSS_GOAL_MB = 2000  # "under 2 GB RSS"
 
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """A published decoder shape, its default sequence length and the cluster it is planned for."""
-
-    name: str
-    family: Literal["gpt2", "llama"]
-    n_layers: int
-    dim: int
-    n_heads: int
-    seq_len: int
-    devices: str
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None  # llama only
-    vocab_size: int = 50257
-
-    @property
-    def blocks(self) -> str:
-        """The ModuleList of decoder blocks, as upstream's split_spec names it."""
-        return "h" if self.family == "gpt2" else "layers"
-
-
-SUITE: tuple[ModelSpec, ...] = (
-    ModelSpec(name="gpt2-small", family="gpt2", n_layers=12, dim=768, n_heads=12, seq_len=1024,
-              devices="8xA100-80GB"),
-    ModelSpec(name="gpt2-medium", family="gpt2", n_layers=24, dim=1024, n_heads=16, seq_len=1024,
-              devices="8xA100-80GB"),
-    ModelSpec(name="gpt2-xl", family="gpt2", n_layers=48, dim=1600, n_heads=25, seq_len=1024,
-              devices="8xA100-80GB"),
-    ModelSpec(name="llama-7b", family="llama", n_layers=32, dim=4096, n_heads=32, ffn_hidden=11008,
-              vocab_size=32000, seq_len=2048, devices="8xH100-80GB"),
-    ModelSpec(name="llama-13b", family="llama", n_layers=40, dim=5120, n_heads=40, ffn_hidden=13824,
-              vocab_size=32000, seq_len=2048, devices="8xH100-80GB"),
-    ModelSpec(name="llama2-70b", family="llama", n_layers=80, dim=8192, n_heads=64, n_kv_heads=8,
-              ffn_hidden=28672, vocab_size=32000, seq_len=2048, devices="2x8xH100-80GB"),
-)
+# The shared suite less llama-30b; each model is planned on the cluster its ``devices`` names.
+SUITE: tuple[ModelSpec, ...] = tuple(
+    BY_NAME[n] for n in ("gpt2-small", "gpt2-medium", "gpt2-xl", "llama-7b", "llama-13b", "llama2-70b"))
 _BY_NAME = {s.name: s for s in SUITE}
 
 
@@ -110,65 +87,27 @@ class Result:
     error: str = ""  # the run failed: crash, timeout, or upstream's exception
 
 
-def _max_rss_mb() -> float:
-    import resource
-
-    # ru_maxrss is KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def _current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except OSError:  # not Linux: fall back on the peak so far
-        return _max_rss_mb()
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _build(spec: ModelSpec, seq: int):
-    """The model on meta in bfloat16, exactly as benchmarks/capture_scale.py builds it."""
-    import torch
-
-    from fxshard.models import GPT2, GPT2Config, Llama, LlamaConfig
-
-    with torch.device("meta"):
-        if spec.family == "gpt2":
-            model = GPT2(GPT2Config(n_layer=spec.n_layers, n_head=spec.n_heads, n_embd=spec.dim,
-                                    vocab_size=spec.vocab_size, block_size=max(seq, 1024)))
-        else:
-            model = Llama(LlamaConfig(dim=spec.dim, n_layers=spec.n_layers, n_heads=spec.n_heads,
-                                      n_kv_heads=spec.n_kv_heads, ffn_hidden=spec.ffn_hidden,
-                                      vocab_size=spec.vocab_size, max_seq_len=max(seq, 2048)))
-    return model.to(torch.bfloat16)
-
-
 def measure_fxshard(name: str, *, batch: int, seq: int | None, training: bool, **options) -> Result:
     """Build ``name`` on meta and time ``fxshard.plan`` on its cluster; runs in the calling process."""
-    import torch
-
     import fxshard
 
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     spec = _BY_NAME[name]
-    seq = seq or spec.seq_len
-    model = _build(spec, seq)
-    params = sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, spec.vocab_size, (batch, seq), device="meta")
+    built = build(spec, batch=batch, seq=seq)
+    params, seq = built.params, built.seq
 
     t0 = time.perf_counter()
     try:
-        p = fxshard.plan(model, spec.devices, (tokens,), training=training, **options)
+        p = fxshard.plan(built.model, spec.devices, (built.tokens,), training=training, **options)
     except fxshard.PlanError as e:
         seconds = time.perf_counter() - t0
         return Result(model=name, tool="fxshard", mode="training" if training else "inference",
                       devices=spec.devices, params=params, batch=batch, seq=seq, nodes=0, seconds=seconds,
-                      peak_rss_mb=_max_rss_mb(), baseline_rss_mb=baseline, plan_error=str(e))
+                      peak_rss_mb=max_rss_mb(), baseline_rss_mb=baseline, plan_error=str(e))
     seconds = time.perf_counter() - t0
     return Result(model=name, tool="fxshard", mode="training" if training else "inference", devices=spec.devices,
                   params=params, batch=batch, seq=seq, nodes=p.model.nodes, seconds=seconds,
-                  peak_rss_mb=_max_rss_mb(), baseline_rss_mb=baseline, strategy=p.strategy, stages=len(p.stages),
+                  peak_rss_mb=max_rss_mb(), baseline_rss_mb=baseline, strategy=p.strategy, stages=len(p.stages),
                   replicas=p.replicas, devices_used=len({d for st in p.stages for d in st.device_indices}),
                   microbatches=p.microbatches, schedule=p.schedule or "",
                   samples_per_s=p.estimate.samples_per_s, step_time_s=p.estimate.step_time_s)
@@ -191,19 +130,17 @@ def measure_upstream(name: str, *, batch: int, seq: int | None, stages: int, mic
 
     import fxshard.models  # noqa: F401  (counted in the baseline, as on the fxshard side)
 
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     spec = _BY_NAME[name]
-    seq = seq or spec.seq_len
     if batch % microbatches:
         raise ValueError(f"--upstream-microbatches {microbatches} does not divide the batch of {batch}")
-    model = _build(spec, seq)
-    params = sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, spec.vocab_size, (batch // microbatches, seq), device="meta")
+    built = build(spec, batch=batch // microbatches, seq=seq)
+    params, seq = built.params, built.seq
     splits = split_spec(spec, stages)
 
     t0 = time.perf_counter()
     try:
-        pipe = pipeline(module=model, mb_args=(tokens,), split_spec=splits)
+        pipe = pipeline(module=built.model, mb_args=(built.tokens,), split_spec=splits)
     except Exception as e:  # noqa: BLE001  (upstream's failure is the measurement: keep it verbatim)
         seconds, nodes, got_stages = time.perf_counter() - t0, 0, stages
         chain, cause = [f"{type(e).__name__}: {e}"], e.__cause__
@@ -217,7 +154,7 @@ def measure_upstream(name: str, *, batch: int, seq: int | None, stages: int, mic
         graphs = [m.graph for m in pipe.split_gm.modules() if isinstance(getattr(m, "graph", None), torch.fx.Graph)]
         nodes = sum(n.op == "call_function" for g in graphs for n in g.nodes)
     return Result(model=name, tool="upstream", mode="manual split", devices="", params=params, batch=batch, seq=seq,
-                  nodes=nodes, seconds=seconds, peak_rss_mb=_max_rss_mb(), baseline_rss_mb=baseline,
+                  nodes=nodes, seconds=seconds, peak_rss_mb=max_rss_mb(), baseline_rss_mb=baseline,
                   strategy="pipeline", stages=got_stages, microbatches=microbatches, error=error)
 
 
@@ -226,16 +163,10 @@ def _failed(template: Result, error: str) -> Result:
 
 
 def _child(args: list[str], template: Result, timeout_s: float) -> Result:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return _failed(template, f"timed out after {timeout_s:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        return _failed(template, f"exit {proc.returncode}: {tail}")
-    return Result(**{**json.loads(lines[-1]), "seconds_all": ()})
+        return Result(**{**run_child(__file__, args, timeout_s=timeout_s), "seconds_all": ()})
+    except ChildError as e:
+        return _failed(template, str(e))
 
 
 def run_suite(names: list[str], *, batch: int, seq: int | None, options: list[str], upstream_model: str | None,
@@ -308,11 +239,6 @@ def ratio_lines(results: list[Result]) -> list[str]:
     return lines
 
 
-def _count(n: int) -> str:
-    """Parameter counts the way papers write them: 124M, 1.56B, 69.0B."""
-    return f"{n / 1e6:.0f}M" if n < 1e9 else f"{n / 1e9:#.3g}B"
-
-
 def to_markdown(results: list[Result]) -> str:
     """The results as a markdown table, then the PlanError and error messages it refers to."""
     head = ("| model | params | batch x seq | tool | mode | devices | nodes | seconds (fastest) | slowest s "
@@ -334,7 +260,7 @@ def to_markdown(results: list[Result]) -> str:
             return "" if math.isnan(x) else format(x, fmt)
 
         rows.append(
-            f"| {r.model} | {_count(r.params) if r.params else ''} | {r.batch} x {r.seq} | {r.tool} | {r.mode} "
+            f"| {r.model} | {count(r.params) if r.params else ''} | {r.batch} x {r.seq} | {r.tool} | {r.mode} "
             f"| {r.devices} | {r.nodes or ''} | {num(r.seconds, '.2f')} "
             f"| {num(max(r.seconds_all, default=math.nan), '.2f')} "
             f"| {num(r.peak_rss_mb, '.0f')} "
@@ -346,28 +272,6 @@ def to_markdown(results: list[Result]) -> str:
     if notes:
         out += "\n" + "\n".join(notes) + "\n"
     return out
-
-
-def write_csv(results: list[Result], path: Path) -> None:
-    fields = list(Result.__dataclass_fields__)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(asdict(r) for r in results)
-
-
-def _machine() -> str:
-    """CPU model, cores, memory, OS and versions, for the record (Linux: /proc/cpuinfo)."""
-    import torch
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
-    except OSError:
-        cpu = platform.machine()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores of {cpu}, {mem:.0f} GiB, {platform.system()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
 
 
 def _emit_child(result: Result, fd: int) -> int:
@@ -426,14 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = ratio_lines(results)
     if rss:
         summary.append(f"fxshard peak RSS: max {max(rss):.0f} MB (goal < {RSS_GOAL_MB} MB)")
-    summary.append(f"machine: {_machine()}; load average {load_before:.1f} at the start, "
+    summary.append(f"machine: {machine()}; load average {load_before:.1f} at the start, "
                    f"{os.getloadavg()[0]:.1f} at the end")
-    table = to_markdown(results) + "\n" + "\n".join(summary) + "\n"
-    print(table)
-    if args.md:
-        args.md.write_text(table)
-    if args.csv:
-        write_csv(results, args.csv)
+    publish(to_markdown(results) + "\n" + "\n".join(summary) + "\n", [asdict(r) for r in results], md=args.md,
+            csv_path=args.csv)
     return 1 if any(r.error for r in results) else 0
 
 
