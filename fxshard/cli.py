@@ -149,8 +149,9 @@ def inspect_model(model_ref: str, *, device: str, batch_size: int | None, seq_le
 def cmd_inspect(args: argparse.Namespace) -> int:
     from fxshard.cluster import format_bytes
 
-    doc = inspect_model(args.model, device=args.device, batch_size=args.batch_size,
-                        seq_len=args.seq_len, cost_model=args.cost_model, method=args.method)
+    with _progress(f"capturing and pricing {args.model}"):
+        doc = inspect_model(args.model, device=args.device, batch_size=args.batch_size,
+                            seq_len=args.seq_len, cost_model=args.cost_model, method=args.method)
     if args.json:
         _write_json(doc, args.json)
         if args.json == "-":

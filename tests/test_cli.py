@@ -169,3 +169,44 @@ def test_missing_devices_is_bad_usage():
     with pytest.raises(SystemExit) as info:
         main(["plan", "mlp"])
     assert info.value.code == 2
+
+
+def test_plan_png_and_dot_and_simulate_and_trace(tmp_path, capsys):
+    import matplotlib.image
+
+    plan_file, png, dot = tmp_path / "p.json", tmp_path / "p.png", tmp_path / "p.dot"
+    assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8", "--strategy", "pipeline",
+                 "--schedule", "1f1b", "--json", str(plan_file), "--png", str(png), "--dot", str(dot)]) == 0
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    assert dot.read_text().startswith("digraph")
+    capsys.readouterr()
+    timeline, trace = tmp_path / "t.png", tmp_path / "t.json"
+    assert main(["simulate", str(plan_file), "--microbatches", "8", "--png", str(timeline),
+                 "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "bubble" in out and "rank 0" in out
+    assert matplotlib.image.imread(timeline).shape[1] > 600
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(e["ph"] == "X" for e in events) > 0
+
+
+def test_simulate_impossible_what_if_and_missing_file_exit_nonzero(tmp_path, capsys):
+    plan_file = tmp_path / "p.json"
+    assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8", "--strategy", "pipeline",
+                 "--schedule", "1f1b", "--microbatches", "4", "--json", str(plan_file)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(plan_file), "--schedule", "nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "absent.json")]) == 2
+    assert "fxshard plan" in capsys.readouterr().err
+
+
+def test_export_through_the_console_script(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(["fxshard", "export", "gpt2-tiny", "--devices", "2xcpu:1GB", "--batch-size", "4",
+                             "--strategy", "pipeline", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("plan.json", "launch.sh", "train.py", "split_spec.json", "stages.json", "stage_0.py", "stage_1.py"):
+        assert (out / name).exists(), name
+    json.loads((out / "split_spec.json").read_text())
