@@ -19,7 +19,7 @@ from fxshard.cluster import Cluster
 from fxshard.errors import ExecutionError, PlanError
 from fxshard.passes.split import split_graph
 from fxshard.plan import Plan
-from fxshard.planner import PlanOptions, _batch_size, plan_captured
+from fxshard.planner import PlanOptions, batch_size_of, plan_captured
 from fxshard.runtime.local import LocalPipeline
 
 __all__ = ["CompiledModel", "compile"]
@@ -71,7 +71,7 @@ class CompiledModel:
         captured = capture(self._model, args, example_kwargs=kwargs)
         if self._plan is None:
             cluster = Cluster.parse(self._devices)
-            self._plan = plan_captured(captured, cluster, _batch_size(captured, args, kwargs), self._options)
+            self._plan = plan_captured(captured, cluster, batch_size_of(captured, args, kwargs), self._options)
         elif self._plan.model.fingerprint != captured.fingerprint():
             raise ExecutionError(
                 f"the plan was made for {self._plan.model.name} (fingerprint {self._plan.model.fingerprint}, "

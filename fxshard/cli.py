@@ -214,7 +214,7 @@ def _make_plan(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any, fl
     """(plan, captured graph, seconds) for the command's MODEL and devices."""
     from fxshard.capture import capture
     from fxshard.cluster import Cluster
-    from fxshard.planner import PlanOptions, _batch_size, plan_captured
+    from fxshard.planner import PlanOptions, batch_size_of, plan_captured
     from fxshard.zoo import resolve
 
     built = resolve(args.model, batch_size=args.batch_size, seq_len=args.seq_len)
@@ -223,7 +223,7 @@ def _make_plan(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any, fl
     with _progress(f"planning {built.name} on {cluster.describe()}"):
         start = time.perf_counter()
         captured = capture(built.model, built.example_inputs)
-        plan = plan_captured(captured, cluster, _batch_size(captured, built.example_inputs, None),
+        plan = plan_captured(captured, cluster, batch_size_of(captured, built.example_inputs, None),
                              PlanOptions(**options))
         seconds = time.perf_counter() - start
     return plan, captured, seconds

@@ -34,7 +34,7 @@ from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Alternative, Estimate, ModelInfo, Plan, StagePlan
 from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
 
-__all__ = ["PlanOptions", "plan", "plan_captured"]
+__all__ = ["PlanOptions", "batch_size_of", "group_link", "plan", "plan_captured", "ring_allreduce_time"]
 
 _ORDER = {"single": 0, "ddp": 1, "pipeline": 2, "hybrid": 3}
 # Where torch puts a schedule's stages: one per rank, looped (stage s on rank s % k), or V-shaped.
@@ -129,7 +129,8 @@ class _Pricer:
         return self._cache[key]
 
 
-def _batch_size(captured: CapturedGraph, example_inputs: Any, example_kwargs: Mapping | None) -> int:
+def batch_size_of(captured: CapturedGraph, example_inputs: Any, example_kwargs: Mapping | None) -> int:
+    """The batch size: the first dimension of the first tensor among the example inputs."""
     for leaf in pytree.tree_leaves((example_inputs, dict(example_kwargs or {}))):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
@@ -141,13 +142,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _ring_allreduce(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """Seconds for a ring all-reduce of ``nbytes`` over n ranks: 2(n-1)/n x bytes / bandwidth
+    plus 2(n-1) latencies."""
     if n <= 1 or nbytes <= 0:
         return 0.0
     return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
 
 
-def _group_link(cluster: Cluster, devices: tuple[int, ...]) -> tuple[float, float]:
+def group_link(cluster: Cluster, devices: tuple[int, ...]) -> tuple[float, float]:
+    """(bandwidth, latency) of the link a group of devices all-reduces over."""
     machines = {cluster.devices[d].machine for d in devices}
     link = cluster.intra_link if len(machines) == 1 else cluster.inter_link
     return link.bandwidth, link.latency_s
@@ -190,7 +194,7 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
                         "fxshard.compile without them plans at the first call")
     cluster = Cluster.parse(devices)
     captured = capture(model, example_inputs, example_kwargs=example_kwargs)
-    batch = _batch_size(captured, example_inputs, example_kwargs)
+    batch = batch_size_of(captured, example_inputs, example_kwargs)
     return plan_captured(captured, cluster, batch, opts)
 
 
@@ -237,8 +241,8 @@ def _data_parallel(pricer: _Pricer, cluster: Cluster, batch: int, replicas: int,
     stage = summarize_stages(pricer.captured, slowest, {}, 1, training=opts.training, optimizer=opts.optimizer)[0]
     allreduce = 0.0
     if opts.training and replicas > 1:
-        bw, lat = _group_link(cluster, used)
-        allreduce = _ring_allreduce(stage.param_bytes, replicas, bw, lat)
+        bw, lat = group_link(cluster, used)
+        allreduce = ring_allreduce_time(stage.param_bytes, replicas, bw, lat)
     bwd = stage.bwd_time_s if opts.training else 0.0
     exposed = max(0.0, allreduce - bwd)  # DDP overlaps the bucketed all-reduce with backward
     step = stage.fwd_time_s + bwd + exposed
@@ -352,8 +356,8 @@ def _simulate_candidate(pricer: _Pricer, cluster: Cluster, stage_of: dict[str, i
     reduce = []
     for st, devs in zip(stages, stage_devices):
         if opts.training and d > 1:
-            bw, lat = _group_link(cluster, devs)
-            reduce.append(max(0.0, _ring_allreduce(st.param_bytes, d, bw, lat) - st.bwd_time_s))
+            bw, lat = group_link(cluster, devs)
+            reduce.append(max(0.0, ring_allreduce_time(st.param_bytes, d, bw, lat) - st.bwd_time_s))
         else:
             reduce.append(0.0)
     try:

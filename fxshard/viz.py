@@ -147,10 +147,10 @@ def _exposed_allreduce(plan: Plan, cluster: Cluster, st: StagePlan, bwd: float) 
     n = len(st.device_indices)
     if not plan.training or n <= 1 or st.param_bytes <= 0:
         return 0.0
-    machines = {cluster.devices[d].machine for d in st.device_indices}
-    link = cluster.intra_link if len(machines) == 1 else cluster.inter_link
-    ring = 2 * (n - 1) / n * st.param_bytes / link.bandwidth + 2 * (n - 1) * link.latency_s
-    return max(0.0, ring - bwd)
+    from fxshard.planner import group_link, ring_allreduce_time
+
+    bandwidth, latency = group_link(cluster, tuple(st.device_indices))
+    return max(0.0, ring_allreduce_time(st.param_bytes, n, bandwidth, latency) - bwd)
 
 
 # -- PNG -------------------------------------------------------------------------------------
