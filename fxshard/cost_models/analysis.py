@@ -181,9 +181,19 @@ def analyze(captured: CapturedGraph) -> list[NodeWork]:
     fake_state = {id(t) for t in captured.fake_module.parameters()}
     fake_state |= {id(t) for t in captured.fake_module.buffers()}
     works = []
+    # The 80 identical layers of a decoder repeat the same nodes with other names: each
+    # distinct (operator, module shape, input shapes) is run once and its figures reused.
+    memo: dict[str, tuple[dict, tuple, tuple]] = {}
     for real, fake in zip(real_nodes, fake_nodes):
         try:
-            works.append(_analyze_node(real, fake, captured, runner, fake_state))
+            key = _signature(fake, captured) if real.op not in ("placeholder", "get_attr", "output") else None
+            if key is not None and key in memo:
+                works.append(_reuse(real, fake, captured, *memo[key]))
+                continue
+            work = _analyze_node(real, fake, captured, runner, fake_state)
+            if key is not None:
+                memo[key] = _template(work, real, fake)
+            works.append(work)
         except CostModelError:
             raise
         except Exception as e:
@@ -192,20 +202,77 @@ def analyze(captured: CapturedGraph) -> list[NodeWork]:
     return works
 
 
-def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGraph,
-                  runner: _NodeRunner, fake_state: set[int]) -> NodeWork:
+_NAMED = ("saved_values", "view_of")
+
+
+def _val_signature(value: Any) -> Any:
+    def sig(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype), v.requires_grad)
+        return v
+
+    return pytree.tree_map(sig, value)
+
+
+def _signature(fake: torch.fx.Node, captured: CapturedGraph) -> str:
+    """What a node's figures depend on: its operator (and module's shape), its inputs' shapes."""
+    position = {n: i for i, n in enumerate(fake.all_input_nodes)}
+    args = torch.fx.node.map_arg((fake.args, fake.kwargs), lambda n: (
+        "N", position[n], n.op == "get_attr", _val_signature(n.meta.get("val"))))
+    if fake.op == "call_module":
+        sub = captured.fake_module.get_submodule(fake.target)
+        state = tuple((n, tuple(t.shape), str(t.dtype), t.requires_grad)
+                      for n, t in list(sub.named_parameters()) + list(sub.named_buffers()))
+        what: Any = (type(sub).__qualname__, type(sub).__module__, sub.extra_repr(), sub.training, state)
+    else:
+        target = fake.target if isinstance(fake.target, str) else (
+            getattr(fake.target, "__module__", ""), getattr(fake.target, "__qualname__", repr(fake.target)))
+        what = (fake.op, target)
+    return repr((what, args))
+
+
+def _template(work: NodeWork, real: torch.fx.Node, fake: torch.fx.Node) -> tuple[dict, tuple, tuple]:
+    """A node's figures with its names turned into input positions, for reuse."""
+    names = [n.name for n in fake.all_input_nodes]
+    fields = {f.name: getattr(work, f.name) for f in dataclasses.fields(NodeWork)
+              if f.name not in _NAMED and f.name not in _BASE}
+    saved = tuple(("self",) if v == real.name else ("in", names.index(v)) for v in work.saved_values)
+    view = ("in", names.index(work.view_of)) if work.view_of else ()
+    return fields, saved, view
+
+
+def _reuse(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGraph, fields: dict, saved: tuple,
+           view: tuple) -> NodeWork:
+    names = [n.name for n in fake.all_input_nodes]
+    saved_values = tuple(real.name if ref[0] == "self" else names[ref[1]] for ref in saved)
+    return NodeWork(**_base(real, captured), **fields, saved_values=saved_values,
+                    view_of=names[view[1]] if view else "")
+
+
+_BASE = ("name", "op", "target", "module", "params", "param_sizes", "buffers", "buffer_sizes", "param_bytes",
+         "buffer_bytes", "output_bytes", "requires_grad")
+
+
+def _base(real: torch.fx.Node, captured: CapturedGraph) -> dict:
+    """The figures of a node that need no execution: names, held tensors, output size."""
     params: dict[str, int] = {}
     buffers: dict[str, int] = {}
     for path, t in _held_tensors(real, captured.gm):
         table = params if isinstance(t, torch.nn.Parameter) else buffers
         table.setdefault(captured.param_names.get(id(t), path), tensor_bytes(t))
     outputs = node_values(real)
-    base = dict(name=real.name, op=real.op, target=_target_text(real), module=_module_of(real),
+    return dict(name=real.name, op=real.op, target=_target_text(real), module=_module_of(real),
                 params=tuple(params), param_sizes=tuple(params.values()),
                 buffers=tuple(buffers), buffer_sizes=tuple(buffers.values()),
                 param_bytes=sum(params.values()), buffer_bytes=sum(buffers.values()),
                 output_bytes=_unique_bytes(outputs),
                 requires_grad=any(t.requires_grad for t in outputs))
+
+
+def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGraph,
+                  runner: _NodeRunner, fake_state: set[int]) -> NodeWork:
+    base = _base(real, captured)
+    outputs = node_values(real)
     if real.op in ("placeholder", "get_attr", "output"):
         return NodeWork(**base, dtype=_dtype_of(outputs))
 
