@@ -370,6 +370,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fxshard.calibrate import calibrate
+    from fxshard.zoo import resolve
+
+    plan, captured, _ = _make_plan(args)
+    built = resolve(args.model, batch_size=args.batch_size, seq_len=args.seq_len)
+    with _progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
+        report = calibrate(captured, plan, built.example_inputs, device=args.device, repeats=args.repeats,
+                           profiled=not args.no_profiled)
+    if args.json:
+        with _output(args.json) as f:
+            f.write(report.to_json() + "\n")
+        if args.json == "-":
+            return 0
+    if args.md:
+        with _output(args.md) as f:
+            f.write(report.to_markdown() + "\n")
+    if args.png:
+        from fxshard import viz
+
+        viz.calibration_png(report, args.png)
+    _console().print(report.to_markdown())
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -463,6 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("calibrate", help="run the plan's stages on this machine and compare with predictions")
+    model_args(p)
+    p.add_argument("--device", metavar="DEVICE", help="torch device to measure on (default: cuda if present, else cpu)")
+    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs per measurement (median kept)")
+    p.add_argument("--no-profiled", action="store_true", help="skip the profiled cost model (faster)")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
+    p.add_argument("--md", metavar="FILE", help="write the report as a markdown table")
+    p.add_argument("--png", metavar="FILE", help="predicted against measured stage times")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("simulate", help="what-if on a saved plan: another schedule or micro-batch count")
     p.add_argument("plan", metavar="PLAN.json")

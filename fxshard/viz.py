@@ -535,3 +535,35 @@ def _dot_edges(plan: Plan, boxes: list[_Box], box_of: dict[str, str], stage_of: 
             attrs.append("penwidth=2")
         lines.append(f"  {_quote(a)} -> {_quote(b)}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
     return lines
+
+
+def calibration_png(report: Any, path: Any) -> None:
+    """Predicted against measured stage times (log-log), one point per stage and model."""
+    fig = _figure(6.4, 5.2)
+    ax = fig.add_subplot(1, 1, 1)
+    measured = [s.measured_s * 1e3 for s in report.stages]
+    for which, marker, colour in (("analytical", "o", "#4c78a8"), ("profiled", "s", "#f58518")):
+        predicted = [(s.analytical_s if which == "analytical" else s.profiled_s) for s in report.stages]
+        if any(p is None for p in predicted):
+            continue
+        ax.scatter(measured, [p * 1e3 for p in predicted], marker=marker, color=colour, label=which, zorder=3)
+        for s, x, y in zip(report.stages, measured, predicted):
+            ax.annotate(str(s.index), (x, y * 1e3), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    values = [v for v in measured if v > 0]
+    lo, hi = min(values) / 3, max(values) * 3
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="exact")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
+        axis.set_tick_params(which="both", labelsize=8)
+    ax.set_xlabel("measured fwd + bwd per micro-batch (ms)", fontsize=9)
+    ax.set_ylabel("predicted (ms)", fontsize=9)
+    ax.set_title(f"{report.model} on {report.device} ({report.device_spec}): stage times", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")

@@ -1,0 +1,232 @@
+"""Calibration: run a plan's stages for real on the local device and compare with predictions.
+
+For each stage of a plan (and for the whole model), the stage module runs forward and backward
+on one micro-batch on the local device: warm-up, then the median of ``repeats`` timed runs
+(CUDA events on GPUs, ``time.perf_counter`` on CPUs), and, on CUDA, the peak memory from
+``torch.cuda.max_memory_allocated``. The same stages are priced by the ``analytical`` and
+``profiled`` cost models for the local device, and the report gives each stage's error, the
+median absolute relative error and Kendall's tau between predicted and measured stage times.
+See docs/calibration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fxshard.capture import CapturedGraph
+from fxshard.cluster import Cluster
+from fxshard.cost_models import ProfiledCostModel, estimate, scale_batch
+from fxshard.cost_models.analysis import analyze
+from fxshard.errors import ExecutionError
+from fxshard.passes.split import split_graph
+from fxshard.passes.stages import summarize_stages
+from fxshard.plan import Plan
+from fxshard.runtime.local import split_microbatches
+
+__all__ = ["CalibrationReport", "StageMeasurement", "calibrate", "kendall_tau"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageMeasurement:
+    """One stage (index -1: the whole model): measured and predicted forward + backward seconds
+    per micro-batch, and peak memory where the device reports it."""
+
+    index: int
+    measured_fwd_s: float
+    measured_bwd_s: float
+    analytical_s: float
+    profiled_s: float | None
+    measured_peak_bytes: float | None
+    predicted_peak_bytes: float | None
+
+    @property
+    def measured_s(self) -> float:
+        return self.measured_fwd_s + self.measured_bwd_s
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationReport:
+    """Predicted against measured stage times on one device."""
+
+    model: str
+    device: str
+    device_spec: str
+    microbatch_fraction: float
+    stages: tuple[StageMeasurement, ...]
+    whole: StageMeasurement
+
+    def errors(self, which: str = "analytical") -> list[float]:
+        """Relative error per stage, (predicted - measured) / measured."""
+        out = []
+        for s in self.stages:
+            predicted = s.analytical_s if which == "analytical" else s.profiled_s
+            if predicted is not None and s.measured_s > 0:
+                out.append((predicted - s.measured_s) / s.measured_s)
+        return out
+
+    def median_abs_error(self, which: str = "analytical") -> float | None:
+        errors = [abs(e) for e in self.errors(which)]
+        return statistics.median(errors) if errors else None
+
+    def tau(self, which: str = "analytical") -> float | None:
+        predicted = [s.analytical_s if which == "analytical" else s.profiled_s for s in self.stages]
+        if any(p is None for p in predicted) or len(predicted) < 2:
+            return None
+        return kendall_tau(predicted, [s.measured_s for s in self.stages])
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for which in ("analytical", "profiled"):
+            data[f"median_abs_error_{which}"] = self.median_abs_error(which)
+            data[f"kendall_tau_{which}"] = self.tau(which)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"Calibration of {self.model} on {self.device} ({self.device_spec}), seconds per micro-batch "
+                 f"(fwd + bwd)", "",
+                 "| stage | measured | analytical | error | profiled | error | peak memory (measured / predicted) |",
+                 "|---|---|---|---|---|---|---|"]
+        for s in (*self.stages, self.whole):
+            name = "whole model" if s.index < 0 else str(s.index)
+            a_err = (s.analytical_s - s.measured_s) / s.measured_s if s.measured_s else 0.0
+            p_err = (s.profiled_s - s.measured_s) / s.measured_s if s.profiled_s and s.measured_s else None
+            mem = (f"{s.measured_peak_bytes / 2**20:.1f} / {s.predicted_peak_bytes / 2**20:.1f} MiB"
+                   if s.measured_peak_bytes is not None and s.predicted_peak_bytes is not None else "n/a on this device")
+            lines.append(f"| {name} | {s.measured_s * 1e3:.3f} ms | {s.analytical_s * 1e3:.3f} ms | {a_err:+.0%} | "
+                         + (f"{s.profiled_s * 1e3:.3f} ms | {p_err:+.0%}" if p_err is not None else "- | -")
+                         + f" | {mem} |")
+        for which in ("analytical", "profiled"):
+            err, tau = self.median_abs_error(which), self.tau(which)
+            if err is not None:
+                lines.append(f"\n{which}: median |error| {err:.1%}"
+                             + (f", Kendall tau {tau:.2f}" if tau is not None else ""))
+        return "\n".join(lines)
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-a between two equally long sequences (ties count as neither)."""
+    n = len(a)
+    if n != len(b) or n < 2:
+        raise ValueError(f"kendall_tau needs two sequences of the same length >= 2, got {len(a)} and {len(b)}")
+    score = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            x, y = a[i] - a[j], b[i] - b[j]
+            score += (x * y > 0) - (x * y < 0)
+    return score / (n * (n - 1) / 2)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], float]:
+    def measure(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    return measure
+
+
+def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device, warmup: int,
+                    repeats: int) -> tuple[float, float, float | None, tuple]:
+    """(forward s, backward s, peak bytes or None, outputs) of one module on one micro-batch."""
+    measure = _timer(device)
+
+    def leaves() -> list[Any]:
+        return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+                for t in inputs]
+
+    fwd = measure(lambda: module(*leaves()), warmup, repeats)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+
+    def forward_backward() -> tuple:
+        out = module(*leaves())
+        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if tensors:
+            torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+        return out
+
+    total = measure(forward_backward, warmup, repeats)
+    peak = float(torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
+    with torch.no_grad():
+        outputs = module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
+    module.zero_grad(set_to_none=True)
+    return fwd, max(total - fwd, 0.0), peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+
+
+def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
+              warmup: int = 2, repeats: int = 5, profiled: bool = True) -> CalibrationReport:
+    """Measure each of ``plan``'s stages on one local device and compare with predictions.
+
+    Args:
+        captured: the model's captured graph (its parameters must be real, on any device).
+        plan: the plan whose stage split is measured (any strategy; single/ddp: one stage).
+        example_inputs: one batch of the model's positional inputs.
+        device: where to run (default: CUDA if present, else the CPU).
+        warmup, repeats: untimed and timed runs per measurement (median kept).
+        profiled: also price with the profiled cost model (times every node: slower).
+
+    Raises:
+        ExecutionError: a model on the meta device (nothing real to run).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if any(p.device.type == "meta" for p in captured.gm.parameters()):
+        raise ExecutionError("calibration runs the model for real: build it on a real device, not on meta")
+    spec = Cluster.parse([str(dev)]).devices[0].spec
+    gm = captured.gm.to(dev)
+    flat = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in captured.flatten_inputs(tuple(example_inputs), {})]
+    m = plan.microbatches * plan.replicas
+    micro = split_microbatches(flat, m)[0] if m > 1 else flat
+    fraction = 1.0 / m
+    works = scale_batch(analyze(captured), fraction) if fraction < 1 else analyze(captured)
+    analytical = estimate(captured, spec, works=works)
+    measured_profile = estimate(captured, spec, works=works, cost_model=ProfiledCostModel(device=dev)) if profiled else None
+    stage_of = plan.stage_of()
+    k = plan.num_stages
+    split = split_graph(captured, stage_of, k)
+    predicted = summarize_stages(captured, analytical, stage_of, k, training=plan.training, optimizer=plan.optimizer)
+    profiled_stages = (summarize_stages(captured, measured_profile, stage_of, k, training=plan.training,
+                                        optimizer=plan.optimizer) if measured_profile is not None else None)
+    stages = []
+    values: Sequence[Any] = micro
+    for s, stage in enumerate(split.stages):
+        module = stage.module.to(dev)
+        fwd, bwd, peak, values = _measure_module(module, values, dev, warmup, repeats)
+        pred = predicted[s]
+        stages.append(StageMeasurement(
+            index=s, measured_fwd_s=fwd, measured_bwd_s=bwd, analytical_s=pred.fwd_time_s + pred.bwd_time_s,
+            profiled_s=(profiled_stages[s].fwd_time_s + profiled_stages[s].bwd_time_s) if profiled_stages else None,
+            measured_peak_bytes=peak,
+            predicted_peak_bytes=pred.state_bytes + pred.activation_bytes + pred.transient_bytes))
+    fwd, bwd, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
+    whole = StageMeasurement(
+        index=-1, measured_fwd_s=fwd, measured_bwd_s=bwd,
+        analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
+        profiled_s=(measured_profile.fwd_time_s + measured_profile.bwd_time_s) if measured_profile else None,
+        measured_peak_bytes=peak, predicted_peak_bytes=None)
+    return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
+                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole)
