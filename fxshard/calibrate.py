@@ -23,7 +23,8 @@ import torch.utils._pytree as pytree
 
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
-from fxshard.cost_models import ProfiledCostModel, estimate, scale_batch
+from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_batch
+from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.analysis import analyze
 from fxshard.errors import ExecutionError
 from fxshard.passes.split import split_graph
@@ -62,6 +63,7 @@ class CalibrationReport:
     microbatch_fraction: float
     stages: tuple[StageMeasurement, ...]
     whole: StageMeasurement
+    fit: FactorFit | None = None  # roofline factors fitted to the profiled node times
 
     def errors(self, which: str = "analytical") -> list[float]:
         """Relative error per stage, (predicted - measured) / measured."""
@@ -111,6 +113,12 @@ class CalibrationReport:
             if err is not None:
                 lines.append(f"\n{which}: median |error| {err:.1%}"
                              + (f", Kendall tau {tau:.2f}" if tau is not None else ""))
+        if self.fit is not None:
+            f = self.fit.factors
+            lines.append(f"\nroofline factors fitted to {self.fit.samples} measured kernels of {self.device_spec}: "
+                         f"matmul_eff={f.matmul_eff:.2f}, memory_eff={f.memory_eff:.2f}, "
+                         f"launch_overhead_s={f.launch_overhead_s:.2e} (median |log error| "
+                         f"{self.fit.error_before:.2f} with the current factors, {self.fit.error_after:.2f} fitted)")
         return "\n".join(lines)
 
 
@@ -228,5 +236,12 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
         profiled_s=(measured_profile.fwd_time_s + measured_profile.bwd_time_s) if measured_profile else None,
         measured_peak_bytes=peak, predicted_peak_bytes=None)
+    fit = None
+    if measured_profile is not None:
+        node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in measured_profile]
+        try:
+            fit = fit_factors([c.work for c in measured_profile], node_times, spec)
+        except ValueError:
+            fit = None  # too few kernels to fit anything
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
-                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole)
+                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fit)

@@ -66,3 +66,26 @@ def test_calibrate_command(tmp_path, capsys):
                  "--no-profiled", "--repeats", "2", "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["stages"]) >= 2 and doc["device"] == "cpu"
+
+
+def test_fitted_factors_lower_the_error_on_the_measured_kernels(report):
+    _, rep = report
+    assert rep.fit is not None and rep.fit.samples >= 3
+    assert rep.fit.error_after <= rep.fit.error_before
+    assert 0 < rep.fit.factors.matmul_eff <= 1 and 0 < rep.fit.factors.memory_eff <= 1
+    assert "fitted" in rep.to_markdown()
+
+
+def test_fit_recovers_known_factors():
+    from fxshard.cluster import get_preset
+    from fxshard.cost_models import AnalyticalCostModel, RooflineFactors, analyze
+    from fxshard.cost_models.analytical import fit_factors
+
+    z = build("gpt2-tiny", batch_size=8)
+    captured = capture(z.model, z.example_inputs)
+    works = analyze(captured)
+    truth = RooflineFactors(matmul_eff=0.4, memory_eff=0.6, launch_overhead_s=1e-5)
+    times = AnalyticalCostModel(truth).node_times(captured, works, get_preset("A100-80GB"))
+    fit = fit_factors(works, times, get_preset("A100-80GB"))
+    assert fit.error_after < 0.05
+    assert fit.factors.launch_overhead_s == pytest.approx(1e-5, rel=0.3)

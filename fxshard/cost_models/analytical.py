@@ -24,7 +24,8 @@ from fxshard.cost_models.base import NodeTime, register_cost_model
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
 
-__all__ = ["FACTORS", "AnalyticalCostModel", "RooflineFactors", "factors_for", "roofline_time"]
+__all__ = ["FACTORS", "AnalyticalCostModel", "FactorFit", "RooflineFactors", "factors_for", "fit_factors",
+           "roofline_time"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,3 +111,55 @@ class AnalyticalCostModel:
 @register_cost_model("analytical")
 def _analytical() -> AnalyticalCostModel:
     return AnalyticalCostModel()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FactorFit:
+    """Roofline factors fitted to measured node times, with the error before and after."""
+
+    factors: RooflineFactors
+    samples: int
+    error_before: float  # median |log(predicted / measured)| with the device's current factors
+    error_after: float
+
+
+def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device: DeviceSpec) -> FactorFit:
+    """Fit ``matmul_eff``, ``memory_eff`` and ``launch_overhead_s`` to measured node times.
+
+    Every forward and backward time of a node that runs kernels is a sample; the fit is a grid
+    search minimising the median absolute log error of the roofline (robust to the few nodes
+    whose timing is noise). See docs/calibration.md.
+
+    Raises:
+        ValueError: fewer than three usable samples.
+    """
+    import numpy as np
+
+    rows = []
+    for w, t in zip(works, measured):
+        for flops, nbytes, kernels, seconds in ((w.fwd_flops, w.fwd_bytes, w.fwd_kernels, t.fwd_s),
+                                                (w.bwd_flops, w.bwd_bytes, w.bwd_kernels, t.bwd_s)):
+            if kernels and seconds > 0:
+                tf32 = any(op in _CONV_OPS for op in w.flop_ops)
+                peak = device.peak_flops_for(_dtype(w.dtype), allow_tf32=tf32)
+                rows.append((flops / peak, nbytes / device.memory_bandwidth, kernels, seconds))
+    if len(rows) < 3:
+        raise ValueError(f"fitting needs at least 3 timed kernels, got {len(rows)}")
+    compute, memory, kernels, seconds = (np.array(c, dtype=np.float64) for c in zip(*rows))
+    log_measured = np.log(seconds)
+
+    def error(a: np.ndarray, b: np.ndarray, o: np.ndarray) -> np.ndarray:
+        predicted = kernels * o[..., None] + np.maximum(compute / a[..., None], memory / b[..., None])
+        return np.median(np.abs(np.log(np.maximum(predicted, 1e-15)) - log_measured), axis=-1)
+
+    grid = np.linspace(0.02, 1.0, 50)
+    overheads = np.concatenate([[0.0], np.geomspace(1e-7, 1e-3, 41)])
+    a, b, o = np.meshgrid(grid, grid, overheads, indexing="ij")
+    errors = error(a.ravel(), b.ravel(), o.ravel())
+    best = int(np.argmin(errors))
+    current = factors_for(device)
+    before = float(error(np.array([current.matmul_eff]), np.array([current.memory_eff]),
+                         np.array([current.launch_overhead_s]))[0])
+    fitted = RooflineFactors(matmul_eff=float(a.ravel()[best]), memory_eff=float(b.ravel()[best]),
+                             launch_overhead_s=float(o.ravel()[best]), conv_tf32=current.conv_tf32)
+    return FactorFit(factors=fitted, samples=len(rows), error_before=before, error_after=float(errors[best]))
