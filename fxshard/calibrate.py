@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
 from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_batch
 from fxshard.cost_models.analytical import FactorFit, fit_factors
+from fxshard.cost_models.profiled import median_time
 from fxshard.cost_models.analysis import analyze
 from fxshard.errors import ExecutionError
 from fxshard.passes.split import split_graph
@@ -135,32 +135,11 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return score / (n * (n - 1) / 2)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], float]:
-    def measure(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
-
-    return measure
-
-
 def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device, warmup: int,
                     repeats: int) -> tuple[float, float, float | None, tuple]:
     """(forward s, backward s, peak bytes or None, outputs) of one module on one micro-batch."""
-    measure = _timer(device)
+    def measure(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+        return median_time(fn, device, warmup=warmup, repeats=repeats)
 
     def leaves() -> list[Any]:
         return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t

@@ -31,7 +31,7 @@ from fxshard.errors import CostModelError
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
 
-__all__ = ["ProfiledCostModel"]
+__all__ = ["ProfiledCostModel", "median_time"]
 
 _SKIP_OPS = ("placeholder", "get_attr", "output")
 
@@ -99,23 +99,27 @@ class ProfiledCostModel:
         return NodeTime(fwd_s=fwd_s, bwd_s=bwd_s)
 
     def _time(self, fn: Callable[[], Any], dev: torch.device) -> float:
-        for _ in range(self.warmup):
+        return median_time(fn, dev, warmup=self.warmup, repeats=self.repeats)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn`` after ``warmup`` untimed runs: CUDA events on GPUs, else perf_counter."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
-        samples = []
-        if dev.type == "cuda":
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
         else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
 
 
 def _model_device(gm: torch.nn.Module) -> torch.device:
