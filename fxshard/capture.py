@@ -17,10 +17,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -144,6 +145,9 @@ class CapturedGraph:
             model (a tensor reachable under two names keeps its first name).
         fallback_reason: why symbolic_trace was not used, when ``method == "export"``.
         state_names: the keys of the model's ``state_dict()`` (what a checkpoint holds).
+        fixed_batch: the batch size the graph only runs at, when torch.export had to
+            specialise on it (the model branches on its batch size); None when the graph runs
+            at any batch size, so on micro-batches and replica shards.
     """
 
     gm: torch.fx.GraphModule
@@ -157,6 +161,7 @@ class CapturedGraph:
     flatten_inputs: Callable[[tuple, dict], list]
     fallback_reason: str = ""
     state_names: frozenset[str] = frozenset()
+    fixed_batch: int | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the captured graph eagerly; returns what the model returns."""
@@ -221,8 +226,40 @@ def _trace_symbolic(model: torch.nn.Module, leaf_modules: tuple) -> torch.fx.Gra
     return _Tracer(leaf_modules).trace(model)
 
 
-def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph, torch.nn.Module, Any]:
-    exported = torch.export.export(model, args, kwargs, strict=False)
+def _example_batch(args: tuple, kwargs: dict) -> int | None:
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def _trace_export(model: torch.nn.Module, args: tuple,
+                  kwargs: dict) -> tuple[torch.fx.Graph, torch.nn.Module, Any, int | None]:
+    """Export with the batch dimension left symbolic where the model allows it, so that the
+    graph runs on micro-batches and replica shards; returns the graph, the unlifted module,
+    the call spec and the batch size the graph is fixed to (None when it is not)."""
+    batch = _example_batch(args, kwargs)
+    batched = [t for t in pytree.tree_leaves((args, kwargs))
+               if isinstance(t, torch.Tensor) and t.dim() > 0 and batch is not None and t.shape[0] == batch]
+    exported = None
+    if batch is not None and batch > 1:
+        shapes = torch.export.ShapesCollection()
+        for t in batched:
+            shapes[t] = {0: torch.export.Dim.AUTO}
+        try:
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception:  # noqa: BLE001 - a model that refuses a symbolic batch is exported static
+            exported = None
+    if exported is None:
+        exported = torch.export.export(model, args, kwargs, strict=False)
+    fixed = None
+    if batch is not None and batch > 1:
+        user_inputs = set(exported.graph_signature.user_inputs)
+        for node in exported.graph.nodes:
+            val = node.meta.get("val")
+            if (node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor)
+                    and val.dim() > 0 and not isinstance(val.shape[0], torch.SymInt) and val.shape[0] == batch):
+                fixed = batch  # the model specialised on its batch size
     unlifted = exported.module()
     graph = torch.fx.Graph()
     out = graph.graph_copy(unlifted.graph, {})
@@ -231,7 +268,7 @@ def _trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[to
         # export's input-guard check is a module of the unlifted wrapper, not of the model.
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-    return graph, unlifted, exported.call_spec
+    return graph, unlifted, exported.call_spec, fixed
 
 
 def _flatten_output_node(graph: torch.fx.Graph) -> OutputSpec:
@@ -443,7 +480,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
     reasons: dict[str, str] = {}
     if method in ("auto", "symbolic_trace"):
         try:
-            return _finish_symbolic(model, args, kwargs, leaf_modules)
+            with _state_guard(model):
+                return _finish_symbolic(model, args, kwargs, leaf_modules)
         except CaptureError:
             raise
         except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
@@ -465,6 +503,37 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
             f"depend on shapes only or use torch.cond; mark untraceable submodules with "
             f"leaf_modules=(...); for Hugging Face-style models pass use_cache=False and "
             f"return_dict=True in the config; pass example inputs of the real types") from e
+
+
+class _StateMutated(RuntimeError):
+    """symbolic_trace ran an in-place update of the model's state as plain Python."""
+
+
+@contextlib.contextmanager
+def _state_guard(model: torch.nn.Module) -> Iterator[None]:
+    """symbolic_trace runs ``self.buf += 1`` or ``self.ema.mul_(...)`` on the real tensors,
+    once, and leaves the update out of the graph. Undo such an update and refuse the graph
+    (capture then falls back to torch.export, which records state updates in the graph)."""
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    versions = {name: t._version for name, t in state.items()}
+    saved = {name: b.detach().clone() for name, b in model.named_buffers(remove_duplicate=False)
+             if b.device.type != "meta"}
+    try:
+        yield
+    finally:
+        changed = sorted(name for name, t in state.items() if t._version != versions[name])
+        with torch.no_grad():
+            for name in changed:
+                if name in saved:
+                    state[name].copy_(saved[name])
+    if changed:
+        restored = [n for n in changed if n in saved or state[n].device.type == "meta"]
+        lost = [n for n in changed if n not in restored]
+        if lost:
+            raise CaptureError(f"tracing {type(model).__name__} changed its parameters {lost[:3]} in place, outside "
+                               f"torch.no_grad() bookkeeping fxshard can undo; move that update out of forward")
+        raise _StateMutated(f"forward updates {', '.join(changed[:3])} in place, which symbolic_trace runs once "
+                            f"instead of recording")
 
 
 def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
@@ -497,14 +566,15 @@ def _finish_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 
 def _finish_export(model: torch.nn.Module, args: tuple, kwargs: dict, reason: str) -> CapturedGraph:
-    graph, unlifted, call_spec = _trace_export(model, args, kwargs)
+    graph, unlifted, call_spec, fixed_batch = _trace_export(model, args, kwargs)
     output_spec = _output_spec_from_pytree(graph, call_spec.out_spec)
     graph.lint()
     gm = torch.fx.GraphModule(_build_root(graph, model, unlifted), graph, class_name=type(model).__name__)
     input_names = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     flatten = _pytree_flattener(call_spec.in_spec, len(input_names), type(model).__name__)
     flat_inputs = flatten(args, kwargs)
-    return _propagate(gm, model, "export", input_names, output_spec, flatten, flat_inputs, reason)
+    captured = _propagate(gm, model, "export", input_names, output_spec, flatten, flat_inputs, reason)
+    return dataclasses.replace(captured, fixed_batch=fixed_batch) if fixed_batch else captured
 
 
 def _propagate(gm: torch.fx.GraphModule, model: torch.nn.Module, method: str,

@@ -204,7 +204,7 @@ def _progress(message: str) -> Any:
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"training": not args.inference, "optimizer": args.optimizer,
                                "partitioner": args.partitioner, "cost_model": args.cost_model}
-    for name in ("schedule", "microbatches", "strategy"):
+    for name in ("schedule", "microbatches", "strategy", "stages"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
@@ -466,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved1f1b, zbv, ... (default: auto)")
         p.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per step (default: auto)")
         p.add_argument("--strategy", choices=("single", "ddp", "pipeline", "hybrid"), help="force a strategy")
+        p.add_argument("--stages", type=int, metavar="K", help="force the pipeline depth (default: auto)")
         p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"),
                        help="optimizer state per parameter (default adam)")
         p.add_argument("--cost-model", default="analytical", choices=("analytical", "profiled"))
@@ -513,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "seq_len", "top", "microbatches"):
+    for name in ("batch_size", "seq_len", "top", "microbatches", "stages"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -53,6 +53,7 @@ class PlanOptions:
     partitioner: str = "metis"
     cost_model: str = "analytical"
     strategy: str | None = None
+    stages: int | None = None
     loss_fn: Any = None
     seed: int = 0
     memory_reserve: float = 0.05
@@ -77,6 +78,13 @@ class PlanOptions:
             raise PlanError(f"schedule={self.schedule!r}; use None (auto) or one of {', '.join(SCHEDULES)}")
         if self.microbatches is not None and (isinstance(self.microbatches, bool) or self.microbatches < 1):
             raise PlanError(f"microbatches={self.microbatches!r}; use None (auto) or a positive integer")
+        if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int)
+                                        or self.stages < 2):
+            raise PlanError(f"stages={self.stages!r}; use None (auto) or a pipeline depth of at least 2 "
+                            f"(one stage is strategy='single' or 'ddp')")
+        if self.stages is not None and self.strategy in ("single", "ddp"):
+            raise PlanError(f"stages={self.stages} with strategy={self.strategy!r}: {self.strategy} plans have one "
+                            f"stage; use strategy='pipeline' or 'hybrid', or drop stages=")
         if self.partitioner not in partitioners():
             raise PlanError(f"partitioner={self.partitioner!r} is not registered; known: {', '.join(partitioners())}")
         if not 0 <= self.memory_reserve < 1:
@@ -98,6 +106,7 @@ class _Candidate:
     capacity: tuple[float, ...]
     partitioner: str
     note: str = ""
+    refused: bool = False
 
     @property
     def fits(self) -> bool:
@@ -203,9 +212,19 @@ def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
     pricer = _Pricer(captured, opts.cost_model, batch)
     n = cluster.num_devices
     candidates: list[_Candidate] = []
-    if opts.strategy in (None, "single"):
+    fixed = captured.fixed_batch
+    if fixed is not None and ((opts.microbatches or 1) > 1 or opts.strategy in ("ddp", "hybrid")):
+        raise PlanError(
+            f"{captured.model_name} captured with its batch fixed at {fixed} (torch.export had to specialise on "
+            f"the batch size: the model branches on it), so its graph cannot run on micro-batches or replica "
+            f"shards, which microbatches={opts.microbatches} strategy={opts.strategy!r} need. Use microbatches=1 "
+            f"with strategy 'single' or 'pipeline', or remove the branch on the batch size from the model")
+    if opts.stages is not None and opts.stages > n:
+        raise PlanError(f"stages={opts.stages} needs at least {opts.stages} devices; the cluster has {n}. Use "
+                        f"stages<={n} or more devices")
+    if opts.strategy in (None, "single") and opts.stages is None:
         candidates.append(_data_parallel(pricer, cluster, batch, 1, opts))
-    if opts.strategy in (None, "ddp") and n > 1:
+    if opts.strategy in (None, "ddp") and n > 1 and opts.stages is None and fixed is None:
         candidates += [_data_parallel(pricer, cluster, batch, r, opts) for r in _divisors(batch) if 2 <= r <= n]
     if opts.strategy in (None, "pipeline", "hybrid") and n > 1:
         candidates += _pipelines(pricer, cluster, batch, opts)
@@ -215,6 +234,9 @@ def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
     ranked = sorted(candidates, key=lambda c: (not c.fits, c.step_time_s * (1 + 1e-9 * _ORDER[c.strategy]),
                                                _ORDER[c.strategy], len(c.devices) * c.replicas))
     best = ranked[0]
+    if not best.fits and all(c.refused for c in ranked):
+        raise PlanError(f"no schedule runs with these options: {ranked[0].note.rstrip('.')}. Use more micro-batches "
+                        f"(microbatches=None picks them), fewer stages, or schedule='gpipe', which takes any count")
     if not best.fits:
         raise PlanError(_nothing_fits(pricer, cluster, batch, opts, ranked))
     return _assemble(captured, cluster, batch, opts, best, ranked, pricer)
@@ -271,7 +293,7 @@ def _replica_layout(cluster: Cluster, k: int, d: int) -> tuple[tuple[int, ...], 
 def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> list[_Candidate]:
     n = cluster.num_devices
     out: list[_Candidate] = []
-    replica_options = [1] if opts.strategy == "pipeline" else _divisors(batch)
+    replica_options = [1] if opts.strategy == "pipeline" or pricer.captured.fixed_batch else _divisors(batch)
     if opts.strategy == "hybrid":
         replica_options = [r for r in replica_options if r >= 2]
     if opts.strategy is None:
@@ -281,7 +303,10 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
         schedules = ["gpipe"]  # forward only: every schedule reduces to filling the pipe
     for d in replica_options:
         per_replica = batch // d
-        for k in _stage_counts(n, d):
+        counts = _stage_counts(n, d)
+        if opts.stages is not None:
+            counts = [opts.stages] if opts.stages * d <= n else []
+        for k in counts:
             layout = _replica_layout(cluster, k, d)
             for shape in sorted({_LAYOUT[s] for s in schedules}):
                 group = [s for s in schedules if _LAYOUT[s] == shape]
@@ -293,17 +318,21 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
                     out.append(_unfit(d, k, group[0], str(e), layout, opts))
                     continue
                 for sched in group:
-                    for m in _microbatch_options(per_replica, k, sched, opts):
+                    for m in ([1] if pricer.captured.fixed_batch else _microbatch_options(per_replica, k, sched,
+                                                                                           opts)):
                         cand = _simulate_candidate(pricer, cluster, stage_of, stage_devices, d, m, sched, opts)
                         if cand is not None:
                             out.append(cand)
     return out
 
 
-def _unfit(d: int, k: int, sched: str, why: str, layout: tuple, opts: PlanOptions) -> _Candidate:
+def _unfit(d: int, k: int, sched: str, why: str, layout: tuple, opts: PlanOptions, *,
+           refused: bool = False) -> _Candidate:
+    """A candidate that cannot run: its partition does not fit, or (``refused``) torch's
+    schedule refuses its stage and micro-batch counts."""
     return _Candidate(strategy="pipeline" if d == 1 else "hybrid", stages=(), devices=layout, replicas=d,
                       microbatches=1, schedule=sched, step_time_s=math.inf, bubble=0.0, allreduce_s=0.0,
-                      peak=(math.inf,), capacity=(0.0,), partitioner=opts.partitioner, note=why)
+                      peak=(math.inf,), capacity=(0.0,), partitioner=opts.partitioner, note=why, refused=refused)
 
 
 def _microbatch_options(per_replica: int, k: int, sched: str, opts: PlanOptions) -> list[int]:
@@ -362,8 +391,8 @@ def _simulate_candidate(pricer: _Pricer, cluster: Cluster, stage_of: dict[str, i
             reduce.append(0.0)
     try:
         result = simulate(sched, _stage_timings(tuple(stages), cluster, stage_devices, opts.training, tuple(reduce)), m)
-    except SimulationError:
-        return None
+    except SimulationError as e:
+        return _unfit(d, n_stages, sched, str(e), stage_devices, opts, refused=True)
     share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}
     capacity = tuple(min(_capacity(cluster, dv, opts.memory_reserve, share[devs[0]]) for dv in devs)
                      for devs in stage_devices)

@@ -161,6 +161,10 @@ def _detach(value: Any) -> Any:
     return pytree.tree_map(go, value)
 
 
+def _nonleaf(value: Any) -> Any:
+    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v, value)
+
+
 def _dtype_of(tensors: list[torch.Tensor]) -> str:
     floats = [t for t in tensors if t.is_floating_point()]
     if not floats:
@@ -276,13 +280,19 @@ def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGr
     if real.op in ("placeholder", "get_attr", "output"):
         return NodeWork(**base, dtype=_dtype_of(outputs))
 
-    inputs = {n: _detach(n.meta.get("val")) for n in fake.all_input_nodes}
+    leaves = {n: _detach(n.meta.get("val")) for n in fake.all_input_nodes}
+    # The node sees non-leaf copies of its inputs, as in the real graph, so in-place ops
+    # (x += residual) run; gradients are taken with respect to the leaves behind them.
+    with captured.fake_mode:
+        inputs = {n: _nonleaf(v) for n, v in leaves.items()}
     input_tensors: list[torch.Tensor] = []
+    grad_leaves: list[torch.Tensor] = []
     owner: dict[int, str] = {}
-    for n, v in inputs.items():
-        for t in pytree.tree_leaves(v):
+    for n in inputs:
+        for t, leaf in zip(pytree.tree_leaves(inputs[n]), pytree.tree_leaves(leaves[n])):
             if isinstance(t, torch.Tensor):
                 input_tensors.append(t)
+                grad_leaves.append(leaf)
                 owner[id(t)] = n.name
     module_state: list[torch.Tensor] = []
     if fake.op == "call_module":
@@ -298,7 +308,7 @@ def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGr
                 result = runner.run_one(fake, dict(inputs))
         out_tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
         grad_outs = [t for t in out_tensors if t.requires_grad and t.grad_fn is not None]
-        wrt = [t for t in input_tensors + [p for p in module_state if p.requires_grad] if t.requires_grad]
+        wrt = [t for t in grad_leaves + [p for p in module_state if p.requires_grad] if t.requires_grad]
         bwd_flops = 0
         if grad_outs and wrt:
             with _counter() as bwd_counter:
