@@ -31,7 +31,8 @@ def _worker(rank: int, world: int, port: int, fn, args, errors) -> None:
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a failed pipeline closes its groups itself
+            dist.destroy_process_group()
 
 
 def run(fn, world: int, *args, timeout: float = 240.0) -> None:

@@ -76,6 +76,13 @@ class DistributedPipeline:
         self.world = dist.get_world_size()
         self.device = rank_device()
         self.loss_fn = loss_fn
+        self._failure: str | None = None
+        self._calls = 0
+        self._store = dist.distributed_c10d._get_default_store()  # kept: it outlives a destroyed group
+        self._timeout_s = _pg_timeout_s()
+        self._monitor: Any = None
+        self._in_call = False
+        self.grace_s = 2.0
         needed = sorted({d for s in plan.stages for d in s.device_indices})
         if self.world != len(needed):
             raise ExecutionError(
@@ -228,6 +235,116 @@ class DistributedPipeline:
 
     def forward(self, args: tuple, kwargs: dict) -> Any:
         """Whole-batch forward; the model's outputs on the last stage's ranks, None elsewhere."""
+        return self._guarded("forward", self._forward, args, kwargs)
+
+    def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor | None:
+        """One forward and backward over the batch; the mean loss on the last stage's ranks."""
+        return self._guarded("step", self._step, args, kwargs, target, loss_fn)
+
+    # -- failures -------------------------------------------------------------------------
+
+    def _guarded(self, what: str, fn: Callable, *args: Any) -> Any:
+        """Run ``fn``; turn a failure anywhere in the job into an ExecutionError on every rank.
+
+        A rank whose own code raises publishes the error in the job's store and closes its
+        process groups, so ranks blocked on messages from it fail at once instead of at the
+        process group's timeout. A rank whose communication fails (a peer closed its
+        connection, died, or sent nothing within the timeout) names the rank that failed
+        first, when that rank published its error. Either way the pipeline is then unusable:
+        later calls raise at once (restart the job from a checkpoint)."""
+        if self._failure is not None:
+            raise ExecutionError(f"rank {self.rank}: this pipeline already failed ({self._failure}); restart the "
+                                 f"job (torchrun) and resume from the last checkpoint")
+        self._calls += 1
+        self._start_monitor()
+        self._in_call = True
+        try:
+            return fn(*args)
+        except ExecutionError:
+            raise  # fxshard's own checks of the call, made alike on every rank before any message
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+            if _is_comm_error(e):
+                first = self._published_failures()
+                if first:
+                    why = first
+                elif "Timed out" in str(e) or "Socket Timeout" in str(e):
+                    why = (f"no message from a peer rank within the process group's timeout of "
+                           f"{self._timeout_s:.0f} s: a rank is hung or far slower than the others ({_gloo_line(e)})")
+                else:
+                    why = f"a peer rank closed its connection without reporting an error: it died ({_gloo_line(e)})"
+                # Published too: ranks blocked on this one stop now rather than at their timeout.
+                self._fail(f"communication failed on rank {self.rank} in {what} #{self._calls}: {why}")
+                raise ExecutionError(f"{self._failure}. Check that rank's log; the process group's timeout "
+                                     f"is {self._timeout_s:.0f} s") from e
+            root = _first_line(e)
+            self._fail(f"rank {self.rank} failed in {what} #{self._calls}: "
+                       + (root if e.__cause__ is not None else f"{type(e).__name__}: {root}"))
+            raise ExecutionError(f"{self._failure}; the other ranks were told to stop") from e
+        finally:
+            self._in_call = False
+
+    def _fail(self, message: str) -> None:
+        """Publish this rank's failure; the other ranks' monitors stop them (see _monitor)."""
+        self._failure = message
+        try:
+            self._store.set(f"fxshard/failed/{self.rank}", message)
+            self._store.compare_set(_FAILURE_KEY, "", message)  # the first failure wins
+        except Exception:  # noqa: BLE001 - the store's host may be gone already
+            pass
+
+    def _published_failures(self) -> str:
+        """The first error another rank published, waiting briefly for it to arrive."""
+        import time
+
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                if self._store.check([_FAILURE_KEY]):
+                    return self._store.get(_FAILURE_KEY).decode()
+            except Exception:  # noqa: BLE001 - the store's host died with its rank
+                return ""
+            if time.monotonic() > deadline:
+                return ""
+            time.sleep(0.05)
+
+    def _start_monitor(self) -> None:
+        """A daemon thread that ends this process when another rank has published a failure
+        and this rank is still inside a pipeline call ``grace_s`` later: blocked in a receive
+        from the failed rank, which only the process group's timeout would end. Exits with
+        status 1 after printing which rank failed and why."""
+        import os
+        import sys
+        import threading
+        import time
+
+        if self._monitor is not None:
+            return
+
+        def watch() -> None:
+            while True:
+                time.sleep(_POLL_S)
+                try:
+                    failed = self._store.check([_FAILURE_KEY])
+                except Exception:  # noqa: BLE001 - the store is gone: the job is over
+                    return
+                if not failed or not self._in_call:
+                    continue
+                call = self._calls
+                try:
+                    why = self._store.get(_FAILURE_KEY).decode()
+                except Exception:  # noqa: BLE001 - read before the failed rank's process ends
+                    why = "another rank failed (its message was lost with the store)"
+                time.sleep(self.grace_s)
+                if self._in_call and self._calls == call and self._failure is None:
+                    print(f"fxshard: rank {self.rank} stops: {why}; this rank was blocked in call #{call} waiting "
+                          f"for it (exiting instead of waiting {self._timeout_s:.0f} s for the process group's "
+                          f"timeout)", file=sys.stderr, flush=True)
+                    os._exit(1)
+
+        self._monitor = threading.Thread(target=watch, name="fxshard-failure-monitor", daemon=True)
+        self._monitor.start()
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         args, kwargs = self._shard((args, kwargs))
         if self.schedule is None:
             flat = self.captured.flatten_inputs(args, kwargs)
@@ -240,8 +357,7 @@ class DistributedPipeline:
             return None
         return self.captured.output_spec.rebuild(out if isinstance(out, tuple) else (out,))
 
-    def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor | None:
-        """One forward and backward over the batch; the mean loss on the last stage's ranks."""
+    def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor | None:
         if loss_fn is not self.loss_fn and self.schedule is not None:
             raise ExecutionError("under torchrun the loss is part of the pipeline schedule: pass loss_fn to "
                                  "fxshard.compile, not to step")
@@ -343,6 +459,50 @@ class DistributedPipeline:
         if strict and missing:
             raise ExecutionError(f"state dict lacks {len(missing)} tensors this rank holds, e.g. {missing[:3]}")
         return missing
+
+
+_FAILURE_KEY = "fxshard/failure"
+_POLL_S = 0.25
+
+_COMM_PATTERNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Read error",
+                  "Write error", "gloo/transport", "NCCL", "Socket Timeout", "Broken pipe",
+                  "has not been initialized", "has been destroyed")
+
+
+def _is_comm_error(e: BaseException | None) -> bool:
+    """A failure of communication (a peer gone or silent), not of this rank's own code."""
+    if e is None:
+        return False
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(p in str(e) for p in _COMM_PATTERNS)
+
+
+def _first_line(e: BaseException) -> str:
+    """The root cause's type and first line (torch's pipelining wraps a stage's error in a
+    RuntimeError that lists the arguments)."""
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip().splitlines()
+    line = text[0][:300] if text else ""
+    return f"{type(root).__name__}: {line}" if root is not e else line
+
+
+def _gloo_line(e: BaseException) -> str:
+    """The backend's message without its source path and sign-off."""
+    line = _first_line(e)
+    if "] " in line and line.startswith("["):
+        line = line.split("] ", 1)[1]
+    return line.split(". This is typically")[0]
+
+
+def _pg_timeout_s() -> float:
+    """The default group's timeout (what a receive waits for a silent peer)."""
+    try:
+        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - NCCL-only groups and older torch
+        return dist.constants.default_pg_timeout.total_seconds()
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
