@@ -169,7 +169,39 @@ class CompiledModel:
         """Load state saved under the original names (from any plan or the plain model)."""
         if self._distributed is not None:
             return self._distributed.load_state_dict(state, strict=strict)
-        return self._model.load_state_dict(state, strict=strict)
+        try:
+            return self._model.load_state_dict(state, strict=strict)
+        except RuntimeError as e:
+            raise ExecutionError(f"the state dict does not fit {type(self._model).__name__}: {e}") from e
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer, *, gather: bool = False) -> dict[str, Any]:
+        """``optimizer``'s state keyed by the original parameter names, not positions, so it
+        loads into a plan with another number of stages (see :mod:`fxshard.runtime.checkpoint`).
+
+        Under torchrun each rank's optimizer holds its own stages' parameters: ``gather=True``
+        (called on every rank) returns the whole model's state on every rank.
+        """
+        from fxshard.runtime.checkpoint import merge_named_optimizer_states, named_optimizer_state
+
+        local = named_optimizer_state(optimizer, self._parameter_names())
+        if self._distributed is not None and gather:
+            return merge_named_optimizer_states(self._distributed.gather_objects(local))
+        return local
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+        """Load a state from :meth:`optimizer_state_dict` of any plan (or of the plain model:
+        ``fxshard.runtime.checkpoint.named_optimizer_state``) into this process's optimizer."""
+        from fxshard.runtime.checkpoint import load_named_optimizer_state
+
+        load_named_optimizer_state(optimizer, self._parameter_names(), state)
+
+    def _parameter_names(self) -> dict[int, str]:
+        if self._distributed is not None:
+            return self._distributed.parameter_names()
+        names: dict[int, str] = {}
+        for name, p in self._model.named_parameters():
+            names.setdefault(id(p), name)
+        return names
 
     def _first_device(self) -> torch.device:
         return _local_device(self.plan.stages[0].devices[0])

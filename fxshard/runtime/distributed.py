@@ -442,6 +442,22 @@ class DistributedPipeline:
             merged.update(part)
         return merged
 
+    def parameter_names(self) -> dict[int, str]:
+        """``id(param) -> canonical name`` for this rank's parameters (the same name on every
+        rank for a tied parameter)."""
+        names = {}
+        for module in self._modules():
+            inner = _unwrap(module)
+            for name, p in inner.named_parameters():
+                names.setdefault(id(p), self.captured.param_names.get(id(p), name))
+        return names
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return parts
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
         """Load this rank's tensors from a state dict under the original names."""
         missing = []
