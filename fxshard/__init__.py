@@ -22,6 +22,7 @@ from fxshard.errors import (
     ExecutionError,
     FxshardError,
     PartitionError,
+    PartitionerError,
     PlanError,
     ZooError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Link",
     "Partition",
     "PartitionError",
+    "PartitionerError",
     "Plan",
     "PlanError",
     "ZooError",

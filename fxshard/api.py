@@ -57,7 +57,15 @@ class CompiledModel:
         try:
             self._options = PlanOptions(**options)
         except TypeError as e:
-            raise PlanError(f"unknown compile option: {e}") from e
+            import dataclasses
+            import difflib
+
+            known = [f.name for f in dataclasses.fields(PlanOptions)]
+            unknown = [k for k in options if k not in known]
+            hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, known, 1)[0]!r}?)"
+                     if difflib.get_close_matches(k, known, 1) else repr(k) for k in unknown]
+            raise PlanError(f"unknown compile option(s) {', '.join(hints) or e}; the options are "
+                            f"{', '.join(known)}") from e
         self._plan: Plan | None = plan
         self._captured: CapturedGraph | None = None
         self._pipeline: LocalPipeline | None = None
@@ -100,6 +108,31 @@ class CompiledModel:
             # Tracing bakes train/eval decisions made in Python (F.dropout(x, p, self.training))
             # into the graph: a mode switch re-captures, keeping the plan.
             self._build(*self._captured_args)
+        self._check_inputs(args, kwargs)
+
+    def _check_inputs(self, args: tuple, kwargs: dict) -> None:
+        """Inputs must have the compiled shapes and dtypes, up to the batch size: the plan's
+        stages, memory and timings hold for those (and an exported graph only runs them)."""
+        captured, plan = self._captured, self.plan
+        flat = captured.flatten_inputs(args, kwargs)
+        placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+        for got, node in zip(flat, placeholders):
+            exp = node.meta.get("val")
+            if not isinstance(exp, torch.Tensor):
+                continue
+            what = f"{captured.model_name} input {node.name!r}"
+            if not isinstance(got, torch.Tensor):
+                raise ExecutionError(f"{what} is a {type(got).__name__}; it was compiled as a tensor of shape "
+                                     f"{tuple(exp.shape)}")
+            batched = exp.dim() > 0 and exp.shape[0] == plan.batch_size and captured.fixed_batch is None
+            same = got.dim() == exp.dim() and (tuple(got.shape[1:]) == tuple(exp.shape[1:]) if batched
+                                                else tuple(got.shape) == tuple(exp.shape))
+            if not same or got.dtype != exp.dtype:
+                shape = ("(batch, " + ", ".join(map(str, exp.shape[1:])) + ")") if batched else str(tuple(exp.shape))
+                raise ExecutionError(
+                    f"{what} has shape {tuple(got.shape)} and dtype {got.dtype}; the model was compiled for "
+                    f"{shape} {exp.dtype}, and the plan's stages, memory and timings hold for that. Compile again "
+                    f"with example inputs of the new shape")
 
     # -- SPEC surface --------------------------------------------------------------------
 

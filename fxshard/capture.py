@@ -233,6 +233,15 @@ def _example_batch(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _is_symbolic(size: Any) -> bool:
+    """A size export kept symbolic (a SymInt with free symbols; a specialised one has none)."""
+    if not isinstance(size, torch.SymInt):
+        return False
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    return bool(free_symbols(size))
+
+
 def _trace_export(model: torch.nn.Module, args: tuple,
                   kwargs: dict) -> tuple[torch.fx.Graph, torch.nn.Module, Any, int | None]:
     """Export with the batch dimension left symbolic where the model allows it, so that the
@@ -258,7 +267,7 @@ def _trace_export(model: torch.nn.Module, args: tuple,
         for node in exported.graph.nodes:
             val = node.meta.get("val")
             if (node.op == "placeholder" and node.name in user_inputs and isinstance(val, torch.Tensor)
-                    and val.dim() > 0 and not isinstance(val.shape[0], torch.SymInt) and val.shape[0] == batch):
+                    and val.dim() > 0 and not _is_symbolic(val.shape[0]) and val.shape[0] == batch):
                 fixed = batch  # the model specialised on its batch size
     unlifted = exported.module()
     graph = torch.fx.Graph()
@@ -505,6 +514,21 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
             f"return_dict=True in the config; pass example inputs of the real types") from e
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_logs() -> Iterator[None]:
+    """FakeTensorMode logs a traceback before raising on a shape error; the CaptureError that
+    follows says the same, naming the node, so the log is held back."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class _StateMutated(RuntimeError):
     """symbolic_trace ran an in-place update of the model's state as plain Python."""
 
@@ -583,7 +607,8 @@ def _propagate(gm: torch.fx.GraphModule, model: torch.nn.Module, method: str,
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     prop = _ValueProp(gm, fake_mode)
     try:
-        prop.run(*_fakeify(flat_inputs, fake_mode))
+        with _quiet_fake_tensor_logs():
+            prop.run(*_fakeify(flat_inputs, fake_mode))
     except CaptureError as e:
         raise CaptureError(f"{type(model).__name__} ({method}): {e}. Check that the example "
                            f"inputs have the shapes and dtypes the model expects") from e

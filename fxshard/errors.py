@@ -14,6 +14,7 @@ __all__ = [
     "CostModelError",
     "ZooError",
     "PartitionError",
+    "PartitionerError",
     "PlanError",
     "ExecutionError",
 ]
@@ -45,6 +46,10 @@ class ZooError(FxshardError, ValueError):
 
 class PartitionError(FxshardError):
     """A graph cannot be split as asked (too little memory, more stages than nodes, a cycle)."""
+
+
+class PartitionerError(PartitionError):
+    """A registered partitioner broke its contract (stages out of range, not one per unit)."""
 
 
 class PlanError(FxshardError):

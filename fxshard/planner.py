@@ -27,7 +27,7 @@ from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, DeviceSpec, format_bytes
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.cost_models.memory import bytes_per_parameter
-from fxshard.errors import PartitionError, PlanError
+from fxshard.errors import PartitionError, PartitionerError, PlanError
 from fxshard.passes.cost_graph import cost_graph, placement
 from fxshard.passes.partition import partition_graph, partitioners
 from fxshard.passes.stages import StageSummary, summarize_stages
@@ -142,6 +142,9 @@ def batch_size_of(captured: CapturedGraph, example_inputs: Any, example_kwargs: 
     """The batch size: the first dimension of the first tensor among the example inputs."""
     for leaf in pytree.tree_leaves((example_inputs, dict(example_kwargs or {}))):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            if leaf.shape[0] == 0:
+                raise PlanError(f"{captured.model_name}'s example batch is empty (first input has shape "
+                                f"{tuple(leaf.shape)}); pass a batch of the size you will train or serve with")
             return int(leaf.shape[0])
     raise PlanError(f"{captured.model_name}'s example inputs hold no tensor with a batch dimension; "
                     f"pass at least one tensor input whose first dimension is the batch")
@@ -212,6 +215,7 @@ def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
     pricer = _Pricer(captured, opts.cost_model, batch)
     n = cluster.num_devices
     candidates: list[_Candidate] = []
+    _check_request(captured, cluster, batch, opts)
     fixed = captured.fixed_batch
     if fixed is not None and ((opts.microbatches or 1) > 1 or opts.strategy in ("ddp", "hybrid")):
         raise PlanError(
@@ -276,6 +280,26 @@ def _data_parallel(pricer: _Pricer, cluster: Cluster, batch: int, replicas: int,
                       partitioner=opts.partitioner)
 
 
+def _check_request(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanOptions) -> None:
+    """Refuse requests no plan can meet, saying why, before any search."""
+    name = captured.model_name
+    if opts.training and not any(p.requires_grad for p in captured.gm.parameters()):
+        raise PlanError(f"{name} has no trainable parameters, so there is nothing to train (or to split by "
+                        f"weight); plan it with training=False (--inference), or check that the model was built "
+                        f"(an empty nn.Sequential?) and that its parameters have requires_grad=True")
+    ops = sum(1 for n in captured.nodes if n.op in ("call_function", "call_method", "call_module"))
+    if opts.stages is not None and opts.stages > ops:
+        raise PlanError(f"stages={opts.stages} but {name} has only {ops} operation(s) to place "
+                        f"({len(captured.nodes)} graph nodes with inputs and outputs); use stages<={max(ops, 2)} "
+                        f"or a larger model")
+    if opts.microbatches is not None and opts.strategy in ("pipeline", "hybrid"):
+        replicas = [1] if opts.strategy == "pipeline" else [d for d in _divisors(batch) if d >= 2]
+        if not any((batch // d) % opts.microbatches == 0 for d in replicas):
+            raise PlanError(f"microbatches={opts.microbatches} does not divide the batch of {batch}"
+                            + (" into replicas' equal shares" if opts.strategy == "hybrid" else "")
+                            + f"; use one of {', '.join(map(str, _divisors(batch)))}")
+
+
 def _stage_counts(n_devices: int, replicas: int) -> list[int]:
     top = n_devices // replicas
     counts = {k for k in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if k <= top}
@@ -314,6 +338,8 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
                 try:
                     stage_of, stage_devices = _partition(pricer, cluster, k, virtual, shape, layout, group, opts,
                                                          per_replica)
+                except PartitionerError:
+                    raise  # a broken plug-in partitioner, not a model that does not fit
                 except PartitionError as e:
                     out.append(_unfit(d, k, group[0], str(e), layout, opts))
                     continue
@@ -369,6 +395,12 @@ def _partition(pricer: _Pricer, cluster: Cluster, k: int, virtual: int, shape: s
                        optimizer=opts.optimizer, activation_factor=factor)
     part = partition_graph(graph, n_stages, partitioner=opts.partitioner, memory_limit=place.memory_limit,
                            seed=opts.seed, speeds=place.speeds, link=place.link)
+    if not part.is_acyclic:
+        u, v = next((u, v) for u, v in graph.edges if part.stage_of[u] > part.stage_of[v])
+        raise PlanError(f"partitioner {opts.partitioner!r} put {u!r} on stage {part.stage_of[u]} and its consumer "
+                        f"{v!r} on stage {part.stage_of[v]}: a pipeline stage may only read from earlier stages. "
+                        f"Fix the partitioner (fxshard.passes.partition.refine.repair_order makes any assignment "
+                        f"acyclic) or use partitioner='metis'")
     return dict(part.stage_of), stage_devices
 
 

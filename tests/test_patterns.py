@@ -394,3 +394,36 @@ def test_a_model_without_example_inputs_compiles_at_the_first_call_with_integer_
     assert_rel_close(loss, ref_loss.detach(), "loss")
     assert_grads_close(model, ref)
     assert_params_close(model, ref)
+
+
+class BatchBranch(nn.Module):
+    """Branches on ``batch == 4``: torch.export must fix the graph's batch size at 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        if x.shape[0] == 4:
+            h = h * 2
+        return h
+
+
+def test_a_model_that_fixes_its_batch_size_pipelines_without_microbatches():
+    """The planner sees the fixed batch: one micro-batch, no replicas; other batch sizes are
+    refused at the call (the graph only runs at 4)."""
+    torch.manual_seed(0)
+    model = BatchBranch()
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(4, 16, generator=torch.Generator().manual_seed(4))
+    auto = fxshard.plan(copy.deepcopy(model), "4xcpu:1MB", (x,))
+    assert auto.microbatches == 1 and auto.replicas == 1, (auto.strategy, auto.microbatches, auto.replicas)
+    compiled = check_transparency(model, (x,), target, F.mse_loss, devices=DEVICES, strategy="pipeline", stages=3,
+                                  sgd_steps=1)
+    _check_pipeline(compiled)
+    assert compiled.plan.microbatches == 1
+    with pytest.raises(fxshard.ExecutionError, match=r"compiled for \(4, 16\)"):
+        compiled(torch.randn(2, 16))

@@ -27,7 +27,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from fxshard.errors import PartitionError
+from fxshard.errors import PartitionError, PartitionerError
 from fxshard.passes.partition.baselines import layers_partition, params_partition, uniform_partition
 from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import Partition, evaluate, make_partition
@@ -101,10 +101,10 @@ def partition_problem(problem: Problem, partitioner: str = "metis", *, seed: int
     seconds = time.perf_counter() - start
     stage = _stages_from(problem, partitioner, result)
     if stage.shape != (problem.num_units,):
-        raise PartitionError(f"partitioner {partitioner!r} returned {stage.shape} stages for "
+        raise PartitionerError(f"partitioner {partitioner!r} returned {stage.shape} stages for "
                              f"{problem.num_units} units")
     if stage.size and (stage.min() < 0 or stage.max() >= problem.k):
-        raise PartitionError(f"partitioner {partitioner!r} used stage {int(stage.min())}..{int(stage.max())}; "
+        raise PartitionerError(f"partitioner {partitioner!r} used stage {int(stage.min())}..{int(stage.max())}; "
                              f"stages are 0..{problem.k - 1}, every unit must get one")
     return make_partition(problem, stage, partitioner=partitioner, seconds=seconds)
 
@@ -114,15 +114,18 @@ def _stages_from(problem: Problem, partitioner: str, result: Any) -> np.ndarray:
     if isinstance(result, Mapping):
         if any(not _is_int(v) for v in result.values()):
             bad = next(v for v in result.values() if not _is_int(v))
-            raise PartitionError(f"partitioner {partitioner!r} gave a node the stage {bad!r}; stages are integers")
-        return problem.stage_array({node: int(v) for node, v in result.items()})
+            raise PartitionerError(f"partitioner {partitioner!r} gave a node the stage {bad!r}; stages are integers")
+        try:
+            return problem.stage_array({node: int(v) for node, v in result.items()})
+        except PartitionError as e:
+            raise PartitionerError(f"partitioner {partitioner!r}: {e}") from e
     try:
         raw = np.asarray(result, dtype=np.float64)
     except (TypeError, ValueError):
-        raise PartitionError(f"partitioner {partitioner!r} returned {type(result).__name__}; return one integer "
+        raise PartitionerError(f"partitioner {partitioner!r} returned {type(result).__name__}; return one integer "
                              f"stage per unit (a numpy array) or a mapping node -> stage") from None
     if raw.ndim != 1 or np.any(raw != np.round(raw)):
-        raise PartitionError(f"partitioner {partitioner!r} returned non-integer stages ({raw.ravel()[:6]}...); "
+        raise PartitionerError(f"partitioner {partitioner!r} returned non-integer stages ({raw.ravel()[:6]}...); "
                              f"return one integer stage per unit")
     return raw.astype(np.int64)
 
