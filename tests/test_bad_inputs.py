@@ -24,7 +24,7 @@ import fxshard
 from fxshard.cluster import Cluster
 from fxshard.errors import (CaptureError, DeviceSpecError, ExecutionError, FxshardError, PartitionError,
                             PartitionerError, PlanError, ZooError)
-from fxshard.passes.partition import partition_graph, register_partitioner
+from fxshard.passes.partition import partition_graph, register_partitioner, unregister_partitioner
 from fxshard.plan import Plan, PlanFormatError
 from fxshard.zoo import build
 
@@ -52,16 +52,23 @@ def _cycle() -> nx.DiGraph:
     return g
 
 
-@register_partitioner("test-out-of-range")
 def _out_of_range(problem, seed):
     return np.full(problem.num_units, problem.k + 5)
 
 
-@register_partitioner("test-backwards")
 def _backwards(problem, seed):
     """Stages in reverse topological order: every edge runs from a later stage to an earlier one."""
     order = np.arange(problem.num_units)
     return (problem.k - 1) - (order * problem.k // max(problem.num_units, 1))
+
+
+def _with_plugin(name: str, fn, m):
+    """Plan the MLP with a plug-in partitioner registered for this call only."""
+    register_partitioner(name, fn)
+    try:
+        return fxshard.plan(m[0], "2xcpu:1GB", m[1], strategy="pipeline", partitioner=name)
+    finally:
+        unregister_partitioner(name)
 
 
 class BatchBranch(nn.Module):
@@ -183,12 +190,12 @@ CASES = [
      ["memory=-5.0", ">= 0"]),
     ("cyclic-graph", lambda m: partition_graph(_cycle(), 2), PartitionError, ["cycle", "DAG"]),
     ("zero-stages", lambda m: partition_graph(_chain(4), 0), PartitionError, ["k=0", "positive integer"]),
-    ("plugin-out-of-range", lambda m: fxshard.plan(m[0], "2xcpu:1GB", m[1], strategy="pipeline",
-                                                   partitioner="test-out-of-range"),
+    ("plugin-out-of-range", lambda m: _with_plugin("test-out-of-range", _out_of_range, m),
      PartitionerError, ["'test-out-of-range'", "stage 7", "0..1"]),
-    ("plugin-not-a-pipeline", lambda m: fxshard.plan(m[0], "2xcpu:1GB", m[1], strategy="pipeline",
-                                                     partitioner="test-backwards"),
+    ("plugin-not-a-pipeline", lambda m: _with_plugin("test-backwards", _backwards, m),
      PlanError, ["'test-backwards'", "earlier stages", "partitioner='metis'"]),
+    ("unregister-unknown", lambda m: unregister_partitioner("never-registered"), PartitionError,
+     ["'never-registered'", "registered: "]),
     # -- plans -----------------------------------------------------------------------------
     ("plan-schema-version", lambda m: Plan.from_json(json.dumps(
         {**json.loads(fxshard.plan(m[0], "2xcpu:1GB", m[1]).to_json()), "fxshard_plan": 99})),

@@ -68,14 +68,17 @@ def _worker(rank: int, port: int, mode: str, failing: int, timeout_s: float, out
     x, target = torch.randn(8, 32), torch.randn(8, 4)
     compiled = fxshard.compile(model, f"{WORLD}xcpu:1GB", (x,), strategy="pipeline", stages=WORLD,
                                schedule="1f1b", microbatches=4, loss_fn=loss_fn)
-    if mode == "die" and rank == failing and rank != WORLD - 1:
-        # A middle stage dies in its forward: both neighbours are blocked on it.
-        def die(module, args):
+    if mode in ("die", "raise") and rank == failing and rank != WORLD - 1:
+        # A stage fails in its forward (a middle one dies; the first one raises, as on running
+        # out of memory): the ranks after it are blocked on it.
+        def fail(module, args):
             if state["step"] == FAIL_AT:
                 mark()
-                os._exit(3)
+                if mode == "die":
+                    os._exit(3)
+                raise RuntimeError("simulated out of memory in stage 0")
 
-        compiled._distributed.local_stages[0].register_forward_pre_hook(die)
+        compiled._distributed.local_stages[0].register_forward_pre_hook(fail)
     result = {"rank": rank, "stage": [s.index for s in compiled.plan.stages if rank in s.device_indices]}
     try:
         for step in range(3):
@@ -146,7 +149,7 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(sys.platform != "linu
 
 @pytest.mark.parametrize("mode,failing,reason", [
     ("raise", 2, "ValueError: loss blew up on purpose"),
-    ("bad-input", 0, "mat1 and mat2 shapes cannot be multiplied"),
+    ("raise", 0, "RuntimeError: simulated out of memory in stage 0"),
 ])
 def test_a_rank_that_raises_stops_the_others_fast_with_its_reason(mode, failing, reason, tmp_path):
     failed_at, ended, results, stderr, _ = _run(mode, failing, 60.0, tmp_path)
@@ -187,3 +190,16 @@ def test_a_hung_rank_stops_the_others_at_the_process_group_timeout(tmp_path):
         said = _report(r, results, stderr)
         assert took < timeout_s + 15.0, f"rank {r} took {took:.1f} s with a {timeout_s:.0f} s timeout: {said}"
         assert "timeout" in said or "died" in said, f"rank {r}: {said}"
+
+
+def test_a_bad_input_is_refused_alike_on_every_rank_before_any_message(tmp_path):
+    """Every rank gets the same batch and checks it before communicating: all raise the same
+    ExecutionError at once, and the pipeline stays usable."""
+    failed_at, ended, results, stderr, _ = _run("bad-input", 0, 60.0, tmp_path)
+    for r in range(WORLD):
+        res = results[r]
+        assert res is not None, f"rank {r} reported nothing: {stderr[r][-1500:]}"
+        assert res["outcome"] == "ExecutionError" and "shape (8, 33)" in res["message"], res
+        assert "(batch, 32)" in res["message"], res["message"]
+        # Refused before any message: the job goes on, the next good step works.
+        assert "again" not in res, res

@@ -246,12 +246,13 @@ class DistributedPipeline:
     def _guarded(self, what: str, fn: Callable, *args: Any) -> Any:
         """Run ``fn``; turn a failure anywhere in the job into an ExecutionError on every rank.
 
-        A rank whose own code raises publishes the error in the job's store and closes its
-        process groups, so ranks blocked on messages from it fail at once instead of at the
-        process group's timeout. A rank whose communication fails (a peer closed its
-        connection, died, or sent nothing within the timeout) names the rank that failed
-        first, when that rank published its error. Either way the pipeline is then unusable:
-        later calls raise at once (restart the job from a checkpoint)."""
+        A rank whose own code raises publishes the error in the job's store; the monitors of
+        the ranks blocked on it (see :meth:`_start_monitor`) stop them within seconds instead
+        of at the process group's timeout. A rank whose communication fails (a peer closed
+        its connection, died, or sent nothing within the timeout) names the rank that failed
+        first, when that rank published its error, and publishes its own failure in turn.
+        Either way the pipeline is then unusable: later calls raise at once (restart the job
+        and resume from a checkpoint)."""
         if self._failure is not None:
             raise ExecutionError(f"rank {self.rank}: this pipeline already failed ({self._failure}); restart the "
                                  f"job (torchrun) and resume from the last checkpoint")
@@ -284,7 +285,7 @@ class DistributedPipeline:
             self._in_call = False
 
     def _fail(self, message: str) -> None:
-        """Publish this rank's failure; the other ranks' monitors stop them (see _monitor)."""
+        """Publish this rank's failure; the other ranks' monitors stop them (_start_monitor)."""
         self._failure = message
         try:
             self._store.set(f"fxshard/failed/{self.rank}", message)
@@ -320,9 +321,11 @@ class DistributedPipeline:
         if self._monitor is not None:
             return
 
+        poll_s = _POLL_S * max(1.0, self.world / 32)  # the store's host answers every rank
+
         def watch() -> None:
             while True:
-                time.sleep(_POLL_S)
+                time.sleep(poll_s)
                 try:
                     failed = self._store.check([_FAILURE_KEY])
                 except Exception:  # noqa: BLE001 - the store is gone: the job is over

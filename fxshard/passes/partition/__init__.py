@@ -44,6 +44,7 @@ __all__ = [
     "partition_problem",
     "partitioners",
     "register_partitioner",
+    "unregister_partitioner",
 ]
 
 PartitionerFn = Callable[[Problem, int], "np.ndarray | Mapping[Any, int]"]
@@ -73,6 +74,13 @@ def register_partitioner(name: str, fn: PartitionerFn | None = None) -> Any:
         return f
 
     return deco(fn) if fn is not None else deco
+
+
+def unregister_partitioner(name: str) -> None:
+    """Remove a partitioner registered with :func:`register_partitioner`."""
+    if name not in _REGISTRY:
+        raise PartitionError(f"no partitioner {name!r} is registered; registered: {', '.join(partitioners())}")
+    del _REGISTRY[name]
 
 
 def partitioners() -> list[str]:
