@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -507,6 +508,12 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
     except Exception as e:
         reasons["torch.export"] = f"{type(e).__name__}: {_first_line(e)}"
         detail = "; ".join(f"{k} failed with {v}" for k, v in reasons.items())
+        cache = re.search(r"<class '([\w.]*Cache)'>", str(e))
+        if cache:
+            raise CaptureError(
+                f"cannot capture {name}: it returns a key/value cache ({cache.group(1).rsplit('.', 1)[-1]}), which "
+                f"a pipeline does not carry between steps. Pass use_cache=False with the inputs, or set "
+                f"model.config.use_cache = False ({detail})") from e
         raise CaptureError(
             f"cannot capture {name}: {detail}. Ways out: make data-dependent control flow "
             f"depend on shapes only or use torch.cond; mark untraceable submodules with "

@@ -108,6 +108,15 @@ def _world_of_one(plan_devices: str):
                 os.environ[k] = v
 
 
+def _hf_llama_with_cache():
+    """A transformers model left with its default use_cache=True."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config)
+    fxshard.compile(model, "3xcpu:1GB", {"input_ids": torch.randint(0, 100, (4, 16))}, strategy="pipeline")
+
+
 def _cli(argv: list[str]) -> None:
     """The CLI must exit 2 with one line on stderr; re-raised here as the error it reports."""
     import contextlib
@@ -151,6 +160,8 @@ CASES = [
     ("no-example-inputs", lambda m: fxshard.plan(m[0], "2xcpu:1GB"), PlanError, ["example inputs", "first call"]),
     ("empty-batch", lambda m: fxshard.plan(m[0], "2xcpu:1GB", (torch.randn(0, IN),)), PlanError,
      ["batch is empty", "(0, 1024)"]),
+    ("transformers-kv-cache-left-on", lambda m: _hf_llama_with_cache(), CaptureError,
+     ["key/value cache (DynamicCache)", "use_cache=False"]),
     ("unknown-zoo-model", lambda m: build("resnet-9000"), ZooError, ["'resnet-9000'", "did you mean 'resnet'"]),
     ("batch-fixed-by-export", lambda m: fxshard.plan(BatchBranch(), "2xcpu:1GB", (torch.randn(4, 8),),
                                                      strategy="pipeline", microbatches=2),

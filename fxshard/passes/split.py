@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from fxshard.capture import CapturedGraph
 from fxshard.errors import PartitionError
 
-__all__ = ["StageGraph", "SplitGraph", "split_graph"]
+__all__ = ["StageGraph", "SplitGraph", "carries_numbers", "split_graph", "stage_io_examples"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +246,56 @@ def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: i
     module = torch.fx.GraphModule(root, g, class_name=f"{captured.model_name}Stage{s}")
     return StageGraph(index=s, module=module, inputs=inputs, outputs=outputs,
                       num_input_tensors=n_in, num_output_tensors=n_out)
+
+
+def stage_io_examples(split: SplitGraph, values: Mapping[str, Any],
+                      flat_inputs: list[Any]) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None]:
+    """The tensors each stage takes and returns, as they travel between ranks, for
+    ``torch.distributed.pipelining``'s static metadata: meta tensors shaped like ``values``
+    (node name -> the value at one micro-batch) and ``flat_inputs`` (the model's flat inputs at
+    one micro-batch). Numbers travel as 0-d tensors, as :class:`_Unpack` sends them. A stage
+    whose tensors cannot all be described (a non-tensor model output) gets None."""
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        # requires_grad as in the real run: torch sends and receives gradients only for those.
+        return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta",
+                           requires_grad=bool(t.requires_grad and t.is_floating_point()))
+
+    def travelling(names: tuple[str, ...]) -> tuple[torch.Tensor, ...] | None:
+        out: list[torch.Tensor] = []
+        for name in names:
+            flat, _ = pytree.tree_flatten(values[name])
+            for v in flat:
+                if isinstance(v, torch.Tensor):
+                    out.append(meta(v))
+                elif isinstance(v, (bool, int, float)):
+                    out.append(meta(torch.tensor(v)))
+        return tuple(out)
+
+    examples: list = []
+    k = len(split.stages)
+    for st in split.stages:
+        if st.index == 0:
+            ins = tuple(meta(v) for v in flat_inputs if isinstance(v, torch.Tensor))
+        else:
+            ins = travelling(st.inputs)
+        if st.index == k - 1:
+            finals = [values.get(name) for name in st.outputs]
+            if not all(isinstance(v, torch.Tensor) for v in finals):
+                examples.append(None)
+                continue
+            outs = tuple(meta(v) for v in finals)
+        else:
+            outs = travelling(st.outputs)
+        examples.append((ins, outs))
+    return examples
+
+
+def carries_numbers(split: SplitGraph, values: Mapping[str, Any]) -> bool:
+    """Whether a number (an int from ``x.size(0)``, a float) crosses a stage boundary: the
+    receiving stage then computes with a received value, not only with received shapes."""
+    return any(isinstance(v, (bool, int, float)) for st in split.stages[1:] for name in st.inputs
+               for v in pytree.tree_leaves(values[name]))
 
 
 def _resolve(obj: Any, qualname: str) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx
 import torch.utils._pytree as pytree
 
 from fxshard.capture import CapturedGraph
@@ -131,6 +132,7 @@ class DistributedPipeline:
         self.local_stages = []
         self._shared = self._shared_groups(split)
         self._local_copies = self._separate_local_ties([split.stages[s.index].module for s in mine])
+        examples = self._static_examples(split)
         stages = []
         for s in mine:
             module: torch.nn.Module = split.stages[s.index].module
@@ -138,7 +140,9 @@ class DistributedPipeline:
             if s.index == 0:
                 module = self._wrap_inputs(module)
             self.local_stages.append(module)
-            stages.append(PipelineStage(module, s.index, plan.num_stages, self.device, group=pp_group))
+            io = examples[s.index] if examples is not None else None
+            static = {} if io is None else {"input_args": io[0], "output_args": io[1]}
+            stages.append(PipelineStage(module, s.index, plan.num_stages, self.device, group=pp_group, **static))
         name, per_rank = SCHEDULES[plan.schedule]
         cls = get_schedule_class(name)
         loss = self._wrapped_loss()
@@ -146,6 +150,51 @@ class DistributedPipeline:
         self.schedule = cls(target, plan.microbatches, loss_fn=loss)
         self.first = any(s.index == 0 for s in mine)
         self.last = any(s.index == plan.num_stages - 1 for s in mine)
+
+    def _static_examples(self, split: Any) -> list | None:
+        """Stage input and output metadata for torch's static mode, when a number crosses a
+        stage boundary (None otherwise: torch infers it from the first micro-batch).
+
+        torch's dynamic inference runs each stage once on uninitialised buffers; a stage that
+        computes with a received number (``x.view(n, -1)`` with ``n = x.size(0)`` from an
+        earlier stage) would read garbage there. The metadata comes from a fake-tensor run of
+        the captured graph at one micro-batch, which gives the numbers their real values."""
+        from fxshard.passes.split import carries_numbers, stage_io_examples
+
+        values, flat = self._microbatch_values()
+        if not carries_numbers(split, values):
+            return None
+        examples = stage_io_examples(split, values, flat)
+        if any(e is None for e in examples):
+            raise ExecutionError(
+                f"{self.captured.model_name} passes a number between stages and returns a non-tensor output; under "
+                f"torchrun the last stage must return tensors only. Return tensors (torch.tensor(n)) from forward")
+        return examples
+
+    def _microbatch_values(self) -> tuple[dict[str, Any], list[Any]]:
+        """Every node's value at one micro-batch (fake tensors; numbers are real numbers)."""
+        captured, plan = self.captured, self.plan
+        share = plan.batch_size // (plan.replicas * plan.microbatches)
+        placeholders = [n for n in captured.fake_module.graph.nodes if n.op == "placeholder"]
+        flat: list[Any] = []
+        with captured.fake_mode:
+            for node in placeholders:
+                v = node.meta.get("val")
+                if (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == plan.batch_size
+                        and captured.fixed_batch is None):
+                    v = torch.empty((share, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                flat.append(v)
+        values: dict[str, Any] = {}
+
+        class Record(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                result = super().run_node(n)
+                values[n.name] = result
+                return result
+
+        with captured.fake_mode:
+            Record(captured.fake_module).run(*flat)
+        return values, flat
 
     def _wrap_inputs(self, module: torch.nn.Module) -> torch.nn.Module:
         example = [n.meta.get("val") for n in self.captured.gm.graph.nodes if n.op == "placeholder"]
