@@ -26,12 +26,7 @@ STEPS = 2
 REL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _case(name: str, seed: int = 0):
@@ -48,6 +43,18 @@ def _optimizer(kind: str, params):
     if kind == "adam":
         return torch.optim.Adam(params, lr=1e-3)
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _train(compiled, kind: str, inputs, target, optimizer_state=None):
+    """STEPS optimizer steps of ``compiled`` (resuming ``optimizer_state``); returns the optimizer."""
+    opt = _optimizer(kind, compiled.parameters())
+    if optimizer_state is not None:
+        compiled.load_optimizer_state_dict(opt, optimizer_state)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        compiled.step(*inputs, target=target)
+        opt.step()
+    return opt
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -91,11 +98,7 @@ def test_resume_on_a_different_number_of_stages_in_one_process(name, kind, tmp_p
     model, inputs, target = _case(name)
     compiled = fxshard.compile(model, "3xcpu:1GB", inputs, strategy="pipeline", stages=3, schedule="1f1b",
                                microbatches=4, loss_fn=lm_loss)
-    opt = _optimizer(kind, compiled.parameters())
-    for _ in range(STEPS):
-        opt.zero_grad()
-        compiled.step(*inputs, target=target)
-        opt.step()
+    opt = _train(compiled, kind, inputs, target)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": compiled.state_dict(), "optimizer": compiled.optimizer_state_dict(opt),
                 "plan": compiled.plan.to_json()}, path)
@@ -107,12 +110,7 @@ def test_resume_on_a_different_number_of_stages_in_one_process(name, kind, tmp_p
     assert resumed.plan.num_stages == 2
     ckpt = torch.load(path, weights_only=False)
     resumed.load_state_dict(ckpt["model"])
-    opt2 = _optimizer(kind, resumed.parameters())
-    resumed.load_optimizer_state_dict(opt2, ckpt["optimizer"])
-    for _ in range(STEPS):
-        opt2.zero_grad()
-        resumed.step(*inputs, target=target)
-        opt2.step()
+    opt2 = _train(resumed, kind, inputs, target, optimizer_state=ckpt["optimizer"])
     _check_against_reference(resumed.state_dict(), resumed.optimizer_state_dict(opt2), name, kind)
 
 
@@ -122,11 +120,7 @@ def test_a_pipeline_checkpoint_resumes_in_the_plain_model():
     model, inputs, target = _case(name)
     compiled = fxshard.compile(model, "3xcpu:1GB", inputs, strategy="pipeline", stages=3, schedule="gpipe",
                                microbatches=2, loss_fn=lm_loss)
-    opt = _optimizer(kind, compiled.parameters())
-    for _ in range(STEPS):
-        opt.zero_grad()
-        compiled.step(*inputs, target=target)
-        opt.step()
+    opt = _train(compiled, kind, inputs, target)
     saved_model, saved_optim = compiled.state_dict(), compiled.optimizer_state_dict(opt)
 
     plain, _, _ = _case(name, seed=7)

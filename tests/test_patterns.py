@@ -35,13 +35,8 @@ DEVICES = "3xcpu:1GB"
 BATCH, SEQ, VOCAB = 4, 16, 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+transformers.logging.set_verbosity_error()
 
 
 def _tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,14 +40,7 @@ LR = 0.05
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU box, two spinning OpenMP threads competing
-    with other processes make conv backward 20-50x slower; results do not change."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, what: str, rel: float = REL) -> None:
