@@ -141,6 +141,24 @@ def test_plan_options_reach_the_planner(capsys):
     assert (doc["strategy"], doc["schedule"], doc["microbatches"]) == ("pipeline", "gpipe", 2)
 
 
+def test_stages_option_fixes_the_pipeline_depth(capsys):
+    assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:1GB", "--batch-size", "8", "--strategy", "pipeline",
+                 "--stages", "3", "--schedule", "1f1b", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["stages"]) == 3
+    # Interleaved schedules hold two stages per rank: depth 3 is 6 stages on 3 devices.
+    assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:1GB", "--batch-size", "8", "--strategy", "pipeline",
+                 "--stages", "3", "--schedule", "interleaved1f1b", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["stages"]) == 6
+    assert {d for st in doc["stages"] for d in st["device_indices"]} == {0, 1, 2}
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "gpt2-tiny", "--devices", "4xcpu:1GB", "--stages", "0"])
+    assert info.value.code == 2
+    assert main(["plan", "gpt2-tiny", "--devices", "2xcpu:1GB", "--stages", "3"]) == 1
+    assert "stages=3 needs at least 3 devices" in capsys.readouterr().err
+
+
 def test_compare_rows_have_the_spec_fields(capsys):
     assert main(["compare", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8",
                  "--partitioners", "metis,uniform", "--json", "-"]) == 0
