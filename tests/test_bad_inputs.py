@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxshard
-from fxshard.cluster import Cluster
-from fxshard.errors import (CaptureError, DeviceSpecError, ExecutionError, FxshardError, PartitionError,
-                            PartitionerError, PlanError, ZooError)
+from fxshard.cluster import Cluster, get_preset
+from fxshard.errors import (CaptureError, CostModelError, DeviceSpecError, ExecutionError, FxshardError,
+                            PartitionError, PartitionerError, PlanError, ZooError)
 from fxshard.passes.partition import partition_graph, register_partitioner, unregister_partitioner
 from fxshard.plan import Plan, PlanFormatError
 from fxshard.zoo import build
@@ -117,6 +117,22 @@ def _hf_llama_with_cache():
     fxshard.compile(model, "3xcpu:1GB", {"input_ids": torch.randint(0, 100, (4, 16))}, strategy="pipeline")
 
 
+class _NaNCosts:
+    """A plug-in cost model with a bug: one node's time is NaN."""
+
+    name = "nan-costs"
+
+    def node_times(self, captured, works, device):
+        from fxshard.cost_models.base import NodeTime
+
+        return [NodeTime(fwd_s=float("nan") if i == 1 else 1e-6, bwd_s=1e-6) for i in range(len(works))]
+
+
+def _estimate_with(cost_model, m):
+    captured = fxshard.capture(m[0], m[1])
+    return fxshard.estimate(captured, get_preset("A100-80GB"), cost_model=cost_model)
+
+
 def _cli(argv: list[str]) -> None:
     """The CLI must exit 2 with one line on stderr; re-raised here as the error it reports."""
     import contextlib
@@ -192,6 +208,11 @@ CASES = [
     # -- memory ----------------------------------------------------------------------------
     ("memory-too-small", lambda m: fxshard.plan(m[0], "2xcpu:1KB", m[1]), PlanError,
      ["needs 128.4 MiB", "950 B per device", "Ways out", "optimizer='sgd'"]),
+    # -- cost models -----------------------------------------------------------------------
+    ("unknown-cost-model", lambda m: fxshard.plan(m[0], "2xcpu:1GB", m[1], cost_model="roofline2"), CostModelError,
+     ["'roofline2'", "analytical, profiled", "register_cost_model"]),
+    ("nan-cost-model", lambda m: _estimate_with(_NaNCosts(), m), CostModelError,
+     ["'nan-costs'", "NaN", "finite and >= 0"]),
     # -- partitioning ----------------------------------------------------------------------
     ("k-larger-than-graph", lambda m: partition_graph(_chain(4), 10), PartitionError,
      ["k=10", "4 nodes", "k <= 4"]),

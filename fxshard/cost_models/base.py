@@ -8,6 +8,7 @@ models register under a name with :func:`register_cost_model`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -215,9 +216,9 @@ def estimate(captured: CapturedGraph, device: DeviceSpec, *, cost_model: str | C
         raise CostModelError(f"cost model {model.name!r} returned {len(times)} times for "
                              f"{len(works)} nodes")
     for w, t in zip(works, times):
-        if not (t.fwd_s >= 0 and t.bwd_s >= 0):
-            raise CostModelError(f"cost model {model.name!r} gave node {w.name!r} a negative or NaN "
-                                 f"time ({t.fwd_s}, {t.bwd_s})")
+        if not (0 <= t.fwd_s < math.inf and 0 <= t.bwd_s < math.inf):
+            raise CostModelError(f"cost model {model.name!r} gave node {w.name!r} a negative, infinite or NaN "
+                                 f"time (forward {t.fwd_s} s, backward {t.bwd_s} s); times must be finite and >= 0")
     nodes = tuple(NodeCost(work=w, fwd_time_s=t.fwd_s, bwd_time_s=t.bwd_s) for w, t in zip(works, times))
     return GraphCosts(model_name=captured.model_name, device=device.name, cost_model=model.name,
                       nodes=nodes)
