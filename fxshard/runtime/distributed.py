@@ -361,32 +361,35 @@ class DistributedPipeline:
         """A daemon thread that ends this process when another rank has published a failure
         and this rank is still inside a pipeline call ``grace_s`` later: blocked in a receive
         from the failed rank, which only the process group's timeout would end. Exits with
-        status 1 after printing which rank failed and why."""
+        status 1 after printing which rank failed and why.
+
+        It reads the store only while this rank is inside a pipeline call, and it is stopped
+        and joined at interpreter exit, so it is never inside a store call when the process
+        (or the store's host) goes away."""
+        import atexit
         import os
         import sys
         import threading
-        import time
 
         if self._monitor is not None:
             return
-
         poll_s = _POLL_S * max(1.0, self.world / 32)  # the store's host answers every rank
+        stop = self._monitor_stop = threading.Event()
 
         def watch() -> None:
-            while True:
-                time.sleep(poll_s)
+            while not stop.wait(poll_s):
+                if not self._in_call:
+                    continue
                 try:
                     failed = self._store.check([_FAILURE_KEY])
+                    why = self._store.get(_FAILURE_KEY).decode() if failed else ""
                 except Exception:  # noqa: BLE001 - the store is gone: the job is over
                     return
-                if not failed or not self._in_call:
+                if not failed:
                     continue
                 call = self._calls
-                try:
-                    why = self._store.get(_FAILURE_KEY).decode()
-                except Exception:  # noqa: BLE001 - read before the failed rank's process ends
-                    why = "another rank failed (its message was lost with the store)"
-                time.sleep(self.grace_s)
+                if stop.wait(self.grace_s):
+                    return
                 if self._in_call and self._calls == call and self._failure is None:
                     print(f"fxshard: rank {self.rank} stops: {why}; this rank was blocked in call #{call} waiting "
                           f"for it (exiting instead of waiting {self._timeout_s:.0f} s for the process group's "
@@ -395,6 +398,12 @@ class DistributedPipeline:
 
         self._monitor = threading.Thread(target=watch, name="fxshard-failure-monitor", daemon=True)
         self._monitor.start()
+        atexit.register(self._stop_monitor)
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor_stop.set()
+            self._monitor.join(timeout=10.0)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:
         args, kwargs = self._shard((args, kwargs))
