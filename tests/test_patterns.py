@@ -172,17 +172,21 @@ def test_transformers_t5_encoder_decoder():
     _check_pipeline(compiled)
 
 
+def _check_image_classifier(model, schedule: str, microbatches: int, dtype=torch.float32):
+    """Pixels in, ``out.logits`` against class targets, 3 stages."""
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    target = torch.tensor([0, 4, 1, 3])
+    compiled = check_transparency(model, (), target, lambda out, t: F.cross_entropy(out.logits, t),
+                                  kwargs={"pixel_values": pixels}, devices=DEVICES, strategy="pipeline", stages=3,
+                                  schedule=schedule, microbatches=microbatches, sgd_steps=1)
+    _check_pipeline(compiled)
+
+
 def test_transformers_vit_classifier():
     torch.manual_seed(0)
     config = transformers.ViTConfig(**_no_dropout(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                                   intermediate_size=64, image_size=32, patch_size=8, num_labels=5))
-    model = transformers.ViTForImageClassification(config)
-    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    target = torch.tensor([0, 4, 1, 3])
-    compiled = check_transparency(model, (), target, lambda out, t: F.cross_entropy(out.logits, t),
-                                  kwargs={"pixel_values": pixels}, devices=DEVICES, strategy="pipeline", stages=3,
-                                  schedule="1f1b", microbatches=4, sgd_steps=1)
-    _check_pipeline(compiled)
+    _check_image_classifier(transformers.ViTForImageClassification(config), "1f1b", 4)
 
 
 def _hf_resnet():
@@ -196,25 +200,15 @@ def test_transformers_resnet_batchnorm_and_in_place_skips_train_mode():
     statistics move exactly as eager's."""
     torch.manual_seed(0)
     model = _hf_resnet().train()
-    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    target = torch.tensor([0, 4, 1, 3])
-    compiled = check_transparency(model, (), target, lambda out, t: F.cross_entropy(out.logits, t),
-                                  kwargs={"pixel_values": pixels}, devices=DEVICES, strategy="pipeline", stages=3,
-                                  schedule="gpipe", microbatches=1, sgd_steps=1)
-    _check_pipeline(compiled)
+    _check_image_classifier(model, "gpipe", 1)
     tracked = [int(b) for k, b in model.named_buffers() if k.endswith("num_batches_tracked")]
     assert tracked and all(t == 3 for t in tracked), tracked  # forward + 2 steps, one micro-batch each
 
 
 def test_transformers_resnet_eval_mode_many_microbatches():
+    """Eval mode, 4 micro-batches, in float64 (deep random nets amplify float32 rounding)."""
     torch.manual_seed(0)
-    model = _hf_resnet().double().eval()
-    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    target = torch.tensor([0, 4, 1, 3])
-    compiled = check_transparency(model, (), target, lambda out, t: F.cross_entropy(out.logits, t),
-                                  kwargs={"pixel_values": pixels}, devices=DEVICES, strategy="pipeline", stages=3,
-                                  schedule="1f1b", microbatches=4, sgd_steps=1)
-    _check_pipeline(compiled)
+    _check_image_classifier(_hf_resnet().double().eval(), "1f1b", 4, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------
