@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.test_faults import _run  # noqa: E402
+from tests.test_faults import _run  # after the path insert above
 
 SCENARIOS = [  # (what, mode, failing rank, process group timeout in s)
     ("last rank raises in its loss", "raise", 2, 60.0),

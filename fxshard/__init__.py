@@ -21,8 +21,8 @@ from fxshard.errors import (
     DeviceSpecError,
     ExecutionError,
     FxshardError,
-    PartitionError,
     PartitionerError,
+    PartitionError,
     PlanError,
     ZooError,
 )

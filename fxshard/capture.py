@@ -227,8 +227,9 @@ def _trace_symbolic(model: torch.nn.Module, leaf_modules: tuple) -> torch.fx.Gra
     return _Tracer(leaf_modules).trace(model)
 
 
-def _example_batch(args: tuple, kwargs: dict) -> int | None:
-    for leaf in pytree.tree_leaves((args, kwargs)):
+def _example_batch(args: Any, kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """The first dimension of the first tensor among the inputs (None when none has one)."""
+    for leaf in pytree.tree_leaves((args, dict(kwargs or {}))):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return None
@@ -249,13 +250,12 @@ def _trace_export(model: torch.nn.Module, args: tuple,
     graph runs on micro-batches and replica shards; returns the graph, the unlifted module,
     the call spec and the batch size the graph is fixed to (None when it is not)."""
     batch = _example_batch(args, kwargs)
-    batched = [t for t in pytree.tree_leaves((args, kwargs))
-               if isinstance(t, torch.Tensor) and t.dim() > 0 and batch is not None and t.shape[0] == batch]
     exported = None
     if batch is not None and batch > 1:
         shapes = torch.export.ShapesCollection()
-        for t in batched:
-            shapes[t] = {0: torch.export.Dim.AUTO}
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
+                shapes[t] = {0: torch.export.Dim.AUTO}
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception:  # noqa: BLE001 - a model that refuses a symbolic batch is exported static

@@ -27,7 +27,7 @@ from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, DeviceSpec, format_bytes
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.cost_models.memory import bytes_per_parameter
-from fxshard.errors import PartitionError, PartitionerError, PlanError
+from fxshard.errors import PartitionerError, PartitionError, PlanError
 from fxshard.passes.cost_graph import cost_graph, placement
 from fxshard.passes.partition import partition_graph, partitioners
 from fxshard.passes.stages import StageSummary, summarize_stages
@@ -212,20 +212,11 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
 
 def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanOptions) -> Plan:
     """:func:`plan` for an already captured graph."""
+    _check_request(captured, cluster, batch, opts)
     pricer = _Pricer(captured, opts.cost_model, batch)
     n = cluster.num_devices
-    candidates: list[_Candidate] = []
-    _check_request(captured, cluster, batch, opts)
     fixed = captured.fixed_batch
-    if fixed is not None and ((opts.microbatches or 1) > 1 or opts.strategy in ("ddp", "hybrid")):
-        raise PlanError(
-            f"{captured.model_name} captured with its batch fixed at {fixed} (torch.export had to specialise on "
-            f"the batch size: the model branches on it), so its graph cannot run on micro-batches or replica "
-            f"shards, which microbatches={opts.microbatches} strategy={opts.strategy!r} need. Use microbatches=1 "
-            f"with strategy 'single' or 'pipeline', or remove the branch on the batch size from the model")
-    if opts.stages is not None and opts.stages > n:
-        raise PlanError(f"stages={opts.stages} needs at least {opts.stages} devices; the cluster has {n}. Use "
-                        f"stages<={n} or more devices")
+    candidates: list[_Candidate] = []
     if opts.strategy in (None, "single") and opts.stages is None:
         candidates.append(_data_parallel(pricer, cluster, batch, 1, opts))
     if opts.strategy in (None, "ddp") and n > 1 and opts.stages is None and fixed is None:
@@ -281,8 +272,19 @@ def _data_parallel(pricer: _Pricer, cluster: Cluster, batch: int, replicas: int,
 
 
 def _check_request(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanOptions) -> None:
-    """Refuse requests no plan can meet, saying why, before any search."""
+    """Refuse requests no plan can meet, saying why, before any pricing or search."""
     name = captured.model_name
+    n = cluster.num_devices
+    fixed = captured.fixed_batch
+    if fixed is not None and ((opts.microbatches or 1) > 1 or opts.strategy in ("ddp", "hybrid")):
+        raise PlanError(
+            f"{name} captured with its batch fixed at {fixed} (torch.export had to specialise on the batch size: "
+            f"the model branches on it), so its graph cannot run on micro-batches or replica shards, which "
+            f"microbatches={opts.microbatches} strategy={opts.strategy!r} need. Use microbatches=1 with strategy "
+            f"'single' or 'pipeline', or remove the branch on the batch size from the model")
+    if opts.stages is not None and opts.stages > n:
+        raise PlanError(f"stages={opts.stages} needs at least {opts.stages} devices; the cluster has {n}. Use "
+                        f"stages<={n} or more devices")
     if opts.training and not any(p.requires_grad for p in captured.gm.parameters()):
         raise PlanError(f"{name} has no trainable parameters, so there is nothing to train (or to split by "
                         f"weight); plan it with training=False (--inference), or check that the model was built "
@@ -344,11 +346,8 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
                     out.append(_unfit(d, k, group[0], str(e), layout, opts))
                     continue
                 for sched in group:
-                    for m in ([1] if pricer.captured.fixed_batch else _microbatch_options(per_replica, k, sched,
-                                                                                           opts)):
-                        cand = _simulate_candidate(pricer, cluster, stage_of, stage_devices, d, m, sched, opts)
-                        if cand is not None:
-                            out.append(cand)
+                    for m in _microbatch_options(per_replica, k, sched, opts, pricer.captured.fixed_batch):
+                        out.append(_simulate_candidate(pricer, cluster, stage_of, stage_devices, d, m, sched, opts))
     return out
 
 
@@ -361,7 +360,10 @@ def _unfit(d: int, k: int, sched: str, why: str, layout: tuple, opts: PlanOption
                       peak=(math.inf,), capacity=(0.0,), partitioner=opts.partitioner, note=why, refused=refused)
 
 
-def _microbatch_options(per_replica: int, k: int, sched: str, opts: PlanOptions) -> list[int]:
+def _microbatch_options(per_replica: int, k: int, sched: str, opts: PlanOptions,
+                        fixed_batch: int | None = None) -> list[int]:
+    if fixed_batch is not None:
+        return [1]  # the graph runs only at its captured batch size
     if opts.microbatches is not None:
         return [opts.microbatches] if per_replica % opts.microbatches == 0 else []
     options = [m for m in _divisors(per_replica) if m <= 128]
@@ -389,7 +391,7 @@ def _partition(pricer: _Pricer, cluster: Cluster, k: int, virtual: int, shape: s
     # batch / (replicas x m) each under 1F1B, so the partitioner sees that share of the
     # full-batch activations (the exact per-schedule memory is checked after simulation).
     d = pricer.batch // per_replica
-    m_max = max(_microbatch_options(per_replica, k, schedules[0], opts) or [1])
+    m_max = max(_microbatch_options(per_replica, k, schedules[0], opts, pricer.captured.fixed_batch) or [1])
     factor = min(1.0, n_stages / m_max) / d
     graph = cost_graph(pricer.captured, costs, link=place.reference_link, training=opts.training,
                        optimizer=opts.optimizer, activation_factor=factor)
@@ -406,7 +408,7 @@ def _partition(pricer: _Pricer, cluster: Cluster, k: int, virtual: int, shape: s
 
 def _simulate_candidate(pricer: _Pricer, cluster: Cluster, stage_of: dict[str, int],
                         stage_devices: tuple[tuple[int, ...], ...], d: int, m: int, sched: str,
-                        opts: PlanOptions) -> _Candidate | None:
+                        opts: PlanOptions) -> _Candidate:
     n_stages = len(stage_devices)
     fraction = 1.0 / (d * m)
     ref = cluster.devices[stage_devices[0][0]].spec

@@ -22,8 +22,17 @@ from torch import nn
 
 import fxshard
 from fxshard.cluster import Cluster, get_preset
-from fxshard.errors import (CaptureError, CostModelError, DeviceSpecError, ExecutionError, FxshardError,
-                            PartitionError, PartitionerError, PlanError, ZooError)
+from fxshard.errors import (
+    CaptureError,
+    CostModelError,
+    DeviceSpecError,
+    ExecutionError,
+    FxshardError,
+    PartitionerError,
+    PartitionError,
+    PlanError,
+    ZooError,
+)
 from fxshard.passes.partition import partition_graph, register_partitioner, unregister_partitioner
 from fxshard.plan import Plan, PlanFormatError
 from fxshard.zoo import build

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fxshard.capture import capture
 from fxshard.cluster import Cluster

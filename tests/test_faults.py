@@ -195,7 +195,7 @@ def test_a_hung_rank_stops_the_others_at_the_process_group_timeout(tmp_path):
 def test_a_bad_input_is_refused_alike_on_every_rank_before_any_message(tmp_path):
     """Every rank gets the same batch and checks it before communicating: all raise the same
     ExecutionError at once, and the pipeline stays usable."""
-    failed_at, ended, results, stderr, _ = _run("bad-input", 0, 60.0, tmp_path)
+    _, _, results, stderr, _ = _run("bad-input", 0, 60.0, tmp_path)
     for r in range(WORLD):
         res = results[r]
         assert res is not None, f"rank {r} reported nothing: {stderr[r][-1500:]}"

@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxshard
-from tests.test_runtime import assert_grads_close, assert_params_close, assert_rel_close, assert_tree_close
-from tests.test_runtime import check_transparency
+from tests.test_runtime import (
+    assert_grads_close,
+    assert_params_close,
+    assert_rel_close,
+    assert_tree_close,
+    check_transparency,
+)
 
 transformers = pytest.importorskip("transformers")
 

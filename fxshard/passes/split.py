@@ -261,15 +261,15 @@ def stage_io_examples(split: SplitGraph, values: Mapping[str, Any],
         return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta",
                            requires_grad=bool(t.requires_grad and t.is_floating_point()))
 
-    def travelling(names: tuple[str, ...]) -> tuple[torch.Tensor, ...] | None:
+    def travelling(names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
         out: list[torch.Tensor] = []
         for name in names:
-            flat, _ = pytree.tree_flatten(values[name])
-            for v in flat:
-                if isinstance(v, torch.Tensor):
+            _, leaves = _flatten_value(values[name])
+            for v, leaf in zip(pytree.tree_leaves(values[name]), leaves):
+                if leaf.kind == "tensor":
                     out.append(meta(v))
-                elif isinstance(v, (bool, int, float)):
-                    out.append(meta(torch.tensor(v)))
+                elif leaf.kind == "number":
+                    out.append(meta(torch.tensor(leaf.python_type(v))))
         return tuple(out)
 
     examples: list = []
@@ -294,8 +294,8 @@ def stage_io_examples(split: SplitGraph, values: Mapping[str, Any],
 def carries_numbers(split: SplitGraph, values: Mapping[str, Any]) -> bool:
     """Whether a number (an int from ``x.size(0)``, a float) crosses a stage boundary: the
     receiving stage then computes with a received value, not only with received shapes."""
-    return any(isinstance(v, (bool, int, float)) for st in split.stages[1:] for name in st.inputs
-               for v in pytree.tree_leaves(values[name]))
+    return any(leaf.kind == "number" for st in split.stages[1:] for name in st.inputs
+               for leaf in _flatten_value(values[name])[1])
 
 
 def _resolve(obj: Any, qualname: str) -> Any:

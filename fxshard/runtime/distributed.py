@@ -161,9 +161,10 @@ class DistributedPipeline:
         the captured graph at one micro-batch, which gives the numbers their real values."""
         from fxshard.passes.split import carries_numbers, stage_io_examples
 
-        values, flat = self._microbatch_values()
-        if not carries_numbers(split, values):
+        captured_values = {n.name: n.meta.get("val") for n in self.captured.gm.graph.nodes}
+        if not carries_numbers(split, captured_values):
             return None
+        values, flat = self._microbatch_values()
         examples = stage_io_examples(split, values, flat)
         if any(e is None for e in examples):
             raise ExecutionError(
@@ -312,7 +313,7 @@ class DistributedPipeline:
             return fn(*args)
         except ExecutionError:
             raise  # fxshard's own checks of the call, made alike on every rank before any message
-        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        except Exception as e:  # every failure must reach the other ranks
             if _is_comm_error(e):
                 first = self._published_failures()
                 if first:
@@ -339,7 +340,7 @@ class DistributedPipeline:
         try:
             self._store.set(f"fxshard/failed/{self.rank}", message)
             self._store.compare_set(_FAILURE_KEY, "", message)  # the first failure wins
-        except Exception:  # noqa: BLE001 - the store's host may be gone already
+        except Exception:  # the store's host may be gone already
             pass
 
     def _published_failures(self) -> str:
@@ -351,7 +352,7 @@ class DistributedPipeline:
             try:
                 if self._store.check([_FAILURE_KEY]):
                     return self._store.get(_FAILURE_KEY).decode()
-            except Exception:  # noqa: BLE001 - the store's host died with its rank
+            except Exception:  # the store's host died with its rank
                 return ""
             if time.monotonic() > deadline:
                 return ""
@@ -383,7 +384,7 @@ class DistributedPipeline:
                 try:
                     failed = self._store.check([_FAILURE_KEY])
                     why = self._store.get(_FAILURE_KEY).decode() if failed else ""
-                except Exception:  # noqa: BLE001 - the store is gone: the job is over
+                except Exception:  # the store is gone: the job is over
                     return
                 if not failed:
                     continue
@@ -578,7 +579,7 @@ def _pg_timeout_s() -> float:
     """The default group's timeout (what a receive waits for a silent peer)."""
     try:
         return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except Exception:  # noqa: BLE001 - NCCL-only groups and older torch
+    except Exception:  # NCCL-only groups and older torch
         return dist.constants.default_pg_timeout.total_seconds()
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from fxshard.errors import PartitionError, PartitionerError
+from fxshard.errors import PartitionerError, PartitionError
 from fxshard.passes.partition.baselines import layers_partition, params_partition, uniform_partition
 from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import Partition, evaluate, make_partition
