@@ -3,7 +3,7 @@
 Three parts, one row per (item, partitioner):
 
 - ``public``: the four instances of Tarnawski et al. (NeurIPS 2020) in
-  ``shared/data/dnn-partitioning``, under their own max-load objective (``objective="direct"``),
+  ``benchmarks/data/dnn-partitioning`` (vendored, MIT), under their own max-load objective (``objective="direct"``),
   next to the reference values that directory's README publishes.
 - ``zoo``: the built-in models, captured and priced once per (model, device), on realistic
   clusters in training with Adam (pipeline objective). The cost graph is built once per
@@ -45,10 +45,10 @@ from fxshard.errors import FxshardError
 __all__ = ["PUBLIC_REFERENCE", "ZOO_CASES", "Row", "ZooCase", "check_plan", "main", "run_public", "run_scale",
            "run_zoo"]
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dnn-partitioning"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "dnn-partitioning"
 BASELINES = ("uniform", "params", "layers")
 
-# Reference values for k = maxFPGAs = 6, copied from shared/data/dnn-partitioning/README.md
+# Reference values for k = maxFPGAs = 6, copied from data/dnn-partitioning/README.md
 # ("Reference values"): the authors' exact DP optimum over contiguous splits, and what
 # PipeDream's partitioner reaches. None where the README gives no number (the exact DP on
 # inceptionv3 runs > 10 min; PipeDream was not reported on resnet50).

@@ -30,7 +30,7 @@ PARTITIONERS = fxshard.partitioners()
 CONTIGUOUS = ("dp", "uniform", "params", "layers")  # cut the topological order: always acyclic
 MEMORY_AWARE = ("dp", "metis")  # raise or fit; the baselines ignore memory by design
 OBJECTIVES = ("pipeline", "direct")
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dnn-partitioning"
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "dnn-partitioning"  # vendored, MIT
 REL = 1e-9
 
 PROPERTY = settings(max_examples=100, deadline=None, derandomize=True,
@@ -1068,10 +1068,14 @@ REFERENCE = {"bert24": 17.790, "gnmt": 32.911, "resnet50": 34.223}
 
 
 def _instance(name: str):
-    path = DATA / f"{name}_inference.json"
-    if not path.exists():
-        pytest.skip(f"{path} is missing")
-    return load_tarnawski(path)
+    return load_tarnawski(DATA / f"{name}_inference.json")
+
+
+def test_public_instances_are_vendored():
+    """The instances ship with the repository (no skip on a fresh checkout), with their licence."""
+    files = {p.name for p in DATA.iterdir()} if DATA.is_dir() else set()
+    assert {"LICENSE.txt", "README.md"} | {f"{n}_inference.json" for n in (*REFERENCE, "inceptionv3")} <= files
+    assert "MIT License" in (DATA / "LICENSE.txt").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
