@@ -26,7 +26,7 @@ from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_bat
 from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.profiled import median_time
 from fxshard.cost_models.analysis import analyze
-from fxshard.errors import ExecutionError
+from fxshard.errors import CostModelError, ExecutionError
 from fxshard.passes.split import split_graph
 from fxshard.passes.stages import summarize_stages
 from fxshard.plan import Plan
@@ -123,10 +123,15 @@ class CalibrationReport:
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's tau-a between two equally long sequences (ties count as neither)."""
+    """Kendall's tau-a between two equally long sequences (ties count as neither).
+
+    Raises:
+        CostModelError: the sequences differ in length or hold fewer than two items.
+    """
     n = len(a)
     if n != len(b) or n < 2:
-        raise ValueError(f"kendall_tau needs two sequences of the same length >= 2, got {len(a)} and {len(b)}")
+        raise CostModelError(f"kendall_tau needs two sequences of the same length >= 2, got lengths {len(a)} and "
+                             f"{len(b)}; pass one predicted and one measured time per stage, for at least 2 stages")
     score = 0
     for i in range(n):
         for j in range(i + 1, n):
@@ -220,7 +225,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in measured_profile]
         try:
             fit = fit_factors([c.work for c in measured_profile], node_times, spec)
-        except ValueError:
+        except CostModelError:
             fit = None  # too few kernels to fit anything
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
                              microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fit)

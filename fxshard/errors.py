@@ -1,7 +1,9 @@
 """The fxshard exception hierarchy.
 
 Every error fxshard raises for bad input or an impossible request is a subclass of
-:class:`FxshardError`. Messages name the problem, the numbers involved and a way out.
+:class:`FxshardError`, defined here and exported from the top-level package
+(``fxshard.SimulationError``). Messages name the problem, the numbers involved and a way out.
+Those that reject a malformed value also subclass ``ValueError``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ __all__ = [
     "PartitionError",
     "PartitionerError",
     "PlanError",
+    "PlanFormatError",
+    "SimulationError",
+    "ExportError",
     "ExecutionError",
 ]
 
@@ -36,8 +41,9 @@ class ClusterError(FxshardError, ValueError):
     """A cluster description is inconsistent (no devices, bad links, bad JSON)."""
 
 
-class CostModelError(FxshardError):
-    """A cost model cannot price a node, or an unknown cost model was asked for."""
+class CostModelError(FxshardError, ValueError):
+    """A cost model cannot price a node or the device asked for, an unknown cost model was asked
+    for, or its factors or calibration inputs are out of range."""
 
 
 class ZooError(FxshardError, ValueError):
@@ -54,6 +60,18 @@ class PartitionerError(PartitionError):
 
 class PlanError(FxshardError):
     """No plan exists for the request (nothing fits), or the options contradict each other."""
+
+
+class PlanFormatError(FxshardError, ValueError):
+    """Plan JSON that is malformed, of another schema version, or inconsistent."""
+
+
+class SimulationError(FxshardError):
+    """A schedule cannot be simulated (unknown name, bad sizes, an inconsistent order)."""
+
+
+class ExportError(FxshardError):
+    """A plan cannot be exported: it was made for another graph, or the directory is unusable."""
 
 
 class ExecutionError(FxshardError):

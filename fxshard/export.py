@@ -41,15 +41,11 @@ import torch.utils._pytree as pytree
 
 from fxshard import zoo
 from fxshard.capture import CapturedGraph
-from fxshard.errors import FxshardError
+from fxshard.errors import ExportError  # defined there, re-exported here
 from fxshard.passes.split import StageGraph, split_graph
 from fxshard.plan import Plan
 
 __all__ = ["ExportError", "ExportResult", "export_plan", "split_points", "stage_modules"]
-
-
-class ExportError(FxshardError):
-    """A plan cannot be exported: it was made for another graph, or the directory is unusable."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,16 +14,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fxshard.errors import FxshardError
+from fxshard.errors import PlanFormatError  # defined there, re-exported here
 
 __all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "ModelInfo", "Plan", "PlanFormatError", "StagePlan"]
 
 SCHEMA_VERSION = 1
 STRATEGIES = ("single", "ddp", "pipeline", "hybrid")
-
-
-class PlanFormatError(FxshardError, ValueError):
-    """Plan JSON that is malformed, of another schema version, or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 from unittest import mock
 
-from fxshard.errors import FxshardError
+from fxshard.errors import SimulationError  # defined there, re-exported here
 
 __all__ = [
     "SCHEDULES",
@@ -37,10 +37,6 @@ __all__ = [
     "simulate",
     "to_chrome_trace",
 ]
-
-
-class SimulationError(FxshardError):
-    """A schedule cannot be simulated (unknown name, bad sizes, an inconsistent order)."""
 
 
 # fxshard name -> (torch schedule class name, stages per rank)

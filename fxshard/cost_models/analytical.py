@@ -12,6 +12,8 @@ device preset (``RooflineFactors`` entries in ``FACTORS``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,7 @@ import torch
 from fxshard.capture import CapturedGraph
 from fxshard.cost_models.analysis import NodeWork
 from fxshard.cost_models.base import NodeTime, register_cost_model
+from fxshard.errors import CostModelError
 
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
@@ -48,10 +51,16 @@ class RooflineFactors:
     def __post_init__(self) -> None:
         for name in ("matmul_eff", "memory_eff"):
             value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise ValueError(f"{name}={value} must be in (0, 1]; it is a fraction of the peak")
-        if self.launch_overhead_s < 0:
-            raise ValueError(f"launch_overhead_s={self.launch_overhead_s} must be >= 0")
+            if not _is_real(value) or not 0 < value <= 1:
+                raise CostModelError(f"RooflineFactors {name}={value!r} must be a number in (0, 1]: it is the "
+                                     f"fraction of the device's peak that kernels reach (0.7 is typical on GPUs)")
+        if not _is_real(self.launch_overhead_s) or not 0 <= self.launch_overhead_s < math.inf:
+            raise CostModelError(f"RooflineFactors launch_overhead_s={self.launch_overhead_s!r} must be a finite "
+                                 f"number of seconds >= 0 (a few microseconds, 5e-6, is typical)")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
 
 
 # Defaults per device kind, then per preset. Sources and reasoning: docs/cost_models.md.
@@ -128,13 +137,17 @@ def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device:
 
     Every forward and backward time of a node that runs kernels is a sample; the fit is a grid
     search minimising the median absolute log error of the roofline (robust to the few nodes
-    whose timing is noise). See docs/calibration.md.
+    whose timing is noise). The device's current factors are a candidate too, so the fitted
+    error never exceeds the current one. See docs/calibration.md.
 
     Raises:
-        ValueError: fewer than three usable samples.
+        CostModelError: fewer than three usable samples, or ``works`` and ``measured`` differ in length.
     """
     import numpy as np
 
+    if len(works) != len(measured):
+        raise CostModelError(f"fit_factors got {len(works)} nodes and {len(measured)} measured times; pass one "
+                             f"NodeTime per node, in the same order")
     rows = []
     for w, t in zip(works, measured):
         for flops, nbytes, kernels, seconds in ((w.fwd_flops, w.fwd_bytes, w.fwd_kernels, t.fwd_s),
@@ -144,7 +157,8 @@ def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device:
                 peak = device.peak_flops_for(_dtype(w.dtype), allow_tf32=tf32)
                 rows.append((flops / peak, nbytes / device.memory_bandwidth, kernels, seconds))
     if len(rows) < 3:
-        raise ValueError(f"fitting needs at least 3 timed kernels, got {len(rows)}")
+        raise CostModelError(f"fitting roofline factors needs at least 3 timed kernels (nodes that launch kernels, "
+                             f"with a measured time > 0), got {len(rows)}; time a larger model or more nodes")
     compute, memory, kernels, seconds = (np.array(c, dtype=np.float64) for c in zip(*rows))
     log_measured = np.log(seconds)
 
@@ -160,6 +174,8 @@ def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device:
     current = factors_for(device)
     before = float(error(np.array([current.matmul_eff]), np.array([current.memory_eff]),
                          np.array([current.launch_overhead_s]))[0])
+    if before <= errors[best]:  # the current factors are a candidate too: a fit is never worse than none
+        return FactorFit(factors=current, samples=len(rows), error_before=before, error_after=before)
     fitted = RooflineFactors(matmul_eff=float(a.ravel()[best]), memory_eff=float(b.ravel()[best]),
                              launch_overhead_s=float(o.ravel()[best]), conv_tf32=current.conv_tf32)
     return FactorFit(factors=fitted, samples=len(rows), error_before=before, error_after=float(errors[best]))
