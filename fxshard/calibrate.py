@@ -142,32 +142,41 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 
 def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device, warmup: int,
                     repeats: int) -> tuple[float, float, float | None, tuple]:
-    """(forward s, backward s, peak bytes or None, outputs) of one module on one micro-batch."""
-    def measure(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """(forward s, backward s, peak bytes or None, outputs) of one module on one micro-batch.
+
+    Forward and backward are each timed directly (backward through a retained graph), never
+    one as the difference of two noisy timings, so neither comes out 0 or negative.
+    """
+    def measure(fn: Callable[[], Any]) -> float:
         return median_time(fn, device, warmup=warmup, repeats=repeats)
 
     def leaves() -> list[Any]:
         return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
                 for t in inputs]
 
-    fwd = measure(lambda: module(*leaves()), warmup, repeats)
-    if device.type == "cuda":
+    def forward() -> tuple[Any, list[torch.Tensor]]:
+        out = module(*leaves())
+        return out, [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    fwd = measure(lambda: module(*leaves()))
+    peak = None
+    if device.type == "cuda":  # one untimed forward and backward, as training runs them
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-
-    def forward_backward() -> tuple:
-        out = module(*leaves())
-        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        _, tensors = forward()
         if tensors:
             torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-        return out
-
-    total = measure(forward_backward, warmup, repeats)
-    peak = float(torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
+        peak = float(torch.cuda.max_memory_allocated(device) - base)
+    _, tensors = forward()
+    bwd = 0.0  # a stage whose outputs need no gradient has no backward
+    if tensors:
+        grads = [torch.ones_like(t) for t in tensors]
+        bwd = measure(lambda: torch.autograd.backward(tensors, grads, retain_graph=True))
+    del tensors
     with torch.no_grad():
         outputs = module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
     module.zero_grad(set_to_none=True)
-    return fwd, max(total - fwd, 0.0), peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+    return fwd, bwd, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
 
 
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,

@@ -16,7 +16,8 @@ from typing import Any
 
 from fxshard.errors import PlanFormatError  # defined there, re-exported here
 
-__all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "ModelInfo", "Plan", "PlanFormatError", "StagePlan"]
+__all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "EstimatedNode", "ModelInfo", "Plan", "PlanFormatError",
+           "StagePlan"]
 
 SCHEMA_VERSION = 1
 STRATEGIES = ("single", "ddp", "pipeline", "hybrid")
@@ -73,6 +74,15 @@ class Alternative:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EstimatedNode:
+    """A node whose times are not what the plan's cost model says, but a stand-in: the profiled
+    model gives a node that cannot run on random inputs its analytical time."""
+
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     """What the plan was made for."""
 
@@ -101,6 +111,7 @@ class Plan:
     estimate: Estimate
     reason: str = ""
     alternatives: tuple[Alternative, ...] = ()
+    estimated_nodes: tuple[EstimatedNode, ...] = ()  # priced by a stand-in, and why (absent in older JSON)
     fxshard_plan: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -148,6 +159,7 @@ class Plan:
             fields["estimate"] = Estimate(**fields["estimate"])
             fields["stages"] = tuple(_stage(s) for s in fields["stages"])
             fields["alternatives"] = tuple(Alternative(**a) for a in fields.get("alternatives", ()))
+            fields["estimated_nodes"] = tuple(EstimatedNode(**n) for n in fields.get("estimated_nodes", ()))
             return cls(**fields)
         except (KeyError, TypeError, ValueError) as e:
             raise PlanFormatError(f"plan JSON is missing or has malformed fields: {type(e).__name__}: {e}") from e
@@ -185,6 +197,11 @@ class Plan:
                          f"sends {_gib(s.send_bytes)}")
         lines.append(f"  estimate: step {_ms(e.step_time_s)}, bubble {e.bubble_fraction:.1%}, "
                      f"{e.samples_per_s:.1f} samples/s (lower bound {_ms(e.lower_bound_step_time_s)})")
+        if self.estimated_nodes:
+            shown = "; ".join(f"{n.node} ({n.reason})" for n in self.estimated_nodes[:3])
+            more = len(self.estimated_nodes) - 3
+            lines.append(f"  estimated analytically, not measured: {len(self.estimated_nodes)} node(s): {shown}"
+                         + (f"; and {more} more (plan.estimated_nodes lists them)" if more > 0 else ""))
         if self.reason:
             lines.append(f"  why: {self.reason}")
         return "\n".join(lines)

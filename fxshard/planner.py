@@ -31,7 +31,7 @@ from fxshard.errors import PartitionerError, PartitionError, PlanError
 from fxshard.passes.cost_graph import cost_graph, placement
 from fxshard.passes.partition import partition_graph, partitioners
 from fxshard.passes.stages import StageSummary, summarize_stages
-from fxshard.plan import Alternative, Estimate, ModelInfo, Plan, StagePlan
+from fxshard.plan import Alternative, Estimate, EstimatedNode, ModelInfo, Plan, StagePlan
 from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
 
 __all__ = ["PlanOptions", "batch_size_of", "group_link", "plan", "plan_captured", "ring_allreduce_time"]
@@ -136,6 +136,15 @@ class _Pricer:
                     dataclasses.replace(c, work=w, fwd_time_s=c.fwd_time_s * fraction, bwd_time_s=c.bwd_time_s * fraction)
                     for c, w in zip(full.nodes, scaled)))
         return self._cache[key]
+
+    def estimated(self, specs: set[str]) -> tuple[EstimatedNode, ...]:
+        """Nodes whose times on these device specs are stand-ins (``NodeTime.estimated``), and why."""
+        found: dict[str, str] = {}
+        for (name, _), costs in self._cache.items():
+            if name in specs:
+                for node, reason in costs.estimated.items():
+                    found.setdefault(node, reason)
+        return tuple(EstimatedNode(node=node, reason=reason) for node, reason in found.items())
 
 
 def batch_size_of(captured: CapturedGraph, example_inputs: Any, example_kwargs: Mapping | None) -> int:
@@ -491,7 +500,8 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                                 param_bytes=full.param_bytes, fingerprint=captured.fingerprint(),
                                 method=captured.method),
                 stages=tuple(stages), estimate=estimate_, reason=_reason(best, ranked, cluster, batch),
-                alternatives=tuple(alternatives[:16]))
+                alternatives=tuple(alternatives[:16]),
+                estimated_nodes=pricer.estimated({cluster.devices[d].spec.name for d in used}))
 
 
 def _reason(best: _Candidate, ranked: list[_Candidate], cluster: Cluster, batch: int) -> str:

@@ -285,6 +285,10 @@ else:
     CASES.append(("cuda-plan-on-a-cpu-machine", lambda m: fxshard.compile(m[0], "2xH100-80GB", m[1],
                                                                          strategy="pipeline")(*m[1]),
                   ExecutionError, ["cuda:0", "no CUDA", "plan for this machine"]))
+    CASES.append(("profiled-for-a-gpu-on-a-cpu-machine", lambda m: fxshard.plan(m[0], "2xH100-80GB", m[1],
+                                                                                cost_model="profiled"),
+                  CostModelError, ["H100-80GB", "lacks", "cost_model='analytical'", "devices=['cpu']",
+                                   "fxshard calibrate"]))
 
 
 def test_the_catalogue_is_broad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxshard
 from fxshard.capture import capture
 from fxshard.cluster import get_preset
 from fxshard.cost_models import (
@@ -156,7 +158,7 @@ def test_roofline_compute_and_memory_bound():
 
 
 def test_roofline_factor_validation():
-    with pytest.raises(ValueError, match="matmul_eff"):
+    with pytest.raises(CostModelError, match="matmul_eff"):
         RooflineFactors(matmul_eff=1.5, memory_eff=0.5, launch_overhead_s=0)
 
 
@@ -195,7 +197,10 @@ def test_profiled_without_cuda_is_a_clear_error():
         estimate(captured, H100, cost_model=ProfiledCostModel(device="cuda"))
 
 
-def test_registry():
+def test_registry(monkeypatch):
+    from fxshard.cost_models import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the test's registration goes with it
     assert {"analytical", "profiled"} <= set(cost_models())
     with pytest.raises(CostModelError, match="analytical"):
         get_cost_model("nope")
@@ -250,3 +255,78 @@ def test_inspect_rows_have_the_spec_fields():
     row = costs.nodes[1].to_row()
     for key in ("name", "op", "target", "flops", "param_bytes", "output_bytes", "time_s"):
         assert key in row
+
+
+# --------------------------------------------------------------------------------------------
+# The profiled model measures this machine: it prices only what this machine has, and says
+# which nodes it could not measure.
+# --------------------------------------------------------------------------------------------
+
+class _Whitened(nn.Module):
+    """A Cholesky factor of a Gram matrix: fine on real inputs, but the profiler's random
+    stand-in for the Gram matrix is not positive-definite, so that node cannot be timed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.proj(x)
+        gram = h.T @ h + 8 * torch.eye(8)
+        return h @ torch.linalg.cholesky(gram)
+
+
+def _a_preset_this_machine_lacks() -> str:
+    if not torch.cuda.is_available():
+        return "H100-80GB"
+    from fxshard.devices import local_gpu_spec
+
+    local = local_gpu_spec(0).name
+    return "A100-40GB" if local != "A100-40GB" else "H100-80GB"
+
+
+def test_profiled_refuses_a_device_this_machine_lacks():
+    preset = _a_preset_this_machine_lacks()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with pytest.raises(CostModelError) as info:
+        fxshard.plan(model, f"2x{preset}", (torch.randn(8, 16),), cost_model="profiled")
+    text = str(info.value)
+    for fragment in (preset, "this machine", "cost_model='analytical'", "fxshard calibrate", "devices=['cpu']"):
+        assert fragment in text, text
+    # A CPU host timing for a GPU preset (the profiler pinned to the CPU) is refused the same way.
+    captured = capture(model, (torch.randn(8, 16),))
+    with pytest.raises(CostModelError, match=f"CPU times would be labelled {preset}"):
+        estimate(captured, get_preset(preset), cost_model=ProfiledCostModel(device="cpu", warmup=0, repeats=1))
+    # The local device is fine, and so is the analytical model for any preset.
+    assert estimate(captured, get_preset("cpu"), cost_model=ProfiledCostModel(device="cpu", warmup=0, repeats=1))
+    assert estimate(captured, get_preset(preset)).cost_model == "analytical"
+
+
+def test_nodes_the_profiler_cannot_run_are_reported_in_the_plan():
+    from fxshard.plan import EstimatedNode, Plan
+
+    torch.manual_seed(0)
+    model, inputs = _Whitened(), (torch.randn(16, 8),)
+    model(*inputs)  # runs for real
+    profiler = ProfiledCostModel(warmup=0, repeats=1)
+    captured = capture(model, inputs)
+    costs = estimate(captured, get_preset("cpu"), cost_model=profiler)
+    (name,) = costs.estimated
+    assert "cholesky" in name and name in profiler.fallbacks
+    assert "could not run on random inputs" in costs.estimated[name] and "positive-definite" in costs.estimated[name]
+    assert costs[name].fwd_time_s == estimate(captured, get_preset("cpu"))[name].fwd_time_s  # the analytical time
+    assert not {c.name for c in costs if c.name != name and c.estimated}
+    assert costs[name].to_row()["estimated"] == costs.estimated[name]
+
+    plan = fxshard.plan(model, "2xcpu:1GB", inputs, cost_model="profiled", strategy="pipeline")
+    assert [n.node for n in plan.estimated_nodes] == [name]
+    assert "positive-definite" in plan.estimated_nodes[0].reason
+    assert f"estimated analytically, not measured: 1 node(s): {name} (could not run" in str(plan)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.estimated_nodes == (EstimatedNode(node=name, reason=plan.estimated_nodes[0].reason),)
+    # JSON written before the field existed still loads, with nothing estimated.
+    old = json.loads(plan.to_json())
+    del old["estimated_nodes"]
+    assert Plan.from_json(json.dumps(old)).estimated_nodes == ()
+    # The analytical model estimates everything by definition and notes nothing.
+    assert fxshard.plan(model, "2xcpu:1GB", inputs, strategy="pipeline").estimated_nodes == ()

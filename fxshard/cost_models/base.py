@@ -33,10 +33,16 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NodeTime:
-    """Forward and backward seconds of one node on one device."""
+    """Forward and backward seconds of one node on one device.
+
+    ``estimated`` is empty when the cost model priced the node its own way; otherwise it says
+    why the times are a stand-in (the profiled model's analytical fallback for a node that
+    cannot run on random inputs), so plans can report it.
+    """
 
     fwd_s: float
     bwd_s: float
+    estimated: str = ""
 
 
 class CostModel(Protocol):
@@ -57,6 +63,7 @@ class NodeCost:
     work: NodeWork
     fwd_time_s: float
     bwd_time_s: float
+    estimated: str = ""  # why the time is a stand-in (see NodeTime); empty: priced as the cost model says
 
     @property
     def name(self) -> str:
@@ -71,6 +78,7 @@ class NodeCost:
         row["fwd_time_s"] = self.fwd_time_s
         row["bwd_time_s"] = self.bwd_time_s
         row["time_s"] = self.fwd_time_s
+        row["estimated"] = self.estimated
         return row
 
 
@@ -158,6 +166,12 @@ class GraphCosts:
             name = w.view_of
         return name
 
+    @property
+    def estimated(self) -> dict[str, str]:
+        """Node name -> why its time is a stand-in, for the nodes the cost model could not price
+        its own way (graph order; empty for the analytical model)."""
+        return {c.name: c.estimated for c in self.nodes if c.estimated}
+
     def to_rows(self) -> list[dict]:
         return [c.to_row() for c in self.nodes]
 
@@ -219,6 +233,7 @@ def estimate(captured: CapturedGraph, device: DeviceSpec, *, cost_model: str | C
         if not (0 <= t.fwd_s < math.inf and 0 <= t.bwd_s < math.inf):
             raise CostModelError(f"cost model {model.name!r} gave node {w.name!r} a negative, infinite or NaN "
                                  f"time (forward {t.fwd_s} s, backward {t.bwd_s} s); times must be finite and >= 0")
-    nodes = tuple(NodeCost(work=w, fwd_time_s=t.fwd_s, bwd_time_s=t.bwd_s) for w, t in zip(works, times))
+    nodes = tuple(NodeCost(work=w, fwd_time_s=t.fwd_s, bwd_time_s=t.bwd_s, estimated=str(getattr(t, "estimated", "")))
+                  for w, t in zip(works, times))
     return GraphCosts(model_name=captured.model_name, device=device.name, cost_model=model.name,
                       nodes=nodes)
