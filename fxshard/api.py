@@ -20,7 +20,15 @@ from fxshard.errors import ExecutionError, PlanError
 from fxshard.passes.split import split_graph
 from fxshard.plan import Plan
 from fxshard.planner import PlanOptions, batch_size_of, plan_captured
+from fxshard.runtime.agreement import fingerprint_mismatch, shared_plan
+from fxshard.runtime.checkpoint import (
+    load_named_optimizer_state,
+    merge_named_optimizer_states,
+    named_optimizer_state,
+    state_aliases,
+)
 from fxshard.runtime.local import LocalPipeline
+from fxshard.runtime.loss import LossCall, call_loss, check_loss_call, leading_rows
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -77,22 +85,30 @@ class CompiledModel:
 
     def _build(self, args: Any, kwargs: dict) -> None:
         captured = capture(self._model, args, example_kwargs=kwargs)
-        if self._plan is None:
+
+        def make_plan() -> Plan:
             cluster = Cluster.parse(self._devices)
-            self._plan = plan_captured(captured, cluster, batch_size_of(captured, args, kwargs), self._options)
-        elif self._plan.model.fingerprint != captured.fingerprint():
-            raise ExecutionError(
-                f"the plan was made for {self._plan.model.name} (fingerprint {self._plan.model.fingerprint}, "
-                f"{self._plan.model.nodes} nodes); this model captures as {captured.model_name} (fingerprint "
-                f"{captured.fingerprint()}, {len(captured.nodes)} nodes). Re-plan for this model and input shapes")
-        self._captured = captured
-        self._captured_args = (args, kwargs)
-        self._mode = self._model.training
+            return plan_captured(captured, cluster, batch_size_of(captured, args, kwargs), self._options)
+
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             from fxshard.runtime.distributed import DistributedPipeline
 
-            self._distributed = DistributedPipeline(captured, self._plan, loss_fn=self._options.loss_fn)
-        elif self._plan.strategy in ("pipeline", "hybrid"):
+            # One plan for every rank (rank 0's, or the user's if all agree); the pipeline
+            # then checks, on every rank at once, that it fits this model and these devices.
+            self._plan = shared_plan(self._plan, make_plan)
+            self._set_captured(captured, args, kwargs)
+            self._distributed = DistributedPipeline(captured, self._plan, loss_fn=self._options.loss_fn,
+                                                    aliases=state_aliases(self._model))
+            return
+        if self._plan is None:
+            self._plan = make_plan()
+        else:
+            mismatch = fingerprint_mismatch(self._plan, captured.model_name, captured.fingerprint(),
+                                            len(captured.nodes))
+            if mismatch:
+                raise ExecutionError(mismatch)
+        self._set_captured(captured, args, kwargs)
+        if self._plan.strategy in ("pipeline", "hybrid"):
             split = split_graph(captured, self._plan.stage_of(), self._plan.num_stages)
             devices = [_local_device(s.devices[0]) for s in self._plan.stages]
             self._pipeline = LocalPipeline(split, devices, self._plan.microbatches)
@@ -100,6 +116,11 @@ class CompiledModel:
             device = _local_device(self._plan.stages[0].devices[0])
             if _model_device(self._model) != device:
                 self._model.to(device)
+
+    def _set_captured(self, captured: CapturedGraph, args: Any, kwargs: dict) -> None:
+        self._captured = captured
+        self._captured_args = (args, kwargs)
+        self._mode = self._model.training
 
     def _ensure(self, args: tuple, kwargs: dict) -> None:
         if self._captured is None:
@@ -112,7 +133,8 @@ class CompiledModel:
 
     def _check_inputs(self, args: tuple, kwargs: dict) -> None:
         """Inputs must have the compiled shapes and dtypes, up to the batch size: the plan's
-        stages, memory and timings hold for those (and an exported graph only runs them)."""
+        stages, memory and timings hold for those (and an exported graph only runs them).
+        The error says which of the shape or the dtype differs, and how to fix it."""
         captured, plan = self._captured, self.plan
         flat = captured.flatten_inputs(args, kwargs)
         placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
@@ -123,16 +145,23 @@ class CompiledModel:
             what = f"{captured.model_name} input {node.name!r}"
             if not isinstance(got, torch.Tensor):
                 raise ExecutionError(f"{what} is a {type(got).__name__}; it was compiled as a tensor of shape "
-                                     f"{tuple(exp.shape)}")
+                                     f"{tuple(exp.shape)} and dtype {exp.dtype}. Pass a tensor")
             batched = exp.dim() > 0 and exp.shape[0] == plan.batch_size and captured.fixed_batch is None
             same = got.dim() == exp.dim() and (tuple(got.shape[1:]) == tuple(exp.shape[1:]) if batched
                                                 else tuple(got.shape) == tuple(exp.shape))
-            if not same or got.dtype != exp.dtype:
-                shape = ("(batch, " + ", ".join(map(str, exp.shape[1:])) + ")") if batched else str(tuple(exp.shape))
+            shape = ("(batch, " + ", ".join(map(str, exp.shape[1:])) + ")") if batched else str(tuple(exp.shape))
+            if not same:
+                dtype = (f"its dtype {got.dtype} matches" if got.dtype == exp.dtype
+                         else f"its dtype differs too: {got.dtype}, compiled for {exp.dtype}")
                 raise ExecutionError(
-                    f"{what} has shape {tuple(got.shape)} and dtype {got.dtype}; the model was compiled for "
-                    f"{shape} {exp.dtype}, and the plan's stages, memory and timings hold for that. Compile again "
-                    f"with example inputs of the new shape")
+                    f"{what} has shape {tuple(got.shape)}; the model was compiled for shape {shape} ({dtype}), and "
+                    f"the plan's stages, memory and timings hold for that. Compile again with example inputs of "
+                    f"the new shape")
+            if got.dtype != exp.dtype:
+                raise ExecutionError(
+                    f"{what} has dtype {got.dtype}; the model was compiled for dtype {exp.dtype} (its shape "
+                    f"{tuple(got.shape)} matches {shape}). Convert it with .to({exp.dtype}). Compile "
+                    f"again with {got.dtype} example inputs to run in {got.dtype} instead")
 
     # -- SPEC surface --------------------------------------------------------------------
 
@@ -163,6 +192,11 @@ class CompiledModel:
 
         Returns the mean loss where the last stage lives (None on other ranks). Gradients
         accumulate in the parameters and equal those of the mean loss over the whole batch.
+
+        Raises:
+            ExecutionError: no loss; a loss that needs a target called without one, or a
+                target whose rows do not pair with the inputs' micro-batches (refused before
+                anything runs); a loss that fails on its arguments (chained to its error).
         """
         loss_fn = loss_fn or self._options.loss_fn
         if loss_fn is None:
@@ -173,8 +207,11 @@ class CompiledModel:
             return self._distributed.step(args, kwargs, target, loss_fn)
         if self._pipeline is None:
             device = self._first_device()
+            how = LossCall(batch=leading_rows(self._captured.flatten_inputs(args, kwargs)) or 0, microbatches=1,
+                           has_target=target is not None)
+            check_loss_call(loss_fn, target, how)
             out = self._model(*_to(args, device), **_to(kwargs, device))
-            loss = loss_fn(out, _to(target, device)) if target is not None else loss_fn(out)
+            loss = call_loss(loss_fn, out, _to(target, device), how)
             loss.backward()
             return loss.detach()
         flat = self._captured.flatten_inputs(args, kwargs)
@@ -214,9 +251,7 @@ class CompiledModel:
         Under torchrun each rank's optimizer holds its own stages' parameters: ``gather=True``
         (called on every rank) returns the whole model's state on every rank.
         """
-        from fxshard.runtime.checkpoint import merge_named_optimizer_states, named_optimizer_state
-
-        local = named_optimizer_state(optimizer, self._parameter_names())
+        local = named_optimizer_state(optimizer, self._parameter_names(), aliases=self._aliases())
         if self._distributed is not None and gather:
             return merge_named_optimizer_states(self._distributed.gather_objects(local))
         return local
@@ -224,9 +259,12 @@ class CompiledModel:
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
         """Load a state from :meth:`optimizer_state_dict` of any plan (or of the plain model:
         ``fxshard.runtime.checkpoint.named_optimizer_state``) into this process's optimizer."""
-        from fxshard.runtime.checkpoint import load_named_optimizer_state
+        load_named_optimizer_state(optimizer, self._parameter_names(), state, aliases=self._aliases())
 
-        load_named_optimizer_state(optimizer, self._parameter_names(), state)
+    def _aliases(self) -> dict[str, tuple[str, ...]]:
+        if self._distributed is not None:
+            return self._distributed.aliases
+        return state_aliases(self._model)
 
     def _parameter_names(self) -> dict[int, str]:
         if self._distributed is not None:

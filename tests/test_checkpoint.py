@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fxshard
 from fxshard.errors import ExecutionError
-from fxshard.runtime.checkpoint import named_optimizer_state
+from fxshard.runtime.checkpoint import load_named_optimizer_state, named_optimizer_state, state_aliases
 from fxshard.zoo import build
 from tests.dist_harness import run
 
@@ -72,7 +72,7 @@ def _reference(name: str, kind: str, steps: int):
         lm_loss(model(*inputs), target).backward()
         opt.step()
     names = {id(p): n for n, p in reversed(list(model.named_parameters()))}
-    return model, named_optimizer_state(opt, names)
+    return model, named_optimizer_state(opt, names, aliases=state_aliases(model))
 
 
 def _check_against_reference(state: dict, optim_state: dict, name: str, kind: str) -> None:
@@ -133,7 +133,8 @@ def test_a_pipeline_checkpoint_resumes_in_the_plain_model():
         lm_loss(plain(*inputs), target).backward()
         opt2.step()
     names = {id(p): n for n, p in reversed(list(plain.named_parameters()))}
-    _check_against_reference(plain.state_dict(), named_optimizer_state(opt2, names), name, kind)
+    _check_against_reference(plain.state_dict(), named_optimizer_state(opt2, names, aliases=state_aliases(plain)),
+                             name, kind)
 
 
 def test_checkpoint_errors_are_execution_errors():
@@ -196,3 +197,95 @@ def test_resume_under_torch_distributed_on_fewer_ranks(tmp_path: Path):
     run(_train_ranks, 2, name, kind, first, second, 99)
     final = torch.load(second, weights_only=False)
     _check_against_reference(final["model"], final["optimizer"], name, kind)
+
+
+# ---------------------------------------------------------------------------------------
+# A tied parameter keeps every name (issue 12, item 2)
+# ---------------------------------------------------------------------------------------
+
+
+def _hf_gpt2():
+    pytest.importorskip("transformers")
+    from tests.test_patterns import CAUSAL_LMS, _tokens
+
+    torch.manual_seed(0)
+    model = CAUSAL_LMS["gpt2"]()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids, mask, target = _tokens()
+    return model, {"input_ids": ids, "attention_mask": mask}, target
+
+
+def _hf_reference():
+    """transformers GPT-2 after one eager Adam step: (model, its optimizer, named optimizer state)."""
+    from tests.test_patterns import logits_loss
+
+    model, kwargs, target = _hf_gpt2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    logits_loss(model(**kwargs), target).backward()
+    opt.step()
+    return model, opt
+
+
+def _check_tied_checkpoint(state: dict, optim_state: dict) -> None:
+    """Both names of the tied weight in both states; both load strictly into plain GPT-2 and
+    equal the eager run."""
+    ref, ref_opt = _hf_reference()
+    tied = ("transformer.wte.weight", "lm_head.weight")
+    assert set(tied) <= state.keys() and set(tied) <= optim_state["state"].keys(), (
+        sorted(k for k in state if "wte" in k or "lm_head" in k), sorted(optim_state["state"])[:4])
+    fresh, _, _ = _hf_gpt2()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)  # other values, so loading must set them all
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    for key, value in ref.state_dict().items():
+        _close(fresh.state_dict()[key], value, f"parameter {key}")
+    opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    names = {id(p): n for n, p in reversed(list(fresh.named_parameters()))}
+    load_named_optimizer_state(opt, names, optim_state, aliases=state_aliases(fresh))
+    ref_names = {id(p): n for n, p in ref.named_parameters()}
+    for p, entries in ref_opt.state.items():
+        got = opt.state[fresh.get_parameter(ref_names[id(p)])]
+        for k, v in entries.items():
+            _close(torch.as_tensor(got[k]), torch.as_tensor(v), f"optimizer {k} of {ref_names[id(p)]}")
+
+
+def test_a_tied_parameter_keeps_every_name_in_one_process():
+    from tests.test_patterns import logits_loss
+
+    model, kwargs, target = _hf_gpt2()
+    compiled = fxshard.compile(model, "2xcpu:1GB", example_kwargs=kwargs, strategy="pipeline", stages=2,
+                               schedule="gpipe", microbatches=2, loss_fn=logits_loss)
+    opt = torch.optim.Adam(compiled.parameters(), lr=1e-3)
+    compiled.step(**kwargs, target=target)
+    opt.step()
+    _check_tied_checkpoint(compiled.state_dict(), compiled.optimizer_state_dict(opt))
+
+
+def _tied_ranks(rank: int, world: int, out: str) -> None:
+    from tests.test_patterns import logits_loss
+
+    model, kwargs, target = _hf_gpt2()
+    compiled = fxshard.compile(model, f"{world}xcpu:1GB", example_kwargs=kwargs, strategy="pipeline", stages=world,
+                               schedule="gpipe", microbatches=2, loss_fn=logits_loss)
+    holders = [s.index for s in compiled.plan.stages if rank in s.device_indices]
+    assert holders == [rank]
+    opt = torch.optim.Adam(compiled.parameters(), lr=1e-3)
+    compiled.step(**kwargs, target=target)
+    opt.step()
+    state = compiled.state_dict(gather=True)
+    optim_state = compiled.optimizer_state_dict(opt, gather=True)
+    if rank == 0:
+        torch.save({"model": state, "optimizer": optim_state}, out)
+
+
+@pytest.mark.timeout(300)
+def test_a_tied_parameter_keeps_every_name_when_gathered_under_torch_distributed(tmp_path: Path):
+    """transformers GPT-2 on 2 ranks: the embedding's stage calls the tied weight
+    ``lm_head.weight``; the gathered state lacked ``transformer.wte.weight`` and did not load
+    strictly into GPT2LMHeadModel."""
+    out = str(tmp_path / "tied.pt")
+    run(_tied_ranks, 2, out, timeout=180)
+    saved = torch.load(out, weights_only=False)
+    _check_tied_checkpoint(saved["model"], saved["optimizer"])

@@ -211,3 +211,181 @@ def test_a_number_crossing_ranks_arrives_with_its_value():
 def test_three_rank_transformers_llama_matches_eager():
     pytest.importorskip("transformers")
     run(_check_exact, 3, "transformers-llama")
+
+
+# ---------------------------------------------------------------------------------------
+# One plan for every rank, on the devices it was made for (issue 12, items 3 and 5)
+# ---------------------------------------------------------------------------------------
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Linear(32, 32), torch.nn.Tanh())],
+                               torch.nn.Linear(32, 4))
+
+
+def _mlp_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 32, generator=gen), torch.randn(8, 4, generator=gen)
+
+
+def _skewed_profiles(heavy_first: bool):
+    """The profiled cost model's real measurements, with one half of the graph 50x slower: what a
+    rank sees when its core is busy during the other half (made deterministic for the test)."""
+    import dataclasses
+
+    from fxshard.cost_models.profiled import ProfiledCostModel
+
+    measure = ProfiledCostModel.node_times
+
+    def node_times(self, captured, works, device):
+        times = measure(self, captured, works, device)
+        half = len(times) // 2
+        return [dataclasses.replace(t, fwd_s=t.fwd_s * 50, bwd_s=t.bwd_s * 50) if (i < half) == heavy_first else t
+                for i, t in enumerate(times)]
+
+    return node_times
+
+
+def _profiled_ranks(rank: int, world: int) -> None:
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    import fxshard
+    from fxshard.cost_models.profiled import ProfiledCostModel
+
+    model = _mlp()
+    reference = copy.deepcopy(model)
+    x, target = _mlp_batch()
+    # Rank 0 measures the first half as slow, rank 1 the second: planned apart, they would split
+    # the graph differently (2+13 nodes against 9+6).
+    with mock.patch.object(ProfiledCostModel, "node_times", _skewed_profiles(heavy_first=rank == 0)):
+        compiled = fxshard.compile(model, f"{world}xcpu:1GB", (x,), cost_model="profiled", strategy="pipeline",
+                                   stages=world, schedule="gpipe", microbatches=2, loss_fn=F.mse_loss)
+        alone = fxshard.plan(_mlp(), f"{world}xcpu:1GB", (x,), cost_model="profiled", strategy="pipeline",
+                             stages=world, schedule="gpipe", microbatches=2)
+    plans: list = [None] * world
+    dist.all_gather_object(plans, compiled.plan.to_json())
+    assert all(p == plans[0] for p in plans), "the ranks run different plans"
+    if rank == 0:  # the shared plan is rank 0's own
+        assert [s.nodes for s in compiled.plan.stages] == [s.nodes for s in alone.stages]
+    else:  # what this rank would have planned alone differs: without sharing, the stages clash
+        assert [s.nodes for s in compiled.plan.stages] != [s.nodes for s in alone.stages]
+    loss = compiled.step(x, target=target)
+    ref_loss = F.mse_loss(reference(x), target)
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7)
+    if loss is not None:
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_profiled_ranks_run_the_plan_rank_0_made():
+    """Each rank profiling for itself chose its own split and the first step died inside torch
+    ("forward() takes 5 positional arguments but 7 were given"); rank 0 now plans for all."""
+    run(_profiled_ranks, 2, timeout=180)
+
+
+def _different_plans(rank: int, world: int) -> None:
+    import fxshard
+
+    model = _mlp()
+    x, target = _mlp_batch()
+    plan = fxshard.plan(model, f"{world}xcpu:1GB", (x,), strategy="pipeline", stages=world, schedule="gpipe",
+                        microbatches=2 if rank == 0 else 4)
+    with pytest.raises(fxshard.ExecutionError) as info:
+        fxshard.CompiledModel(model, f"{world}xcpu:1GB", (x,), plan=plan, loss_fn=F.mse_loss)
+    text = str(info.value)
+    assert "the ranks disagree on the plan" in text, text
+    assert "rank 0: plan digest" in text and "2 micro-batches" in text, text
+    assert "rank 1: plan digest" in text and "4 micro-batches" in text, text
+    assert "differ in microbatches" in text and "fxshard.Plan.from_json" in text, text
+    # Refused before any stage was built, alike on every rank: the job goes on with one plan.
+    shared = fxshard.plan(model, f"{world}xcpu:1GB", (x,), strategy="pipeline", stages=world, schedule="gpipe",
+                          microbatches=2)
+    compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", (x,), plan=shared, loss_fn=F.mse_loss)
+    compiled.step(x, target=target)
+
+
+def test_ranks_given_different_plans_refuse_naming_the_ranks():
+    run(_different_plans, 2, timeout=120)
+
+
+def _rank_0_cannot_plan(rank: int, world: int) -> None:
+    import fxshard
+
+    x, _ = _mlp_batch()
+    with pytest.raises(fxshard.PlanError) as info:
+        fxshard.compile(_mlp(), f"{world}xcpu:1KB", (x,), strategy="pipeline")
+    text = str(info.value)
+    assert "for training" in text and "2xcpu:1KB gives" in text, text  # the planner's own numbers
+    if rank != 0:
+        assert text.startswith("rank 0, which plans for every rank, could not plan: "), text
+
+
+def test_a_planning_error_on_rank_0_reaches_every_rank():
+    """Only rank 0 plans: its error must reach the ranks waiting for its plan, not leave them
+    blocked until the process group's timeout."""
+    run(_rank_0_cannot_plan, 2, timeout=120)
+
+
+def _gpu_plan_on_cpu_ranks(rank: int, world: int) -> None:
+    import fxshard
+
+    model = _mlp()
+    x, _ = _mlp_batch()
+    plan = fxshard.plan(model, "2xH100-80GB", (x,), strategy="pipeline", stages=2, schedule="gpipe", microbatches=2)
+    assert [s.devices for s in plan.stages] == [("cuda:0",), ("cuda:1",)]
+    with pytest.raises(fxshard.ExecutionError) as info:
+        fxshard.CompiledModel(model, "2xH100-80GB", (x,), plan=plan, loss_fn=F.mse_loss)
+    text = str(info.value)
+    assert f"rank {rank}'s work on cuda:{rank}" in text and "cuda:0, cuda:1" in text and "H100-80GB" in text, text
+    assert "runs on cpu (gloo" in text and "Re-plan for these devices" in text and "'2xcpu'" in text, text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
+def test_a_gpu_plan_is_refused_on_cpu_ranks():
+    """An exported plan for 2xH100-80GB ran on the CPUs under torchrun without a word."""
+    run(_gpu_plan_on_cpu_ranks, 2, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------
+# The loss call under torchrun (issue 12, item 7)
+# ---------------------------------------------------------------------------------------
+
+
+def _loss_call_ranks(rank: int, world: int) -> None:
+    import fxshard
+
+    model = _mlp()
+    reference = copy.deepcopy(model)
+    x, target = _mlp_batch()
+    compiled = fxshard.compile(model, f"{world}xcpu:1GB", (x,), strategy="pipeline", stages=world,
+                               schedule="1f1b", microbatches=4, loss_fn=F.mse_loss)
+    with pytest.raises(fxshard.ExecutionError) as info:
+        compiled.step(x)
+    text = str(info.value)
+    assert "loss_fn(output)" in text and "mse_loss needs two arguments (output, target)" in text, text
+    assert "a batch of 8 in 4 micro-batches of 2" in text and "the same target on every rank" in text, text
+    with pytest.raises(fxshard.ExecutionError) as info:
+        compiled.step(x, target=target[:6])
+    text = str(info.value)
+    assert "loss_fn(output, target)" in text and "the target has 6 rows" in text and "batch of 8" in text, text
+    assert "4 micro-batches of 2" in text and "one row per input row (8 rows)" in text, text
+    # Both refused alike on every rank before any message: the next step runs and is exact.
+    assert all(p.grad is None for p in compiled.parameters())
+    loss = compiled.step(x, target=target)
+    ref_loss = F.mse_loss(reference(x), target)
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7)
+    if loss is not None:
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_missing_or_misshapen_target_is_refused_on_every_rank():
+    run(_loss_call_ranks, 2, timeout=120)

@@ -802,3 +802,109 @@ def test_microbatches_that_do_not_divide_the_example_batch_are_refused_at_planni
     model, args, _, _ = zoo_case("gpt2-tiny")
     with pytest.raises(FxshardError):
         fxshard.compile(model, DEVICES, args, strategy="pipeline", schedule="gpipe", microbatches=3)
+
+
+# ---------------------------------------------------------------------------------------
+# The loss call: a missing or misshapen target, and the user's own errors (issue 12, item 7)
+# ---------------------------------------------------------------------------------------
+
+
+def _loss_case(strategy: str):
+    model, args, target, loss_fn = zoo_case("gpt2-tiny")
+    opts = {"strategy": strategy}
+    if strategy == "pipeline":
+        opts.update(schedule="gpipe", microbatches=2)
+    return fxshard.compile(model, DEVICES, args, loss_fn=loss_fn, **opts), model, args, target
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "pipeline"])
+def test_step_without_a_target_the_loss_needs_is_refused_before_running(strategy):
+    compiled, model, args, target = _loss_case(strategy)
+    with pytest.raises(ExecutionError) as info:
+        compiled.step(*args)
+    text = str(info.value)
+    assert "loss_fn(output)" in text and "lm_loss needs two arguments (output, target)" in text, text
+    assert "a batch of 4" in text and "Pass target=" in text, text
+    assert all(p.grad is None for p in model.parameters()), "refused, yet something ran"
+    assert compiled.step(*args, target=target) is not None  # the model stays usable
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "pipeline"])
+def test_a_target_of_another_batch_size_is_an_execution_error_naming_the_sizes(strategy):
+    compiled, model, args, target = _loss_case(strategy)
+    with pytest.raises(ExecutionError) as info:
+        compiled.step(*args, target=target[:3])
+    text = str(info.value)
+    assert "loss_fn(output, target)" in text and "lm_loss" in text, text
+    assert "3 rows" in text and "batch of 4" in text and "one row per input row (4 rows)" in text, text
+    if strategy == "pipeline":  # refused before any micro-batch ran
+        assert "2 micro-batches of 2" in text and "target 1.5 rows" in text, text
+        assert all(p.grad is None for p in model.parameters())
+    else:  # one piece: torch's own error, explained and chained
+        assert "the output has 4 rows and the target 3 rows (a batch of 4 in one piece)" in text, text
+        assert isinstance(info.value.__cause__, ValueError), repr(info.value.__cause__)
+
+
+def test_a_target_with_a_row_per_token_still_pairs_with_each_micro_batch():
+    """A flattened target (batch x seq rows) is split with the batch: refusing it would break
+    a loss that flattens its output the same way."""
+    compiled, model, args, target = _loss_case("pipeline")
+    ref = copy.deepcopy(model)
+
+    def flat_loss(logits, flat_target):
+        return F.cross_entropy(logits.flatten(0, 1), flat_target)
+
+    loss = compiled.step(*args, target=target.flatten(), loss_fn=flat_loss)
+    ref_loss = flat_loss(ref(*args), target.flatten())
+    ref_loss.backward()
+    assert_rel_close(loss, ref_loss.detach(), "loss")
+    assert_grads_close(model, ref)
+
+
+class _OwnLossError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["single", "pipeline"])
+def test_errors_from_inside_the_loss_stay_recognisable(strategy):
+    compiled, _, args, target = _loss_case(strategy)
+
+    def picky(logits, tgt):
+        raise ValueError("logits must be float16")
+
+    with pytest.raises(ExecutionError, match="ValueError: logits must be float16") as info:
+        compiled.step(*args, target=target, loss_fn=picky)
+    assert isinstance(info.value.__cause__, ValueError) and "float16" in str(info.value.__cause__)
+    assert "inside the loss" in str(info.value)
+
+    def own(logits, tgt):
+        raise _OwnLossError("the user's own")
+
+    with pytest.raises(_OwnLossError, match="the user's own"):
+        compiled.step(*args, target=target, loss_fn=own)
+
+
+# ---------------------------------------------------------------------------------------
+# Call-time input checks say whether the shape or the dtype differs (issue 12, item 9)
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_dtype_mismatch_is_reported_as_a_dtype_with_the_conversion():
+    model, args, _, _ = zoo_case("mlp")
+    compiled = fxshard.compile(model, DEVICES, args, strategy="pipeline", schedule="gpipe", microbatches=2)
+    (x,) = args
+    with pytest.raises(ExecutionError) as info:
+        compiled(x.double())
+    text = str(info.value)
+    assert "has dtype torch.float64" in text and "compiled for dtype torch.float32" in text, text
+    assert f"its shape {tuple(x.shape)} matches" in text and ".to(torch.float32)" in text, text
+    assert "has shape" not in text, text
+    with pytest.raises(ExecutionError) as info:
+        compiled(x[:, :3])
+    text = str(info.value)
+    assert "has shape (4, 3)" in text and f"compiled for shape (batch, {x.shape[1]})" in text, text
+    assert "its dtype torch.float32 matches" in text, text
+    with pytest.raises(ExecutionError) as info:
+        compiled(x[:, :3].double())
+    text = str(info.value)
+    assert "has shape (4, 3)" in text and "dtype differs too: torch.float64, compiled for torch.float32" in text

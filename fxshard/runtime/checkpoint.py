@@ -10,6 +10,11 @@ Format::
 
     {"state": {"layers.0.weight": {"step": ..., "exp_avg": ..., ...}, ...},
      "param_groups": [{"lr": ..., "betas": ..., ..., "params": ["layers.0.weight", ...]}, ...]}
+
+A tied parameter (one tensor the model's ``state_dict`` names twice, as GPT-2's
+``transformer.wte.weight`` and ``lm_head.weight``) is listed once in ``param_groups``, under its
+canonical name, and its state appears under every name (the same entry, saved once by
+``torch.save``), so either name finds it, as either finds the tensor in the model's state.
 """
 
 from __future__ import annotations
@@ -21,11 +26,24 @@ import torch
 
 from fxshard.errors import ExecutionError
 
-__all__ = ["load_named_optimizer_state", "merge_named_optimizer_states", "named_optimizer_state"]
+__all__ = ["load_named_optimizer_state", "merge_named_optimizer_states", "named_optimizer_state", "state_aliases"]
 
 
-def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
-    """``optimizer``'s state keyed by parameter name; ``names`` maps ``id(param)`` to its name."""
+def state_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """``name -> every name`` of each tensor the model's ``state_dict`` holds under several
+    names (a tied embedding and LM head), in ``state_dict`` order: the first is canonical, the
+    name ``named_parameters()`` gives it."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    return {name: tuple(group) for group in names.values() if len(group) > 1 for name in group}
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str],
+                          aliases: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """``optimizer``'s state keyed by parameter name; ``names`` maps ``id(param)`` to its name,
+    ``aliases`` a tied parameter's name to all its names (its state is listed under each)."""
+    aliases = aliases or {}
     groups, state = [], {}
     for group in optimizer.param_groups:
         group_names = []
@@ -35,8 +53,10 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, 
                                      f"of the compiled model; build it over compiled.parameters()")
             group_names.append(names[id(p)])
             if p in optimizer.state:
-                state[names[id(p)]] = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                                       for k, v in optimizer.state[p].items()}
+                entry = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                         for k, v in optimizer.state[p].items()}
+                for name in aliases.get(names[id(p)], (names[id(p)],)):
+                    state[name] = entry
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": group_names})
     return {"state": state, "param_groups": groups}
 
@@ -59,11 +79,12 @@ def merge_named_optimizer_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str],
-                               saved: Mapping[str, Any]) -> None:
+                               saved: Mapping[str, Any], aliases: Mapping[str, tuple[str, ...]] | None = None) -> None:
     """Load a named state into ``optimizer`` (whose parameters may be any part of the model).
 
     Each of the optimizer's groups takes its hyperparameters from the saved group that holds
-    its first parameter. Raises ExecutionError when the checkpoint lacks a parameter.
+    its first parameter; a tied parameter is found under any of its ``aliases``. Raises
+    ExecutionError when the checkpoint lacks a parameter.
     """
     if not isinstance(saved, Mapping) or "state" not in saved or "param_groups" not in saved:
         raise ExecutionError("not a named optimizer state: expected the dict optimizer_state_dict() returns, with "
@@ -72,7 +93,14 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[
     for group in saved["param_groups"]:
         for name in group["params"]:
             group_of.setdefault(name, group)
-    own = [[names.get(id(p)) for p in group["params"]] for group in optimizer.param_groups]
+
+    def saved_name(name: str | None) -> str | None:
+        """The name the checkpoint lists this parameter under (any of its aliases)."""
+        if name is None:
+            return None
+        return next((a for a in (aliases or {}).get(name, (name,)) if a in group_of), name)
+
+    own = [[saved_name(names.get(id(p))) for p in group["params"]] for group in optimizer.param_groups]
     missing = sorted({n for group in own for n in group if n not in group_of})
     if any(n is None for group in own for n in group):
         raise ExecutionError("the optimizer holds a tensor that is not a parameter of the compiled model; build it "

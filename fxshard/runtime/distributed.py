@@ -28,6 +28,9 @@ from fxshard.capture import CapturedGraph
 from fxshard.errors import ExecutionError
 from fxshard.passes.split import split_graph
 from fxshard.plan import Plan
+from fxshard.runtime.agreement import agree, device_mismatch, fingerprint_mismatch
+from fxshard.runtime.failures import FAILURE_KEY, POLL_S, first_line, gloo_line, is_comm_error, pg_timeout_s
+from fxshard.runtime.loss import LossCall, call_loss, check_loss_call, leading_rows
 from fxshard.simulate import SCHEDULES
 
 __all__ = ["DistributedPipeline", "rank_device"]
@@ -70,8 +73,10 @@ def _materialise(module: torch.nn.Module, device: torch.device) -> None:
 class DistributedPipeline:
     """This rank's part of a plan, run with torch.distributed.pipelining (or DDP)."""
 
-    def __init__(self, captured: CapturedGraph, plan: Plan, *, loss_fn: Callable | None = None) -> None:
+    def __init__(self, captured: CapturedGraph, plan: Plan, *, loss_fn: Callable | None = None,
+                 aliases: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self.captured = captured
+        self.aliases = dict(aliases or {})
         self.plan = plan
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -80,22 +85,29 @@ class DistributedPipeline:
         self._failure: str | None = None
         self._calls = 0
         self._store = dist.distributed_c10d._get_default_store()  # kept: it outlives a destroyed group
-        self._timeout_s = _pg_timeout_s()
+        self._timeout_s = pg_timeout_s()
         self._monitor: Any = None
         self._in_call = False
+        self._sending = False
         self.grace_s = 2.0
-        needed = sorted({d for s in plan.stages for d in s.device_indices})
-        if self.world != len(needed):
-            raise ExecutionError(
-                f"the plan runs on {len(needed)} processes ({plan.strategy}, {plan.num_stages} stage(s) x "
-                f"{plan.replicas} replica(s)) but torchrun started {self.world}; run "
-                f"'torchrun --nproc-per-node {len(needed)} ...' or re-plan for {self.world} devices")
+        agree(self._objection())
         if plan.strategy in ("single", "ddp"):
             self._init_data_parallel()
         else:
             self._init_pipeline()
 
     # -- construction -----------------------------------------------------------------
+
+    def _objection(self) -> str | None:
+        """Why this rank cannot run the plan (checked on every rank, agreed before building)."""
+        plan, captured = self.plan, self.captured
+        needed = sorted({d for s in plan.stages for d in s.device_indices})
+        if self.world != len(needed):
+            return (f"the plan runs on {len(needed)} processes ({plan.strategy}, {plan.num_stages} stage(s) x "
+                    f"{plan.replicas} replica(s)) but torchrun started {self.world}; run "
+                    f"'torchrun --nproc-per-node {len(needed)} ...' or re-plan for {self.world} devices")
+        return (fingerprint_mismatch(plan, captured.model_name, captured.fingerprint(), len(captured.nodes))
+                or device_mismatch(plan, self.rank, self.device, dist.get_backend()))
 
     def _init_data_parallel(self) -> None:
         self.module = self.captured.gm
@@ -259,7 +271,8 @@ class DistributedPipeline:
 
         def loss(output: Any, target: Any) -> torch.Tensor:
             flat = output if isinstance(output, tuple) else (output,)
-            return user(rebuild(flat), target)
+            i, self._loss_index = self._loss_index, self._loss_index + 1
+            return call_loss(user, rebuild(flat), target, self._loss_call, microbatch=i)
 
         return loss
 
@@ -309,25 +322,29 @@ class DistributedPipeline:
         self._calls += 1
         self._start_monitor()
         self._in_call = True
+        self._sending = False
         try:
             return fn(*args)
-        except ExecutionError:
-            raise  # fxshard's own checks of the call, made alike on every rank before any message
+        except ExecutionError as e:
+            if not self._sending:
+                raise  # fxshard's own checks of the call, made alike on every rank before any message
+            self._fail(f"rank {self.rank} failed in {what} #{self._calls}: {e}")  # the loss, mid-schedule
+            raise ExecutionError(f"{self._failure}; the other ranks were told to stop") from e
         except Exception as e:  # every failure must reach the other ranks
-            if _is_comm_error(e):
+            if is_comm_error(e):
                 first = self._published_failures()
                 if first:
                     why = first
                 elif "Timed out" in str(e) or "Socket Timeout" in str(e):
                     why = (f"no message from a peer rank within the process group's timeout of "
-                           f"{self._timeout_s:.0f} s: a rank is hung or far slower than the others ({_gloo_line(e)})")
+                           f"{self._timeout_s:.0f} s: a rank is hung or far slower than the others ({gloo_line(e)})")
                 else:
-                    why = f"a peer rank closed its connection without reporting an error: it died ({_gloo_line(e)})"
+                    why = f"a peer rank closed its connection without reporting an error: it died ({gloo_line(e)})"
                 # Published too: ranks blocked on this one stop now rather than at their timeout.
                 self._fail(f"communication failed on rank {self.rank} in {what} #{self._calls}: {why}")
                 raise ExecutionError(f"{self._failure}. Check that rank's log; the process group's timeout "
                                      f"is {self._timeout_s:.0f} s") from e
-            root = _first_line(e)
+            root = first_line(e)
             self._fail(f"rank {self.rank} failed in {what} #{self._calls}: "
                        + (root if e.__cause__ is not None else f"{type(e).__name__}: {root}"))
             raise ExecutionError(f"{self._failure}; the other ranks were told to stop") from e
@@ -339,7 +356,7 @@ class DistributedPipeline:
         self._failure = message
         try:
             self._store.set(f"fxshard/failed/{self.rank}", message)
-            self._store.compare_set(_FAILURE_KEY, "", message)  # the first failure wins
+            self._store.compare_set(FAILURE_KEY, "", message)  # the first failure wins
         except Exception:  # the store's host may be gone already
             pass
 
@@ -350,8 +367,8 @@ class DistributedPipeline:
         deadline = time.monotonic() + 2.0
         while True:
             try:
-                if self._store.check([_FAILURE_KEY]):
-                    return self._store.get(_FAILURE_KEY).decode()
+                if self._store.check([FAILURE_KEY]):
+                    return self._store.get(FAILURE_KEY).decode()
             except Exception:  # the store's host died with its rank
                 return ""
             if time.monotonic() > deadline:
@@ -374,7 +391,7 @@ class DistributedPipeline:
 
         if self._monitor is not None:
             return
-        poll_s = _POLL_S * max(1.0, self.world / 32)  # the store's host answers every rank
+        poll_s = POLL_S * max(1.0, self.world / 32)  # the store's host answers every rank
         stop = self._monitor_stop = threading.Event()
 
         def watch() -> None:
@@ -382,8 +399,8 @@ class DistributedPipeline:
                 if not self._in_call:
                     continue
                 try:
-                    failed = self._store.check([_FAILURE_KEY])
-                    why = self._store.get(_FAILURE_KEY).decode() if failed else ""
+                    failed = self._store.check([FAILURE_KEY])
+                    why = self._store.get(FAILURE_KEY).decode() if failed else ""
                 except Exception:  # the store is gone: the job is over
                     return
                 if not failed:
@@ -413,6 +430,7 @@ class DistributedPipeline:
             return self.captured.output_spec.rebuild(self.module(*_to(flat, self.device)))
         if not hasattr(self.schedule, "eval"):
             raise ExecutionError("this torch's pipeline schedules have no forward-only eval(); use step()")
+        self._sending = True
         inputs = self._flat_tensors(args, kwargs) if self.first else []
         out = self.schedule.eval(*inputs)
         if not self.last:
@@ -423,14 +441,21 @@ class DistributedPipeline:
         if loss_fn is not self.loss_fn and self.schedule is not None:
             raise ExecutionError("under torchrun the loss is part of the pipeline schedule: pass loss_fn to "
                                  "fxshard.compile, not to step")
-        args, kwargs, target = self._shard((args, kwargs, target))
         if self.schedule is not None and target is not None and not isinstance(target, torch.Tensor):
             raise ExecutionError(f"under torchrun the target must be one tensor (torch.distributed.pipelining splits "
                                  f"it into micro-batches), got {type(target).__name__}; pack it into a tensor")
+        # Checked alike on every rank (each gets the same batch and target) before any message.
+        batch = leading_rows(self.captured.flatten_inputs(args, kwargs)) or 0
+        how = LossCall(batch=batch, microbatches=1 if self.schedule is None else self.plan.microbatches,
+                       replicas=self.replicas, has_target=target is not None)
+        check_loss_call(loss_fn, target, how)
+        args, kwargs, target = self._shard((args, kwargs, target))
+        self._loss_call, self._loss_index = how, 0
+        self._sending = True
         if self.schedule is None:
             flat = self.captured.flatten_inputs(args, kwargs)
             out = self.captured.output_spec.rebuild(self.ddp(*_to(flat, self.device)))
-            loss = loss_fn(out, _to(target, self.device)) if target is not None else loss_fn(out)
+            loss = call_loss(loss_fn, out, _to(target, self.device), how)
             loss.backward()
             return self._replica_mean(loss.detach(), None)
         with torch.no_grad():
@@ -488,20 +513,24 @@ class DistributedPipeline:
         return (p for _, p in self.named_parameters())
 
     def state_dict(self, *, gather: bool = False) -> dict[str, torch.Tensor]:
-        """This rank's tensors under the original names; all ranks' with ``gather=True``."""
+        """This rank's tensors under the original names; all ranks' with ``gather=True``.
+
+        A tied tensor appears under every name the original model's ``state_dict`` gives it
+        (``transformer.wte.weight`` and ``lm_head.weight``), whichever name its stage uses."""
         local: dict[str, torch.Tensor] = {}
         owner_of = {id(replica): owner for owner, replica in getattr(self, "_local_copies", ())}
         for module in self._modules():
             for name, t in _unwrap(module).state_dict(keep_vars=True).items():
                 if name in self.captured.state_names:  # not fxshard's helpers, not non-persistent buffers
-                    local[name] = owner_of.get(id(t), t).detach().cpu().clone()
+                    value = owner_of.get(id(t), t).detach().cpu().clone()
+                    for alias in self.aliases.get(name, (name,)):
+                        local.setdefault(alias, value)
         if not gather:
             return local
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, local)
         merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
+        for part in self.gather_objects(local):
+            for name, value in part.items():
+                merged.setdefault(name, value)
         return merged
 
     def parameter_names(self) -> dict[int, str]:
@@ -511,7 +540,8 @@ class DistributedPipeline:
         for module in self._modules():
             inner = _unwrap(module)
             for name, p in inner.named_parameters():
-                names.setdefault(id(p), self.captured.param_names.get(id(p), name))
+                name = self.captured.param_names.get(id(p), name)
+                names.setdefault(id(p), self.aliases.get(name, (name,))[0])
         return names
 
     def gather_objects(self, obj: Any) -> list[Any]:
@@ -529,58 +559,15 @@ class DistributedPipeline:
             for name in own:
                 if name not in self.captured.state_names:
                     continue
-                if name in state:
+                found = next((alias for alias in self.aliases.get(name, (name,)) if alias in state), None)
+                if found is not None:
                     with torch.no_grad():
-                        own[name].copy_(state[name])
+                        own[name].copy_(state[found])
                 else:
                     missing.append(name)
         if strict and missing:
             raise ExecutionError(f"state dict lacks {len(missing)} tensors this rank holds, e.g. {missing[:3]}")
         return missing
-
-
-_FAILURE_KEY = "fxshard/failure"
-_POLL_S = 0.25
-
-_COMM_PATTERNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Read error",
-                  "Write error", "gloo/transport", "NCCL", "Socket Timeout", "Broken pipe",
-                  "has not been initialized", "has been destroyed")
-
-
-def _is_comm_error(e: BaseException | None) -> bool:
-    """A failure of communication (a peer gone or silent), not of this rank's own code."""
-    if e is None:
-        return False
-    if isinstance(e, dist.DistError):
-        return True
-    return isinstance(e, RuntimeError) and any(p in str(e) for p in _COMM_PATTERNS)
-
-
-def _first_line(e: BaseException) -> str:
-    """The root cause's type and first line (torch's pipelining wraps a stage's error in a
-    RuntimeError that lists the arguments)."""
-    root = e
-    while root.__cause__ is not None:
-        root = root.__cause__
-    text = str(root).strip().splitlines()
-    line = text[0][:300] if text else ""
-    return f"{type(root).__name__}: {line}" if root is not e else line
-
-
-def _gloo_line(e: BaseException) -> str:
-    """The backend's message without its source path and sign-off."""
-    line = _first_line(e)
-    if "] " in line and line.startswith("["):
-        line = line.split("] ", 1)[1]
-    return line.split(". This is typically")[0]
-
-
-def _pg_timeout_s() -> float:
-    """The default group's timeout (what a receive waits for a silent peer)."""
-    try:
-        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except Exception:  # NCCL-only groups and older torch
-        return dist.constants.default_pg_timeout.total_seconds()
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 
 from fxshard.errors import ExecutionError
 from fxshard.passes.split import SplitGraph
+from fxshard.runtime.loss import LossCall, call_loss, check_loss_call
 
 __all__ = ["LocalPipeline", "split_microbatches", "split_tree"]
 
@@ -118,16 +119,23 @@ class LocalPipeline:
         """Forward and backward over the batch in micro-batches; returns the mean loss.
 
         ``rebuild`` turns flat outputs into what ``loss_fn(output, target)`` expects.
+
+        Raises:
+            ExecutionError: the batch does not split into the micro-batches, the loss needs a
+                target that was not given or the target's rows do not match the batch (both
+                before anything runs), or the loss fails on its arguments (chained to the cause).
         """
-        self._sync_replicas()
         m = self.microbatches
         chunks = split_microbatches(list(flat_inputs), m)
+        batch = sum(_batch_of(c) for c in chunks)
+        how = LossCall(batch=batch, microbatches=m, has_target=target is not None)
+        check_loss_call(loss_fn, target, how)
+        self._sync_replicas()
         targets = [[t] for t in split_tree(target, m)] if target is not None else [[None]] * m
         total = None
-        batch = sum(_batch_of(c) for c in chunks)
-        for chunk, (tgt,) in zip(chunks, targets):
+        for i, (chunk, (tgt,)) in enumerate(zip(chunks, targets)):
             out = self.forward_chunk(chunk)
-            loss = loss_fn(rebuild(out), _to(tgt, self.devices[-1])) if tgt is not None else loss_fn(rebuild(out))
+            loss = call_loss(loss_fn, rebuild(out), _to(tgt, self.devices[-1]), how, microbatch=i)
             share = _batch_of(chunk) / batch if batch else 1.0 / m
             (loss * share).backward()
             total = loss.detach() * share if total is None else total + loss.detach() * share
