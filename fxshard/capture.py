@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import io
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from fxshard.diagnose import data_dependence, quiet_torch, source_line
 from fxshard.errors import CaptureError
 
 __all__ = ["CapturedGraph", "OutputSpec", "capture", "node_values"]
@@ -257,11 +259,13 @@ def _trace_export(model: torch.nn.Module, args: tuple,
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
                 shapes[t] = {0: torch.export.Dim.AUTO}
         try:
-            exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            with _no_stderr():
+                exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception:  # noqa: BLE001 - a model that refuses a symbolic batch is exported static
             exported = None
     if exported is None:
-        exported = torch.export.export(model, args, kwargs, strict=False)
+        with _no_stderr():
+            exported = torch.export.export(model, args, kwargs, strict=False)
     fixed = None
     if batch is not None and batch > 1:
         user_inputs = set(exported.graph_signature.user_inputs)
@@ -279,6 +283,12 @@ def _trace_export(model: torch.nn.Module, args: tuple,
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     return graph, unlifted, exported.call_spec, fixed
+
+
+def _no_stderr() -> contextlib.AbstractContextManager:
+    """torch.export prints the partial graph to sys.stderr when it fails; capture's own error
+    says what failed and where, so that print is held back."""
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _flatten_output_node(graph: torch.fx.Graph) -> OutputSpec:
@@ -381,24 +391,24 @@ class _ValueProp(torch.fx.Interpreter):
     never touched, and raises instead of printing tracebacks.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, fake_mode: FakeTensorMode) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, device: torch.device) -> None:
         from torch._dynamo.utils import deepcopy_to_fake_tensor
 
         self.fake_module = deepcopy_to_fake_tensor(gm, fake_mode)
-        if _has_meta(self.fake_module):
-            # Fake CPU tensors instead of fake meta ones: meta dispatches attention to the
-            # math path (which saves the S x S matrix); CPU takes the fused kernel, as a GPU does.
-            _fake_to_cpu(self.fake_module, fake_mode)
+        _fake_off_meta(self.fake_module, fake_mode, device)
         super().__init__(self.fake_module)
+        self.extra_traceback = False  # fx would append its node dump to the message
         self.fake_mode = fake_mode
         self.real_nodes = list(gm.graph.nodes)
         self._index = {n: i for i, n in enumerate(self.fake_module.graph.nodes)}
+        self.failed: torch.fx.Node | None = None
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             with self.fake_mode:
                 result = super().run_node(n)
         except Exception as e:
+            self.failed = self.real_nodes[self._index[n]]
             raise CaptureError(f"fake-tensor propagation failed at node {n.name!r} "
                                f"({n.format_node()}): {type(e).__name__}: {_first_line(e)}") from e
         for node in (n, self.real_nodes[self._index[n]]):
@@ -413,14 +423,32 @@ def _tensor_meta(value: Any) -> Any:
     return None
 
 
-def _fake_to_cpu(module: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
-    """Replace every meta tensor of a fake module by a fake CPU tensor, keeping ties."""
+def _propagation_device(module: torch.nn.Module, flat_inputs: list) -> torch.device:
+    """The one device fake propagation runs on, wherever the model or its inputs sit on meta.
+
+    A model built under ``torch.device("meta")`` (or partly there: accelerate's
+    ``init_empty_weights`` leaves buffers on the CPU) is propagated as if on its one real
+    device, or on the CPU when it has none. Not on meta itself: meta dispatches attention to
+    the math path (which saves the S x S matrix), where CPU takes the fused kernel as a GPU
+    does. Every meta parameter, buffer, input and device constant in the graph moves there
+    (see :func:`_fake_off_meta`), so that the model sees one device throughout.
+    """
+    tensors = list(module.parameters()) + list(module.buffers())
+    tensors += [t for t in pytree.tree_leaves(flat_inputs) if isinstance(t, torch.Tensor)]
+    real = {t.device for t in tensors if t.device.type != "meta"}
+    return real.pop() if len(real) == 1 else torch.device("cpu")
+
+
+def _fake_off_meta(module: torch.fx.GraphModule, fake_mode: FakeTensorMode, device: torch.device) -> None:
+    """Move a fake module off meta: its meta tensors become fake ``device`` tensors (ties kept),
+    and its graph's ``device=meta`` constants (which torch.export records from ``x.device``,
+    e.g. ``inv_freq.to(x.device)`` in a rotary embedding) name ``device``."""
     memo: dict[int, torch.Tensor] = {}
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in memo:
             with fake_mode:
-                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
             memo[id(t)] = (torch.nn.Parameter(new, requires_grad=t.requires_grad)
                            if isinstance(t, torch.nn.Parameter) else new)
         return memo[id(t)]
@@ -434,17 +462,24 @@ def _fake_to_cpu(module: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
             if isinstance(value, torch.Tensor) and value.device.type == "meta":
                 setattr(sub, name, convert(value))
 
+    def off_meta(value: Any) -> Any:
+        return device if isinstance(value, torch.device) and value.type == "meta" else value
 
-def _has_meta(module: torch.nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers()))
+    for node in module.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            node.args = torch.fx.node.map_aggregate(node.args, off_meta)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, off_meta)
+            if node.kwargs.get("device") == "meta":  # a string, as user code may write it
+                node.kwargs = {**node.kwargs, "device": device}
+    module.recompile()
 
 
-def _fakeify(value: Any, fake_mode: FakeTensorMode) -> Any:
+def _fakeify(value: Any, fake_mode: FakeTensorMode, device: torch.device) -> Any:
     def convert(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             if v.device.type == "meta":
-                with fake_mode:  # see _ValueProp: meta inputs become fake CPU tensors
-                    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu",
+                with fake_mode:  # see _propagation_device
+                    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device,
                                                requires_grad=v.requires_grad)
             return fake_mode.from_tensor(v)
         return v
@@ -484,10 +519,15 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
     if method not in ("auto", "symbolic_trace", "export"):
         raise CaptureError(f"method={method!r} is unknown; use 'auto', 'symbolic_trace' or 'export'")
     args, kwargs = _split_inputs(example_inputs, example_kwargs)
-    leaf_modules = tuple(leaf_modules)
-    name = type(model).__name__
+    with quiet_torch():
+        return _capture(model, args, kwargs, method, tuple(leaf_modules))
 
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, method: Method,
+             leaf_modules: tuple) -> CapturedGraph:
+    name = type(model).__name__
     reasons: dict[str, str] = {}
+    errors: list[BaseException] = []
     if method in ("auto", "symbolic_trace"):
         try:
             with _state_guard(model):
@@ -496,9 +536,12 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
             raise
         except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
             reasons["symbolic_trace"] = f"{type(e).__name__}: {_first_line(e)}"
+            errors.append(e)
             if method == "symbolic_trace":
+                line = source_line(e)
                 raise CaptureError(
-                    f"torch.fx.symbolic_trace failed on {name}: {reasons['symbolic_trace']}. "
+                    f"torch.fx.symbolic_trace failed on {name}"
+                    f"{f' at {line}' if line else ''}: {reasons['symbolic_trace']}. "
                     f"Try method='export', or mark the failing submodule as a leaf with "
                     f"leaf_modules=(ItsClass,)") from e
     try:
@@ -514,26 +557,16 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
                 f"cannot capture {name}: it returns a key/value cache ({cache.group(1).rsplit('.', 1)[-1]}), which "
                 f"a pipeline does not carry between steps. Pass use_cache=False with the inputs, or set "
                 f"model.config.use_cache = False ({detail})") from e
+        # torch.export ran forward as Python, so its traceback holds the model's failing line.
+        line = source_line(e) or next((x for x in map(source_line, errors) if x), None)
+        cause = data_dependence(e, line=line)
+        if cause:
+            raise CaptureError(f"cannot capture {name}{f' at {line}' if line else ''}: {cause} ({detail})") from e
         raise CaptureError(
-            f"cannot capture {name}: {detail}. Ways out: make data-dependent control flow "
-            f"depend on shapes only or use torch.cond; mark untraceable submodules with "
-            f"leaf_modules=(...); for Hugging Face-style models pass use_cache=False and "
+            f"cannot capture {name}{f' (failing at {line})' if line else ''}: {detail}. Ways out: make "
+            f"data-dependent control flow depend on shapes only or use torch.cond; mark untraceable submodules "
+            f"with leaf_modules=(...); for Hugging Face-style models pass use_cache=False and "
             f"return_dict=True in the config; pass example inputs of the real types") from e
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_logs() -> Iterator[None]:
-    """FakeTensorMode logs a traceback before raising on a shape error; the CaptureError that
-    follows says the same, naming the node, so the log is held back."""
-    import logging
-
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class _StateMutated(RuntimeError):
@@ -593,7 +626,15 @@ def _finish_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict,
     gm = torch.fx.GraphModule(_build_root(graph, model, None), graph, class_name=type(model).__name__)
     flatten = _signature_flattener(model, input_names)
     flat_inputs = flatten(args, kwargs)
-    return _propagate(gm, model, "symbolic_trace", input_names, output_spec, flatten, flat_inputs, "")
+
+    def stack_trace(node: torch.fx.Node) -> str | None:
+        # Recording stack traces slows every trace; a failure traces again with them on.
+        tracer = _Tracer(leaf_modules)
+        tracer.record_stack_traces = True
+        again = {n.name: n for n in tracer.trace(model).nodes}
+        return again[node.name].stack_trace if node.name in again else None
+
+    return _propagate(gm, model, "symbolic_trace", input_names, output_spec, flatten, flat_inputs, "", stack_trace)
 
 
 def _finish_export(model: torch.nn.Module, args: tuple, kwargs: dict, reason: str) -> CapturedGraph:
@@ -604,21 +645,30 @@ def _finish_export(model: torch.nn.Module, args: tuple, kwargs: dict, reason: st
     input_names = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     flatten = _pytree_flattener(call_spec.in_spec, len(input_names), type(model).__name__)
     flat_inputs = flatten(args, kwargs)
-    captured = _propagate(gm, model, "export", input_names, output_spec, flatten, flat_inputs, reason)
+    captured = _propagate(gm, model, "export", input_names, output_spec, flatten, flat_inputs, reason,
+                          lambda node: node.stack_trace)
     return dataclasses.replace(captured, fixed_batch=fixed_batch) if fixed_batch else captured
 
 
 def _propagate(gm: torch.fx.GraphModule, model: torch.nn.Module, method: str,
                input_names: tuple[str, ...], output_spec: OutputSpec, flatten: Callable,
-               flat_inputs: list, reason: str) -> CapturedGraph:
+               flat_inputs: list, reason: str,
+               stack_trace: Callable[[torch.fx.Node], str | None]) -> CapturedGraph:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    prop = _ValueProp(gm, fake_mode)
+    device = _propagation_device(model, flat_inputs)
+    prop = _ValueProp(gm, fake_mode, device)
     try:
-        with _quiet_fake_tensor_logs():
-            prop.run(*_fakeify(flat_inputs, fake_mode))
+        prop.run(*_fakeify(flat_inputs, fake_mode, device))
     except CaptureError as e:
-        raise CaptureError(f"{type(model).__name__} ({method}): {e}. Check that the example "
-                           f"inputs have the shapes and dtypes the model expects") from e
+        name = type(model).__name__
+        failed = prop.failed
+        line = source_line(stack_trace=stack_trace(failed)) if failed is not None else None
+        at = f" at {line}" if line else ""
+        cause = data_dependence(e, target=_target_name(failed) if failed is not None else "", line=line)
+        if cause:
+            raise CaptureError(f"cannot capture {name}{at}: {cause} ({method}: {e})") from e
+        raise CaptureError(f"{name} ({method}){at}: {str(e).rstrip('.')}. Check that the example inputs have the shapes and "
+                           f"dtypes the model expects") from e
     return CapturedGraph(gm=gm, method=method, model_name=type(model).__name__,
                          input_names=input_names, output_spec=output_spec, fake_mode=fake_mode,
                          fake_module=prop.fake_module, param_names=_canonical_names(model),
