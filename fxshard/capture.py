@@ -462,16 +462,27 @@ def _fake_off_meta(module: torch.fx.GraphModule, fake_mode: FakeTensorMode, devi
             if isinstance(value, torch.Tensor) and value.device.type == "meta":
                 setattr(sub, name, convert(value))
 
+    moved: list[bool] = []
+
     def off_meta(value: Any) -> Any:
-        return device if isinstance(value, torch.device) and value.type == "meta" else value
+        if isinstance(value, torch.device) and value.type == "meta":
+            moved.append(True)
+            return device
+        return value
 
     for node in module.graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            node.args = torch.fx.node.map_aggregate(node.args, off_meta)
-            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, off_meta)
-            if node.kwargs.get("device") == "meta":  # a string, as user code may write it
-                node.kwargs = {**node.kwargs, "device": device}
-    module.recompile()
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        before = len(moved)
+        args = torch.fx.node.map_aggregate(node.args, off_meta)
+        kwargs = dict(torch.fx.node.map_aggregate(node.kwargs, off_meta))
+        if kwargs.get("device") == "meta":  # a string, as user code may write it
+            kwargs["device"] = device
+            moved.append(True)
+        if len(moved) > before:
+            node.args, node.kwargs = args, kwargs
+    if moved:
+        module.recompile()
 
 
 def _fakeify(value: Any, fake_mode: FakeTensorMode, device: torch.device) -> Any:

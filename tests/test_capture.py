@@ -295,3 +295,105 @@ def test_sdpa_attention_captures_on_cpu():
 def test_top_level_exports():
     assert fxshard.capture is capture
     assert issubclass(fxshard.CaptureError, fxshard.FxshardError)
+
+
+# ---------------------------------------------------------------------------------------
+# Capture failures name the model's line and the cause, without torch's noise (issue 12, 9)
+# ---------------------------------------------------------------------------------------
+
+
+class _ReadsItem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x):
+        scale = x.abs().max().item()
+        return self.a(x) / scale
+
+
+class _MaskedSelect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h[h > 0]
+
+
+class _WrongWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h)
+
+
+def _line_of(cls, text: str) -> str:
+    """``file:line`` of the line of ``cls.forward`` that contains ``text``."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(cls.forward)
+    offset = next(i for i, line in enumerate(lines) if text in line)
+    return f"{inspect.getsourcefile(cls)}:{start + offset}"
+
+
+def _capture_error(model, inputs, capfd) -> str:
+    with pytest.raises(CaptureError) as info:
+        capture(model, inputs)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", f"torch's output reached the terminal:\n{out}{err}"
+    return str(info.value)
+
+
+def test_item_in_forward_names_the_line_and_the_cause(capfd):
+    message = _capture_error(_ReadsItem(), (torch.randn(3, 6),), capfd)
+    assert _line_of(_ReadsItem, ".item()") in message
+    assert "`scale = x.abs().max().item()`" in message
+    assert "data-dependent value" in message and ".item()" in message
+    assert "non-tensor argument" in message and "out of forward" in message
+    # Not the old misdirection: the inputs are fine, and there is a traceback.
+    assert "shapes and dtypes" not in message and "Original traceback" not in message
+
+
+def test_data_dependent_branch_names_the_line_without_torch_noise(capfd, caplog):
+    with caplog.at_level("DEBUG"):
+        message = _capture_error(_DataDependent(), (torch.randn(3, 6),), capfd)
+    assert not [r for r in caplog.records if r.name.startswith("torch")]
+    assert _line_of(_DataDependent, "if x.sum() > 0:") in message and "`if x.sum() > 0:`" in message
+    assert "data-dependent control flow" in message
+    assert "torch.where" in message and "torch.cond" in message and "non-tensor argument" in message
+    assert "def forward(self" not in message  # no graph dump
+
+
+def test_data_dependent_shape_names_the_line(capfd):
+    message = _capture_error(_MaskedSelect(), (torch.randn(3, 6),), capfd)
+    assert _line_of(_MaskedSelect, "h[h > 0]") in message
+    assert "data-dependent shape" in message and "torch.where(mask, x, 0)" in message
+
+
+def test_shape_error_names_the_models_line_and_the_inputs(capfd):
+    message = _capture_error(_WrongWidth(), (torch.randn(3, 6),), capfd)
+    assert _line_of(_WrongWidth, "return self.b(h)") in message
+    assert "shapes and dtypes" in message and "data-dependent" not in message
+
+
+def test_capture_leaves_torch_logging_and_warnings_as_it_found_them(capfd):
+    import logging
+    import warnings
+
+    loggers = {name: (lg.level, lg.disabled) for name, lg in logging.root.manager.loggerDict.items()
+               if isinstance(lg, logging.Logger) and name.split(".")[0] == "torch"}
+    filters = list(warnings.filters)
+    _capture_error(_DataDependent(), (torch.randn(3, 6),), capfd)
+    capture(_ShapeControlFlow(), (torch.randn(4, 6),), example_kwargs={"mask": torch.randn(4, 6)})
+    after = {name: (lg.level, lg.disabled) for name, lg in logging.root.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger) and name in loggers}
+    assert after == loggers
+    assert warnings.filters == filters
+    with pytest.warns(UserWarning, match="still heard"):  # warnings outside capture still reach the user
+        warnings.warn("still heard", UserWarning)
