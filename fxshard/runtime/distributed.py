@@ -315,7 +315,10 @@ class DistributedPipeline:
         its connection, died, or sent nothing within the timeout) names the rank that failed
         first, when that rank published its error, and publishes its own failure in turn.
         Either way the pipeline is then unusable: later calls raise at once (restart the job
-        and resume from a checkpoint)."""
+        and resume from a checkpoint). fxshard's own checks of a call (inputs, the loss call's
+        target) run alike on every rank before any message and leave the pipeline usable; an
+        ExecutionError raised once messages flow (the loss failing on its arguments inside the
+        schedule) is a failure like any other."""
         if self._failure is not None:
             raise ExecutionError(f"rank {self.rank}: this pipeline already failed ({self._failure}); restart the "
                                  f"job (torchrun) and resume from the last checkpoint")
