@@ -26,12 +26,12 @@ import torch.utils._pytree as pytree
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, DeviceSpec, format_bytes
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
-from fxshard.cost_models.memory import bytes_per_parameter
 from fxshard.errors import PartitionerError, PartitionError, PlanError
 from fxshard.passes.cost_graph import cost_graph, placement
 from fxshard.passes.partition import partition_graph, partitioners
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Alternative, Estimate, EstimatedNode, ModelInfo, Plan, StagePlan
+from fxshard.refusal import Accepted, Needs, Probe, Request, needs_of, refuse
 from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
 
 __all__ = ["PlanOptions", "batch_size_of", "group_link", "plan", "plan_captured", "ring_allreduce_time"]
@@ -122,15 +122,28 @@ class _Pricer:
         self.cost_model = cost_model
         self.works = analyze(captured)
         self._cache: dict[tuple[str, float], GraphCosts] = {}
+        self._scale = 1.0  # this pricer's batch over the captured one (smaller batches: refusal probes)
+        self._smaller: dict[int, _Pricer] = {}
+
+    def at_batch(self, batch: int) -> _Pricer:
+        """The same graph priced at a smaller batch, by the micro-batch scaling the planner uses."""
+        if batch == self.batch:
+            return self
+        if batch not in self._smaller:
+            other = object.__new__(_Pricer)
+            other.__dict__.update(self.__dict__, batch=batch, _scale=self._scale * batch / self.batch, _smaller={})
+            self._smaller[batch] = other  # shares the works and the cost cache (keyed by absolute fraction)
+        return self._smaller[batch]
 
     def costs(self, spec: DeviceSpec, fraction: float = 1.0) -> GraphCosts:
+        fraction *= self._scale
         key = (spec.name, fraction)
         if key not in self._cache:
             if self.cost_model == "analytical" or fraction == 1.0:
                 works = self.works if fraction == 1.0 else scale_batch(self.works, fraction)
                 self._cache[key] = estimate(self.captured, spec, cost_model=self.cost_model, works=works)
             else:  # measured costs: measured once at the full batch, scaled linearly
-                full = self.costs(spec, 1.0)
+                full = self.costs(spec, 1.0 / self._scale)
                 scaled = scale_batch(self.works, fraction)
                 self._cache[key] = dataclasses.replace(full, nodes=tuple(
                     dataclasses.replace(c, work=w, fwd_time_s=c.fwd_time_s * fraction, bwd_time_s=c.bwd_time_s * fraction)
@@ -223,8 +236,20 @@ def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
     """:func:`plan` for an already captured graph."""
     _check_request(captured, cluster, batch, opts)
     pricer = _Pricer(captured, opts.cost_model, batch)
+    ranked = _search(pricer, cluster, batch, opts)
+    best = ranked[0]
+    if not best.fits and all(c.refused for c in ranked):
+        raise PlanError(f"no schedule runs with these options: {ranked[0].note.rstrip('.')}. Use more micro-batches "
+                        f"(microbatches=None picks them), fewer stages, or schedule='gpipe', which takes any count")
+    if not best.fits:
+        raise _nothing_fits(pricer, cluster, batch, opts, ranked)
+    return _assemble(captured, cluster, batch, opts, best, ranked, pricer)
+
+
+def _search(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> list[_Candidate]:
+    """Every candidate the options allow, best first (those that fit, then by step time)."""
     n = cluster.num_devices
-    fixed = captured.fixed_batch
+    fixed = pricer.captured.fixed_batch
     candidates: list[_Candidate] = []
     if opts.strategy in (None, "single") and opts.stages is None:
         candidates.append(_data_parallel(pricer, cluster, batch, 1, opts))
@@ -235,15 +260,8 @@ def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
     if not candidates:
         raise PlanError(f"strategy={opts.strategy!r} needs more than {n} device(s) and a batch of {batch} that "
                         f"splits; use more devices or strategy=None")
-    ranked = sorted(candidates, key=lambda c: (not c.fits, c.step_time_s * (1 + 1e-9 * _ORDER[c.strategy]),
-                                               _ORDER[c.strategy], len(c.devices) * c.replicas))
-    best = ranked[0]
-    if not best.fits and all(c.refused for c in ranked):
-        raise PlanError(f"no schedule runs with these options: {ranked[0].note.rstrip('.')}. Use more micro-batches "
-                        f"(microbatches=None picks them), fewer stages, or schedule='gpipe', which takes any count")
-    if not best.fits:
-        raise PlanError(_nothing_fits(pricer, cluster, batch, opts, ranked))
-    return _assemble(captured, cluster, batch, opts, best, ranked, pricer)
+    return sorted(candidates, key=lambda c: (not c.fits, c.step_time_s * (1 + 1e-9 * _ORDER[c.strategy]),
+                                             _ORDER[c.strategy], len(c.devices) * c.replicas))
 
 
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
@@ -346,6 +364,8 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
             for shape in sorted({_LAYOUT[s] for s in schedules}):
                 group = [s for s in schedules if _LAYOUT[s] == shape]
                 virtual = SCHEDULES[group[0]][1]
+                if not any(_microbatch_options(per_replica, k, s, opts, pricer.captured.fixed_batch) for s in group):
+                    continue  # no micro-batch count these schedules take (1F1B: at least one per stage)
                 try:
                     stage_of, stage_devices = _partition(pricer, cluster, k, virtual, shape, layout, group, opts,
                                                          per_replica)
@@ -534,40 +554,60 @@ def _devices_used(c: _Candidate) -> int:
     return len({d for devs in c.devices for d in devs})
 
 
-def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions, ranked: list[_Candidate]) -> str:
+def _nothing_fits(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions,
+                  ranked: list[_Candidate]) -> PlanError:
+    """The refusal: numbers, floors and ways out, each way out checked by :func:`_probe`
+    (fxshard/refusal.py)."""
     full = pricer.costs(cluster.devices[0].spec, 1.0)
-    single = summarize_stages(pricer.captured, full, {}, 1, training=opts.training, optimizer=opts.optimizer)[0]
-    cap = _capacity(cluster, 0, opts.memory_reserve)
-    need = single.state_bytes + single.activation_bytes + single.transient_bytes
-    total = sum(_capacity(cluster, d, opts.memory_reserve) for d in range(cluster.num_devices))
-    # Nothing fits on these n devices, so more are needed: the state alone sets a floor, the
-    # state plus this batch's activations (held all at once, as GPipe does) a safe count.
-    min_devices = max(math.ceil(single.state_bytes / cap), cluster.num_devices + 1) if cap > 0 else math.inf
-    with_activations = max(math.ceil(need / cap), min_devices) if cap > 0 else math.inf
-    param = single.param_bytes
-    mixed = next((c.work.dtype for c in full if c.work.param_bytes), "float32") in ("bfloat16", "float16")
-    elem = 2 if mixed else 4
-    sgd = param / elem * bytes_per_parameter("sgd", "mixed" if mixed else "fp32")
-    inference = param + single.transient_bytes / max(batch, 1)
-    per_sample = (single.activation_bytes + single.transient_bytes) / max(batch, 1)
+
+    def needs(optimizer: str, training: bool) -> Needs:
+        one = summarize_stages(pricer.captured, full, {}, 1, training=training, optimizer=optimizer)[0]
+        return needs_of(pricer.captured, full, training=training, optimizer=optimizer, state_bytes=one.state_bytes,
+                        activation_bytes=one.activation_bytes, transient_bytes=one.transient_bytes)
+
     simulated = [c for c in ranked if c.stages and c.strategy in ("pipeline", "hybrid")]
-    refused = [c for c in ranked if not c.stages and c.note]
+    unfit = [c for c in ranked if not c.stages and c.note]
+    hint = ""
     if simulated:
-        closest = min(simulated, key=lambda c: max(p / q for p, q in zip(c.peak, c.capacity)))
+        closest = min(simulated, key=_overflow)
         hint = (f"; the closest pipeline ({len(closest.devices)} stages, {closest.schedule}, "
                 f"{closest.microbatches} micro-batches): {_over(closest)}")
-    elif refused:
-        widest = max(refused, key=lambda c: len(c.devices))
+    elif unfit:
+        widest = max(unfit, key=lambda c: len(c.devices))
         hint = f"; a pipeline of {len(widest.devices)} stages: {widest.note.split('; use at least')[0]}"
-    else:
-        hint = ""
-    return (f"{pricer.captured.model_name} needs {format_bytes(need)} for "
-            f"{'training with ' + opts.optimizer if opts.training else 'inference'} at batch {batch} "
-            f"({format_bytes(single.state_bytes)} of parameters and optimizer state, "
-            f"{format_bytes(single.activation_bytes)} of activations); {cluster.describe()} gives "
-            f"{format_bytes(cap)} per device, {format_bytes(total)} in all{hint}. Ways out: at least "
-            f"{min_devices} devices of this size for the parameters and optimizer state alone "
-            f"({with_activations} to also hold this batch's activations at once)"
-            + (f", optimizer='sgd' (state {format_bytes(sgd)})" if opts.training and opts.optimizer == "adam" else "")
-            + (f", inference (weights {format_bytes(inference)})" if opts.training else "")
-            + f", more micro-batches or a smaller batch (activations {format_bytes(per_sample)} per sample)")
+    request = Request(name=pricer.captured.model_name, cluster=cluster, batch=batch, opts=opts,
+                      fixed_batch=pricer.captured.fixed_batch)
+    return refuse(request, needs, lambda c, b, o, depth: _probe(pricer, c, b, o, depth), hint)
+
+
+def _overflow(c: _Candidate) -> float:
+    return max(p / q if q > 0 else math.inf for p, q in zip(c.peak, c.capacity))
+
+
+def _probe(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions, depth: int | None = None) -> Probe:
+    """What :func:`plan_captured` would find for another cluster, batch or options (a refusal's
+    way out), sharing ``pricer``'s costs (a smaller batch is priced by scaling). With ``depth``,
+    only pipelines of the first depth >= ``depth`` that the full search tries are searched: a
+    part of the full search, so a plan found there is one the full search finds too."""
+    n = cluster.num_devices
+    trial, keep = opts, None
+    if depth is not None:
+        depths = [k for k in _stage_counts(n, 1) if k >= depth]
+        if not depths:
+            return Probe(accepted=None)
+        trial = dataclasses.replace(opts, stages=depths[0])
+        keep = lambda c: _devices_used(c) // c.replicas in _stage_counts(n, c.replicas)  # noqa: E731
+    try:
+        _check_request(pricer.captured, cluster, batch, trial)
+        ranked = _search(pricer.at_batch(batch), cluster, batch, trial)
+    except (PlanError, PartitionError):
+        return Probe(accepted=None)
+    ranked = [c for c in ranked if keep is None or not c.stages or keep(c)]
+    best = next((c for c in ranked if c.fits), None)
+    if best is None:
+        return Probe(accepted=None, overflow=min((_overflow(c) for c in ranked if c.stages), default=math.inf))
+    worst = max(range(len(best.peak)), key=lambda i: best.peak[i] / best.capacity[i])
+    return Probe(accepted=Accepted(strategy=best.strategy, stages=len(best.devices), replicas=best.replicas,
+                                   depth=_devices_used(best) // best.replicas,
+                                   schedule=best.schedule, microbatches=best.microbatches,
+                                   peak_bytes=float(best.peak[worst]), capacity_bytes=float(best.capacity[worst])))

@@ -18,6 +18,7 @@ from fxshard.errors import FxshardError, PlanError
 from fxshard.planner import PlanOptions, plan_captured
 from fxshard.simulate import SCHEDULES
 from fxshard.zoo import build
+from tests.test_refusal import check_each_way
 
 RESERVE = PlanOptions().memory_reserve  # the share of each device the planner leaves free
 BATCH = 4
@@ -161,10 +162,12 @@ def test_nothing_fits_names_the_numbers(tiny, figures):
     assert f"{format_bytes(cap)} per device" in msg  # available
     assert f"{format_bytes(2 * cap)} in all" in msg
     assert f"{format_bytes(figures['state'])} of parameters and optimizer state" in msg
-    need = math.ceil(figures["state"] / cap)
-    assert need == 4
-    assert f"at least {need} devices" in msg  # the minimum number of devices
-    assert "optimizer='sgd'" in msg and "inference" in msg  # what would fit
+    # The device count is a pipeline's: the state and this batch's activations, not the state
+    # alone (this test pinned ceil(state / capacity) = 4 before issue 12; tests/test_refusal.py
+    # checks that the count is a lower bound and that every way out plans).
+    found = re.search(r"A pipeline of it needs at least (\d+) devices", msg)
+    assert found is not None and int(found[1]) > math.ceil(figures["state"] / cap) == 4
+    assert "optimizer='sgd'" in msg and "inference" in msg  # what was weighed
 
 
 def test_nothing_fits_minimum_devices_exceeds_what_was_given(tiny, figures):
@@ -348,21 +351,38 @@ def llama70b():
 
 
 @pytest.mark.slow
-def test_llama70b_training_with_adam_does_not_fit_8_h100(llama70b):
+def test_llama70b_training_refusals_agree_and_every_way_out_plans(llama70b):
+    """Issue 12: 8xH100 said "at least 14 devices", 2x8xH100 said 17, and neither planned. Now
+    both state the same floor from the planner's own arithmetic, 17 devices do not plan, and each
+    way out either refusal offers plans when followed."""
     z, captured = llama70b
-    spec = "8xH100-80GB"
-    with pytest.raises(PlanError) as e:
-        plan_captured(captured, Cluster.parse(spec), 2, PlanOptions(training=True, optimizer="adam"))
-    msg = str(e.value)
-    cap = usable(spec)
-    state = z.num_params * 16  # mixed-precision Adam: 16 bytes per parameter
     assert 68e9 < z.num_params < 70e9
-    need = math.ceil(state / cap)
-    assert need == 14
-    assert "at least 14 devices" in msg
-    assert f"{format_bytes(cap)} per device" in msg and f"{format_bytes(8 * cap)} in all" in msg
-    assert f"{format_bytes(state)} of parameters and optimizer state" in msg
-    assert "optimizer='sgd'" in msg and "inference" in msg
+    state = z.num_params * 16  # mixed-precision Adam: 16 bytes per parameter
+
+    def capture_at(b: int):  # a way out with another batch: the model captured at that batch
+        if b == 2:
+            return captured
+        other = build("llama-70b", batch_size=b)
+        return capture(other.model, other.example_inputs)
+
+    floors = {}
+    for spec in ("8xH100-80GB", "2x8xH100-80GB"):
+        cap = usable(spec)
+        with pytest.raises(PlanError) as e:
+            plan_captured(captured, Cluster.parse(spec), 2, PlanOptions(training=True, optimizer="adam"))
+        msg = str(e.value)
+        assert f"{format_bytes(state)} of parameters and optimizer state" in msg
+        assert f"{format_bytes(cap)} per device" in msg
+        assert f"{format_bytes(Cluster.parse(spec).num_devices * cap)} in all" in msg
+        assert "alone" not in msg  # no count for the state alone, which no plan can use
+        floors[spec] = int(re.search(r"A pipeline of it needs at least (\d+) devices", msg)[1])
+        assert floors[spec] > math.ceil(state / cap)  # the batch's activations count too
+        ways = check_each_way(e.value, capture_at, spec, 2, training=True, optimizer="adam")
+        assert {"devices", "inference"} <= set(ways)
+        assert ways["devices"].cluster.num_devices >= floors[spec]
+    assert floors["8xH100-80GB"] == floors["2x8xH100-80GB"] == 18
+    with pytest.raises(PlanError):  # the floor is a floor
+        plan_captured(captured, Cluster.parse("17xH100-80GB"), 2, PlanOptions())
 
 
 @pytest.mark.slow

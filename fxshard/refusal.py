@@ -1,0 +1,573 @@
+"""Why no plan fits, in numbers, and the ways out, each one checked by planning it.
+
+When every candidate overflows a device, the planner hands this module the request, the
+model's memory needs and a *probe*: a function that runs the planner's own search on another
+cluster, batch or set of options, with the arithmetic that accepts a plan (memory reserve,
+whole nodes per stage, the schedule's activations in flight, optimizer bytes). A way out is
+offered only when its probe returned a plan. The floors the message states ("at least N
+devices") are lower bounds from the same accounting (:func:`pipeline_floor`).
+
+The ways out travel as data on the error, ``error.ways_out`` (a tuple of :class:`WayOut`), so
+a program (or a test) can follow them. See docs/planning.md ("When nothing fits").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fxshard.capture import CapturedGraph
+from fxshard.cluster import Cluster, format_bytes, parse_bytes
+from fxshard.devices import format_budget
+from fxshard.cost_models import GraphCosts
+from fxshard.cost_models.memory import bytes_per_parameter
+from fxshard.errors import PlanError
+
+__all__ = ["Accepted", "Floor", "Needs", "Probe", "Request", "WayOut", "needs_of", "pipeline_floor", "refuse",
+           "replica_samples"]
+
+_MAX_MICROBATCHES = 128  # the most micro-batches the planner tries (planner._microbatch_options)
+_TRIES = 3  # device counts or batch sizes probed per lever: each probe is a search of the planner
+_MAX_DEVICES = 1 << 14  # the largest cluster a way out proposes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Needs:
+    """The model's memory at the request's batch, as the planner counts it: in all, and per node
+    (what the stage holding that node holds at least because of it)."""
+
+    state_bytes: float  # parameters, gradients, optimizer state and buffers, each tensor once
+    activation_bytes: float  # saved for backward by the whole batch (0 in inference)
+    transient_bytes: float  # the largest node output and its gradient, for the whole batch
+    node_names: tuple[str, ...] = ()
+    node_state: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    node_activations: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    node_transient: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def total(self) -> float:
+        return self.state_bytes + self.activation_bytes + self.transient_bytes
+
+    def at(self, fraction: float) -> Needs:
+        """The same model on ``fraction`` of the batch: activations scale, state does not."""
+        return dataclasses.replace(self, activation_bytes=self.activation_bytes * fraction,
+                                   transient_bytes=self.transient_bytes * fraction,
+                                   node_activations=self.node_activations * fraction,
+                                   node_transient=self.node_transient * fraction)
+
+
+def needs_of(captured: CapturedGraph, costs: GraphCosts, *, training: bool, optimizer: str,
+             state_bytes: float, activation_bytes: float, transient_bytes: float) -> Needs:
+    """:class:`Needs` with the per-node figures, counted as passes/stages.py counts a stage:
+    a node's stage holds the node's parameters and those of the get_attr nodes it reads (with
+    their training state), the tensors it saves for backward (the allocating node's output for
+    a view), and, at least, its own output and gradient as the stage's largest temporary."""
+    names, state, acts, temps = [], [], [], []
+    for node in captured.gm.graph.nodes:
+        if node.op in ("get_attr", "placeholder", "output"):
+            continue
+        w = costs[node.name].work
+        held = {name: (size, w.dtype, True) for name, size in zip(w.params, w.param_sizes)}
+        held.update({name: (size, w.dtype, False) for name, size in zip(w.buffers, w.buffer_sizes)})
+        for source in node.all_input_nodes:
+            if source.op == "get_attr":
+                sw = costs[source.name].work
+                held.update({name: (size, sw.dtype, True) for name, size in zip(sw.params, sw.param_sizes)})
+                held.update({name: (size, sw.dtype, False) for name, size in zip(sw.buffers, sw.buffer_sizes)})
+        total = 0.0
+        for size, dtype, is_param in held.values():
+            if is_param:
+                mixed = dtype in ("bfloat16", "float16")
+                total += size * bytes_per_parameter(optimizer, "mixed" if mixed else "fp32",
+                                                    training=training) / (2 if mixed else 4)
+            else:
+                total += size
+        saved = 0.0
+        if training:
+            owners = {costs._storage_owner(v) for v in w.saved_values}
+            saved = w.saved_bytes + sum(costs[o].work.output_bytes for o in owners)
+        names.append(node.name)
+        state.append(total)
+        acts.append(saved)
+        temps.append(2.0 * w.output_bytes)
+    return Needs(state_bytes=state_bytes, activation_bytes=activation_bytes, transient_bytes=transient_bytes,
+                 node_names=tuple(names), node_state=np.array(state, dtype=float),
+                 node_activations=np.array(acts, dtype=float), node_transient=np.array(temps, dtype=float))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Accepted:
+    """The plan a probe found."""
+
+    strategy: str
+    stages: int
+    depth: int  # devices per pipeline (the ``stages=`` option): stages / stages per device
+    replicas: int
+    schedule: str | None
+    microbatches: int
+    peak_bytes: float
+    capacity_bytes: float
+
+    def describe(self) -> str:
+        if self.strategy in ("single", "ddp"):
+            shape = "1 device" if self.replicas == 1 else f"{self.replicas} replicas"
+        else:
+            shape = (f"{self.stages} stages" + (f" x {self.replicas} replicas" if self.replicas > 1 else "")
+                     + (f", {self.stages // self.depth} stages per device" if self.stages != self.depth else "")
+                     + f", {self.schedule}, {self.microbatches} micro-batch{'es' if self.microbatches > 1 else ''}")
+        return (f"{self.strategy}, {shape}, peak {format_bytes(self.peak_bytes)} of "
+                f"{format_bytes(self.capacity_bytes)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Probe:
+    """A probe's answer: the plan found, or by how much the closest candidate overflowed (its
+    worst stage's peak over capacity; inf when no candidate was simulated)."""
+
+    accepted: Accepted | None
+    overflow: float = math.inf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WayOut:
+    """One change to the request that the planner accepted when asked.
+
+    Follow it by planning the same model on ``cluster`` (when given), with example inputs of
+    ``batch`` samples (when given) and the options updated with ``kwargs``.
+    """
+
+    lever: str  # devices, batch, optimizer, inference, strategy, stages, microbatches, schedule, memory
+    text: str
+    plan: Accepted
+    cluster: Cluster | None = None
+    devices: str | None = None  # ``cluster`` as a cluster string
+    batch: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The plan options this way out changes."""
+        return dict(self.options)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """What was asked: the model's name, the devices, the batch and the plan options."""
+
+    name: str
+    cluster: Cluster
+    batch: int
+    opts: Any  # a planner.PlanOptions
+    fixed_batch: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Floor:
+    """The fewest devices a pipeline can run on, the replicas that reach it, and why."""
+
+    devices: float  # math.inf when no pipeline of these devices can run
+    replicas: int
+    why: str
+
+
+ProbeFn = Callable[[Cluster, int, Any, "int | None"], Probe]  # (devices, batch, options, depth hint)
+NeedsFn = Callable[[str, bool], Needs]  # (optimizer, training) -> needs at the request's batch
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
+                   fixed_batch: int | None = None) -> Floor:
+    """The fewest devices of ``cap`` bytes on which the planner can fit a pipeline.
+
+    A lower bound from the planner's accounting, over the replica counts, micro-batch counts
+    and schedules the options allow: each replica holds every parameter's state at least once;
+    GPipe holds all micro-batches' activations (the batch's), a 1F1B-like schedule at least one
+    micro-batch per stage and runs only with at least as many micro-batches as stages; a stage
+    holds at least what each of its nodes needs (:func:`needs_of`) and one stage per replica
+    the largest temporary of a micro-batch.
+    """
+    training = opts.training
+    if fixed_batch is not None or opts.strategy == "pipeline":
+        replica_counts = [1]
+    else:
+        replica_counts = [d for d in _divisors(batch) if d >= (2 if opts.strategy == "hybrid" else 1)]
+    schedules = ["gpipe"] if not training else ([opts.schedule] if opts.schedule else ["gpipe", "1f1b"])
+    best = Floor(devices=math.inf, replicas=1, why=f"no micro-batch count splits the batch of {batch}")
+    node_limited = None  # (node, bytes) of a configuration one node alone overflows
+    blocked = 0  # the fewest stages a 1F1B-like schedule would need, beyond its micro-batches
+    for d in replica_counts:
+        per_replica = batch // d
+        if fixed_batch is not None:
+            counts = [1]
+        elif opts.microbatches is not None:
+            counts = [opts.microbatches] if per_replica % opts.microbatches == 0 else []
+        else:
+            counts = [m for m in _divisors(per_replica) if m <= _MAX_MICROBATCHES]
+        for m in counts:
+            for sched in schedules:
+                kept = 1.0 if sched == "gpipe" else 1.0 / m  # share of the batch's activations held
+                if needs.node_names:
+                    per_node = (needs.node_state + needs.node_activations * kept / d
+                                + needs.node_transient / (d * m))
+                    worst = int(np.argmax(per_node))
+                    if per_node[worst] > cap:
+                        if node_limited is None or per_node[worst] < node_limited[1]:
+                            node_limited = (needs.node_names[worst], float(per_node[worst]), d, m, sched)
+                        continue
+                total = d * needs.state_bytes + needs.activation_bytes * kept + needs.transient_bytes / m
+                ranks = max(2, math.ceil(math.ceil(total / cap) / d))
+                if needs.node_names and ranks > len(needs.node_names):
+                    continue  # a stage holds at least one operation
+                if sched != "gpipe" and ranks > m:
+                    blocked = min(blocked or ranks, ranks)
+                    continue  # torch's 1F1B family needs at least as many micro-batches as stages
+                if ranks * d < best.devices:
+                    held = needs.activation_bytes * kept
+                    how = (f"{format_bytes(held)} of activations (GPipe holds the whole batch's)" if sched == "gpipe"
+                           else f"at least {format_bytes(held)} of activations ({sched} over {m} micro-batches "
+                                f"holds at least one per stage)")
+                    state = format_bytes(needs.state_bytes) + (f" on each of {d} replicas" if d > 1 else "")
+                    best = Floor(devices=ranks * d, replicas=d,
+                                 why=f"{state} of parameters and optimizer state and {how}")
+    if not math.isfinite(best.devices) and node_limited is not None:
+        name, size, d, m, sched = node_limited
+        return Floor(devices=math.inf, replicas=1,
+                     why=f"node {name!r} alone needs {format_bytes(size)} even at its least ({sched}, {d} "
+                         f"replica(s), {m} micro-batch(es)), more than a device's {format_bytes(cap)}")
+    if training and blocked and "GPipe" in best.why:
+        best = dataclasses.replace(best, why=best.why + (
+            f"; 1F1B would hold less, but runs only with as many micro-batches as stages ({blocked}+), more than "
+            f"the batch of {batch} splits into"))
+    return best
+
+
+def replica_samples(one_sample: Needs, cap: float) -> int:
+    """The most samples a data-parallel replica fits: the whole model plus its share of the batch."""
+    per_sample = one_sample.activation_bytes + one_sample.transient_bytes
+    room = cap - one_sample.state_bytes
+    if room < per_sample:
+        return 0
+    return int(room // per_sample) if per_sample > 0 else 1 << 40
+
+
+def _spelled(nbytes: int) -> int:
+    """The least budget of at least ``nbytes`` that a cluster string spells exactly."""
+    while (written := parse_bytes(format_budget(nbytes))) < nbytes:
+        nbytes += max(1, nbytes // 1000)
+    return written
+
+
+def _grow(cluster: Cluster, n: int) -> Cluster:
+    """n or more devices of the cluster's largest kind, in machines of the cluster's machine size."""
+    spec = max((d.spec for d in cluster.devices), key=lambda s: s.memory_bytes)
+    per = len(cluster.devices_on(0)) if cluster.num_machines > 1 else n
+    machines = math.ceil(n / per)
+    return Cluster.homogeneous(spec, machines=machines, devices_per_machine=per if machines > 1 else n,
+                               intra_link=cluster.intra_link, inter_link=cluster.inter_link)
+
+
+class _Refusal:
+    """Builds one refusal: the floors, the probes, the text."""
+
+    def __init__(self, request: Request, needs: NeedsFn, probe: ProbeFn) -> None:
+        self.req = request
+        self.opts = request.opts
+        self.needs_of = needs
+        self.probe = probe
+        self.needs = needs(self.opts.optimizer, self.opts.training)
+        self.caps = [d.spec.memory_bytes * (1 - self.opts.memory_reserve) for d in request.cluster.devices]
+        self.cap = max(self.caps)
+        self.ways: list[WayOut] = []
+        self.short: list[str] = []  # levers that are not enough on their own, and why
+        self.floors: list[str] = []  # the arithmetic behind the device counts
+
+    def _floor(self, needs: Needs, batch: int, opts: Any) -> Floor:
+        return pipeline_floor(needs, batch, self.cap, opts, fixed_batch=self.req.fixed_batch)
+
+    def _check(self, cluster: Cluster, batch: int, opts: Any, depth: float | None = None) -> Probe:
+        """The planner's answer: first among pipelines of the floor's depth (a part of its search
+        that usually holds the plan, and cheap), then the whole search."""
+        if depth is not None and math.isfinite(depth) and opts.strategy not in ("single", "ddp") \
+                and opts.stages is None:
+            found = self.probe(cluster, batch, opts, max(2, int(depth)))
+            if found.accepted is not None:
+                return found
+        return self.probe(cluster, batch, opts, None)
+
+    def _depth(self, needs: Needs, batch: int, opts: Any) -> float | None:
+        floor = self._floor(needs, batch, opts)
+        return math.ceil(floor.devices / floor.replicas) if math.isfinite(floor.devices) else None
+
+    # -- levers ---------------------------------------------------------------------------------
+
+    def _more_devices(self, start: int, opts: Any, covers: str, *, replicas: int = 1, concrete: bool = False) -> None:
+        """Probe growing device counts from ``start``; offer the first that plans."""
+        n = self.req.cluster.num_devices
+        count, last, tried = max(start, n + 1), math.inf, 0
+        deep, deep_last = opts.strategy in (None, "pipeline", "hybrid") and opts.stages is None, math.inf
+        for _ in range(_TRIES):
+            if count > _MAX_DEVICES:
+                break
+            grown = _grow(self.req.cluster, count)
+            total = tried = grown.num_devices
+            found = Probe(accepted=None)
+            if deep:  # the deepest pipeline these devices give the floor's replicas: cheap, and usually fits
+                found = self.probe(grown, self.req.batch, opts, max(2, total // replicas))
+                deep = found.accepted is not None or not math.isfinite(found.overflow) or found.overflow < deep_last
+                deep_last = found.overflow
+            if found.accepted is None:  # the whole search: replicas of shallower pipelines may fit instead
+                whole = self.probe(grown, self.req.batch, opts, None)
+                found = whole if whole.accepted is not None or whole.overflow < found.overflow else found
+            way = None
+            if found.accepted is not None and concrete:
+                way = self._concrete(grown, found.accepted, f"instead of strategy={self.opts.strategy!r}: {covers}")
+            elif found.accepted is not None:
+                way = WayOut(lever="devices", cluster=grown, devices=grown.describe(), plan=found.accepted,
+                             text=(f"{total} devices ('{grown.describe()}': {covers}; fits as "
+                                   f"{found.accepted.describe()})"))
+            if way is not None:
+                self.ways.append(way)
+                return
+            if math.isfinite(found.overflow) and found.overflow >= last:
+                break  # more devices did not bring the closest stage nearer: one part stays too big
+            last = found.overflow
+            factor = min(max(found.overflow, 1.05), 2.0) if math.isfinite(found.overflow) else 1.5
+            count = max(total + 1, math.ceil(total * factor))
+        self.short.append(f"more devices ({tried} devices of {format_bytes(self.cap)} did not plan)" if tried else
+                          f"more devices (over {_MAX_DEVICES} of {format_bytes(self.cap)} needed)")
+
+    def devices(self) -> None:
+        opts, req = self.opts, self.req
+        if opts.stages is not None or opts.strategy == "single":
+            return  # the stages= and strategy= levers say what to drop
+        if opts.strategy == "ddp":
+            self._ddp_devices()
+            return
+        floor = self._floor(self.needs, req.batch, opts)
+        if not math.isfinite(floor.devices):
+            self.floors.append(f"No device count of this size holds a pipeline of it: {floor.why}")
+            return
+        self.floors.append(f"A pipeline of it needs at least {floor.devices} devices of {format_bytes(self.cap)}: "
+                           f"{floor.why}")
+        self._more_devices(int(floor.devices), opts, "holds the state and this batch's activations",
+                           replicas=floor.replicas)
+
+    def _ddp_devices(self) -> None:
+        req, one = self.req, self.needs.at(1 / self.req.batch)
+        per_sample = one.activation_bytes + one.transient_bytes
+        samples = replica_samples(one, self.cap)
+        if samples == 0:
+            self.floors.append(
+                f"Each DDP replica holds the whole model: {format_bytes(one.state_bytes)} of parameters and "
+                f"optimizer state plus {format_bytes(per_sample)} per sample, more than one device's "
+                f"{format_bytes(self.cap)} even at one sample, so no device count helps ddp; pipeline and hybrid "
+                f"plans split the model over devices")
+            return
+        replicas = next((r for r in _divisors(req.batch) if req.batch // r <= samples), req.batch)
+        self.floors.append(
+            f"Each DDP replica holds the whole model ({format_bytes(one.state_bytes)} of parameters and optimizer "
+            f"state) plus {format_bytes(per_sample)} per sample of its share: a device of {format_bytes(self.cap)} "
+            f"holds at most {samples} samples, so the batch of {req.batch} needs at least {replicas} replicas "
+            f"(replicas divide the batch)")
+        if replicas > req.cluster.num_devices:
+            self._more_devices(replicas, self.opts, f"{replicas} replicas of {req.batch // replicas} samples")
+
+    def smaller_batch(self) -> None:
+        req, opts = self.req, self.opts
+        if req.fixed_batch is not None or req.batch == 1:
+            return
+        candidates = self._batch_candidates()
+        for b in candidates[:_TRIES]:
+            found = self._check(req.cluster, b, opts, self._depth(self.needs.at(b / req.batch), b, opts))
+            if found.accepted is not None:
+                self.ways.append(WayOut(lever="batch", batch=b, plan=found.accepted,
+                                        text=f"a batch of {b} instead of {req.batch} (fits as {found.accepted.describe()})"))
+                return
+        if candidates:
+            self.short.append(f"a smaller batch (batch {candidates[:_TRIES][-1]} did not plan either)")
+
+    def _batch_candidates(self) -> list[int]:
+        """Batch sizes below the request's that the floors allow on these devices: the largest,
+        then halving, so a few probes span the range."""
+        req, opts, n = self.req, self.opts, self.req.cluster.num_devices
+        one = self.needs.at(1 / req.batch)
+        best, why = 0, []
+        if opts.strategy in (None, "single", "ddp") and opts.stages is None:
+            cap = min(self.caps)
+            samples = replica_samples(one, cap)
+            if opts.strategy in (None, "single"):
+                best = max(best, min(samples, req.batch - 1))
+            if opts.strategy in (None, "ddp"):
+                best = max([best] + [r * min(samples, (req.batch - 1) // r) for r in range(2, n + 1)])
+            if samples == 0:
+                why.append(f"one sample already needs {format_bytes(one.total)} on a device of {format_bytes(cap)}")
+        if opts.strategy in (None, "pipeline", "hybrid") and n >= 2:
+            fits = lambda b: self._floor(self.needs.at(b / req.batch), b, opts).devices <= n  # noqa: E731
+            if fits(1):  # no batch fits where one sample does not (b micro-batches of one hold as much)
+                low, high = 1, req.batch - 1  # the largest batch the floor allows, by bisection
+                while low < high:
+                    mid = (low + high + 1) // 2
+                    low, high = (mid, high) if fits(mid) else (low, mid - 1)
+                best = max(best, low)
+            else:
+                floor = self._floor(one, 1, opts)
+                why.append(f"as a pipeline, at least {floor.devices} devices of {format_bytes(self.cap)}: {floor.why}"
+                           if math.isfinite(floor.devices) else f"as a pipeline, {floor.why}")
+        if best < 1:
+            if why:
+                self.short.append(f"a smaller batch (even one sample: {'; '.join(why)})")
+            return []
+        out = [best]
+        while out[-1] > 1:
+            out.append(out[-1] // 2)
+        return out
+
+    def lighter_optimizer(self) -> None:
+        opts = self.opts
+        if not opts.training or opts.optimizer != "adam":
+            return
+        lighter = self.needs_of("sgd", True)
+        what = (f"optimizer='sgd' ({format_bytes(lighter.state_bytes)} of parameters and state instead of "
+                f"{format_bytes(self.needs.state_bytes)}")
+        trial = dataclasses.replace(opts, optimizer="sgd")
+        if opts.strategy not in ("single", "ddp"):
+            floor = self._floor(lighter, self.req.batch, trial)
+            if floor.devices > self.req.cluster.num_devices:
+                self.short.append(f"{what}: a pipeline still needs at least {floor.devices} devices)"
+                                  if math.isfinite(floor.devices) else f"{what}: {floor.why})")
+                return
+        found = self._check(self.req.cluster, self.req.batch, trial, self._depth(lighter, self.req.batch, trial))
+        if found.accepted is not None:
+            self.ways.append(WayOut(lever="optimizer", options=(("optimizer", "sgd"),), plan=found.accepted,
+                                    text=f"{what}; fits as {found.accepted.describe()})"))
+        else:
+            self.short.append(f"{what}: not enough here)")
+
+    def inference(self) -> None:
+        opts = self.opts
+        if not opts.training:
+            return
+        weights = self.needs_of(opts.optimizer, False)
+        changes: dict[str, Any] = {"training": False}
+        if opts.schedule not in (None, "gpipe"):
+            changes["schedule"] = None  # forward only: every schedule is GPipe's fill and drain
+        trial = dataclasses.replace(opts, **changes)
+        found = self._check(self.req.cluster, self.req.batch, trial, self._depth(weights, self.req.batch, trial))
+        what = (f"inference, training=False ({format_bytes(weights.state_bytes)} of weights, no gradients, "
+                f"optimizer state or saved activations")
+        if found.accepted is not None:
+            self.ways.append(WayOut(lever="inference", options=tuple(changes.items()), plan=found.accepted,
+                                    text=f"{what}; fits as {found.accepted.describe()})"))
+        else:
+            self.short.append(f"{what}: not enough here)")
+
+    def forced(self) -> None:
+        """Drop each option the request fixed, one at a time."""
+        opts = self.opts
+        for name in ("strategy", "stages", "microbatches", "schedule"):
+            value = getattr(opts, name)
+            if value is None:
+                continue
+            free = dataclasses.replace(opts, **{name: None})
+            found = self._check(self.req.cluster, self.req.batch, free, self._depth(self.needs, self.req.batch, free))
+            if found.accepted is not None and name == "strategy":
+                way = self._concrete(self.req.cluster, found.accepted, f"instead of strategy={value!r}")
+                if way is not None:
+                    self.ways.append(way)
+                    continue
+            elif found.accepted is not None:
+                self.ways.append(WayOut(lever=name, options=((name, None),), plan=found.accepted,
+                                        text=f"{name}=None instead of {value!r} (fits as {found.accepted.describe()})"))
+                continue
+            self.short.append(f"{name}=None (no plan on these devices either)")
+            if name == "strategy" and value in ("single", "ddp") and opts.stages is None:
+                floor = self._floor(self.needs, self.req.batch, free)
+                if math.isfinite(floor.devices):
+                    self.floors.append(f"A pipeline needs at least {floor.devices} devices of "
+                                       f"{format_bytes(self.cap)}: {floor.why}")
+                    self._more_devices(int(floor.devices), free, "a pipeline splits the model",
+                                       replicas=floor.replicas, concrete=True)
+
+    def _concrete(self, cluster: Cluster, found: Accepted, why: str) -> WayOut | None:
+        """The strategy (and pipeline depth) a probe found, as options checked on their own."""
+        changes: dict[str, Any] = {"strategy": found.strategy,
+                                   "stages": found.depth if found.strategy in ("pipeline", "hybrid") else None}
+        check = self.probe(cluster, self.req.batch, dataclasses.replace(self.opts, **changes), None)
+        if check.accepted is None:
+            return None
+        said = ", ".join(f"{k}={v!r}" for k, v in changes.items() if v is not None)
+        grown = cluster if cluster is not self.req.cluster else None
+        where = f"{cluster.num_devices} devices ('{cluster.describe()}'), " if grown is not None else ""
+        return WayOut(lever="devices" if grown is not None else "strategy", cluster=grown,
+                      devices=grown.describe() if grown is not None else None, options=tuple(changes.items()),
+                      plan=check.accepted, text=f"{where}{said} {why} (fits as {check.accepted.describe()})")
+
+    def more_memory(self) -> None:
+        """The last resort: devices large enough to hold the whole model, checked like the rest."""
+        cluster = self.req.cluster
+        spec = max((d.spec for d in cluster.devices), key=lambda s: s.memory_bytes)
+        memory = self.needs.total / (1 - self.opts.memory_reserve)
+        for _ in range(_TRIES):
+            larger = dataclasses.replace(spec, memory_bytes=_spelled(math.ceil(memory)))
+            bigger = Cluster.homogeneous(larger, machines=cluster.num_machines,
+                                         devices_per_machine=len(cluster.devices_on(0)),
+                                         intra_link=cluster.intra_link, inter_link=cluster.inter_link)
+            found = self._check(bigger, self.req.batch, self.opts, self._depth(self.needs, self.req.batch, self.opts))
+            if found.accepted is not None:
+                self.ways.append(WayOut(lever="memory", cluster=bigger, devices=bigger.describe(), plan=found.accepted,
+                                        text=f"devices of {format_bytes(larger.memory_bytes)} ('{bigger.describe()}': "
+                                             f"fits as {found.accepted.describe()})"))
+                return
+            memory *= 2
+
+    # -- the message ------------------------------------------------------------------------------
+
+    def error(self, hint: str) -> PlanError:
+        req, needs, opts = self.req, self.needs, self.opts
+        self.devices()
+        self.smaller_batch()
+        self.lighter_optimizer()
+        self.inference()
+        self.forced()
+        if not self.ways:
+            self.more_memory()
+        head = (f"{req.name} needs {format_bytes(needs.total)} for "
+                f"{'training with ' + opts.optimizer if opts.training else 'inference'} at batch {req.batch} "
+                f"on one device ({format_bytes(needs.state_bytes)} of parameters and optimizer state, "
+                f"{format_bytes(needs.activation_bytes)} of activations, {format_bytes(needs.transient_bytes)} "
+                f"of temporaries); {req.cluster.describe()} gives {format_bytes(self.caps[0])} per device "
+                f"({1 - opts.memory_reserve:.0%} of each), {format_bytes(sum(self.caps))} in all{hint}.")
+        parts = [head] + [f + "." for f in self.floors]
+        if self.ways:
+            parts.append("Ways out, each checked by planning it: " + "; ".join(w.text for w in self.ways) + ".")
+        else:
+            parts.append("Ways out: none found by changing one of device count, batch, optimizer, mode, forced "
+                         "options or device memory.")
+        if self.short:
+            parts.append("Not enough on its own: " + "; ".join(self.short) + ".")
+        error = PlanError(" ".join(parts))
+        error.ways_out = tuple(self.ways)  # the ways out as data, to follow them from code
+        return error
+
+
+def refuse(request: Request, needs: NeedsFn, probe: ProbeFn, hint: str = "") -> PlanError:
+    """The error for a request nothing fits: the numbers, the floors and the checked ways out.
+
+    Args:
+        request: what was asked.
+        needs: the model's memory at the request's batch, per (optimizer, training).
+        probe: the planner's search on (cluster, batch, options): the plan it finds, or how
+            close it came.
+        hint: what the closest candidate of the failed search lacked (``"; the closest ..."``).
+
+    Returns:
+        A :class:`PlanError` whose ``ways_out`` holds the :class:`WayOut` s its text offers.
+    """
+    return _Refusal(request, needs, probe).error(hint)
