@@ -33,6 +33,7 @@ __all__ = ["Accepted", "Floor", "Needs", "Probe", "Request", "WayOut", "needs_of
 _MAX_MICROBATCHES = 128  # the most micro-batches the planner tries (planner._microbatch_options)
 _TRIES = 3  # device counts or batch sizes probed per lever: each probe is a search of the planner
 _MAX_DEVICES = 1 << 14  # the largest cluster a way out proposes
+_NEAR = 1.1  # a deepest pipeline within 10% of fitting: grow the count rather than search it all
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -322,7 +323,9 @@ class _Refusal:
                 found = self.probe(grown, self.req.batch, opts, max(2, total // replicas))
                 deep = found.accepted is not None or not math.isfinite(found.overflow) or found.overflow < deep_last
                 deep_last = found.overflow
-            if found.accepted is None:  # the whole search: replicas of shallower pipelines may fit instead
+            if found.accepted is None and found.overflow > _NEAR:
+                # the whole search: replicas of shallower pipelines may fit where the deepest does not
+                # (not worth it when the deepest nearly fits: a few more devices will do)
                 whole = self.probe(grown, self.req.batch, opts, None)
                 found = whole if whole.accepted is not None or whole.overflow < found.overflow else found
             way = None
@@ -398,7 +401,7 @@ class _Refusal:
         then halving, so a few probes span the range."""
         req, opts, n = self.req, self.opts, self.req.cluster.num_devices
         one = self.needs.at(1 / req.batch)
-        best, why = 0, []
+        best, why = 0, ""
         if opts.strategy in (None, "single", "ddp") and opts.stages is None:
             cap = min(self.caps)
             samples = replica_samples(one, cap)
@@ -406,8 +409,7 @@ class _Refusal:
                 best = max(best, min(samples, req.batch - 1))
             if opts.strategy in (None, "ddp"):
                 best = max([best] + [r * min(samples, (req.batch - 1) // r) for r in range(2, n + 1)])
-            if samples == 0:
-                why.append(f"one sample already needs {format_bytes(one.total)} on a device of {format_bytes(cap)}")
+            why = f"one sample needs {format_bytes(one.total)} on one device of {format_bytes(cap)}"
         if opts.strategy in (None, "pipeline", "hybrid") and n >= 2:
             fits = lambda b: self._floor(self.needs.at(b / req.batch), b, opts).devices <= n  # noqa: E731
             if fits(1):  # no batch fits where one sample does not (b micro-batches of one hold as much)
@@ -418,11 +420,11 @@ class _Refusal:
                 best = max(best, low)
             else:
                 floor = self._floor(one, 1, opts)
-                why.append(f"as a pipeline, at least {floor.devices} devices of {format_bytes(self.cap)}: {floor.why}"
-                           if math.isfinite(floor.devices) else f"as a pipeline, {floor.why}")
+                why = (f"a pipeline of one sample needs at least {floor.devices} devices of {format_bytes(self.cap)}"
+                       if math.isfinite(floor.devices) else f"a pipeline of one sample: {floor.why}")
         if best < 1:
             if why:
-                self.short.append(f"a smaller batch (even one sample: {'; '.join(why)})")
+                self.short.append(f"a smaller batch ({why})")
             return []
         out = [best]
         while out[-1] > 1:
@@ -460,7 +462,7 @@ class _Refusal:
             changes["schedule"] = None  # forward only: every schedule is GPipe's fill and drain
         trial = dataclasses.replace(opts, **changes)
         found = self._check(self.req.cluster, self.req.batch, trial, self._depth(weights, self.req.batch, trial))
-        what = (f"inference, training=False ({format_bytes(weights.state_bytes)} of weights, no gradients, "
+        what = (f"inference (training=False: {format_bytes(weights.state_bytes)} of weights, no gradients, "
                 f"optimizer state or saved activations")
         if found.accepted is not None:
             self.ways.append(WayOut(lever="inference", options=tuple(changes.items()), plan=found.accepted,
