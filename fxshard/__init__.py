@@ -27,6 +27,7 @@ from fxshard.errors import (
     PlanError,
     PlanFormatError,
     SimulationError,
+    UsageError,
     ZooError,
 )
 from fxshard.passes.partition import Partition, partition_graph, partitioners, register_partitioner
@@ -53,6 +54,7 @@ __all__ = [
     "PlanError",
     "PlanFormatError",
     "SimulationError",
+    "UsageError",
     "ZooError",
     "capture",
     "compile",

@@ -1,47 +1,27 @@
-"""The ``fxshard`` command line: offline inspection of models, devices and (later) plans.
+"""The ``fxshard`` command line: plan, compare, export and simulate; inspect models and devices.
 
-Every command computes with the library and renders here; the library never prints.
-Exit status: 0 on success, 2 on bad usage, 1 when the request cannot be met.
+Every command computes with the library and renders here (tables in fxshard/cli_text.py); the
+library never prints. Exit status: 0 on success, 2 on bad usage (argparse's errors, unknown
+models, devices, partitioners, schedules or cost models, options that contradict each other),
+1 when the request cannot be met. Messages name the CLI's flags, not Python's options.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from fxshard.errors import DeviceSpecError, FxshardError, PartitionError, ZooError
+from fxshard.cli_text import cli_words, compare_table, console, fmt_count, fmt_time, print_plan
+from fxshard.errors import DeviceSpecError, FxshardError, UsageError, ZooError
 
 __all__ = ["main"]
 
-_USAGE_ERRORS = (DeviceSpecError, ZooError)
-
-
-def _fmt_count(x: float, unit: str = "") -> str:
-    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {suffix}{unit}"
-    return f"{x:.0f} {unit}".rstrip()
-
-
-def _fmt_time(s: float) -> str:
-    if s == 0:
-        return "0"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} us"
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # A fixed width off a terminal keeps piped output and tests readable.
-    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
+_USAGE_ERRORS = (DeviceSpecError, ZooError, UsageError)
 
 
 def _write_json(data: Any, dest: str) -> None:
@@ -51,6 +31,14 @@ def _write_json(data: Any, dest: str) -> None:
     else:
         with open(dest, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def _wrote(what: str, dest: str | None) -> None:
+    """Say where an output file went (nothing for stdout, whose content speaks for itself)."""
+    if dest and dest != "-":
+        import os
+
+        print(f"wrote {what} to {os.path.abspath(dest)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,7 +59,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
             return 0
     from rich.table import Table
 
-    console = _console()
+    out = console()
     table = Table(title="Device presets (dense peak FLOP/s; sources in docs/devices.md)")
     table.add_column("preset")
     table.add_column("kind")
@@ -82,17 +70,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for name, spec in PRESETS.items():
         flops = dict(spec.peak_flops)
         table.add_row(name, spec.kind, format_bytes(spec.memory_bytes),
-                      *[_fmt_count(flops[c], "FLOP/s") if c in flops else "-" for c in _FLOP_COLUMNS],
+                      *[fmt_count(flops[c], "FLOP/s") if c in flops else "-" for c in _FLOP_COLUMNS],
                       f"{spec.memory_bandwidth / 1e9:,.0f} GB/s")
-    console.print(table)
+    out.print(table)
     links = Table(title="Link presets")
     links.add_column("link")
     links.add_column("bandwidth", justify="right")
     links.add_column("latency", justify="right")
     for name, link in LINK_PRESETS.items():
-        links.add_row(name, f"{link.bandwidth / 1e9:,.1f} GB/s", _fmt_time(link.latency_s))
-    console.print(links)
-    console.print(f"This machine: {Cluster.local().describe()}")
+        links.add_row(name, f"{link.bandwidth / 1e9:,.1f} GB/s", fmt_time(link.latency_s))
+    out.print(links)
+    out.print(f"This machine: {Cluster.local().describe()}")
+    _wrote("the presets as JSON", args.json)
     return 0
 
 
@@ -122,7 +111,8 @@ def inspect_model(model_ref: str, *, device: str, batch_size: int | None, seq_le
     spec = get_preset(device)
     t0 = time.perf_counter()
     built = resolve(model_ref, batch_size=batch_size, seq_len=seq_len)
-    captured = capture(built.model, built.example_inputs, method=method)
+    _check_names(cost_model=cost_model)  # after resolve: a factory file may register plug-ins
+    captured = capture(built.model, built.example_inputs, example_kwargs=built.example_kwargs, method=method)
     t1 = time.perf_counter()
     costs = estimate(captured, spec, cost_model=cost_model)
     t2 = time.perf_counter()
@@ -168,20 +158,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          ("fwd", "right"), ("bwd", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["op"], r["target"][:48], r["shape"], _fmt_count(r["flops"]),
+        table.add_row(r["name"], r["op"], r["target"][:48], r["shape"], fmt_count(r["flops"]),
                       format_bytes(r["param_bytes"]) if r["param_bytes"] else "",
                       format_bytes(r["output_bytes"]) if r["output_bytes"] else "",
-                      _fmt_time(r["fwd_time_s"]), _fmt_time(r["bwd_time_s"]))
-    console = _console()
-    console.print(table)
+                      fmt_time(r["fwd_time_s"]), fmt_time(r["bwd_time_s"]))
+    out = console()
+    out.print(table)
     t = doc["totals"]
-    console.print(
+    out.print(
         f"parameters {format_bytes(t['param_bytes'])} (shared counted once), buffers "
-        f"{format_bytes(t['buffer_bytes'])}, forward {_fmt_count(t['fwd_flops'], 'FLOP')}, backward "
-        f"{_fmt_count(t['bwd_flops'], 'FLOP')}, activations saved for backward "
-        f"{format_bytes(t['saved_activation_bytes'])}; time forward {_fmt_time(t['fwd_time_s'])}, "
-        f"backward {_fmt_time(t['bwd_time_s'])}. Captured in {doc['seconds']['capture']:.2f} s, "
+        f"{format_bytes(t['buffer_bytes'])}, forward {fmt_count(t['fwd_flops'], 'FLOP')}, backward "
+        f"{fmt_count(t['bwd_flops'], 'FLOP')}, activations saved for backward "
+        f"{format_bytes(t['saved_activation_bytes'])}; time forward {fmt_time(t['fwd_time_s'])}, "
+        f"backward {fmt_time(t['bwd_time_s'])}. Captured in {doc['seconds']['capture']:.2f} s, "
         f"priced in {doc['seconds']['cost']:.2f} s.")
+    _wrote("the rows and totals as JSON", args.json)
     return 0
 
 
@@ -201,6 +192,30 @@ def _progress(message: str) -> Any:
     return Console(stderr=True).status(message)
 
 
+def _check_names(*, partitioners: Sequence[str] = (), schedule: str | None = None,
+                 cost_model: str | None = None) -> None:
+    """Refuse names nothing is registered under, as bad usage (exit 2). Called after the model
+    is resolved, so partitioners and cost models a factory file registers count."""
+    from fxshard.cost_models import cost_models
+    from fxshard.passes.partition import partitioners as registered
+    from fxshard.simulate import SCHEDULES, SimulationError, schedule_name
+
+    unknown = [n for n in partitioners if n not in registered()]
+    if unknown:
+        raise UsageError(f"unknown partitioner(s) {', '.join(map(repr, unknown))}; registered: "
+                         f"{', '.join(registered())} (register your own with fxshard.register_partitioner in the "
+                         f"model's factory file)")
+    if schedule is not None:
+        try:
+            schedule_name(schedule)
+        except SimulationError as e:
+            raise UsageError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} (torch's names, "
+                             f"such as Interleaved1F1B, work too, in any case)") from e
+    if cost_model is not None and cost_model not in cost_models():
+        raise UsageError(f"unknown cost model {cost_model!r}; registered: {', '.join(cost_models())} (register "
+                         f"your own with fxshard.register_cost_model in the model's factory file)")
+
+
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"training": not args.inference, "optimizer": args.optimizer,
                                "partitioner": args.partitioner, "cost_model": args.cost_model}
@@ -210,82 +225,88 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _make_plan(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any, float]:
-    """(plan, captured graph, seconds) for the command's MODEL and devices."""
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A command's model, resolved and captured once, and its cluster."""
+
+    built: Any
+    captured: Any
+    cluster: Any
+    batch: int
+
+
+def _prepare(args: argparse.Namespace, partitioners: Sequence[str] = ()) -> _Job:
     from fxshard.capture import capture
     from fxshard.cluster import Cluster
-    from fxshard.planner import PlanOptions, batch_size_of, plan_captured
+    from fxshard.planner import batch_size_of
     from fxshard.zoo import resolve
 
     built = resolve(args.model, batch_size=args.batch_size, seq_len=args.seq_len)
+    _check_names(partitioners=partitioners or [args.partitioner], schedule=args.schedule, cost_model=args.cost_model)
     cluster = Cluster.parse(args.devices)
-    options = {**_plan_options(args), "name": built.name, **overrides}
-    with _progress(f"planning {built.name} on {cluster.describe()}"):
+    with _progress(f"capturing {built.name}"):
+        captured = capture(built.model, built.example_inputs, example_kwargs=built.example_kwargs)
+    return _Job(built, captured, cluster, batch_size_of(captured, built.example_inputs, built.example_kwargs))
+
+
+def _options(job: _Job, args: argparse.Namespace, **overrides: Any) -> Any:
+    from fxshard.planner import PlanOptions
+
+    try:
+        return PlanOptions(**{**_plan_options(args), "name": job.built.name, **overrides})
+    except FxshardError as e:  # options that contradict each other: bad usage
+        raise UsageError(str(e)) from e
+
+
+def _plan_job(job: _Job, args: argparse.Namespace, **overrides: Any) -> tuple[Any, float]:
+    """(plan, seconds spent planning) for the job under the command's options and ``overrides``."""
+    from fxshard.planner import plan_captured
+
+    opts = _options(job, args, **overrides)
+    with _progress(f"planning {job.built.name} on {job.cluster.describe()}"):
         start = time.perf_counter()
-        captured = capture(built.model, built.example_inputs)
-        plan = plan_captured(captured, cluster, batch_size_of(captured, built.example_inputs, None),
-                             PlanOptions(**options))
-        seconds = time.perf_counter() - start
-    return plan, captured, seconds
+        plan = plan_captured(job.captured, job.cluster, job.batch, opts)
+    return plan, time.perf_counter() - start
 
 
-def _print_plan(plan: Any, seconds: float) -> None:
-    from rich.table import Table
-
-    from fxshard.cluster import format_bytes
-
-    console = _console()
-    e = plan.estimate
-    title = (f"{plan.model.name}: {plan.strategy}, {plan.num_stages} stage(s) x {plan.replicas} replica(s)"
-             + (f", {plan.schedule}" if plan.schedule else "") + f", {plan.microbatches} micro-batch(es)")
-    table = Table(title=title)
-    for col, justify in (("stage", "right"), ("devices", "left"), ("first .. last", "left"), ("nodes", "right"),
-                         ("params", "right"), ("peak / capacity", "right"), ("fwd", "right"), ("bwd", "right"),
-                         ("sends", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
-    for s in plan.stages:
-        share = s.peak_memory_bytes / s.memory_capacity_bytes if s.memory_capacity_bytes else 0.0
-        span = f"{s.first_module or (s.nodes[0] if s.nodes else '')} .. {s.last_module or (s.nodes[-1] if s.nodes else '')}"
-        devices = f"{','.join(map(str, s.device_indices))}: {'/'.join(sorted(set(s.devices)))}"
-        table.add_row(str(s.index), devices, span, str(len(s.nodes)), format_bytes(s.param_bytes),
-                      f"{format_bytes(s.peak_memory_bytes)} / {format_bytes(s.memory_capacity_bytes)} ({share:.0%})",
-                      _fmt_time(s.fwd_time_s), _fmt_time(s.bwd_time_s), format_bytes(s.send_bytes))
-    console.print(table)
-    console.print(f"estimate: step {_fmt_time(e.step_time_s)}, bubble {e.bubble_fraction:.1%}, "
-                  f"{e.samples_per_s:,.1f} samples/s (lower bound {_fmt_time(e.lower_bound_step_time_s)}); "
-                  f"batch {plan.batch_size}, {'training with ' + plan.optimizer if plan.training else 'inference'}")
-    if plan.reason:
-        console.print(f"why: {plan.reason}")
-    alts = Table(title="alternatives considered (best first)")
-    for col in ("strategy", "stages x replicas", "schedule", "micro-batches", "samples/s", "peak memory", "fits"):
-        alts.add_column(col)
-    for a in plan.alternatives[:8]:
-        alts.add_row(a.strategy, f"{a.stages} x {a.replicas}", a.schedule or "-", str(a.microbatches),
-                     f"{a.samples_per_s:,.1f}" if a.fits else "-",
-                     format_bytes(a.peak_memory_bytes) if a.peak_memory_bytes >= 0 else "-",
-                     "yes" if a.fits else f"no: {a.note[:60]}")
-    console.print(alts)
-    console.print(f"planned in {seconds:.1f} s")
+def _make_plan(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any, float]:
+    """(plan, captured graph, seconds) for the command's MODEL and devices."""
+    job = _prepare(args)
+    plan, seconds = _plan_job(job, args, **overrides)
+    return plan, job.captured, seconds
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan, captured, seconds = _make_plan(args)
+    job = _prepare(args)
+    plan, seconds = _plan_job(job, args)
+    if args.json == "-":
+        sys.stdout.write(plan.to_json() + "\n")
+        return 0
+    unforced = None
+    if args.strategy is not None:  # what the planner would pick unforced, to say what forcing costs
+        try:
+            unforced, more = _plan_job(job, args, strategy=None)
+            seconds += more
+        except FxshardError:
+            unforced = None
     if args.json:
         with _output(args.json) as f:
             f.write(plan.to_json() + "\n")
-        if args.json == "-":
-            return 0
-    _print_plan(plan, seconds)
-    if args.png or args.dot:
+    print_plan(plan, seconds, unforced, args.strategy)
+    _wrote("the plan as JSON", args.json)
+    if args.png:
         from fxshard import viz
 
-        if args.png:
-            viz.plan_png(plan, args.png)
-        if args.dot:
-            modules = {n.name: _node_module(n) for n in captured.gm.graph.nodes}
-            edges = [(a.name, b.name) for b in captured.gm.graph.nodes for a in b.all_input_nodes]
-            with _output(args.dot) as f:
-                f.write(viz.plan_dot(plan, edges, node_module=modules))
+        viz.plan_png(plan, args.png)
+        _wrote("the plan's picture", args.png)
+    if args.dot:
+        from fxshard import viz
+
+        modules = {n.name: _node_module(n) for n in job.captured.gm.graph.nodes}
+        edges = [(a.name, b.name) for b in job.captured.gm.graph.nodes for a in b.all_input_nodes]
+        with _output(args.dot) as f:
+            f.write(viz.plan_dot(plan, edges, node_module=modules))
+        _wrote("the stage graph (Graphviz DOT)", args.dot)
     return 0
 
 
@@ -306,53 +327,23 @@ def _output(dest: str) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from fxshard.cluster import format_bytes
+    from fxshard.compare import compare
     from fxshard.passes.partition import partitioners
 
     names = args.partitioners.split(",") if args.partitioners else partitioners()
-    unknown = [n for n in names if n not in partitioners()]
-    if unknown:
-        raise PartitionError(f"unknown partitioner(s) {', '.join(unknown)}; registered: {', '.join(partitioners())}")
-    rows = []
-    for name in names:
-        try:
-            plan, _, seconds = _make_plan(args, partitioner=name, strategy=args.strategy or "pipeline")
-        except FxshardError as e:
-            rows.append({"partitioner": name, "error": str(e)})
-            continue
-        bottleneck = max(s.fwd_time_s + s.bwd_time_s for s in plan.stages)
-        rows.append({"partitioner": name, "strategy": plan.strategy, "stages": plan.num_stages,
-                     "replicas": plan.replicas, "schedule": plan.schedule, "microbatches": plan.microbatches,
-                     "step_time_s": plan.estimate.step_time_s, "samples_per_s": plan.estimate.samples_per_s,
-                     "bottleneck_stage_time_s": bottleneck,
-                     "lower_bound_step_time_s": plan.estimate.lower_bound_step_time_s,
-                     "cut_bytes": sum(s.send_bytes for s in plan.stages) * plan.microbatches,
-                     "max_stage_memory_bytes": max(s.peak_memory_bytes for s in plan.stages),
-                     "plan_seconds": seconds})
-    ok = [r for r in rows if "error" not in r]
-    best = min(ok, key=lambda r: r["step_time_s"])["partitioner"] if ok else None
+    job = _prepare(args, names)
+    with _progress(f"planning {job.built.name} on {job.cluster.describe()} per strategy and partitioner"):
+        rows = [r.to_dict() for r in compare(job.captured, job.cluster, job.batch, _options(job, args), names)]
     for r in rows:
-        r["best"] = r["partitioner"] == best
+        if "error" in r:
+            r["error"] = cli_words(r["error"])
+    ok = [r for r in rows if "error" not in r]
     if args.json:
         _write_json(rows, args.json)
         if args.json == "-":
             return 0 if ok else 1
-    table = Table(title=f"{args.model} on {args.devices}: partitioners compared (best marked *)")
-    for col in ("partitioner", "plan", "step", "samples/s", "bottleneck stage", "lower bound", "cut / step",
-                "max stage memory", "seconds"):
-        table.add_column(col)
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["partitioner"], f"error: {r['error'][:70]}", *[""] * 7)
-            continue
-        table.add_row(("* " if r["best"] else "") + r["partitioner"],
-                      f"{r['stages']}x{r['replicas']} {r['schedule']} m={r['microbatches']}",
-                      _fmt_time(r["step_time_s"]), f"{r['samples_per_s']:,.1f}", _fmt_time(r["bottleneck_stage_time_s"]),
-                      _fmt_time(r["lower_bound_step_time_s"]), format_bytes(r["cut_bytes"]),
-                      format_bytes(r["max_stage_memory_bytes"]), f"{r['plan_seconds']:.1f}")
-    _console().print(table)
+    compare_table(rows, f"{args.model} on {args.devices}: strategies and partitioners compared (best marked *)")
+    _wrote("the rows as JSON", args.json)
     return 0 if ok else 1
 
 
@@ -361,23 +352,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     plan, captured, _ = _make_plan(args)
     result = export_plan(captured, plan, args.out, model_ref=args.model)
-    console = _console()
-    console.print(f"exported {plan.strategy} plan of {plan.model.name} ({plan.num_stages} stage(s)) to {args.out}:")
+    out = console()
+    out.print(f"exported {plan.strategy} plan ({plan.shape_text()}) of {plan.model.name} to {args.out}:")
     for path in result.files:
-        console.print(f"  {path}")
+        out.print(f"  {path}")
     for note in result.notes:
-        console.print(f"  note: {note}")
+        out.print(f"  note: {cli_words(note)}")
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fxshard.calibrate import calibrate
-    from fxshard.zoo import resolve
 
-    plan, captured, _ = _make_plan(args)
-    built = resolve(args.model, batch_size=args.batch_size, seq_len=args.seq_len)
+    job = _prepare(args)
+    plan, _ = _plan_job(job, args)
     with _progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
-        report = calibrate(captured, plan, built.example_inputs, device=args.device, repeats=args.repeats,
+        report = calibrate(job.captured, plan, job.built.example_inputs, device=args.device, repeats=args.repeats,
                            profiled=not args.no_profiled)
     if args.json:
         with _output(args.json) as f:
@@ -391,7 +381,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from fxshard import viz
 
         viz.calibration_png(report, args.png)
-    _console().print(report.to_markdown())
+    console().print(report.to_markdown())
+    _wrote("the report as JSON", args.json)
+    _wrote("the report as markdown", args.md)
+    _wrote("the predicted-against-measured picture", args.png)
     return 0
 
 
@@ -402,6 +395,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fxshard.plan import Plan
     from fxshard.simulate import to_chrome_trace
 
+    if args.schedule is not None:
+        _check_names(schedule=args.schedule)
     try:
         text = Path(args.plan).read_text(encoding="utf-8")
     except OSError as e:
@@ -409,20 +404,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        f"'fxshard plan MODEL --devices SPEC --json {args.plan}'") from e
     plan = Plan.from_json(text)
     result = viz.simulate_plan(plan, schedule=args.schedule, microbatches=args.microbatches)
+    what = viz.simulation_text(plan, result)
     samples = plan.batch_size / result.step_time_s if result.step_time_s else 0.0
-    console = _console()
-    console.print(f"{plan.model.name}: {result.schedule}, {result.stages} stage(s) on {result.ranks} rank(s), "
-                  f"{result.microbatches} micro-batch(es): step {_fmt_time(result.step_time_s)}, bubble "
+    out = console()
+    out.print(f"{plan.model.name}: {what}: step {fmt_time(result.step_time_s)}, bubble "
                   f"{result.bubble_fraction:.1%}, {samples:,.1f} samples/s (planned: "
-                  f"{_fmt_time(plan.estimate.step_time_s)} with {plan.schedule or 'no schedule'}, "
-                  f"m={plan.microbatches})")
+                  f"{fmt_time(plan.estimate.step_time_s)} with {plan.schedule or 'no pipeline schedule'}, "
+                  f"{plan.microbatches} micro-batch(es))")
     for rank, (busy, idle) in enumerate(zip(result.busy_s, result.idle_s)):
-        console.print(f"  rank {rank}: busy {_fmt_time(busy)}, idle {_fmt_time(idle)}")
+        who = "each device" if plan.strategy in ("single", "ddp") else f"rank {rank}"
+        out.print(f"  {who}: busy {fmt_time(busy)}, idle {fmt_time(idle)}")
     if args.png:
-        viz.timeline_png(result, args.png, title=f"{plan.model.name}: {result.schedule}, m={result.microbatches}")
+        viz.timeline_png(result, args.png, title=f"{plan.model.name}: {what}")
+        _wrote("the timeline", args.png)
     if args.trace:
         with _output(args.trace) as f:
-            f.write(to_chrome_trace(result))
+            f.write(to_chrome_trace(result, title=f"{plan.model.name}: {what}"))
+        _wrote("the Chrome trace", args.trace)
     return 0
 
 
@@ -431,11 +429,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    import torch
+
+    import fxshard
+
+    return f"fxshard {fxshard.__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxshard", description="Automatic model-parallel compiler for PyTorch: plan, compare, export and "
                                     "simulate model-parallel training; inspect models and devices.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("devices", help="the device presets and their figures")
@@ -448,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="H100-80GB", metavar="PRESET", help="device preset to price on (default H100-80GB)")
     p.add_argument("--batch-size", type=int, metavar="N", help="batch size of the example inputs")
     p.add_argument("--seq-len", type=int, metavar="N", help="sequence length for language models")
-    p.add_argument("--cost-model", default="analytical", choices=("analytical", "profiled"),
-                   help="how node times are estimated (default analytical)")
+    p.add_argument("--cost-model", default="analytical", metavar="NAME",
+                   help="how node times are estimated: analytical (default), profiled, or any registered name")
     p.add_argument("--method", default="auto", choices=("auto", "symbolic_trace", "export"),
                    help="capture method (default: symbolic_trace, then torch.export)")
     p.add_argument("--top", type=int, metavar="N", help="show only the N most expensive nodes")
@@ -463,13 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, metavar="N", help="batch size of the example inputs")
         p.add_argument("--seq-len", type=int, metavar="N", help="sequence length for language models")
         p.add_argument("--partitioner", default="metis", metavar="NAME", help="partitioner (default metis)")
-        p.add_argument("--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved1f1b, zbv, ... (default: auto)")
+        p.add_argument("--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved1f1b, zbv, ... in any case, or "
+                                                            "torch's names such as Interleaved1F1B (default: auto)")
         p.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per step (default: auto)")
         p.add_argument("--strategy", choices=("single", "ddp", "pipeline", "hybrid"), help="force a strategy")
         p.add_argument("--stages", type=int, metavar="K", help="force the pipeline depth (default: auto)")
         p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"),
                        help="optimizer state per parameter (default adam)")
-        p.add_argument("--cost-model", default="analytical", choices=("analytical", "profiled"))
+        p.add_argument("--cost-model", default="analytical", metavar="NAME",
+                       help="analytical (default), profiled, or any registered cost model")
         p.add_argument("--inference", action="store_true", help="plan forward only (no gradients or optimizer)")
 
     p = sub.add_parser("plan", help="plan a model on a cluster: stages, strategy, schedule, estimate")
@@ -479,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dot", metavar="FILE", help="the stage-coloured graph, modules collapsed (Graphviz)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("compare", help="one pipeline plan per partitioner, side by side")
+    p = sub.add_parser("compare", help="the best plan per partitioner, beside single and ddp, side by side")
     model_args(p)
     p.add_argument("--partitioners", metavar="A,B,C", help="comma-separated names (default: all registered)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")
@@ -523,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FxshardError as e:
         if args.debug:
             raise
-        print(f"fxshard {args.command}: error: {e}", file=sys.stderr)
+        print(f"fxshard {args.command}: error: {cli_words(str(e))}", file=sys.stderr)
         return 2 if isinstance(e, _USAGE_ERRORS) else 1
     except OSError as e:  # an output path that cannot be written
         if args.debug:

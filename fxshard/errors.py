@@ -22,6 +22,7 @@ __all__ = [
     "SimulationError",
     "ExportError",
     "ExecutionError",
+    "UsageError",
 ]
 
 
@@ -77,3 +78,8 @@ class ExportError(FxshardError):
 class ExecutionError(FxshardError):
     """A plan cannot run as asked: inputs that do not micro-batch, a world size that does not
     match the plan, a plan made for another model, a peer rank that failed."""
+
+
+class UsageError(FxshardError, ValueError):
+    """A command line that names something nothing is registered under (a partitioner, schedule
+    or cost model) or whose options contradict each other; ``fxshard`` exits with status 2."""

@@ -126,6 +126,35 @@ class Plan:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def num_devices(self) -> int:
+        """Devices the plan uses (stages x replicas / stages per device)."""
+        return len({d for s in self.stages for d in s.device_indices})
+
+    @property
+    def stages_per_device(self) -> int:
+        """Stages that share one device: 2 under interleaved and V-shaped schedules (torch's
+        virtual stages, each given its share of the device's memory), else 1."""
+        held: dict[int, int] = {}
+        for s in self.stages:
+            for d in s.device_indices:
+                held[d] = held.get(d, 0) + 1
+        return max(held.values(), default=1)
+
+    def shape_text(self) -> str:
+        """The plan's shape in words, so that stages x replicas / stages per device = devices reads
+        off it: "1 device", "8 data-parallel replicas", "4 stages x 4 replicas, 2 stages per
+        device (zbv), 8 devices"."""
+        if self.strategy == "single":
+            return "1 device"
+        if self.strategy == "ddp":
+            return f"{self.replicas} data-parallel replicas"
+        shape = f"{self.num_stages} stages" + (f" x {self.replicas} replicas" if self.strategy == "hybrid" else "")
+        per = self.stages_per_device
+        if per > 1:
+            shape += f", {per} stages per device ({self.schedule})"
+        return f"{shape}, {self.num_devices} device{'s' if self.num_devices != 1 else ''}"
+
     def stage_of(self) -> dict[str, int]:
         """Node name -> stage index."""
         return {n: s.index for s in self.stages for n in s.nodes}
@@ -181,14 +210,16 @@ class Plan:
 
     def __str__(self) -> str:
         e = self.estimate
-        shape = {"single": "1 device", "ddp": f"{self.replicas} data-parallel replicas",
-                 "pipeline": f"{self.num_stages} stages", "hybrid": f"{self.num_stages} stages x {self.replicas} replicas"}
-        lines = [f"fxshard plan: {self.strategy} ({shape[self.strategy]}), "
+        lines = [f"fxshard plan: {self.strategy} ({self.shape_text()}), "
                  + (f"schedule {self.schedule}, " if self.schedule else "")
                  + f"{self.microbatches} micro-batches, partitioner {self.partitioner}",
                  f"  model {self.model.name}: {self.model.nodes} nodes, {_gib(self.model.param_bytes)} of parameters, "
                  f"fingerprint {self.model.fingerprint}",
                  f"  batch {self.batch_size}, {'training with ' + self.optimizer if self.training else 'inference'}"]
+        if self.stages_per_device > 1:
+            per = self.stages_per_device
+            lines.append(f"  each device holds {per} stages ({self.schedule} places {per} per rank), each stage "
+                         f"given 1/{per} of its memory")
         for s in self.stages:
             span = f"{s.first_module or s.nodes[0]} .. {s.last_module or s.nodes[-1]}" if s.nodes else "-"
             lines.append(f"  stage {s.index} on {','.join(s.devices)}: {len(s.nodes)} nodes ({span}), "

@@ -25,14 +25,14 @@ import torch.utils._pytree as pytree
 
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, DeviceSpec, format_bytes
-from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
-from fxshard.errors import PartitionerError, PartitionError, PlanError
+from fxshard.cost_models import GraphCosts, analyze, cost_models, estimate, scale_batch
+from fxshard.errors import CostModelError, PartitionerError, PartitionError, PlanError
 from fxshard.passes.cost_graph import cost_graph, placement
 from fxshard.passes.partition import partition_graph, partitioners
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Alternative, Estimate, EstimatedNode, ModelInfo, Plan, StagePlan
 from fxshard.refusal import Accepted, Needs, Probe, Request, needs_of, refuse
-from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
+from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, schedule_name, simulate
 
 __all__ = ["PlanOptions", "batch_size_of", "group_link", "plan", "plan_captured", "ring_allreduce_time"]
 
@@ -62,20 +62,23 @@ class PlanOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.training, bool):
             raise PlanError(f"training={self.training!r}; use True or False")
-        if self.schedule is not None and not isinstance(self.schedule, str):
-            raise PlanError(f"schedule={self.schedule!r}; use None (auto) or one of {', '.join(SCHEDULES)}")
+        if self.schedule is not None:
+            try:  # one spelling rule for every entry point: "Interleaved1F1B", "interleaved-1f1b", ...
+                object.__setattr__(self, "schedule", schedule_name(self.schedule))
+            except SimulationError as e:
+                raise PlanError(f"schedule={self.schedule!r} is not a schedule fxshard knows; use None (auto) or "
+                                f"one of {', '.join(SCHEDULES)} (torch's names, such as 'Interleaved1F1B', work too, "
+                                f"in any case)") from e
         if self.microbatches is not None and (isinstance(self.microbatches, bool)
                                               or not isinstance(self.microbatches, int)):
             raise PlanError(f"microbatches={self.microbatches!r}; use None (auto) or a positive integer")
-        if not self.training and self.schedule not in (None, "gpipe", "GPipe"):
+        if not self.training and self.schedule not in (None, "gpipe"):
             raise PlanError(f"schedule={self.schedule!r} with training=False: inference runs forward only, where "
                             f"every schedule is GPipe's fill and drain; drop schedule= or use 'gpipe'")
         if self.optimizer not in ("adam", "sgd", "none"):
             raise PlanError(f"optimizer={self.optimizer!r}; use 'adam', 'sgd' or 'none'")
         if self.strategy not in (None, *_ORDER):
             raise PlanError(f"strategy={self.strategy!r}; use None (auto) or one of {', '.join(_ORDER)}")
-        if self.schedule is not None and self.schedule.lower() not in SCHEDULES:
-            raise PlanError(f"schedule={self.schedule!r}; use None (auto) or one of {', '.join(SCHEDULES)}")
         if self.microbatches is not None and (isinstance(self.microbatches, bool) or self.microbatches < 1):
             raise PlanError(f"microbatches={self.microbatches!r}; use None (auto) or a positive integer")
         if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int)
@@ -87,6 +90,9 @@ class PlanOptions:
                             f"stage; use strategy='pipeline' or 'hybrid', or drop stages=")
         if self.partitioner not in partitioners():
             raise PlanError(f"partitioner={self.partitioner!r} is not registered; known: {', '.join(partitioners())}")
+        if isinstance(self.cost_model, str) and self.cost_model not in cost_models():
+            raise CostModelError(f"cost_model={self.cost_model!r} is not registered; known: "
+                                 f"{', '.join(cost_models())} (register your own with fxshard.register_cost_model)")
         if not 0 <= self.memory_reserve < 1:
             raise PlanError(f"memory_reserve={self.memory_reserve}; it is a fraction of each device, in [0, 1)")
 
@@ -204,7 +210,8 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
         devices: an int, a list of device strings, a cluster string such as "8xA100-80GB",
             or a :class:`Cluster` (SPEC).
         example_inputs: positional inputs of one batch (a dict: keyword inputs).
-        example_kwargs: keyword inputs besides positional ones.
+        example_kwargs: keyword inputs besides positional ones (``example_inputs`` may then be
+            left out: ``plan(model, devices, example_kwargs=batch)``).
         **options: :class:`PlanOptions` fields (training, optimizer, microbatches, schedule,
             partitioner, cost_model, strategy, loss_fn, seed, memory_reserve, name).
 
@@ -226,6 +233,8 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
     if example_inputs is None and not example_kwargs:
         raise PlanError("plan needs example inputs (a tuple of tensors of one batch) to know shapes; "
                         "fxshard.compile without them plans at the first call")
+    if example_inputs is None:
+        example_inputs = ()  # keyword inputs only: no positional ones (capture would take None as one)
     cluster = Cluster.parse(devices)
     captured = capture(model, example_inputs, example_kwargs=example_kwargs)
     batch = batch_size_of(captured, example_inputs, example_kwargs)
@@ -351,7 +360,7 @@ def _pipelines(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions)
         replica_options = [r for r in replica_options if r >= 2]
     if opts.strategy is None:
         replica_options = [r for r in replica_options if r <= n // 2]
-    schedules = [opts.schedule.lower()] if opts.schedule else ["gpipe", "1f1b", "interleaved1f1b", "zbv"]
+    schedules = [opts.schedule] if opts.schedule else ["gpipe", "1f1b", "interleaved1f1b", "zbv"]
     if not opts.training:
         schedules = ["gpipe"]  # forward only: every schedule reduces to filling the pipe
     for d in replica_options:
@@ -430,8 +439,8 @@ def _partition(pricer: _Pricer, cluster: Cluster, k: int, virtual: int, shape: s
         u, v = next((u, v) for u, v in graph.edges if part.stage_of[u] > part.stage_of[v])
         raise PlanError(f"partitioner {opts.partitioner!r} put {u!r} on stage {part.stage_of[u]} and its consumer "
                         f"{v!r} on stage {part.stage_of[v]}: a pipeline stage may only read from earlier stages. "
-                        f"Fix the partitioner (fxshard.passes.partition.refine.repair_order makes any assignment "
-                        f"acyclic) or use partitioner='metis'")
+                        f"Fix the partitioner (fxshard.passes.partition.refine.repair(problem, labels) makes any "
+                        f"assignment acyclic) or use partitioner='metis'")
     return dict(part.stage_of), stage_devices
 
 
@@ -519,14 +528,18 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                 model=ModelInfo(name=opts.name or captured.model_name, nodes=len(captured.nodes),
                                 param_bytes=full.param_bytes, fingerprint=captured.fingerprint(),
                                 method=captured.method),
-                stages=tuple(stages), estimate=estimate_, reason=_reason(best, ranked, cluster, batch),
+                stages=tuple(stages), estimate=estimate_, reason=_reason(best, ranked, cluster, batch, opts),
                 alternatives=tuple(alternatives[:16]),
                 estimated_nodes=pricer.estimated({cluster.devices[d].spec.name for d in used}))
 
 
-def _reason(best: _Candidate, ranked: list[_Candidate], cluster: Cluster, batch: int) -> str:
+def _reason(best: _Candidate, ranked: list[_Candidate], cluster: Cluster, batch: int, opts: PlanOptions) -> str:
     rate = batch / best.step_time_s
     parts = []
+    if opts.strategy is not None:
+        # The search saw only this strategy, so "next best" below is among its own variants.
+        parts.append(f"forced by strategy={opts.strategy!r} (only {opts.strategy} plans were compared; "
+                     f"strategy=None compares every strategy)")
     single = next((c for c in ranked if c.strategy == "single"), None)
     if single is not None and not single.fits:
         parts.append(f"the model does not fit one device ({format_bytes(single.peak[0])} needed, "
@@ -545,9 +558,20 @@ def _reason(best: _Candidate, ranked: list[_Candidate], cluster: Cluster, batch:
             parts.append(f"uses {used} of {cluster.num_devices} devices")
     runner = next((c for c in ranked[1:] if c.fits), None)
     if runner is not None:
-        parts.append(f"next best: {runner.strategy} x{runner.replicas} with {len(runner.devices)} stage(s)"
-                     f"{', ' + runner.schedule if runner.schedule else ''} at {batch / runner.step_time_s:.1f} samples/s")
+        parts.append(f"next best: {runner.strategy} ({_shape(runner)}) at {batch / runner.step_time_s:.1f} samples/s")
     return "; ".join(parts)
+
+
+def _shape(c: _Candidate) -> str:
+    """A candidate's shape as ``Plan.shape_text`` words it, with its schedule."""
+    if c.strategy in ("single", "ddp"):
+        return "1 device" if c.replicas == 1 else f"{c.replicas} data-parallel replicas"
+    k = len(c.devices)
+    shape = f"{k} stage{'s' if k > 1 else ''}" + (f" x {c.replicas} replicas" if c.replicas > 1 else "")
+    per = SCHEDULES[c.schedule][1] if c.schedule else 1
+    shape += f", {per} stages per device ({c.schedule})" if per > 1 else f", {c.schedule}" if c.schedule else ""
+    used = _devices_used(c)
+    return f"{shape}, {used} device{'s' if used > 1 else ''}"
 
 
 def _devices_used(c: _Candidate) -> int:

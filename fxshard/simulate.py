@@ -29,11 +29,12 @@ from fxshard.errors import SimulationError  # defined there, re-exported here
 
 __all__ = [
     "SCHEDULES",
-    "SimulationError",
     "SimResult",
+    "SimulationError",
     "StageTiming",
     "TimedAction",
     "rank_actions",
+    "schedule_name",
     "simulate",
     "to_chrome_trace",
 ]
@@ -117,12 +118,44 @@ class SimResult:
     timeline: tuple[TimedAction, ...]
 
 
+# Other spellings of the same schedules: torch's class names (with or without "Schedule") and
+# words users write. Keys are compared after lower-casing and dropping "-", "_", " " and ".".
+_ALIASES: dict[str, str] = {
+    "zbvzerobubble": "zbv",
+    "zerobubblev": "zbv",
+    "interleavedzerobubble": "interleavedzb",
+}
+
+
+def schedule_name(schedule: str) -> str:
+    """The fxshard name (a key of :data:`SCHEDULES`) of a schedule, however it is spelt.
+
+    Case, "-", "_", spaces and a "Schedule" prefix are ignored, and torch's class names are
+    accepted: "Interleaved1F1B", "interleaved-1f1b", "ScheduleInterleaved1F1B" all give
+    "interleaved1f1b"; "GPipe" gives "gpipe"; "ZBVZeroBubble" and "zero-bubble-v" give "zbv".
+    Every entry point (``plan``, ``compile``, ``simulate``, the CLI) goes through here.
+
+    Raises:
+        SimulationError: not a string, or a schedule fxshard does not know.
+    """
+    if not isinstance(schedule, str):
+        raise SimulationError(f"schedule {schedule!r} is a {type(schedule).__name__}; give a name, one of "
+                              f"{', '.join(SCHEDULES)}")
+    key = "".join(ch for ch in schedule.lower() if ch not in "-_ .")
+    if key.startswith("schedule") and key != "schedule":
+        key = key.removeprefix("schedule")
+    key = _ALIASES.get(key, key)
+    if key not in SCHEDULES:
+        torch_names = ", ".join(name for name, _ in SCHEDULES.values())
+        raise SimulationError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} (torch's names "
+                              f"{torch_names} work too, in any case)")
+    return key
+
+
 def _schedule_class(schedule: str) -> tuple[type, int]:
     from torch.distributed.pipelining import schedules as sched
 
-    key = schedule.lower().replace("-", "").replace("_", "")
-    if key not in SCHEDULES:
-        raise SimulationError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    key = schedule_name(schedule)
     name, per_rank = SCHEDULES[key]
     try:
         return sched.get_schedule_class(name), per_rank
@@ -186,8 +219,7 @@ def rank_actions(schedule: str, ranks: int, microbatches: int) -> list[list[tupl
         SimulationError: unknown schedule, sizes the schedule refuses, or an order that does
             not run every stage's forward and backward once per micro-batch.
     """
-    key = schedule.lower().replace("-", "").replace("_", "")
-    return [list(rank) for rank in _rank_actions(key, ranks, microbatches)]
+    return [list(rank) for rank in _rank_actions(schedule_name(schedule), ranks, microbatches)]
 
 
 @functools.lru_cache(maxsize=512)
@@ -233,6 +265,7 @@ def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) ->
         r = simulate("1f1b", [StageTiming(fwd_s=1, bwd_s=2)] * 4, 8)
         r.bubble_fraction  # 3 / 11
     """
+    schedule = schedule_name(schedule)
     _, per_rank = _schedule_class(schedule)
     if len(stages) % per_rank:
         raise SimulationError(f"{schedule} runs {per_rank} stages per rank; {len(stages)} stages do not divide")
@@ -319,11 +352,13 @@ def _ready_time(done: dict, stages: Sequence[StageTiming], s: int, kind: str, i:
     return ready
 
 
-def to_chrome_trace(result: SimResult) -> str:
-    """The timeline as Chrome trace JSON (chrome://tracing, Perfetto): one row per rank."""
+def to_chrome_trace(result: SimResult, *, title: str | None = None) -> str:
+    """The timeline as Chrome trace JSON (chrome://tracing, Perfetto): one row per rank.
+
+    ``title`` names the process row (default: "<schedule> simulation")."""
     names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)", "R": "all-reduce"}
     events: list[dict[str, Any]] = [
-        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{result.schedule} simulation"}}]
+        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": title or f"{result.schedule} simulation"}}]
     for rank in range(result.ranks):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}})
     for a in result.timeline:

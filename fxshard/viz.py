@@ -19,9 +19,9 @@ from typing import Any
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, format_bytes
 from fxshard.plan import Plan, PlanFormatError, StagePlan
-from fxshard.simulate import SCHEDULES, SimResult, SimulationError, StageTiming, rank_actions, simulate
+from fxshard.simulate import SCHEDULES, SimResult, SimulationError, StageTiming, rank_actions, schedule_name, simulate
 
-__all__ = ["GraphOutline", "graph_outline", "plan_dot", "plan_png", "simulate_plan", "timeline_png"]
+__all__ = ["GraphOutline", "graph_outline", "plan_dot", "plan_png", "simulate_plan", "simulation_text", "timeline_png"]
 
 _DPI = 110
 _FONT = 9  # points; nothing is drawn below 8
@@ -38,13 +38,6 @@ _STAGE_FILL = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
 # -- re-simulation ---------------------------------------------------------------------------
 
 
-def _schedule_key(schedule: str) -> str:
-    key = schedule.lower().replace("-", "").replace("_", "")
-    if key not in SCHEDULES:
-        raise SimulationError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
-    return key
-
-
 def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int | None = None) -> SimResult:
     """Re-simulate one training step of ``plan`` from the figures stored in it.
 
@@ -54,7 +47,9 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
     and data-parallel replicas add the part of the ring all-reduce of each stage's parameters
     that one micro-batch's backward does not hide, as the planner prices it. Without overrides
     this repeats the planner's own simulation, so ``step_time_s`` equals
-    ``plan.estimate.step_time_s``. Single-device and DDP plans are one stage under GPipe.
+    ``plan.estimate.step_time_s``. Single-device and DDP plans are one stage whose micro-batches
+    run one after another (gradient accumulation); they have no pipeline schedule, so they take
+    no ``schedule`` what-if. :func:`simulation_text` says what a result simulated.
 
     What-ifs are approximations: with ``microbatches`` changed, per-micro-batch times and bytes
     sent scale by ``old / new`` (cost linear in the micro-batch size; link latency does not
@@ -74,8 +69,8 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
     Raises:
         SimulationError: an impossible what-if: an unknown schedule, micro-batches that do not
             divide the batch or that the schedule refuses (1F1B with fewer micro-batches than
-            stages), a schedule that places stages on ranks differently from the plan, or a
-            backward schedule for an inference plan.
+            stages), a schedule that places stages on ranks differently from the plan, a
+            schedule for a single or ddp plan, or a backward schedule for an inference plan.
 
     Example::
 
@@ -85,8 +80,13 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
     """
     cluster = Cluster.from_dict(plan.cluster)
     pipelined = plan.strategy in ("pipeline", "hybrid")
-    key = _schedule_key(schedule if schedule is not None else (plan.schedule if pipelined and plan.schedule
-                                                                else "gpipe"))
+    if schedule is not None and not pipelined:
+        key = schedule_name(schedule)  # an unknown name is reported as such first
+        raise SimulationError(f"schedule={schedule!r} for a {plan.strategy} plan: it runs the whole model as one "
+                              f"stage on each device, with no pipeline to schedule; re-plan with "
+                              f"strategy='pipeline' and schedule={key!r} to see that schedule")
+    key = schedule_name(schedule if schedule is not None else (plan.schedule if pipelined and plan.schedule
+                                                               else "gpipe"))
     if not plan.training and key != "gpipe":
         raise SimulationError(f"schedule={schedule!r} for an inference plan: forward only, every schedule is "
                               f"GPipe's fill and drain; use schedule='gpipe' or None")
@@ -242,25 +242,48 @@ def timeline_png(result: SimResult, path: str | os.PathLike, *, title: str = "")
         _save(fig, path)
 
 
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def simulation_text(plan: Plan, result: SimResult) -> str:
+    """What ``result`` (a :func:`simulate_plan` of ``plan``) simulated, in words.
+
+    Pipelines give the schedule and their shape, so that stages / stages per device x replicas
+    = devices reads off it ("zbv, 4 stages, 2 per device, on 2 devices x 4 replicas = 8 devices,
+    2 micro-batches"); single and ddp plans say they have no pipeline schedule.
+    """
+    mbs = _plural(result.microbatches, "micro-batch", "micro-batches")
+    if plan.strategy not in ("pipeline", "hybrid"):
+        where = "1 device" if plan.strategy == "single" else f"{plan.replicas} data-parallel replicas"
+        one_by_one = " one after another (gradient accumulation)" if result.microbatches > 1 else ""
+        return f"{plan.strategy} ({where}, no pipeline schedule), {mbs}{one_by_one}"
+    per = result.stages // max(result.ranks, 1)
+    shape = _plural(result.stages, "stage") + (f", {per} per device" if per > 1 else "")
+    shape += f", on {_plural(result.ranks, 'device')}"
+    if plan.replicas > 1:
+        shape += f" x {plan.replicas} replicas = {result.ranks * plan.replicas} devices"
+    return f"{result.schedule}, {shape}, {mbs}"
+
+
 def _plan_title(plan: Plan) -> str:
     e = plan.estimate
-    shape = f"{plan.num_stages} stage{'s' if plan.num_stages > 1 else ''} x {plan.replicas} " \
-            f"replica{'s' if plan.replicas > 1 else ''}"
     mode = f"training ({plan.optimizer})" if plan.training else "inference"
-    return (f"{plan.model.name}: {plan.strategy}, {shape}, schedule {plan.schedule or 'none'}, "
-            f"{plan.microbatches} micro-batch{'es' if plan.microbatches > 1 else ''}\n"
+    return (f"{plan.model.name}: {plan.strategy} ({plan.shape_text()})"
+            + (f", schedule {plan.schedule}" if plan.schedule else "")
+            + f", {_plural(plan.microbatches, 'micro-batch', 'micro-batches')}\n"
             f"batch {plan.batch_size}, {mode}: estimated {e.samples_per_s:,.1f} samples/s, "
             f"step {_ms(e.step_time_s)}, bubble {e.bubble_fraction:.1%}")
 
 
 def _timeline_title(result: SimResult, plan: Plan | None) -> str:
-    what_if = plan is not None and ((plan.schedule or "gpipe") != result.schedule
-                                    or plan.microbatches != result.microbatches)
-    head = "what-if: " if what_if else "simulated "
-    copies = f" (each x{plan.replicas} replicas)" if plan is not None and plan.replicas > 1 else ""
-    return (f"{head}{result.schedule}, {result.microbatches} micro-batch{'es' if result.microbatches > 1 else ''} "
-            f"on {result.ranks} rank{'s' if result.ranks > 1 else ''}{copies}: step {_ms(result.step_time_s)}, "
-            f"bubble {result.bubble_fraction:.1%}")
+    cost = f"step {_ms(result.step_time_s)}, bubble {result.bubble_fraction:.1%}"
+    if plan is None:
+        return (f"simulated {result.schedule}, {_plural(result.microbatches, 'micro-batch', 'micro-batches')} "
+                f"on {_plural(result.ranks, 'rank')}: {cost}")
+    pipelined = plan.strategy in ("pipeline", "hybrid")
+    what_if = (pipelined and (plan.schedule or "gpipe") != result.schedule) or plan.microbatches != result.microbatches
+    return f"{'what-if: ' if what_if else 'simulated '}{simulation_text(plan, result)}: {cost}"
 
 
 def _stage_ticks(ax: Any, n: int) -> None:

@@ -19,7 +19,7 @@ import difflib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -249,8 +249,11 @@ def _import_module(name: str, ref: str) -> ModuleType:
 def load_factory(ref: str) -> ZooModel:
     """Load a user model from ``"path/to/file.py:factory"`` or ``"package.module:factory"``.
 
-    ``factory()`` takes no arguments and returns ``(model, example_inputs)``, optionally with a
-    third item, a dict of keyword inputs; a single tensor counts as one input.
+    ``factory()`` takes no arguments and returns one of:
+
+    - ``(model, (x, y))``: positional inputs (a single tensor counts as one input);
+    - ``(model, {"input_ids": ids, ...})``: keyword inputs, as Hugging Face models take them;
+    - ``(model, (x,), {"mask": m})``: both.
 
     Raises:
         ZooError: malformed reference, missing file, module or attribute, or a factory that
@@ -276,18 +279,22 @@ def load_factory(ref: str) -> ZooModel:
         result = factory()
     except Exception as e:
         raise ZooError(f"factory {ref!r} raised {e!r}") from e
-    want = "return (model, example_inputs) or (model, example_inputs, example_kwargs)"
+    want = ("return (model, (inputs...)), (model, {keyword inputs}) or (model, (inputs...), "
+            "{keyword inputs})")
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
-        raise ZooError(f"factory {ref!r} returned {type(result).__name__}; {want}")
+        size = f" of {len(result)} items" if isinstance(result, (tuple, list)) else ""
+        raise ZooError(f"factory {ref!r} returned a {type(result).__name__}{size}; {want}")
     model, inputs, kwargs = result[0], result[1], (result[2] if len(result) == 3 else {})
+    if len(result) == 2 and isinstance(inputs, Mapping):
+        inputs, kwargs = (), inputs  # keyword inputs only
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     ok = (isinstance(model, nn.Module) and isinstance(inputs, (tuple, list))
-          and isinstance(kwargs, dict))
+          and isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs))
     if not ok:
         got = ", ".join(type(r).__name__ for r in result)
         raise ZooError(f"factory {ref!r} returned ({got}); {want}, with an nn.Module model, "
-                       f"a tuple of inputs and a dict of keyword inputs")
+                       f"a tuple of positional inputs and a dict of keyword inputs keyed by argument name")
     desc = _describe_model(f"factory {ref}", model)
     return ZooModel(ref, model, tuple(inputs), desc, dict(kwargs))
 

@@ -134,6 +134,54 @@ def test_str_mentions_strategy_stages_and_estimate(planned, kind):
     assert ("inference" in text) == (not p.training)
 
 
+def test_plan_takes_keyword_inputs_alone():
+    # Issue 12, item 4: plan(..., example_kwargs=kw) with example_inputs left at None passed None
+    # as a positional input ("multiple values for argument 'input_ids'").
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, use_cache=False, bos_token_id=None,
+        eos_token_id=None))
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    p = fxshard.plan(model, CLUSTER, example_kwargs=batch)
+    assert p.batch_size == 4 and p.model.name == "GPT2LMHeadModel"
+    assert p.to_json() == fxshard.plan(model, CLUSTER, batch).to_json()  # the same as a dict of keyword inputs
+    compiled = fxshard.compile(model, CLUSTER, example_kwargs=batch, strategy="pipeline", microbatches=2)
+    assert compiled.plan.strategy == "pipeline"
+
+
+def test_a_broken_plugins_refusal_names_a_function_that_exists(tiny):
+    """The refusal of a non-pipeline assignment points at the repair function by its dotted name;
+    it named ``refine.repair_order``, which does not exist."""
+    import importlib
+    import re
+
+    import numpy as np
+
+    from fxshard.errors import PlanError
+    from fxshard.passes.partition import register_partitioner, unregister_partitioner
+
+    def backwards(problem, seed):
+        order = np.arange(problem.num_units)
+        return (problem.k - 1) - (order * problem.k // max(problem.num_units, 1))
+
+    z, _ = tiny
+    register_partitioner("test-backwards-plan", backwards)
+    try:
+        with pytest.raises(PlanError) as e:
+            fxshard.plan(z.model, CLUSTER, z.example_inputs, strategy="pipeline", partitioner="test-backwards-plan")
+    finally:
+        unregister_partitioner("test-backwards-plan")
+    named = re.findall(r"fxshard(?:\.\w+)+", str(e.value))
+    assert named, str(e.value)
+    for dotted in named:
+        module, _, attr = dotted.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{dotted} does not exist"
+
+
 def test_plan_is_frozen(planned):
     p = planned["single"]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -187,7 +235,7 @@ def test_hand_made_round_trip():
 
 def test_hand_made_text():
     text = str(make_plan())
-    assert "hybrid (2 stages x 2 replicas)" in text
+    assert "hybrid (2 stages x 2 replicas, 4 devices)" in text
     assert "schedule 1f1b" in text and "8 micro-batches" in text
     assert "stage 0 on cuda:0,cuda:2" in text and "stage 1 on cuda:1,cuda:3" in text
     assert "embed .. block.0" in text
@@ -197,9 +245,44 @@ def test_hand_made_text():
 
 
 @pytest.mark.parametrize("strategy,shape", [("single", "1 device"), ("ddp", "2 data-parallel replicas"),
-                                            ("pipeline", "2 stages"), ("hybrid", "2 stages x 2 replicas")])
+                                            ("pipeline", "2 stages, 4 devices"),
+                                            ("hybrid", "2 stages x 2 replicas, 4 devices")])
 def test_text_names_each_strategy(strategy, shape):
     assert f"{strategy} ({shape})" in str(make_plan(strategy=strategy))
+
+
+def _virtual_plan(replicas: int, schedule: str = "zbv") -> Plan:
+    """Hand-made V-shaped plan: 4 stages on 2 ranks (stages 0 and 3 share a rank), each rank x ``replicas``."""
+    base = make_plan().stages[0]
+    rank_of = (0, 1, 1, 0)
+    stages = tuple(dataclasses.replace(base, index=i, devices=tuple(f"cuda:{rank_of[i] * replicas + r}"
+                                                                    for r in range(replicas)),
+                                       device_indices=tuple(rank_of[i] * replicas + r for r in range(replicas)),
+                                       memory_capacity_bytes=3.8e10)
+                   for i in range(4))
+    return make_plan(strategy="hybrid" if replicas > 1 else "pipeline", replicas=replicas, schedule=schedule,
+                     stages=stages, alternatives=())
+
+
+@pytest.mark.parametrize("replicas,shape", [
+    (4, "hybrid (4 stages x 4 replicas, 2 stages per device (zbv), 8 devices)"),
+    (1, "pipeline (4 stages, 2 stages per device (zbv), 2 devices)"),
+])
+def test_text_says_how_many_stages_share_a_device(replicas, shape):
+    # 4 stages x 4 replicas on 8 devices only adds up with 2 stages per device, each given half
+    # of its memory: the text form says so (issue 12, item 10).
+    p = _virtual_plan(replicas)
+    assert (p.num_devices, p.stages_per_device) == (2 * replicas, 2)
+    assert p.num_stages * p.replicas // p.stages_per_device == p.num_devices
+    text = str(p)
+    assert shape in text.splitlines()[0]
+    assert "each device holds 2 stages (zbv places 2 per rank), each stage given 1/2 of its memory" in text
+
+
+def test_one_stage_per_device_says_nothing_about_sharing():
+    p = make_plan()
+    assert (p.num_devices, p.stages_per_device) == (4, 1)
+    assert "per device" not in str(p) and "each device holds" not in str(p)
 
 
 def test_plan_without_schedule_round_trips():

@@ -20,6 +20,7 @@ from fxshard.simulate import (
     SimulationError,
     StageTiming,
     rank_actions,
+    schedule_name,
     simulate,
     to_chrome_trace,
 )
@@ -327,6 +328,87 @@ def test_schedule_names_are_forgiving_about_case_and_dashes():
     a = simulate("Interleaved-1F1B", equal(4), 4)
     b = simulate("interleaved1f1b", equal(4), 4)
     assert a.step_time_s == b.step_time_s
+    assert a.schedule == "interleaved1f1b"  # results carry the one canonical name
+
+
+# -- one spelling rule for every entry point (issue 12, item 12) ---------------------------------
+
+SPELLINGS = [
+    ("gpipe", "gpipe"), ("GPipe", "gpipe"), ("ScheduleGPipe", "gpipe"),
+    ("1F1B", "1f1b"), ("Schedule1F1B", "1f1b"),
+    ("interleaved-1f1b", "interleaved1f1b"), ("Interleaved1F1B", "interleaved1f1b"),
+    ("interleaved_1f1b", "interleaved1f1b"), ("ScheduleInterleaved1F1B", "interleaved1f1b"),
+    ("ZBVZeroBubble", "zbv"), ("zero-bubble-v", "zbv"), ("ZBV", "zbv"),
+    ("InterleavedZeroBubble", "interleavedzb"), ("interleaved zero bubble", "interleavedzb"),
+    ("LoopedBFS", "loopedbfs"), ("looped-bfs", "loopedbfs"),
+]
+
+
+@pytest.mark.parametrize("spelling,name", SPELLINGS)
+def test_schedule_name_spellings(spelling, name):
+    assert schedule_name(spelling) == name
+    assert schedule_name(name) == name
+    assert schedule_name(SCHEDULES[name][0]) == name  # torch's own class name maps back
+
+
+@pytest.mark.parametrize("bad", ["1f2b", "schedule", "", "gpipe2", "zero-bubble"])
+def test_schedule_name_refuses_unknown_names(bad):
+    with pytest.raises(SimulationError, match=r"unknown schedule .*gpipe, 1f1b, interleaved1f1b.*Interleaved1F1B"):
+        schedule_name(bad)
+    with pytest.raises(SimulationError, match="is a int"):
+        schedule_name(5)
+
+
+@pytest.fixture(scope="module")
+def small_mlp():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(4) for layer in (nn.Linear(16, 16), nn.ReLU())])
+    return model, (torch.randn(8, 16),)
+
+
+@pytest.fixture(scope="module")
+def small_mlp_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("factory") / "small_mlp.py"
+    path.write_text("import torch\n"
+                    "from torch import nn\n"
+                    "def make():\n"
+                    "    torch.manual_seed(0)\n"
+                    "    layers = [layer for _ in range(4) for layer in (nn.Linear(16, 16), nn.ReLU())]\n"
+                    "    return nn.Sequential(*layers), (torch.randn(8, 16),)\n")
+    return f"{path}:make"
+
+
+def test_every_spelling_through_every_entry_point(small_mlp, small_mlp_file, tmp_path, capsys):
+    """``plan``, ``compile``, ``simulate``, ``simulate_plan`` and the CLI's ``plan`` and ``simulate``
+    take every spelling; "interleaved-1f1b" used to work in ``simulate`` and fail in ``plan``."""
+    import fxshard
+    from fxshard.cli import main
+    from fxshard.plan import Plan
+    from fxshard.viz import simulate_plan
+
+    model, inputs = small_mlp
+    fixed = {"strategy": "pipeline", "stages": 2, "microbatches": 4}
+    plans = {}
+    for spelling, name in SPELLINGS:
+        p = fxshard.plan(model, "2xcpu:1GB", inputs, schedule=spelling, **fixed)
+        assert p.schedule == name, spelling
+        plans.setdefault(name, p)
+        assert fxshard.compile(model, "2xcpu:1GB", inputs, schedule=spelling, **fixed).plan.schedule == name
+        per_rank = SCHEDULES[name][1]
+        assert simulate(spelling, equal(2 * per_rank), 4).schedule == name
+        assert rank_actions(spelling, 2, 4) == rank_actions(name, 2, 4)
+        assert simulate_plan(plans[name], schedule=spelling).schedule == name
+        assert main(["plan", small_mlp_file, "--devices", "2xcpu:1GB", "--strategy", "pipeline", "--stages", "2",
+                     "--microbatches", "4", "--schedule", spelling, "--json", "-"]) == 0, spelling
+        assert json.loads(capsys.readouterr().out)["schedule"] == name
+        saved = tmp_path / f"{name}.json"
+        saved.write_text(plans[name].to_json())
+        assert Plan.from_json(saved.read_text()).schedule == name
+        assert main(["simulate", str(saved), "--schedule", spelling]) == 0, spelling
+        assert capsys.readouterr().out.split(": ", 1)[1].startswith(name + ",")
 
 
 @pytest.mark.parametrize("p,m", [(4, 3), (3, 2), (8, 1)])

@@ -125,8 +125,46 @@ def test_impossible_what_ifs_raise(pipe, what_if, match):
 
 def test_single_device_what_ifs(single):
     assert simulate_plan(single, microbatches=4).busy_s == pytest.approx(simulate_plan(single).busy_s, rel=1e-9)
-    with pytest.raises(SimulationError, match="stages per rank"):
-        simulate_plan(single, schedule="interleaved1f1b")
+    # A single or ddp plan has no pipeline to schedule: a schedule what-if is refused, saying so
+    # (it used to simulate one stage and call it by the schedule's name).
+    for schedule in ("interleaved1f1b", "1f1b", "gpipe"):
+        with pytest.raises(SimulationError, match=r"single plan.*no pipeline to schedule.*strategy='pipeline'"):
+            simulate_plan(single, schedule=schedule)
+    with pytest.raises(SimulationError, match="unknown schedule 'pipedream'"):
+        simulate_plan(single, schedule="pipedream")
+
+
+@pytest.fixture(scope="module")
+def ddp(gpt2):
+    return fxshard.plan(gpt2.model, "4xcpu:64MB", gpt2.example_inputs, strategy="ddp")
+
+
+def test_a_ddp_plan_is_not_called_gpipe(ddp):
+    # Issue 12, item 10: `fxshard simulate` labelled a DDP plan "gpipe".
+    assert (ddp.strategy, ddp.replicas) == ("ddp", 4)
+    r = simulate_plan(ddp)
+    for text in (viz.simulation_text(ddp, r), viz._timeline_title(r, ddp), viz._plan_title(ddp), plan_dot(ddp)):
+        assert "gpipe" not in text.lower() and "schedule none" not in text
+    assert viz.simulation_text(ddp, r) == "ddp (4 data-parallel replicas, no pipeline schedule), 1 micro-batch"
+    more = simulate_plan(ddp, microbatches=2)
+    assert viz.simulation_text(ddp, more).endswith("2 micro-batches one after another (gradient accumulation)")
+    assert viz._timeline_title(more, ddp).startswith("what-if: ddp")
+
+
+def test_virtual_stages_are_named_in_every_title(gpt2):
+    # Two stages per device under ZBV: 4 stages on 2 devices, which titles must make add up.
+    p = fxshard.plan(gpt2.model, "2xcpu:3MB", gpt2.example_inputs, strategy="pipeline", schedule="zbv")
+    assert (p.num_stages, p.num_devices, p.stages_per_device) == (4, 2, 2)
+    r = simulate_plan(p)
+    assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in viz._plan_title(p)
+    assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in plan_dot(p)
+    assert viz.simulation_text(p, r) == f"zbv, 4 stages, 2 per device, on 2 devices, {p.microbatches} micro-batches"
+
+
+def test_hybrid_simulation_text_multiplies_out_to_the_devices(gpt2):
+    p = fxshard.plan(gpt2.model, "4xcpu:3MB", gpt2.example_inputs, strategy="hybrid", stages=2, schedule="1f1b")
+    assert (p.num_stages, p.replicas, p.num_devices) == (2, 2, 4)
+    assert ", on 2 devices x 2 replicas = 4 devices," in viz.simulation_text(p, simulate_plan(p))
 
 
 # -- PNG -------------------------------------------------------------------------------------
