@@ -200,6 +200,10 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
     else:
         replica_counts = [d for d in _divisors(batch) if d >= (2 if opts.strategy == "hybrid" else 1)]
     schedules = ["gpipe"] if not training else ([opts.schedule] if opts.schedule else ["gpipe", "1f1b"])
+    # The planner offers the 1F1B family only micro-batch counts >= its stages; with a count given,
+    # torch itself refuses fewer only for 1F1B (interleaved and zero-bubble ones take any).
+    needs_count = opts.microbatches is None or opts.schedule == "1f1b"
+    nodes = len(needs.node_names)
     best = Floor(devices=math.inf, replicas=1, why=f"no micro-batch count splits the batch of {batch}")
     node_limited = None  # (node, bytes) of a configuration one node alone overflows
     blocked = 0  # the fewest stages a 1F1B-like schedule would need, beyond its micro-batches
@@ -214,19 +218,21 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
         for m in counts:
             for sched in schedules:
                 kept = 1.0 if sched == "gpipe" else 1.0 / m  # share of the batch's activations held
-                if needs.node_names:
+                # Micro-batch figures are rounded per node (scale_batch): allow for it, so this stays a floor.
+                if nodes:
                     per_node = (needs.node_state + needs.node_activations * kept / d
-                                + needs.node_transient / (d * m))
+                                + needs.node_transient / (d * m) - (m + 1))
                     worst = int(np.argmax(per_node))
                     if per_node[worst] > cap:
                         if node_limited is None or per_node[worst] < node_limited[1]:
                             node_limited = (needs.node_names[worst], float(per_node[worst]), d, m, sched)
                         continue
-                total = d * needs.state_bytes + needs.activation_bytes * kept + needs.transient_bytes / m
+                total = (d * needs.state_bytes + needs.activation_bytes * kept + needs.transient_bytes / m
+                         - (nodes + 1) * m * d)
                 ranks = max(2, math.ceil(math.ceil(total / cap) / d))
-                if needs.node_names and ranks > len(needs.node_names):
+                if nodes and ranks > nodes:
                     continue  # a stage holds at least one operation
-                if sched != "gpipe" and ranks > m:
+                if sched != "gpipe" and needs_count and ranks > m:
                     blocked = min(blocked or ranks, ranks)
                     continue  # torch's 1F1B family needs at least as many micro-batches as stages
                 if ranks * d < best.devices:
@@ -242,6 +248,11 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
         return Floor(devices=math.inf, replicas=1,
                      why=f"node {name!r} alone needs {format_bytes(size)} even at its least ({sched}, {d} "
                          f"replica(s), {m} micro-batch(es)), more than a device's {format_bytes(cap)}")
+    if not math.isfinite(best.devices) and blocked:
+        return Floor(devices=math.inf, replicas=1,
+                     why=f"{' or '.join(schedules)} would need {blocked} or more stages, and runs only with as many "
+                         f"micro-batches as stages: more than the batch of {batch} splits into"
+                         + (f" with microbatches={opts.microbatches}" if opts.microbatches is not None else ""))
     if training and blocked and "GPipe" in best.why:
         best = dataclasses.replace(best, why=best.why + (
             f"; 1F1B would hold less, but runs only with as many micro-batches as stages ({blocked}+), more than "
@@ -252,7 +263,7 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
 def replica_samples(one_sample: Needs, cap: float) -> int:
     """The most samples a data-parallel replica fits: the whole model plus its share of the batch."""
     per_sample = one_sample.activation_bytes + one_sample.transient_bytes
-    room = cap - one_sample.state_bytes
+    room = cap - one_sample.state_bytes + len(one_sample.node_names) + 1  # the planner rounds per node
     if room < per_sample:
         return 0
     return int(room // per_sample) if per_sample > 0 else 1 << 40
@@ -311,13 +322,14 @@ class _Refusal:
     def _more_devices(self, start: int, opts: Any, covers: str, *, replicas: int = 1, concrete: bool = False) -> None:
         """Probe growing device counts from ``start``; offer the first that plans."""
         n = self.req.cluster.num_devices
-        count, last, tried = max(start, n + 1), math.inf, 0
+        count, last, tried, counts = max(start, n + 1), math.inf, 0, 0
         deep, deep_last = opts.strategy in (None, "pipeline", "hybrid") and opts.stages is None, math.inf
         for _ in range(_TRIES):
             if count > _MAX_DEVICES:
                 break
             grown = _grow(self.req.cluster, count)
             total = tried = grown.num_devices
+            counts += 1
             found = Probe(accepted=None)
             if deep:  # the deepest pipeline these devices give the floor's replicas: cheap, and usually fits
                 found = self.probe(grown, self.req.batch, opts, max(2, total // replicas))
@@ -343,7 +355,8 @@ class _Refusal:
             last = found.overflow
             factor = min(max(found.overflow, 1.05), 2.0) if math.isfinite(found.overflow) else 1.5
             count = max(total + 1, math.ceil(total * factor))
-        self.short.append(f"more devices ({tried} devices of {format_bytes(self.cap)} did not plan)" if tried else
+        self.short.append(f"more devices (no plan found on the {counts} count(s) tried, up to {tried} devices of "
+                          f"{format_bytes(self.cap)})" if tried else
                           f"more devices (over {_MAX_DEVICES} of {format_bytes(self.cap)} needed)")
 
     def devices(self) -> None:

@@ -60,45 +60,59 @@ def check_each_way(error: PlanError, capture_at: Callable[[int], CapturedGraph],
 # -- the floors --------------------------------------------------------------------------------
 
 
+GB = 1e9
+
+
 def _needs(state: float, activations: float, transient: float = 0.0, nodes: int = 100) -> Needs:
-    """A model of ``nodes`` equal nodes."""
-    each = np.full(nodes, 1.0 / nodes)
-    return Needs(state_bytes=state, activation_bytes=activations, transient_bytes=transient,
+    """A model of ``nodes`` equal nodes; sizes in GB."""
+    each = np.full(nodes, GB / nodes)
+    return Needs(state_bytes=state * GB, activation_bytes=activations * GB, transient_bytes=transient * GB,
                  node_names=tuple(f"n{i}" for i in range(nodes)), node_state=each * state,
                  node_activations=each * activations, node_transient=np.zeros(nodes))
 
 
 def test_floor_gpipe_holds_the_whole_batch():
     # 1F1B needs 8 micro-batches for 8 stages; a batch of 4 gives at most 4: only GPipe runs.
-    floor = pipeline_floor(_needs(700, 100), 4, 100, PlanOptions(strategy="pipeline"))
+    floor = pipeline_floor(_needs(700, 100), 4, 100 * GB, PlanOptions(strategy="pipeline"))
     assert floor.devices == 8 and floor.replicas == 1
     assert "GPipe holds the whole batch's" in floor.why and "1F1B would hold less" in floor.why
 
 
 def test_floor_1f1b_holds_a_micro_batch_per_stage():
-    # With 16 samples, 1F1B over 16 micro-batches holds at least 1/16 of the activations.
-    floor = pipeline_floor(_needs(700, 160), 16, 100, PlanOptions(strategy="pipeline"))
-    assert floor.devices == 8  # ceil((700 + 10) / 100)
+    # With 16 samples, 1F1B over 8 or more micro-batches holds at least 1/8 of the activations.
+    floor = pipeline_floor(_needs(700, 160), 16, 100 * GB, PlanOptions(strategy="pipeline"))
+    assert floor.devices == 8  # ceil((700 + 160 / 8) / 100); GPipe would need 9
     assert "1f1b over" in floor.why and "holds at least one per stage" in floor.why
 
 
 def test_floor_with_forced_gpipe_and_microbatches():
-    floor = pipeline_floor(_needs(700, 160), 16, 100, PlanOptions(strategy="pipeline", schedule="gpipe",
-                                                                  microbatches=4))
+    floor = pipeline_floor(_needs(700, 160), 16, 100 * GB, PlanOptions(strategy="pipeline", schedule="gpipe",
+                                                                       microbatches=4))
     assert floor.devices == 9  # ceil((700 + 160) / 100): GPipe keeps every micro-batch
+
+
+def test_floor_with_a_forced_count_does_not_assume_1f1b_limits():
+    # Interleaved schedules run fewer micro-batches than stages when the count is given (torch
+    # refuses that only for 1F1B): 2 micro-batches may then hold half the activations on 8 devices.
+    needs = _needs(700, 160)
+    given = pipeline_floor(needs, 16, 100 * GB, PlanOptions(strategy="pipeline", microbatches=2))
+    one_f_one_b = pipeline_floor(needs, 16, 100 * GB, PlanOptions(strategy="pipeline", microbatches=2,
+                                                                  schedule="1f1b"))
+    assert given.devices == 8 and one_f_one_b.devices == math.inf
+    assert "1f1b would need 8 or more stages" in one_f_one_b.why and "microbatches=2" in one_f_one_b.why
 
 
 def test_floor_counts_each_replicas_state():
     # hybrid: at least two replicas, each holding all of the state
-    floor = pipeline_floor(_needs(700, 0.0), 4, 100, PlanOptions(strategy="hybrid", training=False))
+    floor = pipeline_floor(_needs(700, 0.0), 4, 100 * GB, PlanOptions(strategy="hybrid", training=False))
     assert floor.devices == 14 and floor.replicas == 2
 
 
 def test_floor_is_infinite_when_one_node_overflows_a_device():
     needs = _needs(1000, 0.0, nodes=2)
-    floor = pipeline_floor(needs, 1, 400, PlanOptions(strategy="pipeline", training=False))
+    floor = pipeline_floor(needs, 1, 400 * GB, PlanOptions(strategy="pipeline", training=False))
     assert math.isinf(floor.devices)
-    assert "node 'n0' alone needs 500 B" in floor.why and "400 B" in floor.why
+    assert f"node 'n0' alone needs {format_bytes(500 * GB)}" in floor.why and format_bytes(400 * GB) in floor.why
 
 
 # -- a small model: every way out plans, every floor holds ------------------------------------------
@@ -122,28 +136,38 @@ def budget(n: int, usable: float) -> str:
     return f"{n}xcpu:{math.ceil(usable / (1 - RESERVE)) + 1}"
 
 
-# (devices as a share of the single-device need, device count, options): each refused
+# name: (device memory as a share of the single-device need, device count, options, levers that must
+# be among the ways out): each request is refused
 CASES = {
-    "two-devices-too-small": (0.22, 2, {}),
-    "single-forced-on-two": (0.9, 2, {"strategy": "single"}),
-    "pipeline-forced-microbatches": (0.3, 2, {"strategy": "pipeline", "schedule": "gpipe", "microbatches": 1}),
-    "one-device-too-small": (0.6, 1, {}),
+    "one-device-too-small": (0.6, 1, {}, {"devices", "inference"}),
+    "one-device-far-too-small": (0.15, 1, {}, {"memory"}),
+    "two-devices-too-small": (0.22, 2, {}, {"inference"}),
+    "single-forced-on-two": (0.9, 2, {"strategy": "single"}, {"batch", "optimizer", "strategy"}),
+    "ddp-forced": (0.6, 2, {"strategy": "ddp"}, {"devices", "batch", "optimizer", "strategy"}),
+    "ddp-forced-needs-a-pipeline-and-devices": (0.35, 2, {"strategy": "ddp"}, {"devices"}),
+    "gpipe-forced": (0.4, 2, {"strategy": "pipeline", "schedule": "gpipe"}, {"devices", "schedule"}),
+    "microbatches-forced": (0.45, 2, {"strategy": "pipeline", "microbatches": 2}, {"microbatches"}),
+    "stages-forced": (0.35, 3, {"stages": 2}, {"batch", "stages"}),
+    "pipeline-depth-and-schedule-forced": (0.4, 4, {"strategy": "pipeline", "stages": 2, "schedule": "gpipe"},
+                                           {"strategy", "stages", "schedule"}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_way_out_plans(tiny, case):
     capture_at, peak = tiny
-    share, n, options = CASES[case]
+    share, n, options, levers = CASES[case]
     devices = budget(n, share * peak)
     error = refusal(capture_at(4), devices, 4, **options)
     ways = check_each_way(error, capture_at, devices, 4, **options)
-    assert ways, f"{case}: no way out offered: {error}"
-    text = str(error)
-    assert text.count("Ways out") == 1
-    if "single" == options.get("strategy"):
+    assert levers <= set(ways), f"{case}: {error}"
+    assert str(error).count("Ways out, each checked by planning it") == 1
+    if options.get("strategy") == "single":
         assert "devices" not in ways  # a single device is what was asked for
-        assert "strategy" in ways and ways["strategy"].kwargs["strategy"] != "single"
+    if "strategy" in ways:  # a forced strategy that does not fit: the one that does, with its depth
+        assert ways["strategy"].kwargs["strategy"] != options["strategy"]
+    if case == "ddp-forced-needs-a-pipeline-and-devices":
+        assert ways["devices"].kwargs["strategy"] in ("pipeline", "hybrid")
 
 
 def test_stated_floor_is_a_lower_bound(tiny):
