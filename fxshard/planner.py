@@ -620,7 +620,7 @@ def _probe(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions, dep
         if not depths:
             return Probe(accepted=None)
         trial = dataclasses.replace(opts, stages=depths[0])
-        keep = lambda c: _devices_used(c) // c.replicas in _stage_counts(n, c.replicas)  # noqa: E731
+        keep = lambda c: _devices_used(c) // c.replicas in _stage_counts(n, c.replicas)
     try:
         _check_request(pricer.captured, cluster, batch, trial)
         ranked = _search(pricer.at_batch(batch), cluster, batch, trial)

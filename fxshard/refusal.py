@@ -22,9 +22,9 @@ import numpy as np
 
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, format_bytes, parse_bytes
-from fxshard.devices import format_budget
 from fxshard.cost_models import GraphCosts
 from fxshard.cost_models.memory import bytes_per_parameter
+from fxshard.devices import format_budget
 from fxshard.errors import PlanError
 
 __all__ = ["Accepted", "Floor", "Needs", "Probe", "Request", "WayOut", "needs_of", "pipeline_floor", "refuse",
@@ -404,7 +404,8 @@ class _Refusal:
             found = self._check(req.cluster, b, opts, self._depth(self.needs.at(b / req.batch), b, opts))
             if found.accepted is not None:
                 self.ways.append(WayOut(lever="batch", batch=b, plan=found.accepted,
-                                        text=f"a batch of {b} instead of {req.batch} (fits as {found.accepted.describe()})"))
+                                        text=f"a batch of {b} instead of {req.batch} "
+                                             f"(fits as {found.accepted.describe()})"))
                 return
         if candidates:
             self.short.append(f"a smaller batch (batch {candidates[:_TRIES][-1]} did not plan either)")
@@ -424,7 +425,9 @@ class _Refusal:
                 best = max([best] + [r * min(samples, (req.batch - 1) // r) for r in range(2, n + 1)])
             why = f"one sample needs {format_bytes(one.total)} on one device of {format_bytes(cap)}"
         if opts.strategy in (None, "pipeline", "hybrid") and n >= 2:
-            fits = lambda b: self._floor(self.needs.at(b / req.batch), b, opts).devices <= n  # noqa: E731
+            def fits(b: int) -> bool:
+                return self._floor(self.needs.at(b / req.batch), b, opts).devices <= n
+
             if fits(1):  # no batch fits where one sample does not (b micro-batches of one hold as much)
                 low, high = 1, req.batch - 1  # the largest batch the floor allows, by bisection
                 while low < high:
