@@ -629,7 +629,8 @@ def _probe(pricer: _Pricer, cluster: Cluster, batch: int, opts: PlanOptions, dep
     ranked = [c for c in ranked if keep is None or not c.stages or keep(c)]
     best = next((c for c in ranked if c.fits), None)
     if best is None:
-        return Probe(accepted=None, overflow=min((_overflow(c) for c in ranked if c.stages), default=math.inf))
+        pipelines = [c for c in ranked if c.stages and c.strategy in ("pipeline", "hybrid")]
+        return Probe(accepted=None, overflow=min((_overflow(c) for c in pipelines), default=math.inf))
     worst = max(range(len(best.peak)), key=lambda i: best.peak[i] / best.capacity[i])
     return Probe(accepted=Accepted(strategy=best.strategy, stages=len(best.devices), replicas=best.replicas,
                                    depth=_devices_used(best) // best.replicas,

@@ -126,8 +126,8 @@ class Accepted:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Probe:
-    """A probe's answer: the plan found, or by how much the closest candidate overflowed (its
-    worst stage's peak over capacity; inf when no candidate was simulated)."""
+    """A probe's answer: the plan found, or by how much the closest pipeline overflowed (its
+    worst stage's peak over capacity; inf when no pipeline was simulated)."""
 
     accepted: Accepted | None
     overflow: float = math.inf
@@ -353,7 +353,7 @@ class _Refusal:
             if math.isfinite(found.overflow) and found.overflow >= last:
                 break  # more devices did not bring the closest stage nearer: one part stays too big
             last = found.overflow
-            factor = min(max(found.overflow, 1.05), 2.0) if math.isfinite(found.overflow) else 1.5
+            factor = min(max(found.overflow, 1.05), 2.0) if math.isfinite(found.overflow) else 1.1
             count = max(total + 1, math.ceil(total * factor))
         self.short.append(f"more devices (no plan found on the {counts} count(s) tried, up to {tried} devices of "
                           f"{format_bytes(self.cap)})" if tried else

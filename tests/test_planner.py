@@ -386,6 +386,19 @@ def test_llama70b_training_refusals_agree_and_every_way_out_plans(llama70b):
 
 
 @pytest.mark.slow
+def test_llama70b_one_sample_on_14_h100_names_a_count_that_plans():
+    """Issue 12: "at least 14 devices" was offered, yet 14xH100-80GB at batch 1 did not plan.
+    One sample's activations (140 GiB) come on top of the 1.0 TiB of state: at least 16."""
+    z = build("llama-70b", batch_size=1)
+    captured = capture(z.model, z.example_inputs)
+    with pytest.raises(PlanError) as e:
+        plan_captured(captured, Cluster.parse("14xH100-80GB"), 1, PlanOptions())
+    assert "A pipeline of it needs at least 16 devices" in str(e.value)
+    ways = check_each_way(e.value, lambda b: captured, "14xH100-80GB", 1)
+    assert ways["devices"].cluster.num_devices >= 16
+
+
+@pytest.mark.slow
 def test_llama70b_inference_pipelines_on_8_h100(llama70b):
     z, captured = llama70b
     spec = "8xH100-80GB"
