@@ -29,12 +29,12 @@ from typing import Any, Literal
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from fxshard.diagnose import data_dependence, quiet_torch, source_line
 from fxshard.errors import CaptureError
-from fxshard.propagate import ValueProp, fakeify, first_line, propagation_device
+from fxshard.propagate import ValueProp, fake_copy, fakeify, first_line, propagation_device
 
 __all__ = ["CapturedGraph", "OutputSpec", "capture", "node_values"]
 
@@ -251,6 +251,16 @@ def _trace_export(model: torch.nn.Module, args: tuple,
     """Export with the batch dimension left symbolic where the model allows it, so that the
     graph runs on micro-batches and replica shards; returns the graph, the unlifted module,
     the call spec and the batch size the graph is fixed to (None when it is not)."""
+    state = list(model.parameters()) + list(model.buffers())
+    if any(t.device.type == "meta" for t in state + pytree.tree_leaves((args, kwargs))
+           if isinstance(t, torch.Tensor)):
+        # Export a fake copy on one real device (propagate.fake_copy): cheaper than on meta,
+        # and the graph's device constants agree with fake propagation's.
+        device = propagation_device(model, pytree.tree_leaves((args, kwargs)))
+        try:
+            model, (args, kwargs) = fake_copy(model, (args, kwargs), device)
+        except Exception:  # noqa: BLE001 - a model that does not deep-copy is exported as it is
+            pass
     batch = _example_batch(args, kwargs)
     exported = None
     if batch is not None and batch > 1:
@@ -348,8 +358,12 @@ def _build_root(graph: torch.fx.Graph, model: torch.nn.Module,
         except AttributeError:
             if extra is None:
                 raise
-            # Constants that export lifted out of the code (e.g. _tensor_constant0).
-            root[node.target] = _resolve(extra, node.target)
+            # Constants that export lifted out of the code (e.g. _tensor_constant0); fake ones
+            # (from exporting a fake copy of a meta model) stay shapes only, on meta.
+            value = _resolve(extra, node.target)
+            if isinstance(value, FakeTensor):
+                value = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+            root[node.target] = value
     return root
 
 

@@ -84,29 +84,50 @@ def test_small_models_built_on_meta_plan(family):
     _check_plan(family, FAMILIES[family][2], torch.float32, batch=2, seq=16)
 
 
+def _compute(captured):
+    return [(str(n.target), tuple(n.meta["tensor_meta"].shape), n.meta["tensor_meta"].dtype)
+            for n in captured.nodes if any(k in str(n.target) for k in ("linear", "scaled_dot_product"))]
+
+
+def _outputs(captured):
+    out = next(n for n in captured.nodes if n.op == "output")
+    return [(tuple(m.shape), m.dtype) for m in out.meta["tensor_meta"]]
+
+
 def test_meta_model_captures_with_the_shapes_of_a_real_one():
-    """The rotary buffer's ``.to(x.device)`` is recorded by torch.export as device=meta; fake
-    propagation runs on one device, so the meta model's graph has the real model's shapes."""
-    shape = FAMILIES["llama"][2]
-    cfg, meta_model = build_on_meta("llama", shape, torch.float32)
-    real_model = getattr(transformers, "LlamaForCausalLM")(cfg)
+    """A meta model is exported as a fake copy on the CPU, so it captures as the CPU model does."""
+    cfg, meta_model = build_on_meta("llama", FAMILIES["llama"][2], torch.float32)
+    real_model = transformers.LlamaForCausalLM(cfg)
     ids = torch.zeros(2, 16, dtype=torch.long)
     meta = capture(meta_model, (ids.to("meta"),))
     real = capture(real_model, (ids,))
-    # transformers' code differs a little by device (a .contiguous() on CPU); the compute does not.
-    def compute(captured):
-        return [(str(n.target), tuple(n.meta["tensor_meta"].shape), n.meta["tensor_meta"].dtype)
-                for n in captured.nodes if any(k in str(n.target) for k in ("linear", "scaled_dot_product"))]
+    assert meta.fixed_batch is None  # the batch stayed symbolic
+    assert [n.name for n in meta.nodes] == [n.name for n in real.nodes]
+    assert len(_compute(real)) == 2 * 8 + 1  # q k v o gate up down + attention per layer, and the head
+    assert _compute(meta) == _compute(real)
+    assert _outputs(meta) == _outputs(real) == [((2, 16, cfg.vocab_size), torch.float32)]
+    assert {id(p) for p in meta.gm.parameters()} == {id(p) for p in meta_model.parameters()}  # the user's own
 
-    def outputs(captured):
-        out = next(n for n in captured.nodes if n.op == "output")
-        return [(tuple(m.shape), m.dtype) for m in out.meta["tensor_meta"]]
 
-    assert len(compute(real)) == 2 * 8 + 1  # q k v o gate up down + attention per layer, and the head
-    assert compute(meta) == compute(real)
-    assert outputs(meta) == outputs(real) == [((2, 16, cfg.vocab_size), torch.float32)]
-    # The device constants were moved in the fake copy only; the user's graph is left as traced.
-    assert any(v == torch.device("meta") for n in meta.nodes for v in n.kwargs.values())
+def test_meta_export_moves_device_constants_for_propagation(monkeypatch):
+    """Where the fake copy cannot be made, the meta model itself is exported: torch.export records
+    the rotary buffer's ``.to(x.device)`` as device=meta, and fake propagation moves those
+    constants to its device with the parameters (this failed with "Tensor device mismatch!
+    Expected: meta, Got: cpu")."""
+    import sys
+
+    capture_module = sys.modules["fxshard.capture"]  # the package's name `capture` is the function
+
+    def no_copy(*args, **kwargs):
+        raise RuntimeError("cannot deep-copy this model")
+
+    monkeypatch.setattr(capture_module, "fake_copy", no_copy, raising=False)
+    cfg, model = build_on_meta("llama", FAMILIES["llama"][2], torch.float32)
+    meta = capture(model, (torch.zeros(2, 16, dtype=torch.long, device="meta"),))
+    assert any(v == torch.device("meta") for n in meta.nodes for v in n.kwargs.values())  # as traced
+    assert all(v != torch.device("meta") for n in meta.fake_module.graph.nodes for v in n.kwargs.values())
+    assert _outputs(meta) == [((2, 16, cfg.vocab_size), torch.float32)]
+    assert len(_compute(meta)) == 2 * 8 + 1
 
 
 def test_model_partly_on_meta_captures():
