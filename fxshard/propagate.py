@@ -86,8 +86,9 @@ def fake_copy(model: torch.nn.Module, inputs: Any, device: torch.device) -> tupl
     """A fake-tensor copy of ``model`` and of ``inputs``, all on ``device``; the model is untouched.
 
     Capture exports this copy when the model has state on meta: the graph then records
-    ``device`` rather than meta wherever the code reads ``x.device``, and tracing is about a
-    fifth cheaper than on meta (transformers LLaMA-2-70B: 11.8 s of CPU against 14.9 s).
+    ``device`` rather than meta wherever the code reads ``x.device``, and tracing is cheaper
+    than on meta (transformers LLaMA-2-70B: 11.7-12.1 s of CPU against 12.9-14.9 s, four runs
+    each; docs/benchmarks.md).
     """
     from torch._dynamo.utils import deepcopy_to_fake_tensor
 
