@@ -42,8 +42,8 @@ __all__ = ["Result", "build", "main", "measure_fxshard", "measure_upstream", "to
 
 CHILD_TIMEOUT_S = 900
 RSS_GOAL_MB = 2000  # "under 2 GB RSS"
-LLAMA2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096)
+LLAMA2_70B = {"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 4096}
 
 
 @dataclass(frozen=True, kw_only=True)

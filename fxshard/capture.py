@@ -258,9 +258,11 @@ def _trace_export(model: torch.nn.Module, args: tuple,
         # and the graph's device constants agree with fake propagation's.
         device = propagation_device(model, pytree.tree_leaves((args, kwargs)))
         try:
-            model, (args, kwargs) = fake_copy(model, (args, kwargs), device)
+            copied = fake_copy(model, (args, kwargs), device)
         except Exception:  # noqa: BLE001 - a model that does not deep-copy is exported as it is
-            pass
+            copied = None
+        if copied is not None:
+            model, (args, kwargs) = copied
     batch = _example_batch(args, kwargs)
     exported = None
     if batch is not None and batch > 1:

@@ -42,7 +42,7 @@ class SourceLine:
 
 
 def _is_users(filename: str) -> bool:
-    return not (filename.startswith((_TORCH_DIR, _FXSHARD_DIR, _STDLIB_DIR)) or filename.startswith("<eval_with_key"))
+    return not filename.startswith((_TORCH_DIR, _FXSHARD_DIR, _STDLIB_DIR, "<eval_with_key"))
 
 
 def source_line(error: BaseException | None = None, stack_trace: str | None = None) -> SourceLine | None:

@@ -23,26 +23,26 @@ transformers.logging.set_verbosity_error()
 # family -> (config class, model class, small config, published config)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2),
-              dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=32)),  # LLaMA-2-7B
+              {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2},
+              {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32}),  # LLaMA-2-7B
     "mistral": ("MistralConfig", "MistralForCausalLM",
-                dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2),
-                dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8)),  # Mistral-7B
+                {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2},
+                {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8}),  # Mistral-7B
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
-              dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-              dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                   num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),  # Qwen2-7B
+              {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
+              {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+               "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}),  # Qwen2-7B
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
-             dict(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4),
-             dict(n_embd=1600, n_layer=48, n_head=25)),  # GPT-2 XL, the largest GPT-2
+             {"vocab_size": 256, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4},
+             {"n_embd": 1600, "n_layer": 48, "n_head": 25}),  # GPT-2 XL, the largest GPT-2
 }
-LLAMA2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64, num_key_value_heads=8)
+LLAMA2_70B = {"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8}
 
 
 def expected_params(cfg, family: str) -> int:
