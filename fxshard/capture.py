@@ -425,7 +425,9 @@ def capture(model: torch.nn.Module, example_inputs: tuple | Mapping[str, Any] | 
 
     Raises:
         CaptureError: the model cannot be traced (both reasons are given for ``auto``), or
-            the example inputs do not fit the model.
+            the example inputs do not fit the model; the message names the model's failing
+            line and, for code that depends on tensor values, the way around it. torch's
+            logging and warnings are held back while capture runs (docs/robustness.md).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
