@@ -13,7 +13,7 @@ Example::
 from fxshard.api import CompiledModel, compile
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, DeviceSpec, Link
-from fxshard.cost_models import estimate, register_cost_model
+from fxshard.cost_models import estimate, register_cost_model, unregister_cost_model
 from fxshard.errors import (
     CaptureError,
     ClusterError,
@@ -30,7 +30,13 @@ from fxshard.errors import (
     UsageError,
     ZooError,
 )
-from fxshard.passes.partition import Partition, partition_graph, partitioners, register_partitioner
+from fxshard.passes.partition import (
+    Partition,
+    partition_graph,
+    partitioners,
+    register_partitioner,
+    unregister_partitioner,
+)
 from fxshard.plan import Plan
 from fxshard.planner import plan
 
@@ -64,5 +70,7 @@ __all__ = [
     "plan",
     "register_cost_model",
     "register_partitioner",
+    "unregister_cost_model",
+    "unregister_partitioner",
 ]
 __version__ = "0.1.0"

@@ -15,3 +15,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def scratch_cost_models():
+    """Cost models a test registers are unregistered when it ends, so none leaks into later tests."""
+    from fxshard.cost_models import cost_models, unregister_cost_model
+
+    before = set(cost_models())
+    yield
+    for name in set(cost_models()) - before:
+        unregister_cost_model(name)

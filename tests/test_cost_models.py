@@ -197,10 +197,7 @@ def test_profiled_without_cuda_is_a_clear_error():
         estimate(captured, H100, cost_model=ProfiledCostModel(device="cuda"))
 
 
-def test_registry(monkeypatch):
-    from fxshard.cost_models import base
-
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the test's registration goes with it
+def test_registry(scratch_cost_models):
     assert {"analytical", "profiled"} <= set(cost_models())
     with pytest.raises(CostModelError, match="analytical"):
         get_cost_model("nope")
@@ -214,6 +211,10 @@ def test_registry(monkeypatch):
     register_cost_model("constant-test")(Constant)
     costs = estimate(capture(nn.Linear(2, 2), (torch.randn(1, 2),)), H100, cost_model="constant-test")
     assert costs.fwd_time_s == len(costs) and costs.bwd_time_s == 2 * len(costs)
+    fxshard.unregister_cost_model("constant-test")
+    assert "constant-test" not in cost_models()
+    with pytest.raises(CostModelError, match="constant-test"):
+        fxshard.unregister_cost_model("constant-test")
 
 
 def test_negative_or_nan_times_are_rejected():

@@ -18,6 +18,7 @@ from fxshard.cost_models.base import (
     estimate,
     get_cost_model,
     register_cost_model,
+    unregister_cost_model,
 )
 from fxshard.cost_models.memory import TrainingMemory, bytes_per_parameter, training_memory
 from fxshard.cost_models.profiled import ProfiledCostModel
@@ -42,4 +43,5 @@ __all__ = [
     "scale_batch",
     "tensor_bytes",
     "training_memory",
+    "unregister_cost_model",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "estimate",
     "get_cost_model",
     "register_cost_model",
+    "unregister_cost_model",
 ]
 
 
@@ -187,6 +188,17 @@ def register_cost_model(name: str) -> Callable[[Callable[[], CostModel]], Callab
         return factory
 
     return deco
+
+
+def unregister_cost_model(name: str) -> None:
+    """Remove a cost model registered with :func:`register_cost_model`.
+
+    Raises:
+        CostModelError: no cost model is registered as ``name``.
+    """
+    if name not in _REGISTRY:
+        raise CostModelError(f"no cost model {name!r} is registered; registered: {', '.join(cost_models())}")
+    del _REGISTRY[name]
 
 
 def cost_models() -> list[str]:
