@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fxshard", "fxshard.*"]),
+    package_data={"fxshard": ["templates/*.tmpl"]},  # export's train.py template
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

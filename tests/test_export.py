@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import stat
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,19 @@ def test_launcher_runs_torchrun_with_one_process_per_device(exported):
     assert result.launch_command in readme
     for name in ("plan.json", "train.py", "launch.sh", "split_spec.json", "stages.json", "stage_0.py"):
         assert name in readme
+
+
+def test_built_package_ships_the_train_template(tmp_path):
+    """setup.py's package_data carries templates/train.py.tmpl, and what it renders is Python."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                   check=True, capture_output=True, timeout=120)
+    shipped = tmp_path / "fxshard" / "templates" / "train.py.tmpl"
+    assert shipped.read_text() == (root / "fxshard" / "templates" / "train.py.tmpl").read_text()
+    text = string.Template(shipped.read_text()).substitute(
+        model_name="m", nproc=2, model_ref=repr("gpt2-tiny"), resolve_kwargs=repr({}), loss_kind=repr("lm"),
+        loss_doc="a loss")
+    compile(text, "train.py", "exec")
 
 
 # ---------------------------------------------------------------------------------------
