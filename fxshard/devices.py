@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from fxshard.errors import ClusterError, DeviceSpecError
+from fxshard.units import format_bytes
 
 __all__ = [
     "DTYPE_KEYS",
@@ -334,18 +335,6 @@ def parse_bytes(text: str) -> int:
         raise DeviceSpecError(f'bad byte size "{text}": unknown unit "{match[2]}"; expected {_UNIT_NAMES}')
     # Fraction keeps "1.1GB" exact; a fraction of a byte rounds down.
     return int(Fraction(match[1]) * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable size in binary units, e.g. ``"80.0 GiB"``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or math.isnan(n):
-        raise DeviceSpecError(f"format_bytes({n!r}): expected a number of bytes")
-    sign, value = ("-" if n < 0 else ""), abs(float(n))
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    step = 0
-    while value >= 1024 and step < len(units) - 1:
-        value, step = value / 1024, step + 1
-    return f"{sign}{value:.0f} B" if step == 0 else f"{sign}{value:.1f} {units[step]}"
 
 
 # The units format_budget writes, largest first; parse_bytes reads them all.

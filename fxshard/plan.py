@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fxshard.errors import PlanFormatError  # defined there, re-exported here
+from fxshard.units import format_bytes, format_time
 
 __all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "EstimatedNode", "ModelInfo", "Plan", "PlanFormatError",
            "StagePlan"]
@@ -181,7 +182,8 @@ class Plan:
             raise PlanFormatError(f"plan schema version {version!r}; this fxshard reads version {SCHEMA_VERSION}. "
                                   f"Re-plan with this version ('fxshard plan ... --json FILE')")
         if not isinstance(data.get("cluster"), Mapping):
-            raise PlanFormatError(f"plan 'cluster' must be an object (Cluster.to_dict()), got {data.get('cluster')!r:.60}")
+            raise PlanFormatError("plan 'cluster' must be an object (Cluster.to_dict()), "
+                                  f"got {data.get('cluster')!r:.60}")
         try:
             fields = dict(data)
             fields["model"] = ModelInfo(**fields["model"])
@@ -213,8 +215,8 @@ class Plan:
         lines = [f"fxshard plan: {self.strategy} ({self.shape_text()}), "
                  + (f"schedule {self.schedule}, " if self.schedule else "")
                  + f"{self.microbatches} micro-batches, partitioner {self.partitioner}",
-                 f"  model {self.model.name}: {self.model.nodes} nodes, {_gib(self.model.param_bytes)} of parameters, "
-                 f"fingerprint {self.model.fingerprint}",
+                 f"  model {self.model.name}: {self.model.nodes} nodes, "
+                 f"{format_bytes(self.model.param_bytes)} of parameters, fingerprint {self.model.fingerprint}",
                  f"  batch {self.batch_size}, {'training with ' + self.optimizer if self.training else 'inference'}"]
         if self.stages_per_device > 1:
             per = self.stages_per_device
@@ -223,11 +225,11 @@ class Plan:
         for s in self.stages:
             span = f"{s.first_module or s.nodes[0]} .. {s.last_module or s.nodes[-1]}" if s.nodes else "-"
             lines.append(f"  stage {s.index} on {','.join(s.devices)}: {len(s.nodes)} nodes ({span}), "
-                         f"params {_gib(s.param_bytes)}, peak {_gib(s.peak_memory_bytes)} of "
-                         f"{_gib(s.memory_capacity_bytes)}, fwd {_ms(s.fwd_time_s)}, bwd {_ms(s.bwd_time_s)}, "
-                         f"sends {_gib(s.send_bytes)}")
-        lines.append(f"  estimate: step {_ms(e.step_time_s)}, bubble {e.bubble_fraction:.1%}, "
-                     f"{e.samples_per_s:.1f} samples/s (lower bound {_ms(e.lower_bound_step_time_s)})")
+                         f"params {format_bytes(s.param_bytes)}, peak {format_bytes(s.peak_memory_bytes)} of "
+                         f"{format_bytes(s.memory_capacity_bytes)}, fwd {format_time(s.fwd_time_s)}, "
+                         f"bwd {format_time(s.bwd_time_s)}, sends {format_bytes(s.send_bytes)}")
+        lines.append(f"  estimate: step {format_time(e.step_time_s)}, bubble {e.bubble_fraction:.1%}, "
+                     f"{e.samples_per_s:.1f} samples/s (lower bound {format_time(e.lower_bound_step_time_s)})")
         if self.estimated_nodes:
             shown = "; ".join(f"{n.node} ({n.reason})" for n in self.estimated_nodes[:3])
             more = len(self.estimated_nodes) - 3
@@ -244,13 +246,3 @@ def _stage(data: Mapping[str, Any]) -> StagePlan:
         fields[key] = tuple(fields[key])
     return StagePlan(**fields)
 
-
-def _gib(n: float) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
