@@ -189,6 +189,7 @@ def _train_ranks(rank: int, world: int, name: str, kind: str, load: str | None, 
         torch.save({"model": state, "optimizer": optim_state}, save)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_resume_under_torch_distributed_on_fewer_ranks(tmp_path: Path):
     name, kind = "gpt2-tiny", "sgd"  # a tied embedding held by the first and last stage
@@ -280,6 +281,7 @@ def _tied_ranks(rank: int, world: int, out: str) -> None:
         torch.save({"model": state, "optimizer": optim_state}, out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_tied_parameter_keeps_every_name_when_gathered_under_torch_distributed(tmp_path: Path):
     """transformers GPT-2 on 2 ranks: the embedding's stage calls the tied weight

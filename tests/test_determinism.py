@@ -59,6 +59,7 @@ def test_the_same_inputs_plan_byte_identically_twice_in_one_process(name, device
     assert _plan_json(name, devices, options) == _plan_json(name, devices, options)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_plans_are_byte_identical_across_processes_and_hash_seeds():
     here = [_plan_json(*case) for case in CASES]
@@ -69,6 +70,7 @@ def test_plans_are_byte_identical_across_processes_and_hash_seeds():
             assert a == b, f"{name} on {devices}: plan JSON differs in a process with PYTHONHASHSEED={seed}"
 
 
+@pytest.mark.slow
 def test_the_cli_writes_the_same_bytes_as_the_api(tmp_path):
     out = tmp_path / "plan.json"
     env = {**os.environ, "PYTHONHASHSEED": "7"}

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from fxshard.zoo import build
 from tests.dist_harness import run
 
+pytestmark = pytest.mark.slow  # every test here starts ranks in processes (torchrun or mp.spawn)
+
 
 def _lm_loss(out, target):
     return F.cross_entropy(out.flatten(0, 1), target.flatten())
