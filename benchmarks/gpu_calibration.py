@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -94,9 +95,12 @@ def overhead(make, devices: str, device: torch.device, repeats: int) -> dict:
         eager_model.zero_grad(set_to_none=True)
         _loss(eager_model(*inputs), target).backward()
 
-    single = fxshard.compile(copy.deepcopy(model), devices, inputs, strategy="single", loss_fn=_loss)
-    pipe = fxshard.compile(copy.deepcopy(model), devices, inputs, strategy="pipeline", schedule="gpipe",
-                           microbatches=1, loss_fn=_loss)
+    single = fxshard.compile(copy.deepcopy(model), str(device) if device.type == "cuda" else devices, inputs, strategy="single", loss_fn=_loss)
+    pipe_plan = fxshard.plan(model, devices, inputs, strategy="pipeline", schedule="gpipe", microbatches=1)
+    if device.type == "cuda":  # every stage on the one local GPU: the overhead, not the split, is measured
+        pipe_plan = dataclasses.replace(pipe_plan, stages=tuple(
+            dataclasses.replace(s, devices=(str(device),)) for s in pipe_plan.stages))
+    pipe = fxshard.compile(copy.deepcopy(model), str(device), inputs, plan=pipe_plan, loss_fn=_loss)
     return {"eager_steps_per_s": _steps_per_s(eager_step, repeats, device),
             "single_steps_per_s": _steps_per_s(lambda: single.step(*inputs, target=target), repeats, device),
             "pipeline_steps_per_s": _steps_per_s(lambda: pipe.step(*inputs, target=target), repeats, device),
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{name}.md").write_text(report.to_markdown() + "\n")
         calibration_png(report, args.out / f"{name}.png")
         print(f"[{name}] overhead", file=sys.stderr, flush=True)
-        over = overhead(make, str(device) if device.type == "cuda" else "4xcpu:64GB", device, args.repeats)
+        over = overhead(make, devices if device.type == "cuda" else "4xcpu:64GB", device, args.repeats)
         summary["models"][name] = {"calibration": report.to_dict(), "overhead": over}
         ratio_single = over["single_steps_per_s"] / over["eager_steps_per_s"]
         ratio_pipe = over["pipeline_steps_per_s"] / over["eager_steps_per_s"]

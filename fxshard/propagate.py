@@ -46,6 +46,12 @@ class ValueProp(torch.fx.Interpreter):
         self._index = {n: i for i, n in enumerate(self.fake_module.graph.nodes)}
         self.failed: torch.fx.Node | None = None
 
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        # A node that fails inside a grad-mode region (export's wrap_with_set_grad_enabled)
+        # would otherwise leave autograd switched off for the rest of the process.
+        with torch.set_grad_enabled(torch.is_grad_enabled()):
+            return super().run(*args, **kwargs)
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             with self.fake_mode:
@@ -111,19 +117,23 @@ def fake_off_meta(module: torch.fx.GraphModule, fake_mode: FakeTensorMode, devic
             return device
         return value
 
-    for node in module.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
-            continue
-        before = len(moved)
-        args = torch.fx.node.map_aggregate(node.args, off_meta)
-        kwargs = dict(torch.fx.node.map_aggregate(node.kwargs, off_meta))
-        if kwargs.get("device") == "meta":  # a string, as user code may write it
-            kwargs["device"] = device
-            moved.append(True)
-        if len(moved) > before:
-            node.args, node.kwargs = args, kwargs
-    if moved:
-        module.recompile()
+    # Sub-graphs too: export wraps regions in higher-order ops (torch 2.11 puts a rotary
+    # embedding's no_grad block in wrap_with_set_grad_enabled), each with a GraphModule of its own.
+    for graph_module in [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]:
+        before_module = len(moved)
+        for node in graph_module.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            before = len(moved)
+            args = torch.fx.node.map_aggregate(node.args, off_meta)
+            kwargs = dict(torch.fx.node.map_aggregate(node.kwargs, off_meta))
+            if kwargs.get("device") == "meta":  # a string, as user code may write it
+                kwargs["device"] = device
+                moved.append(True)
+            if len(moved) > before:
+                node.args, node.kwargs = args, kwargs
+        if len(moved) > before_module:
+            graph_module.recompile()
 
 
 def _state_off_meta(module: torch.nn.Module, fake_mode: FakeTensorMode, device: torch.device) -> None:

@@ -170,3 +170,55 @@ def test_llama2_70b_built_on_meta_plans_for_inference_and_answers_for_training()
     with pytest.raises(fxshard.PlanError, match=r"(?i)adam") as info:
         plan_captured(captured, cluster, 8, PlanOptions(training=True))
     assert "8xH100-80GB" in str(info.value) and "TiB" in str(info.value)
+
+
+class _NoGradDeviceRead(torch.nn.Module):
+    """A rotary-embedding pattern: a buffer moved to the input's device inside ``no_grad``,
+    which torch.export wraps in a ``wrap_with_set_grad_enabled`` sub-graph of its own; the
+    branch on a shape keeps symbolic_trace out, so capture exports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.ones(8), persistent=False)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 8:
+            raise ValueError("eight features")
+        with torch.no_grad():
+            scale = self.freq.to(device=x.device, dtype=torch.float) * 2
+        return self.proj(x) * scale
+
+
+def _meta_export(monkeypatch) -> None:
+    import sys
+
+    def no_copy(*args, **kwargs):
+        raise RuntimeError("cannot deep-copy this model")
+
+    monkeypatch.setattr(sys.modules["fxshard.capture"], "fake_copy", no_copy, raising=False)
+
+
+def test_device_constants_inside_export_sub_graphs_move_too(monkeypatch):
+    """torch.export records ``device=meta`` inside the no_grad sub-graph as well; propagation
+    moves those too (on torch 2.11 the transformers rotary embedding failed this way)."""
+    _meta_export(monkeypatch)
+    with torch.device("meta"):
+        model = _NoGradDeviceRead()
+    captured = capture(model, (torch.zeros(4, 8, device="meta"),))
+    assert _outputs(captured) == [((4, 8), torch.float32)]
+
+
+def test_a_failed_propagation_leaves_grad_mode_as_it_was(monkeypatch):
+    """A node that fails inside a set-grad-enabled region must not leave autograd off for the
+    rest of the process (on torch 2.11 every later backward measured zero)."""
+    import fxshard.propagate as propagate
+
+    _meta_export(monkeypatch)
+    monkeypatch.setattr(propagate, "fake_off_meta", lambda module, fake_mode, device: None)
+    with torch.device("meta"):
+        model = _NoGradDeviceRead()
+    assert torch.is_grad_enabled()
+    with pytest.raises(fxshard.CaptureError):
+        capture(model, (torch.zeros(4, 8, device="meta"),))
+    assert torch.is_grad_enabled()
