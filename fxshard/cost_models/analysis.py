@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from fxshard.capture import CapturedGraph, node_values
 from fxshard.errors import CostModelError
+from fxshard.modules import module_of
 
 __all__ = ["NodeWork", "analyze", "scale_batch", "tensor_bytes"]
 
@@ -111,18 +112,6 @@ _EXTRA_FLOP_FORMULAS = {
 
 def _counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-
-
-def _module_of(node: torch.fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op == "get_attr":
-        return str(node.target).rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path.removeprefix("L['self'].").removeprefix("L__self__.")
-    return ""
 
 
 def _held_tensors(node: torch.fx.Node, gm: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
@@ -265,7 +254,7 @@ def _base(real: torch.fx.Node, captured: CapturedGraph) -> dict:
         table = params if isinstance(t, torch.nn.Parameter) else buffers
         table.setdefault(captured.param_names.get(id(t), path), tensor_bytes(t))
     outputs = node_values(real)
-    return dict(name=real.name, op=real.op, target=_target_text(real), module=_module_of(real),
+    return dict(name=real.name, op=real.op, target=_target_text(real), module=module_of(real),
                 params=tuple(params), param_sizes=tuple(params.values()),
                 buffers=tuple(buffers), buffer_sizes=tuple(buffers.values()),
                 param_bytes=sum(params.values()), buffer_bytes=sum(buffers.values()),

@@ -32,6 +32,8 @@ from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
 from fxshard.devices import local_gpu_spec
 from fxshard.errors import CostModelError
+from fxshard.modules import has_meta_state
+from fxshard.propagate import first_line
 
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
@@ -79,7 +81,7 @@ class ProfiledCostModel:
                 try:
                     self.cache[key] = self._measure(node, captured.gm, run_device)
                 except Exception as e:  # noqa: BLE001 - an op that cannot run on random inputs
-                    self._failed[key] = f"could not run on random inputs: {type(e).__name__}: {_first_line(e)}"
+                    self._failed[key] = f"could not run on random inputs: {type(e).__name__}: {first_line(e)}"
             if key in self._failed:
                 self.fallbacks[node.name] = self._failed[key]
                 times.append(NodeTime(fwd_s=guess.fwd_s, bwd_s=guess.bwd_s, estimated=self._failed[key]))
@@ -208,15 +210,10 @@ def _run_device(gm: torch.nn.Module, spec: DeviceSpec) -> torch.device:
     return torch.device(wanted)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
-
-
 def _node_callable(node: torch.fx.Node, gm: torch.fx.GraphModule, dev: torch.device) -> Callable:
     if node.op == "call_module":
         original = gm.get_submodule(node.target)
-        if any(t.device.type == "meta" for t in list(original.parameters()) + list(original.buffers())):
+        if has_meta_state(original):
             mod = copy.deepcopy(original).to_empty(device=dev)
             with torch.no_grad():
                 for t in list(mod.parameters()) + list(mod.buffers()):

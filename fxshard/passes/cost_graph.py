@@ -34,6 +34,7 @@ from fxshard.cluster import Cluster, DeviceSpec, Link
 from fxshard.cost_models import GraphCosts, analyze, estimate
 from fxshard.cost_models.memory import bytes_per_parameter
 from fxshard.errors import PartitionError
+from fxshard.modules import stack_paths
 from fxshard.passes.partition import Partition, partition_graph
 
 __all__ = ["StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes"]
@@ -44,11 +45,8 @@ _SIXTEEN_BIT = ("bfloat16", "float16")
 def layer_label(node: torch.fx.Node) -> str:
     """The repeated block a node belongs to ("layers.3"): the outermost module-stack entry
     whose last name is an index (a ModuleList / Sequential child), or ""."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for value in stack.values():
-        path = value[0] if isinstance(value, tuple) else str(value)
-        last = path.rsplit(".", 1)[-1]
-        if last.isdigit():
+    for path in stack_paths(node):
+        if path.rsplit(".", 1)[-1].isdigit():
             return path
     if node.op == "call_module":
         parts = str(node.target).split(".")

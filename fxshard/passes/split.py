@@ -205,7 +205,7 @@ def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: i
         if n in env:
             return env[n]
         if n.op == "get_attr":  # replicated on every stage that reads it
-            root[n.target] = _resolve(captured.gm, n.target)
+            root[n.target] = operator.attrgetter(n.target)(captured.gm)
             env[n] = g.get_attr(n.target)
             return env[n]
         raise PartitionError(f"stage {s} reads {n.name!r}, which no earlier stage passes on")
@@ -214,7 +214,7 @@ def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: i
         if stage.get(node) != s or node.op in ("placeholder", "output"):
             continue
         if node.op == "call_module":
-            root[node.target] = _resolve(captured.gm, node.target)
+            root[node.target] = operator.attrgetter(node.target)(captured.gm)
         env[node] = g.node_copy(node, arg)
     if s == k - 1:
         outs = output_node.args[0]
@@ -296,9 +296,3 @@ def carries_numbers(split: SplitGraph, values: Mapping[str, Any]) -> bool:
     receiving stage then computes with a received value, not only with received shapes."""
     return any(leaf.kind == "number" for st in split.stages[1:] for name in st.inputs
                for leaf in _flatten_value(values[name])[1])
-
-
-def _resolve(obj: Any, qualname: str) -> Any:
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -9,7 +9,6 @@ writes both (see :mod:`fxshard.export`).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -17,31 +16,12 @@ import torch.fx
 
 from fxshard.capture import CapturedGraph
 from fxshard.errors import ExportError
+from fxshard.modules import module_paths
 from fxshard.plan import Plan
 
 __all__ = ["check_plan_matches", "split_points", "stage_modules"]
 
 _SKIP_OPS = ("placeholder", "output", "get_attr")
-
-
-def _clean_path(path: str) -> str:
-    """A module-stack path as a plain FQN ("L['self'].layers[0]" -> "layers.0")."""
-    path = path.removeprefix("L['self']").removeprefix("L__self__").lstrip(".")
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path.lstrip(".")
-
-
-def _module_paths(node: torch.fx.Node) -> tuple[str, ...]:
-    """The module paths enclosing ``node``, outermost first (the root module excluded)."""
-    paths: list[str] = []
-    for value in (node.meta.get("nn_module_stack") or {}).values():
-        path = _clean_path(value[0] if isinstance(value, tuple) else str(value))
-        if path and path not in paths:
-            paths.append(path)
-    if node.op == "call_module" and str(node.target) not in paths:
-        paths.append(str(node.target))
-    return tuple(paths)
 
 
 def _compute_nodes(captured: CapturedGraph) -> list[torch.fx.Node]:
@@ -71,7 +51,7 @@ def _members(nodes: list[torch.fx.Node]) -> dict[str, list[int]]:
     """Module path -> positions (in ``nodes``) of the nodes inside it."""
     members: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
-        for path in _module_paths(node):
+        for path in module_paths(node):
             members.setdefault(path, []).append(i)
     return members
 
@@ -112,7 +92,7 @@ def split_points(captured: CapturedGraph, plan: Plan) -> dict[str, Any]:
                                            f"{len(strays)} node(s) of earlier stages come after {nodes[first].name}",
                         "out_of_order_nodes": strays[:20]})
             continue
-        module = next((p for p in _module_paths(nodes[first]) if members[p][0] == first), None)
+        module = next((p for p in module_paths(nodes[first]) if members[p][0] == first), None)
         if module is None:
             inside = _common_module(nodes[earlier[-1]], nodes[first])
             where = f"inside module {inside!r}" if inside else "outside any module"
@@ -129,7 +109,7 @@ def split_points(captured: CapturedGraph, plan: Plan) -> dict[str, Any]:
 def _common_module(a: torch.fx.Node, b: torch.fx.Node) -> str:
     """The innermost module enclosing both nodes, or ""."""
     common = ""
-    for pa, pb in zip(_module_paths(a), _module_paths(b)):
+    for pa, pb in zip(module_paths(a), module_paths(b)):
         if pa != pb:
             break
         common = pa
@@ -155,7 +135,7 @@ def stage_modules(captured: CapturedGraph, plan: Plan) -> dict[str, Any]:
     uncovered: list[list[str]] = [[] for _ in range(plan.num_stages)]
     for node in nodes:
         s = stage_of[node.name]
-        module = next((p for p in _module_paths(node) if stages_of_module[p] == {s}), None)
+        module = next((p for p in module_paths(node) if stages_of_module[p] == {s}), None)
         if module is None:
             uncovered[s].append(node.name)
         elif module not in names[s]:
