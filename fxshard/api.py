@@ -4,7 +4,8 @@ In one process the plan runs on local devices: ``single`` and ``ddp`` plans run 
 it is on the first device (data-parallel replicas need one process each, under torchrun);
 ``pipeline`` and ``hybrid`` plans run their stages on the stages' devices with micro-batches.
 Under torchrun (``torch.distributed`` initialised) each rank builds only its own stage and
-runs it with ``torch.distributed.pipelining`` (see :mod:`fxshard.runtime.distributed`).
+runs it with ``torch.distributed.pipelining`` (see :mod:`fxshard.runtime.distributed`). Which
+of these runs the plan is chosen once, when it is bound (:func:`fxshard.runtime.execution.make_execution`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,11 @@ import torch
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster
 from fxshard.errors import ExecutionError, PlanError
-from fxshard.passes.split import split_graph
 from fxshard.plan import Plan
 from fxshard.planner import PlanOptions, batch_size_of, plan_captured
 from fxshard.runtime.agreement import fingerprint_mismatch, shared_plan
-from fxshard.runtime.checkpoint import (
-    load_named_optimizer_state,
-    merge_named_optimizer_states,
-    named_optimizer_state,
-    state_aliases,
-)
-from fxshard.runtime.local import LocalPipeline
-from fxshard.runtime.loss import LossCall, call_loss, check_loss_call, leading_rows
+from fxshard.runtime.checkpoint import load_named_optimizer_state, merge_named_optimizer_states, named_optimizer_state
+from fxshard.runtime.execution import Execution, PlainModel, make_execution
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -76,8 +70,9 @@ class CompiledModel:
                             f"{', '.join(known)}") from e
         self._plan: Plan | None = plan
         self._captured: CapturedGraph | None = None
-        self._pipeline: LocalPipeline | None = None
-        self._distributed: Any = None
+        self._captured_args: tuple[Any, dict] = ((), {})
+        self._mode = model.training
+        self._execution: Execution | None = None
         if example_inputs is not None or example_kwargs:
             self._build(example_inputs if example_inputs is not None else (), dict(example_kwargs or {}))
 
@@ -91,36 +86,18 @@ class CompiledModel:
             return plan_captured(captured, cluster, batch_size_of(captured, args, kwargs), self._options)
 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from fxshard.runtime.distributed import DistributedPipeline
-
             # One plan for every rank (rank 0's, or the user's if all agree); the pipeline
             # then checks, on every rank at once, that it fits this model and these devices.
             self._plan = shared_plan(self._plan, make_plan)
-            self._set_captured(captured, args, kwargs)
-            self._distributed = DistributedPipeline(captured, self._plan, loss_fn=self._options.loss_fn,
-                                                    aliases=state_aliases(self._model))
-            return
-        if self._plan is None:
+        elif self._plan is None:
             self._plan = make_plan()
         else:
             mismatch = fingerprint_mismatch(self._plan, captured.model_name, captured.fingerprint(),
                                             len(captured.nodes))
             if mismatch:
                 raise ExecutionError(mismatch)
-        self._set_captured(captured, args, kwargs)
-        if self._plan.strategy in ("pipeline", "hybrid"):
-            split = split_graph(captured, self._plan.stage_of(), self._plan.num_stages)
-            devices = [_local_device(s.devices[0]) for s in self._plan.stages]
-            self._pipeline = LocalPipeline(split, devices, self._plan.microbatches)
-        else:
-            device = _local_device(self._plan.stages[0].devices[0])
-            if _model_device(self._model) != device:
-                self._model.to(device)
-
-    def _set_captured(self, captured: CapturedGraph, args: Any, kwargs: dict) -> None:
-        self._captured = captured
-        self._captured_args = (args, kwargs)
-        self._mode = self._model.training
+        self._captured, self._captured_args, self._mode = captured, (args, kwargs), self._model.training
+        self._execution = make_execution(self._model, captured, self._plan, loss_fn=self._options.loss_fn)
 
     def _ensure(self, args: tuple, kwargs: dict) -> None:
         if self._captured is None:
@@ -179,12 +156,7 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Forward over the whole batch; returns what ``model(*args, **kwargs)`` returns."""
         self._ensure(args, kwargs)
-        if self._distributed is not None:
-            return self._distributed.forward(args, kwargs)
-        if self._pipeline is None:
-            return self._model(*_to(args, self._first_device()), **_to(kwargs, self._first_device()))
-        flat = self._captured.flatten_inputs(args, kwargs)
-        return self._captured.output_spec.rebuild(self._pipeline.forward(flat))
+        return self._execution.forward(args, kwargs)
 
     def step(self, *args: Any, target: Any = None, loss_fn: Callable[..., torch.Tensor] | None = None,
              **kwargs: Any) -> torch.Tensor | None:
@@ -203,46 +175,23 @@ class CompiledModel:
             raise ExecutionError("step needs a loss: pass loss_fn=... here or to fxshard.compile "
                                  "(called as loss_fn(output, target), or loss_fn(output) without a target)")
         self._ensure(args, kwargs)
-        if self._distributed is not None:
-            return self._distributed.step(args, kwargs, target, loss_fn)
-        if self._pipeline is None:
-            device = self._first_device()
-            how = LossCall(batch=leading_rows(self._captured.flatten_inputs(args, kwargs)) or 0, microbatches=1,
-                           has_target=target is not None)
-            check_loss_call(loss_fn, target, how)
-            out = self._model(*_to(args, device), **_to(kwargs, device))
-            loss = call_loss(loss_fn, out, _to(target, device), how)
-            loss.backward()
-            return loss.detach()
-        flat = self._captured.flatten_inputs(args, kwargs)
-        return self._pipeline.step(flat, target, loss_fn, self._captured.output_spec.rebuild)
+        return self._execution.step(args, kwargs, target, loss_fn)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """The parameters this process owns: in one process, the model's own Parameters."""
-        if self._distributed is not None:
-            return self._distributed.parameters()
-        return self._model.parameters()
+        return self._bound_or_plain().parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        if self._distributed is not None:
-            return self._distributed.named_parameters()
-        return self._model.named_parameters()
+        return self._bound_or_plain().named_parameters()
 
     def state_dict(self, *, gather: bool = False) -> dict[str, torch.Tensor]:
         """State under the original model's names (this rank's part under torchrun, or
         everything with ``gather=True``), loadable by the original model."""
-        if self._distributed is not None:
-            return self._distributed.state_dict(gather=gather)
-        return self._model.state_dict()
+        return self._bound_or_plain().state_dict(gather=gather)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
         """Load state saved under the original names (from any plan or the plain model)."""
-        if self._distributed is not None:
-            return self._distributed.load_state_dict(state, strict=strict)
-        try:
-            return self._model.load_state_dict(state, strict=strict)
-        except RuntimeError as e:
-            raise ExecutionError(f"the state dict does not fit {type(self._model).__name__}: {e}") from e
+        return self._bound_or_plain().load_state_dict(state, strict=strict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer, *, gather: bool = False) -> dict[str, Any]:
         """``optimizer``'s state keyed by the original parameter names, not positions, so it
@@ -251,49 +200,20 @@ class CompiledModel:
         Under torchrun each rank's optimizer holds its own stages' parameters: ``gather=True``
         (called on every rank) returns the whole model's state on every rank.
         """
-        local = named_optimizer_state(optimizer, self._parameter_names(), aliases=self._aliases())
-        if self._distributed is not None and gather:
-            return merge_named_optimizer_states(self._distributed.gather_objects(local))
+        execution = self._bound_or_plain()
+        local = named_optimizer_state(optimizer, execution.parameter_names(), aliases=execution.aliases)
+        if gather:
+            return merge_named_optimizer_states(execution.gather_objects(local))
         return local
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
         """Load a state from :meth:`optimizer_state_dict` of any plan (or of the plain model:
         ``fxshard.runtime.checkpoint.named_optimizer_state``) into this process's optimizer."""
-        load_named_optimizer_state(optimizer, self._parameter_names(), state, aliases=self._aliases())
+        execution = self._bound_or_plain()
+        load_named_optimizer_state(optimizer, execution.parameter_names(), state, aliases=execution.aliases)
 
-    def _aliases(self) -> dict[str, tuple[str, ...]]:
-        if self._distributed is not None:
-            return self._distributed.aliases
-        return state_aliases(self._model)
-
-    def _parameter_names(self) -> dict[int, str]:
-        if self._distributed is not None:
-            return self._distributed.parameter_names()
-        names: dict[int, str] = {}
-        for name, p in self._model.named_parameters():
-            names.setdefault(id(p), name)
-        return names
-
-    def _first_device(self) -> torch.device:
-        return _local_device(self.plan.stages[0].devices[0])
+    def _bound_or_plain(self) -> Execution:
+        """The execution, or before the first call (no plan bound yet) the model as it is."""
+        return self._execution if self._execution is not None else PlainModel(self._model)
 
 
-def _local_device(name: str) -> torch.device:
-    name = name.split("/", 1)[-1]  # "m1/cuda:3" on multi-machine plans
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExecutionError(f"the plan puts work on {name}, but this machine has no CUDA; plan for this machine "
-                             f"(devices=N or ['cpu', ...]) or run under torchrun on the planned cluster")
-    return device
-
-
-def _model_device(model: torch.nn.Module) -> torch.device | None:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return None
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    import torch.utils._pytree as pytree
-
-    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)

@@ -78,7 +78,7 @@ def _worker(rank: int, port: int, mode: str, failing: int, timeout_s: float, out
                     os._exit(3)
                 raise RuntimeError("simulated out of memory in stage 0")
 
-        compiled._distributed.local_stages[0].register_forward_pre_hook(fail)
+        compiled._execution.local_stages[0].register_forward_pre_hook(fail)
     result = {"rank": rank, "stage": [s.index for s in compiled.plan.stages if rank in s.device_indices]}
     try:
         for step in range(3):

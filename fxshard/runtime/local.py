@@ -24,7 +24,7 @@ from fxshard.errors import ExecutionError
 from fxshard.passes.split import SplitGraph
 from fxshard.runtime.loss import LossCall, call_loss, check_loss_call
 
-__all__ = ["LocalPipeline", "split_microbatches", "split_tree"]
+__all__ = ["LocalPipeline", "set_parameter", "split_microbatches", "split_tree", "to_device"]
 
 
 def split_microbatches(values: Sequence[Any], m: int) -> list[list[Any]]:
@@ -57,7 +57,8 @@ def split_tree(value: Any, m: int) -> list[Any]:
     return [pytree.tree_unflatten(chunk, spec) for chunk in split_microbatches(leaves, m)]
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it moved to ``device``."""
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
 
 
@@ -91,7 +92,7 @@ class LocalPipeline:
                         param.data = param.data.to(device)
                 elif owner_device[pid] != device:
                     replica = torch.nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
-                    _set_param(module, name, replica)
+                    set_parameter(module, name, replica)
                     self._replicas.append((param, replica))
             for name, buf in list(module.named_buffers()):
                 if buf.device != device:
@@ -135,7 +136,7 @@ class LocalPipeline:
         total = None
         for i, (chunk, (tgt,)) in enumerate(zip(chunks, targets)):
             out = self.forward_chunk(chunk)
-            loss = call_loss(loss_fn, rebuild(out), _to(tgt, self.devices[-1]), how, microbatch=i)
+            loss = call_loss(loss_fn, rebuild(out), to_device(tgt, self.devices[-1]), how, microbatch=i)
             share = _batch_of(chunk) / batch if batch else 1.0 / m
             (loss * share).backward()
             total = loss.detach() * share if total is None else total + loss.detach() * share
@@ -145,7 +146,7 @@ class LocalPipeline:
     def forward_chunk(self, chunk: Sequence[Any]) -> tuple:
         values: tuple = tuple(chunk)
         for stage, device in zip(self.split.stages, self.devices):
-            values = stage.module(*_to(values, device))
+            values = stage.module(*to_device(values, device))
         return values
 
 
@@ -153,7 +154,7 @@ def _batch_of(chunk: Sequence[Any]) -> int:
     return next((v.shape[0] for v in chunk if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
 
 
-def _set_param(module: torch.nn.Module, qualname: str, param: torch.nn.Parameter) -> None:
+def set_parameter(module: torch.nn.Module, qualname: str, param: torch.nn.Parameter) -> None:
     """Give one stage its own copy of a parameter without touching the user's modules: the
     module holding it is replaced, in this stage only, by a shallow clone."""
     prefix, _, attr = qualname.rpartition(".")

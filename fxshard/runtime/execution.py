@@ -1,0 +1,168 @@
+"""One interface for running a bound plan, and one class per way of running it.
+
+:class:`fxshard.CompiledModel` holds one :class:`Execution`, chosen once by
+:func:`make_execution` when the plan is bound to the captured model, and delegates its calls
+to it: the model as it is on one device (:class:`EagerExecution`), the plan's stages on local
+devices (:class:`LocalPipelineExecution`), or this rank's part under torchrun
+(:class:`fxshard.runtime.distributed.DistributedPipeline`). A new way of running a plan is one
+new class here and one line in :func:`make_execution`. See docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from fxshard.capture import CapturedGraph
+from fxshard.errors import ExecutionError
+from fxshard.passes.split import split_graph
+from fxshard.plan import Plan
+from fxshard.runtime.checkpoint import state_aliases
+from fxshard.runtime.local import LocalPipeline, to_device
+from fxshard.runtime.loss import LossCall, call_loss, check_loss_call, leading_rows
+
+__all__ = ["EagerExecution", "Execution", "LocalPipelineExecution", "PlainModel", "local_device", "make_execution"]
+
+
+class Execution(Protocol):
+    """What a compiled model needs from the thing that runs its plan."""
+
+    aliases: dict[str, tuple[str, ...]]
+    """``name -> every name`` of each tensor the original ``state_dict`` names several times."""
+
+    def forward(self, args: tuple, kwargs: dict) -> Any:
+        """Whole-batch forward: what the model returns (None on ranks without the output)."""
+
+    def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor | None:
+        """Forward and backward over the batch; the mean loss where the output lives."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters this process owns."""
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The parameters this process owns, with their names."""
+
+    def state_dict(self, *, gather: bool = False) -> dict[str, torch.Tensor]:
+        """State under the original model's names (every process's with ``gather=True``)."""
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
+        """Load state saved under the original names."""
+
+    def parameter_names(self) -> dict[int, str]:
+        """``id(param) -> canonical name`` of this process's parameters."""
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order (``[obj]`` in one process)."""
+
+
+def make_execution(model: torch.nn.Module, captured: CapturedGraph, plan: Plan, *,
+                   loss_fn: Callable | None = None) -> Execution:
+    """The execution that runs ``plan`` for ``model`` in this process.
+
+    Under torchrun (``torch.distributed`` initialised) this rank's part of the plan; else a
+    pipeline on local devices for ``pipeline`` and ``hybrid`` plans, the model itself on the
+    plan's first device for the others.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from fxshard.runtime.distributed import DistributedPipeline
+
+        return DistributedPipeline(captured, plan, loss_fn=loss_fn, aliases=state_aliases(model))
+    if plan.strategy in ("pipeline", "hybrid"):
+        return LocalPipelineExecution(model, captured, plan)
+    return EagerExecution(model, captured, local_device(plan.stages[0].devices[0]))
+
+
+class PlainModel:
+    """State and parameters of a model held whole in this process: the model's own (also what
+    a compiled model shows before its plan is bound)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.aliases = state_aliases(model)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self.model.named_parameters()
+
+    def state_dict(self, *, gather: bool = False) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
+        try:
+            return self.model.load_state_dict(state, strict=strict)
+        except RuntimeError as e:
+            raise ExecutionError(f"the state dict does not fit {type(self.model).__name__}: {e}") from e
+
+    def parameter_names(self) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for name, p in self.model.named_parameters():
+            names.setdefault(id(p), name)
+        return names
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+class EagerExecution(PlainModel):
+    """The model as it is, on one device (``single`` and ``ddp`` plans in one process)."""
+
+    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, device: torch.device) -> None:
+        super().__init__(model)
+        self.captured = captured
+        self.device = device
+        if _model_device(model) != device:
+            model.to(device)
+
+    def forward(self, args: tuple, kwargs: dict) -> Any:
+        return self.model(*to_device(args, self.device), **to_device(kwargs, self.device))
+
+    def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
+        how = LossCall(batch=leading_rows(self.captured.flatten_inputs(args, kwargs)) or 0, microbatches=1,
+                       has_target=target is not None)
+        check_loss_call(loss_fn, target, how)
+        out = self.forward(args, kwargs)
+        loss = call_loss(loss_fn, out, to_device(target, self.device), how)
+        loss.backward()
+        return loss.detach()
+
+
+class LocalPipelineExecution(PlainModel):
+    """The plan's stages on local devices, micro-batched (``pipeline`` and ``hybrid`` plans)."""
+
+    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, plan: Plan) -> None:
+        super().__init__(model)
+        self.captured = captured
+        split = split_graph(captured, plan.stage_of(), plan.num_stages)
+        self.pipeline = LocalPipeline(split, [local_device(s.devices[0]) for s in plan.stages], plan.microbatches)
+
+    def forward(self, args: tuple, kwargs: dict) -> Any:
+        flat = self.captured.flatten_inputs(args, kwargs)
+        return self.captured.output_spec.rebuild(self.pipeline.forward(flat))
+
+    def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
+        flat = self.captured.flatten_inputs(args, kwargs)
+        return self.pipeline.step(flat, target, loss_fn, self.captured.output_spec.rebuild)
+
+
+def local_device(name: str) -> torch.device:
+    """The torch device a plan's device name means on this machine.
+
+    Raises:
+        ExecutionError: the plan needs CUDA and this machine has none.
+    """
+    name = name.split("/", 1)[-1]  # "m1/cuda:3" on multi-machine plans
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExecutionError(f"the plan puts work on {name}, but this machine has no CUDA; plan for this machine "
+                             f"(devices=N or ['cpu', ...]) or run under torchrun on the planned cluster")
+    return device
+
+
+def _model_device(model: torch.nn.Module) -> torch.device | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
