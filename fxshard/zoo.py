@@ -283,7 +283,7 @@ def load_factory(ref: str) -> ZooModel:
             "{keyword inputs})")
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         size = f" of {len(result)} items" if isinstance(result, (tuple, list)) else ""
-        raise ZooError(f"factory {ref!r} returned a {type(result).__name__}{size}; {want}")
+        raise ZooError(f"factory {ref!r} returned {type(result).__name__}{size}; {want}")
     model, inputs, kwargs = result[0], result[1], (result[2] if len(result) == 3 else {})
     if len(result) == 2 and isinstance(inputs, Mapping):
         inputs, kwargs = (), inputs  # keyword inputs only

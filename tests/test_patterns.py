@@ -419,5 +419,5 @@ def test_a_model_that_fixes_its_batch_size_pipelines_without_microbatches():
                                   sgd_steps=1)
     _check_pipeline(compiled)
     assert compiled.plan.microbatches == 1
-    with pytest.raises(fxshard.ExecutionError, match=r"compiled for \(4, 16\)"):
+    with pytest.raises(fxshard.ExecutionError, match=r"compiled for shape \(4, 16\)"):
         compiled(torch.randn(2, 16))
