@@ -3,7 +3,7 @@
 A pipeline stage's replicas average their gradients over the mesh's data-parallel group after
 the schedule's step, in buckets (as DDP's reducer does), not one all-reduce per parameter.
 DDP itself cannot wrap the stage: its reducer expects one backward per forward and the
-schedule runs several per step, one per micro-batch (``tests/test_runtime_data_parallel.py``
+schedule runs several per step, one per micro-batch (``tests/test_data_parallel.py``
 keeps a reproduction, to retire this path when torch lifts the limitation). The same
 bucketed sum adds up a tied parameter's gradients over the stages holding it. A whole-model
 replica (a ``ddp`` plan under torchrun) is wrapped in ``DistributedDataParallel`` itself.
