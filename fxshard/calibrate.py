@@ -27,6 +27,7 @@ from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.profiled import median_time
 from fxshard.cost_models.analysis import analyze
 from fxshard.errors import CostModelError, ExecutionError
+from fxshard.modules import has_meta_state
 from fxshard.passes.split import split_graph
 from fxshard.passes.stages import summarize_stages
 from fxshard.plan import Plan
@@ -195,7 +196,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         ExecutionError: a model on the meta device (nothing real to run).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if any(p.device.type == "meta" for p in captured.gm.parameters()):
+    if has_meta_state(captured.gm):
         raise ExecutionError("calibration runs the model for real: build it on a real device, not on meta")
     spec = Cluster.parse([str(dev)]).devices[0].spec
     gm = captured.gm.to(dev)

@@ -11,6 +11,9 @@ import re
 import sys
 from typing import Any
 
+from fxshard.units import format_count as fmt_count
+from fxshard.units import format_time as fmt_time
+
 __all__ = ["cli_words", "compare_table", "console", "fmt_count", "fmt_time", "print_plan"]
 
 # Python option name -> command-line flag, for messages the library words in Python
@@ -44,25 +47,6 @@ def cli_words(text: str) -> str:
     ``--inference``."""
     # "training=False (--inference)", written for both audiences, says the flag once.
     return _TWICE.sub(r"\1", _OPTION.sub(_flag_words, text))
-
-
-def fmt_count(x: float, unit: str = "") -> str:
-    """``1.23 GFLOP``-style: three significant figures and an SI prefix."""
-    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {suffix}{unit}"
-    return f"{x:.0f} {unit}".rstrip()
-
-
-def fmt_time(s: float) -> str:
-    """Seconds in s, ms or us, whichever reads best."""
-    if s == 0:
-        return "0"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} us"
 
 
 def console() -> Any:

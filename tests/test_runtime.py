@@ -409,11 +409,8 @@ def dataclass_loss(out, target):
 CUSTOM_RUNS = [("single", None, None), ("pipeline", "gpipe", 2), ("pipeline", "1f1b", 4),
                ("pipeline", "interleaved1f1b", 4), ("hybrid", "gpipe", 2)]
 
-def _maybe_xfail_dict(run):
-    return pytest.param(run, id=_run_id(run))
 
-
-@pytest.mark.parametrize("run", [_maybe_xfail_dict(r) for r in CUSTOM_RUNS])
+@pytest.mark.parametrize("run", [pytest.param(r, id=_run_id(r)) for r in CUSTOM_RUNS])
 def test_keyword_inputs_and_dict_outputs(run):
     strategy, schedule, m = run
     torch.manual_seed(0)
