@@ -18,6 +18,7 @@ import torch.fx
 
 from fxshard.capture import CapturedGraph
 from fxshard.errors import ExecutionError
+from fxshard.modules import has_meta_state
 from fxshard.passes.split import SplitGraph, carries_numbers, stage_io_examples
 from fxshard.plan import Plan
 from fxshard.runtime.local import set_parameter
@@ -86,7 +87,7 @@ def build_rank_stages(captured: CapturedGraph, plan: Plan, split: SplitGraph, ra
 
 def materialise(module: torch.nn.Module, device: torch.device) -> None:
     """Move a stage to its device; a meta stage gets real memory and its modules' own init."""
-    if any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers())):
+    if has_meta_state(module):
         module.to_empty(device=device)
         with torch.no_grad():
             for sub in module.modules():
