@@ -22,13 +22,14 @@ import dataclasses
 import functools
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from unittest import mock
 
 from fxshard.errors import SimulationError  # defined there, re-exported here
 
 __all__ = [
     "SCHEDULES",
+    "Schedule",
     "SimResult",
     "SimulationError",
     "StageTiming",
@@ -40,14 +41,21 @@ __all__ = [
 ]
 
 
-# fxshard name -> (torch schedule class name, stages per rank)
-SCHEDULES: dict[str, tuple[str, int]] = {
-    "gpipe": ("GPipe", 1),
-    "1f1b": ("1F1B", 1),
-    "interleaved1f1b": ("Interleaved1F1B", 2),
-    "loopedbfs": ("LoopedBFS", 2),
-    "interleavedzb": ("InterleavedZeroBubble", 2),
-    "zbv": ("ZBVZeroBubble", 2),
+class Schedule(NamedTuple):
+    """A schedule fxshard knows: torch's class name and how many stages each rank holds."""
+
+    torch_class: str
+    stages_per_rank: int
+
+
+# fxshard name -> the schedule
+SCHEDULES: dict[str, Schedule] = {
+    "gpipe": Schedule("GPipe", 1),
+    "1f1b": Schedule("1F1B", 1),
+    "interleaved1f1b": Schedule("Interleaved1F1B", 2),
+    "loopedbfs": Schedule("LoopedBFS", 2),
+    "interleavedzb": Schedule("InterleavedZeroBubble", 2),
+    "zbv": Schedule("ZBVZeroBubble", 2),
 }
 
 

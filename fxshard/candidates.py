@@ -1,0 +1,323 @@
+"""The planner's candidates: which shapes it tries, and what each costs.
+
+A candidate's *shape* (:class:`Shape`: strategy, pipeline depth, replicas, stages per device,
+schedule, micro-batches) says what would run; :func:`pipeline_groups` yields the pipeline
+shapes the options allow, grouped by the partition they share, from plain numbers. Pricing
+turns a shape into a :class:`Priced` record (step time from :func:`fxshard.simulate.simulate`,
+per-stage peak memory and capacity) with the costs a :class:`Pricer` computes once per device
+spec and batch share. See docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+from fxshard.capture import CapturedGraph
+from fxshard.cluster import Cluster, DeviceSpec
+from fxshard.comm import exposed_allreduce_time
+from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
+from fxshard.errors import PlanError
+from fxshard.passes.cost_graph import partition_model
+from fxshard.passes.stages import StageSummary, summarize_stages
+from fxshard.plan import EstimatedNode
+from fxshard.plan_options import PlanOptions, divisors
+from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
+
+__all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "microbatch_counts",
+           "partition_group", "pipeline_groups", "price_data_parallel", "price_pipeline", "rank_devices", "stage_counts",
+           "unfit"]
+
+MAX_MICROBATCHES = 128  # the most micro-batches the planner tries
+# How torch places a schedule's stages on ranks: one per rank ("flat"), looped (stage s on rank
+# s % depth) or V-shaped (rank r holds stages r and 2 x depth - 1 - r); placements in this order.
+_STAGE_PLACEMENT = {"gpipe": "flat", "1f1b": "flat", "interleaved1f1b": "loop", "loopedbfs": "loop",
+                    "interleavedzb": "loop", "zbv": "v"}
+_PLACEMENT_ORDER = ("flat", "loop", "v")
+
+
+class Pricer:
+    """Costs of the captured graph per (device spec, batch fraction), computed once each."""
+
+    def __init__(self, captured: CapturedGraph, cost_model: str, batch: int) -> None:
+        self.captured = captured
+        self.batch = batch
+        self.cost_model = cost_model
+        self.works = analyze(captured)
+        self._cache: dict[tuple[str, float], GraphCosts] = {}
+        self._scale = 1.0  # this pricer's batch over the captured one (smaller batches: refusal probes)
+        self._smaller: dict[int, Pricer] = {}
+
+    def at_batch(self, batch: int) -> Pricer:
+        """The same graph priced at a smaller batch, by the micro-batch scaling the planner uses."""
+        if batch == self.batch:
+            return self
+        if batch not in self._smaller:
+            other = object.__new__(Pricer)
+            other.__dict__.update(self.__dict__, batch=batch, _scale=self._scale * batch / self.batch, _smaller={})
+            self._smaller[batch] = other  # shares the works and the cost cache (keyed by absolute fraction)
+        return self._smaller[batch]
+
+    def costs(self, spec: DeviceSpec, fraction: float = 1.0) -> GraphCosts:
+        fraction *= self._scale
+        key = (spec.name, fraction)
+        if key not in self._cache:
+            if self.cost_model == "analytical" or fraction == 1.0:
+                works = self.works if fraction == 1.0 else scale_batch(self.works, fraction)
+                self._cache[key] = estimate(self.captured, spec, cost_model=self.cost_model, works=works)
+            else:  # measured costs: measured once at the full batch, scaled linearly
+                full = self.costs(spec, 1.0 / self._scale)
+                scaled = scale_batch(self.works, fraction)
+                self._cache[key] = dataclasses.replace(full, nodes=tuple(
+                    dataclasses.replace(c, work=w, fwd_time_s=c.fwd_time_s * fraction, bwd_time_s=c.bwd_time_s * fraction)
+                    for c, w in zip(full.nodes, scaled)))
+        return self._cache[key]
+
+    def estimated(self, specs: set[str]) -> tuple[EstimatedNode, ...]:
+        """Nodes whose times on these device specs are stand-ins (``NodeTime.estimated``), and why."""
+        found: dict[str, str] = {}
+        for (name, _), costs in self._cache.items():
+            if name in specs:
+                for node, reason in costs.estimated.items():
+                    found.setdefault(node, reason)
+        return tuple(EstimatedNode(node=node, reason=reason) for node, reason in found.items())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Shape:
+    """What a candidate runs: ``depth`` devices per pipeline (1: the whole model on each),
+    ``replicas`` copies, ``stages_per_device`` stages on each device, a schedule, micro-batches."""
+
+    strategy: str
+    replicas: int = 1
+    depth: int = 1
+    stages_per_device: int = 1
+    schedule: str | None = None
+    microbatches: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Priced:
+    """A shape with its price: per stage its summary, devices (one per replica), peak memory
+    and capacity; the step. ``note`` says why it cannot run (``refused``: torch's schedule
+    refuses its stage and micro-batch counts)."""
+
+    shape: Shape
+    devices: tuple[tuple[int, ...], ...]
+    stages: tuple[StageSummary, ...] = ()
+    peak: tuple[float, ...] = (math.inf,)
+    capacity: tuple[float, ...] = (0.0,)
+    step_time_s: float = math.inf
+    bubble: float = 0.0
+    allreduce_s: float = 0.0
+    note: str = ""
+    refused: bool = False
+
+    strategy = property(lambda self: self.shape.strategy)
+    replicas = property(lambda self: self.shape.replicas)
+    schedule = property(lambda self: self.shape.schedule)
+    microbatches = property(lambda self: self.shape.microbatches)
+
+    @property
+    def fits(self) -> bool:
+        return all(p <= c for p, c in zip(self.peak, self.capacity))
+
+    @property
+    def devices_used(self) -> int:
+        return len({d for devs in self.devices for d in devs})
+
+    @property
+    def overflow(self) -> float:
+        """The worst stage's peak over its capacity."""
+        return max(p / q if q > 0 else math.inf for p, q in zip(self.peak, self.capacity))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineGroup:
+    """Pipelines of one partition: ``depth`` devices per replica, the schedules that place
+    stages on them alike (``placement``), and the micro-batch counts each schedule takes."""
+
+    depth: int
+    replicas: int
+    placement: str
+    schedules: tuple[str, ...]
+    microbatches: tuple[tuple[int, ...], ...]  # per schedule
+
+    @property
+    def stages_per_device(self) -> int:
+        return SCHEDULES[self.schedules[0]].stages_per_rank
+
+    @property
+    def strategy(self) -> str:
+        return "pipeline" if self.replicas == 1 else "hybrid"
+
+    def shapes(self) -> Iterator[Shape]:
+        for schedule, counts in zip(self.schedules, self.microbatches):
+            for m in counts:
+                yield Shape(strategy=self.strategy, replicas=self.replicas, depth=self.depth,
+                            stages_per_device=self.stages_per_device, schedule=schedule, microbatches=m)
+
+
+def stage_counts(n_devices: int, replicas: int) -> list[int]:
+    """The pipeline depths tried on ``n_devices`` with ``replicas`` replicas."""
+    top = n_devices // replicas
+    counts = {k for k in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if k <= top}
+    if top >= 2:
+        counts.add(top)
+    return sorted(counts)
+
+
+def microbatch_counts(per_replica: int, depth: int, schedule: str, opts: PlanOptions,
+                      fixed_batch: int | None = None) -> list[int]:
+    """The micro-batch counts tried for a replica's share of the batch under ``schedule``."""
+    if fixed_batch is not None:
+        return [1]  # the graph runs only at its captured batch size
+    if opts.microbatches is not None:
+        return [opts.microbatches] if per_replica % opts.microbatches == 0 else []
+    counts = [m for m in divisors(per_replica) if m <= MAX_MICROBATCHES]
+    if schedule != "gpipe":
+        counts = [m for m in counts if m >= depth]
+    return counts[-4:] if len(counts) > 4 else counts
+
+
+def _replica_counts(n_devices: int, batch: int, opts: PlanOptions, fixed_batch: int | None) -> list[int]:
+    counts = [1] if opts.strategy == "pipeline" or fixed_batch else divisors(batch)
+    if opts.strategy == "hybrid":
+        counts = [r for r in counts if r >= 2]
+    if opts.strategy is None:
+        counts = [r for r in counts if r <= n_devices // 2]
+    return counts
+
+
+def pipeline_groups(n_devices: int, batch: int, opts: PlanOptions,
+                    fixed_batch: int | None = None) -> Iterator[PipelineGroup]:
+    """Every pipeline the options allow on ``n_devices``, one group per partition to compute."""
+    schedules = [opts.schedule] if opts.schedule else ["gpipe", "1f1b", "interleaved1f1b", "zbv"]
+    if not opts.training:
+        schedules = ["gpipe"]  # forward only: every schedule reduces to filling the pipe
+    for replicas in _replica_counts(n_devices, batch, opts, fixed_batch):
+        depths = stage_counts(n_devices, replicas)
+        if opts.stages is not None:
+            depths = [opts.stages] if opts.stages * replicas <= n_devices else []
+        for depth in depths:
+            for placement in _PLACEMENT_ORDER:
+                alike = tuple(s for s in schedules if _STAGE_PLACEMENT[s] == placement)
+                counts = tuple(tuple(microbatch_counts(batch // replicas, depth, s, opts, fixed_batch))
+                               for s in alike)
+                if any(counts):  # else no micro-batch count these schedules take (1F1B: one per stage at least)
+                    yield PipelineGroup(depth=depth, replicas=replicas, placement=placement, schedules=alike,
+                                        microbatches=counts)
+
+
+def rank_devices(group: PipelineGroup) -> tuple[tuple[int, ...], ...]:
+    """Each pipeline rank's devices, one per replica: consecutive ranks, so replicas share a
+    machine when their count divides the machine size."""
+    return tuple(tuple(range(r * group.replicas, (r + 1) * group.replicas)) for r in range(group.depth))
+
+
+def _stage_devices(group: PipelineGroup) -> tuple[tuple[int, ...], ...]:
+    """Each stage's devices, the stages placed on the ranks as the group's schedules place them."""
+    depth, ranks = group.depth, rank_devices(group)
+    n_stages = depth * group.stages_per_device
+    if group.placement == "flat":
+        return ranks
+    if group.placement == "v":  # ZBVZeroBubble: rank r holds stages r and 2 x depth - 1 - r
+        return tuple(ranks[s] if s < depth else ranks[2 * depth - 1 - s] for s in range(n_stages))
+    return tuple(ranks[s % depth] for s in range(n_stages))  # looped: stage s on rank s % depth
+
+
+def unfit(group: PipelineGroup, devices: tuple[tuple[int, ...], ...], why: str, *, schedule: str | None = None,
+          refused: bool = False) -> Priced:
+    """A pipeline that cannot run: its partition does not fit, or (``refused``) torch's
+    schedule refuses its stage and micro-batch counts."""
+    shape = Shape(strategy=group.strategy, replicas=group.replicas, depth=group.depth,
+                  stages_per_device=group.stages_per_device, schedule=schedule or group.schedules[0])
+    return Priced(shape=shape, devices=devices, note=why, refused=refused)
+
+
+def partition_group(pricer: Pricer, cluster: Cluster, group: PipelineGroup,
+                    opts: PlanOptions) -> tuple[dict[str, int], tuple[tuple[int, ...], ...]]:
+    """Partition a group's pipeline into depth x stages-per-device stages.
+
+    Returns:
+        node -> stage, and each stage's devices.
+    """
+    stage_devices = _stage_devices(group)
+    n_stages = len(stage_devices)
+    first = [devs[0] for devs in stage_devices]
+    # Costs are at the captured batch; a stage holds about min(stages, m) micro-batches of
+    # batch / (replicas x m) each under 1F1B, so the partitioner sees that share of the
+    # full-batch activations (the exact per-schedule memory is checked after simulation).
+    most_microbatches = max(group.microbatches[0] or (1,))
+    factor = min(1.0, n_stages / most_microbatches) / group.replicas
+    part, graph = partition_model(pricer.captured, cluster, n_stages, partitioner=opts.partitioner,
+                                  training=opts.training, optimizer=opts.optimizer, activation_factor=factor,
+                                  costs=pricer.costs(cluster.devices[first[0]].spec, 1.0), seed=opts.seed,
+                                  devices=first, memory_reserve=opts.memory_reserve, works=pricer.works)
+    if not part.is_acyclic:
+        u, v = next((u, v) for u, v in graph.edges if part.stage_of[u] > part.stage_of[v])
+        raise PlanError(f"partitioner {opts.partitioner!r} put {u!r} on stage {part.stage_of[u]} and its consumer "
+                        f"{v!r} on stage {part.stage_of[v]}: a pipeline stage may only read from earlier stages. "
+                        f"Fix the partitioner (fxshard.passes.partition.refine.repair(problem, labels) makes any "
+                        f"assignment acyclic) or use partitioner='metis'")
+    return dict(part.stage_of), stage_devices
+
+
+def _capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> float:
+    return cluster.devices[device].spec.memory_bytes * (1 - reserve) / share
+
+
+def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions) -> Priced:
+    """The whole model on each of the first ``replicas`` devices (one: ``single``)."""
+    used = tuple(range(replicas))
+    spec_costs = {cluster.devices[d].spec.name: pricer.costs(cluster.devices[d].spec, 1 / replicas) for d in used}
+    slowest = max(spec_costs.values(), key=lambda c: c.fwd_time_s + c.bwd_time_s)
+    stage = summarize_stages(pricer.captured, slowest, {}, 1, training=opts.training, optimizer=opts.optimizer)[0]
+    backward = stage.bwd_time_s if opts.training else 0.0
+    exposed = 0.0
+    if opts.training and replicas > 1:
+        exposed = exposed_allreduce_time(cluster, used, stage.param_bytes, backward)
+    peak = stage.state_bytes + stage.activation_bytes + stage.transient_bytes
+    return Priced(shape=Shape(strategy="single" if replicas == 1 else "ddp", replicas=replicas),
+                  stages=(stage,), devices=(used,), step_time_s=stage.fwd_time_s + backward + exposed,
+                  allreduce_s=exposed, peak=(peak,),
+                  capacity=(min(_capacity(cluster, d, opts.memory_reserve) for d in used),))
+
+
+def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
+                   training: bool, reduce: tuple[float, ...]) -> list[StageTiming]:
+    out = []
+    for s, st in enumerate(stages):
+        send = 0.0
+        if s + 1 < len(stages) and devices[s][0] != devices[s + 1][0]:
+            send = cluster.link(devices[s][0], devices[s + 1][0]).transfer_time(st.send_bytes)
+        out.append(StageTiming(fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s if training else 0.0,
+                               send_fwd_s=send, send_bwd_s=send if training else 0.0,
+                               activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
+                               transient_bytes=st.transient_bytes, reduce_s=reduce[s]))
+    return out
+
+
+def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_of: dict[str, int],
+                   stage_devices: tuple[tuple[int, ...], ...], shape: Shape, opts: PlanOptions) -> Priced:
+    """A pipeline shape of ``group``, partitioned as ``stage_of``, simulated under its schedule."""
+    n_stages = len(stage_devices)
+    fraction = 1.0 / (shape.replicas * shape.microbatches)
+    base = pricer.costs(cluster.devices[stage_devices[0][0]].spec, fraction)
+    per_stage = [pricer.costs(cluster.devices[devs[0]].spec, fraction) for devs in stage_devices]
+    stages = tuple(summarize_stages(pricer.captured, base, stage_of, n_stages, training=opts.training,
+                                    optimizer=opts.optimizer, stage_costs=per_stage))
+    reduce = tuple(exposed_allreduce_time(cluster, devs, st.param_bytes, st.bwd_time_s)
+                   if opts.training and shape.replicas > 1 else 0.0 for st, devs in zip(stages, stage_devices))
+    try:
+        result = simulate(shape.schedule, _stage_timings(stages, cluster, stage_devices, opts.training, reduce),
+                          shape.microbatches)
+    except SimulationError as e:
+        return unfit(group, stage_devices, str(e), schedule=shape.schedule, refused=True)
+    share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}
+    capacity = tuple(min(_capacity(cluster, d, opts.memory_reserve, share[devs[0]]) for d in devs)
+                     for devs in stage_devices)
+    return Priced(shape=shape, stages=stages, devices=stage_devices, step_time_s=result.step_time_s,
+                  bubble=result.bubble_fraction, allreduce_s=max(reduce) if reduce else 0.0,
+                  peak=result.peak_memory_bytes, capacity=capacity)

@@ -1,0 +1,32 @@
+"""Communication times the planner and the simulator's callers price: ring all-reduce over a
+group of devices, and the link such a group reduces over. See docs/planning.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fxshard.cluster import Cluster
+
+__all__ = ["exposed_allreduce_time", "group_link", "ring_allreduce_time"]
+
+
+def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """Seconds for a ring all-reduce of ``nbytes`` over n ranks: 2(n-1)/n x bytes / bandwidth
+    plus 2(n-1) latencies."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
+
+
+def group_link(cluster: Cluster, devices: Sequence[int]) -> tuple[float, float]:
+    """(bandwidth, latency) of the link a group of devices all-reduces over."""
+    machines = {cluster.devices[d].machine for d in devices}
+    link = cluster.intra_link if len(machines) == 1 else cluster.inter_link
+    return link.bandwidth, link.latency_s
+
+
+def exposed_allreduce_time(cluster: Cluster, devices: Sequence[int], nbytes: float, backward_s: float) -> float:
+    """The part of the gradients' ring all-reduce over ``devices`` that a backward of
+    ``backward_s`` seconds cannot hide (DDP overlaps its bucketed all-reduce with backward)."""
+    bandwidth, latency = group_link(cluster, devices)
+    return max(0.0, ring_allreduce_time(nbytes, len(devices), bandwidth, latency) - backward_s)
