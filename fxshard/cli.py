@@ -394,6 +394,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fxshard import viz
     from fxshard.plan import Plan
     from fxshard.simulate import to_chrome_trace
+    from fxshard.simulate_plan import simulate_plan
+    from fxshard.viz_text import simulation_text
 
     if args.schedule is not None:
         _check_names(schedule=args.schedule)
@@ -403,8 +405,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ZooError(f"cannot read plan file {args.plan!r}: {e.strerror}; write one with "
                        f"'fxshard plan MODEL --devices SPEC --json {args.plan}'") from e
     plan = Plan.from_json(text)
-    result = viz.simulate_plan(plan, schedule=args.schedule, microbatches=args.microbatches)
-    what = viz.simulation_text(plan, result)
+    result = simulate_plan(plan, schedule=args.schedule, microbatches=args.microbatches)
+    what = simulation_text(plan, result)
     samples = plan.batch_size / result.step_time_s if result.step_time_s else 0.0
     out = console()
     out.print(f"{plan.model.name}: {what}: step {fmt_time(result.step_time_s)}, bubble "

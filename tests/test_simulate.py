@@ -387,7 +387,7 @@ def test_every_spelling_through_every_entry_point(small_mlp, small_mlp_file, tmp
     import fxshard
     from fxshard.cli import main
     from fxshard.plan import Plan
-    from fxshard.viz import simulate_plan
+    from fxshard.simulate_plan import simulate_plan
 
     model, inputs = small_mlp
     fixed = {"strategy": "pipeline", "stages": 2, "microbatches": 4}

@@ -1,7 +1,4 @@
-"""Pictures of a plan: re-simulation from the plan's own figures, what-ifs, PNGs, DOT.
-
-The key check is that :func:`simulate_plan` without overrides repeats the planner's own
-simulation (the plan keeps every figure the planner timed with), for each strategy."""
+"""Pictures of a plan: titles and texts of simulations, PNGs, DOT (re-simulation: test_simulate_plan.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +12,10 @@ import pytest
 from PIL import Image
 
 import fxshard
-from fxshard import viz
-from fxshard.plan import Plan, PlanFormatError
-from fxshard.simulate import SimulationError
-from fxshard.viz import graph_outline, plan_dot, plan_png, simulate_plan, timeline_png
+from fxshard import viz, viz_dot, viz_text
+from fxshard.plan import PlanFormatError
+from fxshard.simulate_plan import simulate_plan
+from fxshard.viz import graph_outline, plan_dot, plan_png, timeline_png
 from fxshard.zoo import build
 
 
@@ -56,84 +53,6 @@ def read_png(path):
         return im.format, im.size, im.convert("RGB")
 
 
-# -- re-simulation ---------------------------------------------------------------------------
-
-
-def test_fixture_is_a_four_stage_1f1b_pipeline(pipe, single):
-    assert (pipe.strategy, pipe.num_stages, pipe.schedule, pipe.microbatches) == ("pipeline", 4, "1f1b", 4)
-    assert len({s.device_indices[0] for s in pipe.stages}) == 4
-    assert (single.strategy, single.num_stages) == ("single", 1)
-
-
-def test_simulate_plan_repeats_the_planners_estimate(pipe):
-    r = simulate_plan(pipe)
-    assert (r.schedule, r.ranks, r.stages, r.microbatches) == ("1f1b", 4, 4, 4)
-    assert r.step_time_s == pytest.approx(pipe.estimate.step_time_s, rel=1e-9)
-    assert r.bubble_fraction == pytest.approx(pipe.estimate.bubble_fraction, rel=1e-9)
-    # Memory is not re-estimated: the plan's peaks pass through.
-    assert r.peak_memory_bytes == tuple(s.peak_memory_bytes for s in pipe.stages)
-
-
-def test_simulate_plan_survives_the_json_round_trip(pipe):
-    again = simulate_plan(Plan.from_json(pipe.to_json()))
-    assert again.step_time_s == pytest.approx(pipe.estimate.step_time_s, rel=1e-9)
-
-
-@pytest.mark.parametrize("devices,options", [
-    ("1xcpu:64MB", {}),
-    ("4xcpu:64MB", {"strategy": "ddp"}),
-    ("4xcpu:3MB", {"strategy": "hybrid"}),
-    ("2xcpu:3MB", {"strategy": "pipeline", "schedule": "zbv"}),
-    ("4xcpu:3MB", {"strategy": "pipeline", "training": False}),
-], ids=["single", "ddp", "hybrid", "zbv", "inference"])
-def test_simulate_plan_repeats_every_strategy(gpt2, devices, options):
-    p = fxshard.plan(gpt2.model, devices, gpt2.example_inputs, **options)
-    r = simulate_plan(p)
-    assert r.step_time_s == pytest.approx(p.estimate.step_time_s, rel=1e-9)
-    assert r.stages == p.num_stages
-    if p.strategy in ("single", "ddp"):
-        assert (r.schedule, r.microbatches) == ("gpipe", 1)
-
-
-def test_more_microbatches_lower_the_bubble_and_keep_the_work(pipe):
-    base, more = simulate_plan(pipe), simulate_plan(pipe, microbatches=8)
-    assert more.microbatches == 8
-    assert more.bubble_fraction < base.bubble_fraction
-    assert more.step_time_s < base.step_time_s
-    # Batch-linear scaling: each rank does the same total compute, in twice as many pieces.
-    assert more.busy_s == pytest.approx(base.busy_s, rel=1e-9)
-
-
-def test_what_if_schedule_with_the_same_layout(pipe):
-    r = simulate_plan(pipe, schedule="GPipe")
-    assert (r.schedule, r.ranks, r.microbatches) == ("gpipe", 4, 4)
-    assert r.busy_s == pytest.approx(simulate_plan(pipe).busy_s, rel=1e-12)
-
-
-@pytest.mark.parametrize("what_if,match", [
-    ({"microbatches": 2}, "greater than or equal"),  # 1F1B with fewer micro-batches than stages
-    ({"microbatches": 3}, "do not divide"),
-    ({"microbatches": 0}, "positive integer"),
-    ({"schedule": "interleaved1f1b"}, "placement"),  # two stages per rank on a one-per-device plan
-    ({"schedule": "zbv"}, "placement"),
-    ({"schedule": "pipedream"}, "unknown schedule"),
-])
-def test_impossible_what_ifs_raise(pipe, what_if, match):
-    with pytest.raises(SimulationError, match=match):
-        simulate_plan(pipe, **what_if)
-
-
-def test_single_device_what_ifs(single):
-    assert simulate_plan(single, microbatches=4).busy_s == pytest.approx(simulate_plan(single).busy_s, rel=1e-9)
-    # A single or ddp plan has no pipeline to schedule: a schedule what-if is refused, saying so
-    # (it used to simulate one stage and call it by the schedule's name).
-    for schedule in ("interleaved1f1b", "1f1b", "gpipe"):
-        with pytest.raises(SimulationError, match=r"single plan.*no pipeline to schedule.*strategy='pipeline'"):
-            simulate_plan(single, schedule=schedule)
-    with pytest.raises(SimulationError, match="unknown schedule 'pipedream'"):
-        simulate_plan(single, schedule="pipedream")
-
-
 @pytest.fixture(scope="module")
 def ddp(gpt2):
     return fxshard.plan(gpt2.model, "4xcpu:64MB", gpt2.example_inputs, strategy="ddp")
@@ -143,12 +62,12 @@ def test_a_ddp_plan_is_not_called_gpipe(ddp):
     # Issue 12, item 10: `fxshard simulate` labelled a DDP plan "gpipe".
     assert (ddp.strategy, ddp.replicas) == ("ddp", 4)
     r = simulate_plan(ddp)
-    for text in (viz.simulation_text(ddp, r), viz._timeline_title(r, ddp), viz._plan_title(ddp), plan_dot(ddp)):
+    for text in (viz.simulation_text(ddp, r), viz_text.timeline_title(r, ddp), viz_text.plan_title(ddp), plan_dot(ddp)):
         assert "gpipe" not in text.lower() and "schedule none" not in text
     assert viz.simulation_text(ddp, r) == "ddp (4 data-parallel replicas, no pipeline schedule), 1 micro-batch"
     more = simulate_plan(ddp, microbatches=2)
     assert viz.simulation_text(ddp, more).endswith("2 micro-batches one after another (gradient accumulation)")
-    assert viz._timeline_title(more, ddp).startswith("what-if: ddp")
+    assert viz_text.timeline_title(more, ddp).startswith("what-if: ddp")
 
 
 def test_virtual_stages_are_named_in_every_title(gpt2):
@@ -156,7 +75,7 @@ def test_virtual_stages_are_named_in_every_title(gpt2):
     p = fxshard.plan(gpt2.model, "2xcpu:3MB", gpt2.example_inputs, strategy="pipeline", schedule="zbv")
     assert (p.num_stages, p.num_devices, p.stages_per_device) == (4, 2, 2)
     r = simulate_plan(p)
-    assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in viz._plan_title(p)
+    assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in viz_text.plan_title(p)
     assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in plan_dot(p)
     assert viz.simulation_text(p, r) == f"zbv, 4 stages, 2 per device, on 2 devices, {p.microbatches} micro-batches"
 
@@ -212,8 +131,8 @@ def test_figures_grow_with_ranks_and_stay_capped(pipe, tmp_path):
 
 
 def test_matplotlib_is_imported_only_inside_functions():
-    tree = ast.parse(Path(viz.__file__).read_text())
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    trees = [ast.parse(Path(m.__file__).read_text()) for m in (viz, viz_dot, viz_text)]
+    top = [n for tree in trees for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = [a.name for n in top for a in n.names] + [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] in ("matplotlib", "PIL")]
 
