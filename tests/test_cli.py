@@ -93,6 +93,7 @@ def test_uncapturable_model_exits_1(tmp_path, capsys):
     assert "symbolic_trace" in err and "torch.export" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[], ["devices"], ["inspect"]])
 def test_help_through_the_entry_point(command):
     result = subprocess.run([sys.executable, "-m", "fxshard.cli", *command, "--help"],
@@ -101,6 +102,7 @@ def test_help_through_the_entry_point(command):
     assert "usage: fxshard" in result.stdout
 
 
+@pytest.mark.slow
 def test_console_script_runs_inspect():
     result = subprocess.run(["fxshard", "inspect", "llama-tiny", "--json", "-"],
                             capture_output=True, text=True, timeout=300)
@@ -177,6 +179,7 @@ def test_compare_unknown_partitioner_is_an_error(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["plan"], ["compare"], ["export"], ["simulate"]])
 def test_help_of_every_command(command):
     result = subprocess.run([sys.executable, "-m", "fxshard.cli", *command, "--help"],
@@ -221,6 +224,7 @@ def test_simulate_impossible_what_if_and_missing_file_exit_nonzero(tmp_path, cap
     assert "fxshard plan" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_through_the_console_script(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(["fxshard", "export", "gpt2-tiny", "--devices", "2xcpu:1GB", "--batch-size", "4",
@@ -282,6 +286,7 @@ def test_a_factory_with_keyword_inputs_plans(hf_factory, factory, capsys):
     assert {d for st in doc["stages"] for d in st["device_indices"]} == {0, 1}
 
 
+@pytest.mark.slow
 def test_keyword_inputs_reach_compare_export_and_inspect(hf_factory, tmp_path, capsys):
     ref = f"{hf_factory}:keywords"
     assert main(["compare", ref, "--devices", "2xcpu:1GB", "--partitioners", "metis", "--json", "-"]) == 0

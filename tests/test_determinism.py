@@ -54,7 +54,8 @@ def _in_subprocess(hash_seed: str) -> list[str]:
     return result.stdout.split("\n<<END>>\n")[:-1]
 
 
-@pytest.mark.parametrize("name,devices,options", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,devices,options", [  # full-size models are slow; the tiny ones stay in the fast lane
+    pytest.param(*case, id=case[0], marks=() if case[0].endswith("-tiny") else pytest.mark.slow) for case in CASES])
 def test_the_same_inputs_plan_byte_identically_twice_in_one_process(name, devices, options):
     assert _plan_json(name, devices, options) == _plan_json(name, devices, options)
 

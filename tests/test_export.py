@@ -265,6 +265,7 @@ def _torchrun() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow
 def test_exported_launcher_trains_under_torchrun(tmp_path, gpt2_two_stages):
     _, captured, plan = gpt2_two_stages
     assert plan.schedule == "1f1b" and plan.num_stages == 2

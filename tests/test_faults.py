@@ -144,7 +144,8 @@ def _report(rank: int, results: dict, stderr: dict) -> str:
     return lines[-1] if lines else f"(nothing; stderr tail: {stderr[rank][-800:]!r})"
 
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),  # every test starts ranks in processes
+              pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")]
 
 
 @pytest.mark.parametrize("mode,failing,reason", [
