@@ -302,20 +302,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.dot:
         from fxshard import viz
 
-        modules = {n.name: _node_module(n) for n in job.captured.gm.graph.nodes}
-        edges = [(a.name, b.name) for b in job.captured.gm.graph.nodes for a in b.all_input_nodes]
+        outline = viz.graph_outline(job.captured)
         with _output(args.dot) as f:
-            f.write(viz.plan_dot(plan, edges, node_module=modules))
+            f.write(viz.plan_dot(plan, list(outline.edges), node_module=outline.node_module))
         _wrote("the stage graph (Graphviz DOT)", args.dot)
     return 0
-
-
-def _node_module(node: Any) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] for v in stack.values() if isinstance(v, tuple)]
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target) if node.op == "call_module" else str(node.target).rpartition(".")[0]
-    return paths[-1] if paths else ""
 
 
 def _output(dest: str) -> Any:

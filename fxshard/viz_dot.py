@@ -12,6 +12,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 from fxshard.capture import CapturedGraph
+from fxshard.modules import module_of
 from fxshard.plan import Plan, PlanFormatError, StagePlan
 from fxshard.units import format_bytes, format_time
 from fxshard.viz_text import plan_title
@@ -39,10 +40,8 @@ def graph_outline(captured: CapturedGraph) -> GraphOutline:
         o = graph_outline(fxshard.capture(model, inputs))
         dot = plan_dot(p, list(o.edges), node_module=o.node_module)
     """
-    from fxshard.cost_models import analyze
-
     edges = tuple((node.name, user.name) for node in captured.nodes for user in node.users)
-    return GraphOutline(edges=edges, node_module={w.name: w.module for w in analyze(captured)})
+    return GraphOutline(edges=edges, node_module={node.name: module_of(node) for node in captured.gm.graph.nodes})
 
 
 def _module_group(module: str) -> str:
