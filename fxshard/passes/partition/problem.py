@@ -207,12 +207,12 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
             if pin not in ("first", "last"):
                 raise PartitionError(f"node {nodes[i]!r}: pin={pin!r}; use 'first' or 'last'")
             pins[i] = PIN_FIRST if pin == "first" else PIN_LAST
-    if _topo_order(n, *_csr(n, src, dst)).size < n:
+    if not np.all(src < dst) and not nx.is_directed_acyclic_graph(graph):
         cycle = nx.find_cycle(graph)
         raise PartitionError(f"the graph has a cycle ({' -> '.join(repr(u) for u, _ in cycle)}); "
                              f"a pipeline needs a DAG")
 
-    unit_of, members = _units(graph, data, index)
+    unit_of, members = _units(data, src, dst)
     u_count = len(members)
     if k > u_count:
         what = f"{n} nodes" if u_count == n else f"{n} nodes in {u_count} colocated groups"
@@ -263,7 +263,7 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     return problem
 
 
-def _units(graph: nx.DiGraph, data: list[dict], index: dict) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+def _units(data: list[dict], src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
     """Merge colocated nodes, then merge whatever a path between group members forces in."""
     groups: dict[Hashable, int] = {}
     label = np.arange(len(data))
@@ -276,7 +276,7 @@ def _units(graph: nx.DiGraph, data: list[dict], index: dict) -> tuple[np.ndarray
                 raise PartitionError(f"node #{i}: colocate={key!r} is not hashable; use a string or a number") from None
     if len(groups) == 0:
         return label, tuple((i,) for i in range(len(data)))
-    closure = _convex_closure(graph, index, label)
+    closure = _convex_closure(label, src, dst)
     _, unit_of = np.unique(closure, return_inverse=True)
     members: list[list[int]] = [[] for _ in range(unit_of.max() + 1)]
     for i, u in enumerate(unit_of):
@@ -292,26 +292,25 @@ def _units(graph: nx.DiGraph, data: list[dict], index: dict) -> tuple[np.ndarray
     return unit_of.astype(np.int64), tuple(ordered)
 
 
-def _convex_closure(graph: nx.DiGraph, index: dict, group: np.ndarray) -> np.ndarray:
+def _convex_closure(group: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Merge groups until the quotient graph is acyclic.
 
     A path a -> w -> b between two members of one group closes a cycle in the quotient
-    graph; every node on it must share the group's stage, so strongly connected parts of
-    the quotient merge, until none is left (the groups are then convex).
+    graph; every node on it must share the group's stage, so each strongly connected part
+    of the quotient merges into its lowest label. The quotient of the merged groups is
+    the condensation, which is acyclic: the groups are then convex.
     """
-    label = group.copy()
-    while True:
-        quotient = nx.DiGraph()
-        quotient.add_nodes_from(np.unique(label).tolist())
-        quotient.add_edges_from((int(label[index[u]]), int(label[index[v]])) for u, v in graph.edges()
-                                if label[index[u]] != label[index[v]])
-        comps = [c for c in nx.strongly_connected_components(quotient) if len(c) > 1]
-        if not comps:
-            return label
-        for comp in comps:
-            target = min(comp)
-            for lab in comp:
-                label[label == lab] = target
+    a, b = group[src], group[dst]
+    cross = a != b
+    quotient = nx.DiGraph()
+    quotient.add_nodes_from(np.unique(group).tolist())
+    quotient.add_edges_from(zip(a[cross].tolist(), b[cross].tolist()))
+    condensed = nx.condensation(quotient)
+    lowest = np.arange(len(group))
+    for c in condensed:
+        scc = condensed.nodes[c]["members"]
+        lowest[list(scc)] = min(scc)
+    return lowest[group]
 
 
 def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,32 +321,24 @@ def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.cumsum(ptr), dst[order].astype(np.int64)
 
 
-def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray, pin: np.ndarray | None = None) -> np.ndarray:
-    """Kahn's algorithm taking the ready vertex that is pinned first, else unpinned, else pinned
-    last, lowest-numbered among equals (graph order): pinned vertices sit at the ends.
+def _unit_graph(n: int, succ_ptr: np.ndarray, succ: np.ndarray) -> nx.DiGraph:
+    """The unit DAG as a networkx graph (vertices 0..n-1)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from(zip(np.repeat(np.arange(n), np.diff(succ_ptr)).tolist(), succ.tolist()))
+    return graph
 
-    Shorter than n when the graph has a cycle.
-    """
+
+def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray, pin: np.ndarray) -> np.ndarray:
+    """The topological order that takes the ready vertex pinned first, else unpinned, else
+    pinned last, lowest-numbered among equals (graph order): pinned vertices sit at the ends."""
+    rank = np.choose(pin, [1, 0, 2])
     src = np.repeat(np.arange(n), np.diff(succ_ptr))
-    rank = np.ones(n, dtype=np.int64) if pin is None else np.choose(pin, [1, 0, 2])
     if np.all(src < succ) and np.all(np.diff(rank) >= 0):
-        return np.arange(n, dtype=np.int64)  # graph order is already such an order
-    import heapq
-
-    indeg = np.bincount(succ, minlength=n).tolist()
-    lists = [succ[succ_ptr[u]:succ_ptr[u + 1]].tolist() for u in range(n)]
+        return np.arange(n, dtype=np.int64)  # graph order is already that order
     rank_list = rank.tolist()
-    ready = [(rank_list[u], u) for u in range(n) if indeg[u] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, u = heapq.heappop(ready)
-        order.append(u)
-        for v in lists[u]:
-            indeg[v] -= 1
-            if indeg[v] == 0:
-                heapq.heappush(ready, (rank_list[v], v))
-    return np.array(order, dtype=np.int64)
+    order = nx.lexicographical_topological_sort(_unit_graph(n, succ_ptr, succ), key=lambda u: (rank_list[u], u))
+    return np.fromiter(order, dtype=np.int64, count=n)
 
 
 def _check_pins(pin: np.ndarray, succ_ptr: np.ndarray, succ: np.ndarray, members: tuple, nodes: tuple,
@@ -355,17 +346,12 @@ def _check_pins(pin: np.ndarray, succ_ptr: np.ndarray, succ: np.ndarray, members
     """A node pinned last must not feed a node pinned first (that would need k == 1)."""
     if k == 1 or not (np.any(pin == PIN_LAST) and np.any(pin == PIN_FIRST)):
         return
-    seen = set(np.flatnonzero(pin == PIN_LAST).tolist())
-    frontier = list(seen)
-    while frontier:
-        u = frontier.pop()
-        for v in succ[succ_ptr[u]:succ_ptr[u + 1]].tolist():
-            if pin[v] == PIN_FIRST:
-                raise PartitionError(f"node {nodes[members[v][0]]!r} is pinned to the first stage but depends on "
-                                     f"a node pinned to the last; with k={k} stages no split honours both pins")
-            if v not in seen:
-                seen.add(v)
-                frontier.append(v)
+    lasts = np.flatnonzero(pin == PIN_LAST).tolist()
+    reached = [v for layer in nx.bfs_layers(_unit_graph(len(pin), succ_ptr, succ), lasts) for v in layer]
+    late = sorted(v for v in reached if pin[v] == PIN_FIRST)
+    if late:
+        raise PartitionError(f"node {nodes[members[late[0]][0]]!r} is pinned to the first stage but depends on "
+                             f"a node pinned to the last; with k={k} stages no split honours both pins")
 
 
 def _check_memory(problem: Problem) -> None:
