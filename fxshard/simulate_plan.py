@@ -70,6 +70,13 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
     if not plan.training and key != "gpipe":
         raise SimulationError(f"schedule={schedule!r} for an inference plan: forward only, every schedule is "
                               f"GPipe's fill and drain; use schedule='gpipe' or None")
+    m = _microbatches(plan, microbatches)
+    _check_layout(plan, key, m)
+    return simulate(key, _timings(plan, cluster, plan.microbatches / m), m)
+
+
+def _microbatches(plan: Plan, microbatches: int | None) -> int:
+    """The what-if's micro-batch count (the plan's by default); it must divide each replica's samples."""
     m = plan.microbatches if microbatches is None else microbatches
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise SimulationError(f"microbatches={microbatches!r}; use None (the plan's {plan.microbatches}) "
@@ -80,8 +87,7 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
         raise SimulationError(f"{m} micro-batches do not divide the {per_replica} samples each of the "
                               f"{plan.replicas} replica(s) gets per step (batch {plan.batch_size}); "
                               f"use one of {fits}")
-    _check_layout(plan, key, m)
-    return simulate(key, _timings(plan, cluster, plan.microbatches / m), m)
+    return m
 
 
 def _check_layout(plan: Plan, key: str, m: int) -> None:
