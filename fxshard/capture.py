@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import io
@@ -30,7 +31,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.immutable_collections import immutable_dict, immutable_list
+from torch.fx.immutable_collections import immutable_dict
 
 from fxshard.diagnose import data_dependence, quiet_torch, source_line
 from fxshard.errors import CaptureError
@@ -43,8 +44,8 @@ Method = Literal["auto", "symbolic_trace", "export"]
 
 # ---------------------------------------------------------------------------------------
 # Output structure: the captured graph returns a flat tuple; OutputSpec rebuilds the
-# model's own structure (tensor, tuple, list, namedtuple, dict and dict subclasses such as
-# HF ModelOutput, dataclasses, constants) around it.
+# model's own structure around it with torch's pytree (tensor, tuple, list, namedtuple,
+# dict, dict subclasses such as HF ModelOutput, dataclasses; constants kept aside).
 # ---------------------------------------------------------------------------------------
 
 
@@ -52,69 +53,45 @@ Method = Literal["auto", "symbolic_trace", "export"]
 class OutputSpec:
     """How to rebuild the model's output structure from the flat tuple the graph returns.
 
-    ``tree`` is a nested description: ``("leaf", i)``, ``("const", value)``,
-    ``("seq", type, children)``, ``("map", type, keys, children)`` or
-    ``("dataclass", type, names, children)``.
+    ``spec`` is the structure's :class:`torch.utils._pytree.TreeSpec`; ``constants`` maps
+    the positions of its leaves that are not graph values (``None``, numbers, strings) to
+    their values; the graph returns the other leaves, in order.
     """
 
-    tree: Any
-    num_leaves: int
+    spec: pytree.TreeSpec
+    constants: Mapping[int, Any] = dataclasses.field(default_factory=dict)
 
     def rebuild(self, flat: tuple | list) -> Any:
         """Return the model-shaped output for the graph's flat outputs."""
-        return _rebuild(self.tree, flat)
+        values = iter(flat)
+        leaves = [self.constants[i] if i in self.constants else next(values) for i in range(self.spec.num_leaves)]
+        return pytree.tree_unflatten(leaves, self.spec)
 
 
-def _rebuild(tree: Any, flat: tuple | list) -> Any:
-    kind = tree[0]
-    if kind == "leaf":
-        return flat[tree[1]]
-    if kind == "const":
-        return tree[1]
-    if kind == "seq":
-        _, typ, children = tree
-        items = [_rebuild(c, flat) for c in children]
-        if typ is tuple or typ is list:
-            return typ(items)
-        return typ(*items)  # namedtuple
-    if kind == "map":
-        _, typ, keys, children = tree
-        values = [_rebuild(c, flat) for c in children]
-        out = typ() if typ is not dict else {}
-        for key, value in zip(keys, values):
-            out[key] = value
-        return out
-    _, typ, names, children = tree
-    return typ(**{n: _rebuild(c, flat) for n, c in zip(names, children)})
-
-
-def _flatten_output_arg(arg: Any, leaves: list[torch.fx.Node]) -> Any:
-    """Describe the output node's argument, collecting graph-valued leaves in order."""
+def _model_structure(arg: Any) -> Any:
+    """The output node's argument as the model built it, with fx nodes for its values."""
     if isinstance(arg, torch.fx.Node):
         target = arg.target
         if (arg.op == "call_function" and isinstance(target, type)
                 and dataclasses.is_dataclass(target)):
             # fx records `return Out(logits=x)` as a call to the dataclass: look inside.
             names = [f.name for f in dataclasses.fields(target)]
-            bound = dict(zip(names, arg.args))
-            bound.update(arg.kwargs)
-            present = [n for n in names if n in bound]
-            return ("dataclass", target, tuple(present),
-                    tuple(_flatten_output_arg(bound[n], leaves) for n in present))
+            bound = dict(zip(names, arg.args)) | dict(arg.kwargs)
+            return target(**{n: _model_structure(v) for n, v in bound.items()})
         if arg.op == "call_function" and target is _build_mapping:
             typ, keys, values = arg.args
-            return ("map", typ, tuple(keys), tuple(_flatten_output_arg(v, leaves) for v in values))
-        leaves.append(arg)
-        return ("leaf", len(leaves) - 1)
+            return _build_mapping(typ, keys, tuple(_model_structure(v) for v in values))
+        return arg
     if isinstance(arg, (tuple, list)):
+        items = [_model_structure(a) for a in arg]
         # fx stores a returned list as its own read-only list type: give the model's back.
-        typ = list if isinstance(arg, immutable_list) else type(arg)
-        return ("seq", typ, tuple(_flatten_output_arg(a, leaves) for a in arg))
+        if isinstance(arg, list) or type(arg) is tuple:
+            return items if isinstance(arg, list) else tuple(items)
+        return type(arg)(*items)  # namedtuple
     if isinstance(arg, Mapping):
         typ = dict if isinstance(arg, immutable_dict) else type(arg)
-        return ("map", typ, tuple(arg.keys()),
-                tuple(_flatten_output_arg(v, leaves) for v in arg.values()))
-    return ("const", arg)
+        return _build_mapping(typ, tuple(arg.keys()), tuple(_model_structure(v) for v in arg.values()))
+    return arg
 
 
 def _build_mapping(typ: type, keys: tuple, values: tuple) -> Any:
@@ -124,6 +101,25 @@ def _build_mapping(typ: type, keys: tuple, values: tuple) -> Any:
         out[key] = value
     return out
 
+
+def _flatten_structure(structure: Any) -> tuple[list, pytree.TreeSpec]:
+    """``pytree.tree_flatten``, after registering the dataclasses and dict subclasses in
+    ``structure`` that torch (or transformers, for ModelOutput) has not registered."""
+    while True:
+        leaves, spec = pytree.tree_flatten(structure)
+        new = {type(x) for x in leaves if dataclasses.is_dataclass(x) or isinstance(x, dict)}
+        if not new:
+            return leaves, spec
+        for typ in new:
+            if dataclasses.is_dataclass(typ):
+                pytree.register_dataclass(typ)
+            else:
+                pytree.register_pytree_node(typ, lambda d: (list(d.values()), list(d.keys())),
+                                            functools.partial(_unflatten_mapping, typ))
+
+
+def _unflatten_mapping(typ: type, values: Iterable, keys: list) -> Any:
+    return _build_mapping(typ, tuple(keys), tuple(values))
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,11 +301,10 @@ def _no_stderr() -> contextlib.AbstractContextManager:
 
 def _flatten_output_node(graph: torch.fx.Graph) -> OutputSpec:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    leaves: list[torch.fx.Node] = []
-    tree = _flatten_output_arg(output.args[0], leaves)
-    output.args = (tuple(leaves),)
+    leaves, spec = _flatten_structure(_model_structure(output.args[0]))
+    output.args = (tuple(x for x in leaves if isinstance(x, torch.fx.Node)),)
     _erase_unused_constructors(graph)
-    return OutputSpec(tree=tree, num_leaves=len(leaves))
+    return OutputSpec(spec, {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.fx.Node)})
 
 
 def _erase_unused_constructors(graph: torch.fx.Graph) -> None:
@@ -322,30 +317,11 @@ def _erase_unused_constructors(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _output_spec_from_pytree(graph: torch.fx.Graph, out_spec: Any) -> OutputSpec:
+def _output_spec_from_pytree(graph: torch.fx.Graph, out_spec: pytree.TreeSpec) -> OutputSpec:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     leaves = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     output.args = (tuple(leaves),)
-    tree = _pytree_to_tree(out_spec, iter(range(len(leaves))))
-    return OutputSpec(tree=tree, num_leaves=len(leaves))
-
-
-def _pytree_to_tree(spec: Any, counter: Any) -> Any:
-    if spec.is_leaf():
-        return ("leaf", next(counter))
-    kids = spec.children() if hasattr(spec, "children") else spec.children_specs
-    children = [_pytree_to_tree(c, counter) for c in kids]
-    typ = spec.type
-    if typ in (tuple, list) or (isinstance(typ, type) and issubclass(typ, tuple)):
-        return ("seq", typ, tuple(children))
-    if isinstance(typ, type) and issubclass(typ, dict):
-        keys = spec.context if isinstance(spec.context, (list, tuple)) else list(spec.context)
-        return ("map", typ, tuple(keys), tuple(children))
-    if dataclasses.is_dataclass(typ):
-        names = spec.context[0] if isinstance(spec.context, tuple) else spec.context
-        return ("dataclass", typ, tuple(names), tuple(children))
-    raise CaptureError(f"output type {typ.__name__} from torch.export is not supported; return "
-                       f"tensors, tuples, lists, dicts or dataclasses")
+    return OutputSpec(out_spec)
 
 
 def _build_root(graph: torch.fx.Graph, model: torch.nn.Module,
