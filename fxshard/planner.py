@@ -39,10 +39,9 @@ from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, format_bytes
 from fxshard.comm import group_link, ring_allreduce_time
 from fxshard.errors import PartitionerError, PartitionError, PlanError
-from fxshard.passes.stages import summarize_stages
 from fxshard.plan import Alternative, Estimate, ModelInfo, Plan, StagePlan
 from fxshard.plan_options import STRATEGY_ORDER, PlanOptions, batch_size_of, check_request, divisors
-from fxshard.refusal import Accepted, Needs, Probe, Request, needs_of, refuse
+from fxshard.refusal import Accepted, Needs, Probe, Request, model_needs, refuse
 
 __all__ = ["PlanOptions", "batch_size_of", "group_link", "plan", "plan_captured", "ring_allreduce_time"]
 
@@ -242,9 +241,7 @@ def _nothing_fits(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOption
     full = pricer.costs(cluster.devices[0].spec, 1.0)
 
     def needs(optimizer: str, training: bool) -> Needs:
-        one = summarize_stages(pricer.captured, full, {}, 1, training=training, optimizer=optimizer)[0]
-        return needs_of(pricer.captured, full, training=training, optimizer=optimizer, state_bytes=one.state_bytes,
-                        activation_bytes=one.activation_bytes, transient_bytes=one.transient_bytes)
+        return model_needs(pricer.captured, full, training=training, optimizer=optimizer)
 
     simulated = [c for c in ranked if c.stages and c.strategy in ("pipeline", "hybrid")]
     unpartitioned = [c for c in ranked if not c.stages and c.note]

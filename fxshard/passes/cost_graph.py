@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -37,7 +38,8 @@ from fxshard.errors import PartitionError
 from fxshard.modules import stack_paths
 from fxshard.passes.partition import Partition, partition_graph
 
-__all__ = ["StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes"]
+__all__ = ["StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes",
+           "state_factor"]
 
 _SIXTEEN_BIT = ("bfloat16", "float16")
 
@@ -56,11 +58,16 @@ def layer_label(node: torch.fx.Node) -> str:
     return ""
 
 
-def _state_factor(dtype: str, *, training: bool, optimizer: str) -> float:
+def state_factor(dtype: str, *, training: bool, optimizer: str) -> float:
     """Bytes held per byte of parameter: 16-bit weights train in mixed precision."""
     mixed = dtype in _SIXTEEN_BIT
     per_param = bytes_per_parameter(optimizer, "mixed" if mixed else "fp32", training=training)
     return per_param / (2 if mixed else 4)
+
+
+def _state_bytes(work: Any, *, training: bool, optimizer: str) -> float:
+    """A node's parameters with their training state, and its buffers."""
+    return work.param_bytes * state_factor(work.dtype, training=training, optimizer=optimizer) + work.buffer_bytes
 
 
 def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, training: bool = True,
@@ -82,14 +89,13 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
         w = c.work
         if node.op == "get_attr":
             if len(node.users) > 1:
-                replicated[node.name] = int(w.param_bytes * _state_factor(w.dtype, training=training,
-                                                                          optimizer=optimizer) + w.buffer_bytes)
+                replicated[node.name] = int(_state_bytes(w, training=training, optimizer=optimizer))
             continue
         activations = (w.saved_bytes + saved_owner.get(node.name, 0)) * activation_factor if training else 0.0
-        state = w.param_bytes * _state_factor(w.dtype, training=training, optimizer=optimizer) + w.buffer_bytes
-        attrs = dict(compute=c.fwd_time_s + (c.bwd_time_s if training else 0.0),
-                     memory=float(state + activations), params=float(w.param_bytes),
-                     layer=layer_label(node), op=node.op)
+        state = _state_bytes(w, training=training, optimizer=optimizer)
+        attrs = {"compute": c.fwd_time_s + (c.bwd_time_s if training else 0.0),
+                 "memory": float(state + activations), "params": float(w.param_bytes),
+                 "layer": layer_label(node), "op": node.op}
         if node.op == "placeholder":
             attrs["pin"] = "first"
         elif node.op == "output":
@@ -102,8 +108,7 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
             if len(users) == 1:  # joins its only consumer
                 user = users[0].name
                 w = by_name[node.name].work
-                extra = w.param_bytes * _state_factor(w.dtype, training=training, optimizer=optimizer)
-                graph.nodes[user]["memory"] += float(extra + w.buffer_bytes)
+                graph.nodes[user]["memory"] += float(_state_bytes(w, training=training, optimizer=optimizer))
                 graph.nodes[user]["params"] += float(w.param_bytes)
             else:
                 for user in users:
@@ -176,7 +181,9 @@ def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partit
                     costs: GraphCosts | None = None, cost_model: str = "analytical", seed: int = 0,
                     devices: Sequence[int] | None = None, memory_reserve: float = 0.0,
                     works: Sequence | None = None) -> tuple[Partition, nx.DiGraph]:
-    """Partition a captured model into k stages on the first k devices of ``cluster``.
+    """Partition a captured model into k stages on the first k devices of ``cluster`` (or on
+    ``devices``): the one road from a captured graph to a partition, which the planner
+    (fxshard/candidates.py) and the benchmarks both take.
 
     ``costs`` (on the first stage's device) and ``works`` (from :func:`analyze`) are computed
     when not given; pass them to partition one model many times.

@@ -1,14 +1,9 @@
-"""Why no plan fits, in numbers, and the ways out, each one checked by planning it.
+"""Ways out of a refusal, each one checked by planning it, and the refusal's text.
 
-When every candidate overflows a device, the planner hands this module the request, the
+When every candidate overflows a device, the planner hands :func:`refuse` the request, the
 model's memory needs and a *probe*: a function that runs the planner's own search on another
-cluster, batch or set of options, with the arithmetic that accepts a plan (memory reserve,
-whole nodes per stage, the schedule's activations in flight, optimizer bytes). A way out is
-offered only when its probe returned a plan. The floors the message states ("at least N
-devices") are lower bounds from the same accounting (:func:`pipeline_floor`).
-
-The ways out travel as data on the error, ``error.ways_out`` (a tuple of :class:`WayOut`), so
-a program (or a test) can follow them. See docs/planning.md ("When nothing fits").
+cluster, batch or set of options. A way out is offered only when its probe returned a plan; the
+floors the message states come from fxshard/refusal/floors.py. See docs/planning.md.
 """
 
 from __future__ import annotations
@@ -18,86 +13,17 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, format_bytes, parse_bytes
-from fxshard.cost_models import GraphCosts
-from fxshard.cost_models.memory import bytes_per_parameter
 from fxshard.devices import format_budget
 from fxshard.errors import PlanError
+from fxshard.plan_options import PlanOptions, divisors
+from fxshard.refusal.floors import Floor, Needs, pipeline_floor, replica_samples
 
-__all__ = ["Accepted", "Floor", "Needs", "Probe", "Request", "WayOut", "needs_of", "pipeline_floor", "refuse",
-           "replica_samples"]
+__all__ = ["Accepted", "NeedsFn", "Probe", "ProbeFn", "Request", "WayOut", "refuse"]
 
-_MAX_MICROBATCHES = 128  # the most micro-batches the planner tries (planner._microbatch_options)
 _TRIES = 3  # device counts or batch sizes probed per lever: each probe is a search of the planner
 _MAX_DEVICES = 1 << 14  # the largest cluster a way out proposes
 _NEAR = 1.1  # a deepest pipeline within 10% of fitting: grow the count rather than search it all
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Needs:
-    """The model's memory at the request's batch, as the planner counts it: in all, and per node
-    (what the stage holding that node holds at least because of it)."""
-
-    state_bytes: float  # parameters, gradients, optimizer state and buffers, each tensor once
-    activation_bytes: float  # saved for backward by the whole batch (0 in inference)
-    transient_bytes: float  # the largest node output and its gradient, for the whole batch
-    node_names: tuple[str, ...] = ()
-    node_state: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
-    node_activations: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
-    node_transient: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
-
-    @property
-    def total(self) -> float:
-        return self.state_bytes + self.activation_bytes + self.transient_bytes
-
-    def at(self, fraction: float) -> Needs:
-        """The same model on ``fraction`` of the batch: activations scale, state does not."""
-        return dataclasses.replace(self, activation_bytes=self.activation_bytes * fraction,
-                                   transient_bytes=self.transient_bytes * fraction,
-                                   node_activations=self.node_activations * fraction,
-                                   node_transient=self.node_transient * fraction)
-
-
-def needs_of(captured: CapturedGraph, costs: GraphCosts, *, training: bool, optimizer: str,
-             state_bytes: float, activation_bytes: float, transient_bytes: float) -> Needs:
-    """:class:`Needs` with the per-node figures, counted as passes/stages.py counts a stage:
-    a node's stage holds the node's parameters and those of the get_attr nodes it reads (with
-    their training state), the tensors it saves for backward (the allocating node's output for
-    a view), and, at least, its own output and gradient as the stage's largest temporary."""
-    names, state, acts, temps = [], [], [], []
-    for node in captured.gm.graph.nodes:
-        if node.op in ("get_attr", "placeholder", "output"):
-            continue
-        w = costs[node.name].work
-        held = {name: (size, w.dtype, True) for name, size in zip(w.params, w.param_sizes)}
-        held.update({name: (size, w.dtype, False) for name, size in zip(w.buffers, w.buffer_sizes)})
-        for source in node.all_input_nodes:
-            if source.op == "get_attr":
-                sw = costs[source.name].work
-                held.update({name: (size, sw.dtype, True) for name, size in zip(sw.params, sw.param_sizes)})
-                held.update({name: (size, sw.dtype, False) for name, size in zip(sw.buffers, sw.buffer_sizes)})
-        total = 0.0
-        for size, dtype, is_param in held.values():
-            if is_param:
-                mixed = dtype in ("bfloat16", "float16")
-                total += size * bytes_per_parameter(optimizer, "mixed" if mixed else "fp32",
-                                                    training=training) / (2 if mixed else 4)
-            else:
-                total += size
-        saved = 0.0
-        if training:
-            owners = {costs._storage_owner(v) for v in w.saved_values}
-            saved = w.saved_bytes + sum(costs[o].work.output_bytes for o in owners)
-        names.append(node.name)
-        state.append(total)
-        acts.append(saved)
-        temps.append(2.0 * w.output_bytes)
-    return Needs(state_bytes=state_bytes, activation_bytes=activation_bytes, transient_bytes=transient_bytes,
-                 node_names=tuple(names), node_state=np.array(state, dtype=float),
-                 node_activations=np.array(acts, dtype=float), node_transient=np.array(temps, dtype=float))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,111 +88,12 @@ class Request:
     name: str
     cluster: Cluster
     batch: int
-    opts: Any  # a planner.PlanOptions
+    opts: PlanOptions
     fixed_batch: int | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Floor:
-    """The fewest devices a pipeline can run on, the replicas that reach it, and why."""
-
-    devices: float  # math.inf when no pipeline of these devices can run
-    replicas: int
-    why: str
 
 
 ProbeFn = Callable[[Cluster, int, Any, "int | None"], Probe]  # (devices, batch, options, depth hint)
 NeedsFn = Callable[[str, bool], Needs]  # (optimizer, training) -> needs at the request's batch
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
-                   fixed_batch: int | None = None) -> Floor:
-    """The fewest devices of ``cap`` bytes on which the planner can fit a pipeline.
-
-    A lower bound from the planner's accounting, over the replica counts, micro-batch counts
-    and schedules the options allow: each replica holds every parameter's state at least once;
-    GPipe holds all micro-batches' activations (the batch's), a 1F1B-like schedule at least one
-    micro-batch per stage and runs only with at least as many micro-batches as stages; a stage
-    holds at least what each of its nodes needs (:func:`needs_of`) and one stage per replica
-    the largest temporary of a micro-batch.
-    """
-    training = opts.training
-    if fixed_batch is not None or opts.strategy == "pipeline":
-        replica_counts = [1]
-    else:
-        replica_counts = [d for d in _divisors(batch) if d >= (2 if opts.strategy == "hybrid" else 1)]
-    schedules = ["gpipe"] if not training else ([opts.schedule] if opts.schedule else ["gpipe", "1f1b"])
-    # The planner offers the 1F1B family only micro-batch counts >= its stages; with a count given,
-    # torch itself refuses fewer only for 1F1B (interleaved and zero-bubble ones take any).
-    needs_count = opts.microbatches is None or opts.schedule == "1f1b"
-    nodes = len(needs.node_names)
-    best = Floor(devices=math.inf, replicas=1, why=f"no micro-batch count splits the batch of {batch}")
-    node_limited = None  # (node, bytes) of a configuration one node alone overflows
-    blocked = 0  # the fewest stages a 1F1B-like schedule would need, beyond its micro-batches
-    for d in replica_counts:
-        per_replica = batch // d
-        if fixed_batch is not None:
-            counts = [1]
-        elif opts.microbatches is not None:
-            counts = [opts.microbatches] if per_replica % opts.microbatches == 0 else []
-        else:
-            counts = [m for m in _divisors(per_replica) if m <= _MAX_MICROBATCHES]
-        for m in counts:
-            for sched in schedules:
-                kept = 1.0 if sched == "gpipe" else 1.0 / m  # share of the batch's activations held
-                # Micro-batch figures are rounded per node (scale_batch): allow for it, so this stays a floor.
-                if nodes:
-                    per_node = (needs.node_state + needs.node_activations * kept / d
-                                + needs.node_transient / (d * m) - (m + 1))
-                    worst = int(np.argmax(per_node))
-                    if per_node[worst] > cap:
-                        if node_limited is None or per_node[worst] < node_limited[1]:
-                            node_limited = (needs.node_names[worst], float(per_node[worst]), d, m, sched)
-                        continue
-                total = (d * needs.state_bytes + needs.activation_bytes * kept + needs.transient_bytes / m
-                         - (nodes + 1) * m * d)
-                ranks = max(2, math.ceil(math.ceil(total / cap) / d))
-                if nodes and ranks > nodes:
-                    continue  # a stage holds at least one operation
-                if sched != "gpipe" and needs_count and ranks > m:
-                    blocked = min(blocked or ranks, ranks)
-                    continue  # torch's 1F1B family needs at least as many micro-batches as stages
-                if ranks * d < best.devices:
-                    held = needs.activation_bytes * kept
-                    how = (f"{format_bytes(held)} of activations (GPipe holds the whole batch's)" if sched == "gpipe"
-                           else f"at least {format_bytes(held)} of activations ({sched} over {m} micro-batches "
-                                f"holds at least one per stage)")
-                    state = format_bytes(needs.state_bytes) + (f" on each of {d} replicas" if d > 1 else "")
-                    best = Floor(devices=ranks * d, replicas=d,
-                                 why=f"{state} of parameters and optimizer state and {how}")
-    if not math.isfinite(best.devices) and node_limited is not None:
-        name, size, d, m, sched = node_limited
-        return Floor(devices=math.inf, replicas=1,
-                     why=f"node {name!r} alone needs {format_bytes(size)} even at its least ({sched}, {d} "
-                         f"replica(s), {m} micro-batch(es)), more than a device's {format_bytes(cap)}")
-    if not math.isfinite(best.devices) and blocked:
-        return Floor(devices=math.inf, replicas=1,
-                     why=f"{' or '.join(schedules)} would need {blocked} or more stages, and runs only with as many "
-                         f"micro-batches as stages: more than the batch of {batch} splits into"
-                         + (f" with microbatches={opts.microbatches}" if opts.microbatches is not None else ""))
-    if training and blocked and "GPipe" in best.why:
-        best = dataclasses.replace(best, why=best.why + (
-            f"; 1F1B would hold less, but runs only with as many micro-batches as stages ({blocked}+), more than "
-            f"the batch of {batch} splits into"))
-    return best
-
-
-def replica_samples(one_sample: Needs, cap: float) -> int:
-    """The most samples a data-parallel replica fits: the whole model plus its share of the batch."""
-    per_sample = one_sample.activation_bytes + one_sample.transient_bytes
-    room = cap - one_sample.state_bytes + len(one_sample.node_names) + 1  # the planner rounds per node
-    if room < per_sample:
-        return 0
-    return int(room // per_sample) if per_sample > 0 else 1 << 40
 
 
 def _spelled(nbytes: int) -> int:
@@ -386,7 +213,7 @@ class _Refusal:
                 f"{format_bytes(self.cap)} even at one sample, so no device count helps ddp; pipeline and hybrid "
                 f"plans split the model over devices")
             return
-        replicas = next((r for r in _divisors(req.batch) if req.batch // r <= samples), req.batch)
+        replicas = next((r for r in divisors(req.batch) if req.batch // r <= samples), req.batch)
         self.floors.append(
             f"Each DDP replica holds the whole model ({format_bytes(one.state_bytes)} of parameters and optimizer "
             f"state) plus {format_bytes(per_sample)} per sample of its share: a device of {format_bytes(self.cap)} "
