@@ -23,6 +23,7 @@ import functools
 import hashlib
 import inspect
 import io
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
@@ -332,23 +333,17 @@ def _build_root(graph: torch.fx.Graph, model: torch.nn.Module,
         if node.op not in ("get_attr", "call_module"):
             continue
         try:
-            root[node.target] = _resolve(model, node.target)
+            root[node.target] = operator.attrgetter(node.target)(model)
         except AttributeError:
             if extra is None:
                 raise
             # Constants that export lifted out of the code (e.g. _tensor_constant0); fake ones
             # (from exporting a fake copy of a meta model) stay shapes only, on meta.
-            value = _resolve(extra, node.target)
+            value = operator.attrgetter(node.target)(extra)
             if isinstance(value, FakeTensor):
                 value = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
             root[node.target] = value
     return root
-
-
-def _resolve(obj: Any, qualname: str) -> Any:
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _signature_flattener(model: torch.nn.Module, input_names: tuple[str, ...]) -> Callable:
