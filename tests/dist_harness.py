@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch.multiprocessing as mp
@@ -33,6 +34,13 @@ def _worker(rank: int, world: int, port: int, fn, args, errors) -> None:
     finally:
         if dist.is_initialized():  # a failed pipeline closes its groups itself
             dist.destroy_process_group()
+    # The rank's work and its process group are done: leave without interpreter finalisation.
+    # After a refused compile (a collective, then the raise), finalisation aborted a gloo
+    # rank about once in a dozen runs ("terminate called without an active exception");
+    # what is tested has already finished, and the abort is recorded in docs/runtime.md.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn, world: int, *args, timeout: float = 240.0) -> None:

@@ -116,7 +116,7 @@ def test_example_trains_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [float(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines() if " loss " in line]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert "pipeline (2 stages)" in result.stdout
+    assert "pipeline (2 stages, 2 devices)" in result.stdout
 
 
 def test_example_checkpoints_on_two_ranks_and_resumes_on_three(tmp_path):

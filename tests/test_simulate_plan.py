@@ -11,23 +11,7 @@ import fxshard
 from fxshard.plan import Plan
 from fxshard.simulate import SimulationError
 from fxshard.simulate_plan import simulate_plan
-from fxshard.zoo import build
 
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return build("gpt2-tiny", batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def pipe(gpt2):
-    return fxshard.plan(gpt2.model, "4xcpu:3MB", gpt2.example_inputs, strategy="pipeline", schedule="1f1b",
-                        microbatches=4)
-
-
-@pytest.fixture(scope="module")
-def single(gpt2):
-    return fxshard.plan(gpt2.model, "1xcpu:64MB", gpt2.example_inputs)
 
 
 def test_fixture_is_a_four_stage_1f1b_pipeline(pipe, single):

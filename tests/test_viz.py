@@ -16,23 +16,7 @@ from fxshard import viz, viz_dot, viz_text
 from fxshard.plan import PlanFormatError
 from fxshard.simulate_plan import simulate_plan
 from fxshard.viz import graph_outline, plan_dot, plan_png, timeline_png
-from fxshard.zoo import build
 
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return build("gpt2-tiny", batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def pipe(gpt2):
-    return fxshard.plan(gpt2.model, "4xcpu:3MB", gpt2.example_inputs, strategy="pipeline", schedule="1f1b",
-                        microbatches=4)
-
-
-@pytest.fixture(scope="module")
-def single(gpt2):
-    return fxshard.plan(gpt2.model, "1xcpu:64MB", gpt2.example_inputs)
 
 
 @pytest.fixture(scope="module")

@@ -66,10 +66,14 @@ class DistributedPipeline:
         self.world = dist.get_world_size()
         self.device = rank_device()
         self.loss_fn = loss_fn
+        # Refused before the failure guard takes a reference to the job's store: a refusal's
+        # traceback keeps this half-built object alive, and a store reference held past
+        # destroy_process_group aborted the process at exit ("terminate called without an
+        # active exception", seen once in a full run of the GPU-plan refusal test).
+        agree(self._objection())
         self.guard = FailureGuard(self.rank, self.world)
         self._loss_call = LossCall(batch=0, microbatches=1)
         self._loss_index = 0
-        agree(self._objection())
         self.replicas = plan.replicas
         self.dp_group: Any = None
         self.schedule: Any = None
