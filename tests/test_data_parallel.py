@@ -8,7 +8,7 @@ import pytest
 
 from tests import dist_harness
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240), pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")]
 
 
 def _ddp_stage_two_steps(rank: int, world: int) -> None:
