@@ -168,6 +168,14 @@ def test_checkpoint_errors_are_execution_errors():
 # ---------------------------------------------------------------------------------------
 
 
+def _save_gathered(compiled, opt, rank: int, path: str) -> None:
+    """Gather the model and optimizer state on every rank (a collective); rank 0 saves it."""
+    state = compiled.state_dict(gather=True)
+    optim_state = compiled.optimizer_state_dict(opt, gather=True)
+    if rank == 0:
+        torch.save({"model": state, "optimizer": optim_state}, path)
+
+
 def _train_ranks(rank: int, world: int, name: str, kind: str, load: str | None, save: str, seed: int) -> None:
     model, _, _ = _case(name, seed=seed)  # a fresh model: other initial weights
     _, inputs, target = _case(name)  # the same data as the reference
@@ -183,10 +191,7 @@ def _train_ranks(rank: int, world: int, name: str, kind: str, load: str | None, 
         opt.zero_grad()
         compiled.step(*inputs, target=target)
         opt.step()
-    state = compiled.state_dict(gather=True)
-    optim_state = compiled.optimizer_state_dict(opt, gather=True)
-    if rank == 0:
-        torch.save({"model": state, "optimizer": optim_state}, save)
+    _save_gathered(compiled, opt, rank, save)
 
 
 @pytest.mark.slow
@@ -275,10 +280,7 @@ def _tied_ranks(rank: int, world: int, out: str) -> None:
     opt = torch.optim.Adam(compiled.parameters(), lr=1e-3)
     compiled.step(**kwargs, target=target)
     opt.step()
-    state = compiled.state_dict(gather=True)
-    optim_state = compiled.optimizer_state_dict(opt, gather=True)
-    if rank == 0:
-        torch.save({"model": state, "optimizer": optim_state}, out)
+    _save_gathered(compiled, opt, rank, out)
 
 
 @pytest.mark.slow

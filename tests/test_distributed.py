@@ -249,6 +249,18 @@ def _skewed_profiles(heavy_first: bool):
     return node_times
 
 
+def _step_matches_eager(compiled, reference, x, target) -> None:
+    """One MSE step of ``compiled``: this rank's gradients and loss equal the eager reference's."""
+    loss = compiled.step(x, target=target)
+    ref_loss = F.mse_loss(reference(x), target)
+    ref_loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7)
+    if loss is not None:
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+
+
 def _profiled_ranks(rank: int, world: int) -> None:
     from unittest import mock
 
@@ -274,14 +286,7 @@ def _profiled_ranks(rank: int, world: int) -> None:
         assert [s.nodes for s in compiled.plan.stages] == [s.nodes for s in alone.stages]
     else:  # what this rank would have planned alone differs: without sharing, the stages clash
         assert [s.nodes for s in compiled.plan.stages] != [s.nodes for s in alone.stages]
-    loss = compiled.step(x, target=target)
-    ref_loss = F.mse_loss(reference(x), target)
-    ref_loss.backward()
-    ref_params = dict(reference.named_parameters())
-    for name, p in compiled.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7)
-    if loss is not None:
-        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    _step_matches_eager(compiled, reference, x, target)
 
 
 @pytest.mark.timeout(300)
@@ -379,14 +384,7 @@ def _loss_call_ranks(rank: int, world: int) -> None:
     assert "4 micro-batches of 2" in text and "one row per input row (8 rows)" in text, text
     # Both refused alike on every rank before any message: the next step runs and is exact.
     assert all(p.grad is None for p in compiled.parameters())
-    loss = compiled.step(x, target=target)
-    ref_loss = F.mse_loss(reference(x), target)
-    ref_loss.backward()
-    ref_params = dict(reference.named_parameters())
-    for name, p in compiled.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7)
-    if loss is not None:
-        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    _step_matches_eager(compiled, reference, x, target)
 
 
 def test_a_missing_or_misshapen_target_is_refused_on_every_rank():
