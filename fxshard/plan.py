@@ -1,7 +1,8 @@
 """The Plan: how a model runs on a cluster, as frozen, JSON-serialisable data.
 
-A plan names the strategy (single, ddp, pipeline, hybrid), the stages with their nodes and
-devices, the schedule and micro-batches, the estimate, the alternatives that were ranked
+A plan names the strategy (single, ddp, fsdp, pipeline, hybrid), how data-parallel groups
+hold the model (``data_parallel``: replicated or sharded), the stages with their nodes, devices
+and activation checkpointing, the schedule and micro-batches, the estimate, the alternatives that were ranked
 below it, and a fingerprint of the captured graph it was made for. ``to_json`` /
 ``Plan.from_json`` round-trip exactly; ``str(plan)`` is a readable summary. See SPEC and
 docs/planning.md.
@@ -20,8 +21,11 @@ from fxshard.units import format_bytes, format_time
 __all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "EstimatedNode", "ModelInfo", "Plan", "PlanFormatError",
            "StagePlan"]
 
-SCHEMA_VERSION = 1
-STRATEGIES = ("single", "ddp", "pipeline", "hybrid")
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no data_parallel, no activation_checkpointing (read as none)
+STRATEGIES = ("single", "ddp", "fsdp", "pipeline", "hybrid")
+DATA_PARALLEL = ("ddp", "fsdp")
+CHECKPOINTING = ("none", "selective", "full")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +49,7 @@ class StagePlan:
     send_bytes: float
     first_module: str = ""
     last_module: str = ""
+    activation_checkpointing: str = "none"  # none | selective | full, over the stage's repeated blocks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +77,8 @@ class Alternative:
     peak_memory_bytes: float
     fits: bool
     note: str = ""
+    data_parallel: str | None = None
+    activation_checkpointing: str = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,6 +120,8 @@ class Plan:
     reason: str = ""
     alternatives: tuple[Alternative, ...] = ()
     estimated_nodes: tuple[EstimatedNode, ...] = ()  # priced by a stand-in, and why (absent in older JSON)
+    data_parallel: str | None = None  # "ddp" (replicas) or "fsdp" (shards) for ddp, fsdp and hybrid plans
+    reshard_after_forward: bool = True  # fsdp: free each unit's gathered parameters after its forward
     fxshard_plan: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -122,6 +131,19 @@ class Plan:
             raise PlanFormatError(f"microbatches={self.microbatches}, replicas={self.replicas}: both must be >= 1")
         if [s.index for s in self.stages] != list(range(len(self.stages))):
             raise PlanFormatError(f"stage indices {[s.index for s in self.stages]} must be 0..{len(self.stages) - 1}")
+        self._check_levers()
+
+    def _check_levers(self) -> None:
+        wants = {"single": (None,), "pipeline": (None,), "ddp": ("ddp",), "fsdp": ("fsdp",), "hybrid": DATA_PARALLEL}
+        if self.data_parallel is None and wants[self.strategy][0] is not None:  # replicas unless it says shards
+            object.__setattr__(self, "data_parallel", wants[self.strategy][0])
+        if self.data_parallel not in wants[self.strategy]:
+            raise PlanFormatError(f"data_parallel={self.data_parallel!r} with strategy {self.strategy!r}; it takes "
+                                  f"{' or '.join(map(repr, wants[self.strategy]))}")
+        for s in self.stages:
+            if s.activation_checkpointing not in CHECKPOINTING:
+                raise PlanFormatError(f"stage {s.index}: activation_checkpointing={s.activation_checkpointing!r}; "
+                                      f"use one of {', '.join(CHECKPOINTING)}")
 
     @property
     def num_stages(self) -> int:
@@ -150,7 +172,10 @@ class Plan:
             return "1 device"
         if self.strategy == "ddp":
             return f"{self.replicas} data-parallel replicas"
-        shape = f"{self.num_stages} stages" + (f" x {self.replicas} replicas" if self.strategy == "hybrid" else "")
+        if self.strategy == "fsdp":
+            return f"{self.replicas} FSDP shards"
+        group = "FSDP shards" if self.data_parallel == "fsdp" else "replicas"
+        shape = f"{self.num_stages} stages" + (f" x {self.replicas} {group}" if self.strategy == "hybrid" else "")
         per = self.stages_per_device
         if per > 1:
             shape += f", {per} stages per device ({self.schedule})"
@@ -178,14 +203,17 @@ class Plan:
         if not isinstance(data, Mapping):
             raise PlanFormatError(f"a plan is a JSON object, got {type(data).__name__}")
         version = data.get("fxshard_plan")
-        if isinstance(version, bool) or version != SCHEMA_VERSION:
-            raise PlanFormatError(f"plan schema version {version!r}; this fxshard reads version {SCHEMA_VERSION}. "
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise PlanFormatError(f"plan schema version {version!r}; this fxshard reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}. "
                                   f"Re-plan with this version ('fxshard plan ... --json FILE')")
         if not isinstance(data.get("cluster"), Mapping):
             raise PlanFormatError("plan 'cluster' must be an object (Cluster.to_dict()), "
                                   f"got {data.get('cluster')!r:.60}")
         try:
             fields = dict(data)
+            if version == 1:  # replicas, never shards, no checkpointing: the defaults
+                fields["fxshard_plan"] = SCHEMA_VERSION
             fields["model"] = ModelInfo(**fields["model"])
             fields["estimate"] = Estimate(**fields["estimate"])
             fields["stages"] = tuple(_stage(s) for s in fields["stages"])

@@ -127,7 +127,7 @@ def test_plan_json_round_trips_and_prints_a_table(tmp_path, capsys):
 def test_plan_json_to_stdout_is_pure_json(capsys):
     assert main(["plan", "mlp", "--devices", "2xcpu:1GB", "--batch-size", "4", "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["fxshard_plan"] == 1 and doc["strategy"] in ("single", "ddp", "pipeline", "hybrid")
+    assert doc["fxshard_plan"] == 2 and doc["strategy"] in ("single", "ddp", "pipeline", "hybrid")
 
 
 def test_plan_that_cannot_fit_exits_1_with_numbers(capsys):

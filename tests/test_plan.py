@@ -67,7 +67,7 @@ def test_to_json_is_stable(planned, kind):
 def test_json_has_the_spec_fields(planned, kind):
     data = json.loads(planned[kind].to_json())
     assert next(iter(data)) == "fxshard_plan"
-    assert data["fxshard_plan"] == SCHEMA_VERSION == 1
+    assert data["fxshard_plan"] == SCHEMA_VERSION == 2
     for key in ("strategy", "partitioner", "schedule", "microbatches", "cluster", "model", "stages", "estimate"):
         assert key in data
     assert {"name", "nodes", "param_bytes", "fingerprint"} <= set(data["model"])
@@ -336,12 +336,36 @@ def test_plan_format_error_is_an_fxshard_error():
     assert issubclass(PlanFormatError, FxshardError)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", None])
 def test_schema_version_mismatch(version):
     data = make_plan().to_dict()
     data["fxshard_plan"] = version
-    with pytest.raises(PlanFormatError, match=rf"schema version {version!r}.*version {SCHEMA_VERSION}"):
+    with pytest.raises(PlanFormatError, match=rf"schema version {version!r}.*versions 1, {SCHEMA_VERSION}"):
         Plan.from_json(json.dumps(data))
+
+
+def test_version_1_plans_load_as_replicas_without_checkpointing():
+    data = make_plan().to_dict()
+    data["fxshard_plan"] = 1
+    del data["data_parallel"], data["reshard_after_forward"]
+    for stage in data["stages"]:
+        del stage["activation_checkpointing"]
+    for alt in data["alternatives"]:
+        del alt["data_parallel"], alt["activation_checkpointing"]
+    plan = Plan.from_json(json.dumps(data))
+    assert plan.fxshard_plan == 2 and plan.data_parallel == "ddp"
+    assert {s.activation_checkpointing for s in plan.stages} == {"none"}
+    assert plan == make_plan()
+
+
+def test_levers_are_checked():
+    with pytest.raises(PlanFormatError, match="data_parallel='fsdp' with strategy 'pipeline'"):
+        make_plan(strategy="pipeline", replicas=1, data_parallel="fsdp")
+    stage = dataclasses.replace(make_plan().stages[0], activation_checkpointing="most")
+    with pytest.raises(PlanFormatError, match="stage 0: activation_checkpointing='most'"):
+        make_plan(stages=(stage, make_plan().stages[1]))
+    sharded = make_plan(data_parallel="fsdp")
+    assert Plan.from_json(sharded.to_json()) == sharded and "2 FSDP shards" in sharded.shape_text()
 
 
 def test_missing_schema_version():
@@ -399,7 +423,7 @@ def test_missing_or_unexpected_fields(mutate):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("strategy", "tensor-parallel", r"strategy='tensor-parallel'; use one of single, ddp, pipeline, hybrid"),
+    ("strategy", "tensor-parallel", r"strategy='tensor-parallel'; use one of single, ddp, fsdp, pipeline, hybrid"),
     ("strategy", "", "strategy=''"),
     ("microbatches", 0, "microbatches=0"),
     ("microbatches", -3, "microbatches=-3"),
