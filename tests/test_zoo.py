@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -146,10 +145,16 @@ def test_meta_llama_can_be_materialised() -> None:
         torch.testing.assert_close(meta(*real.example_inputs), real.model(*real.example_inputs))
 
 
-def test_meta_build_of_70b_is_fast() -> None:
-    start = time.perf_counter()
-    zoo.build("llama-70b")
-    assert time.perf_counter() - start < 1.0
+def test_meta_build_of_70b_allocates_nothing() -> None:
+    """Built on meta: every tensor is shape only, and the parameter count is LLaMA-2-70B's
+    (80 layers of d=8192, GQA with 8 kv heads of 128, SwiGLU 28672, vocabulary 32000, untied
+    embedding and head). Its speed is a benchmark's business, not a test's."""
+    model = zoo.build("llama-70b").model
+    tensors = [*model.parameters(), *model.buffers()]
+    assert {t.device.type for t in tensors} == {"meta"}
+    d, kv, ffn, vocab, layers = 8192, 8 * 128, 28672, 32000, 80
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d
+    assert sum(p.numel() for p in model.parameters()) == layers * per_layer + 2 * vocab * d + d
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt2-tiny", "llama-tiny"])
