@@ -23,7 +23,7 @@ from fxshard.passes.cost_graph import partition_model
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import EstimatedNode
 from fxshard.plan_options import PlanOptions, divisors
-from fxshard.simulate import SCHEDULES, SimulationError, StageTiming, simulate
+from fxshard.simulate import SCHEDULES, SimulationError, StageFigures, StageTiming, simulate, stage_timings
 
 __all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "microbatch_counts",
            "partition_group", "pipeline_groups", "price_data_parallel", "price_pipeline", "rank_devices", "stage_counts",
@@ -287,16 +287,11 @@ def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: P
 
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
                    training: bool, reduce: tuple[float, ...]) -> list[StageTiming]:
-    out = []
-    for s, st in enumerate(stages):
-        send = 0.0
-        if s + 1 < len(stages) and devices[s][0] != devices[s + 1][0]:
-            send = cluster.link(devices[s][0], devices[s + 1][0]).transfer_time(st.send_bytes)
-        out.append(StageTiming(fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s if training else 0.0,
-                               send_fwd_s=send, send_bwd_s=send if training else 0.0,
-                               activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
-                               transient_bytes=st.transient_bytes, reduce_s=reduce[s]))
-    return out
+    figures = [StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
+                            activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
+                            transient_bytes=st.transient_bytes, reduce_s=r)
+               for st, devs, r in zip(stages, devices, reduce)]
+    return stage_timings(figures, cluster, training=training)
 
 
 def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_of: dict[str, int],

@@ -22,21 +22,26 @@ import dataclasses
 import functools
 import json
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from unittest import mock
 
 from fxshard.errors import SimulationError  # defined there, re-exported here
+
+if TYPE_CHECKING:
+    from fxshard.cluster import Cluster
 
 __all__ = [
     "SCHEDULES",
     "Schedule",
     "SimResult",
     "SimulationError",
+    "StageFigures",
     "StageTiming",
     "TimedAction",
     "rank_actions",
     "schedule_name",
     "simulate",
+    "stage_timings",
     "to_chrome_trace",
 ]
 
@@ -83,6 +88,40 @@ class StageTiming:
     static_bytes: float = 0.0
     transient_bytes: float = 0.0
     reduce_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageFigures:
+    """One stage's figures per micro-batch, as the planner prices them and a plan stores them.
+
+    ``device`` is the stage's first device (where it runs); ``send_bytes`` cross to the next
+    stage's; the rest become the :class:`StageTiming` fields of the same meaning.
+    """
+
+    device: int
+    fwd_s: float
+    bwd_s: float
+    send_bytes: float
+    activation_bytes: float = 0.0
+    static_bytes: float = 0.0
+    transient_bytes: float = 0.0
+    reduce_s: float = 0.0
+
+
+def stage_timings(stages: Sequence[StageFigures], cluster: Cluster, *, training: bool) -> list[StageTiming]:
+    """The :class:`StageTiming` rows of a pipeline: sends take the link's transfer time when
+    neighbouring stages run on different devices (nothing on one device), and inference has no
+    backward or backward sends."""
+    out = []
+    for s, st in enumerate(stages):
+        send = 0.0
+        if s + 1 < len(stages) and st.device != stages[s + 1].device:
+            send = cluster.link(st.device, stages[s + 1].device).transfer_time(st.send_bytes)
+        out.append(StageTiming(fwd_s=st.fwd_s, bwd_s=st.bwd_s if training else 0.0, send_fwd_s=send,
+                               send_bwd_s=send if training else 0.0, activation_bytes=st.activation_bytes,
+                               static_bytes=st.static_bytes, transient_bytes=st.transient_bytes,
+                               reduce_s=st.reduce_s))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

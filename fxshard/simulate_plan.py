@@ -13,7 +13,8 @@ from __future__ import annotations
 from fxshard.cluster import Cluster
 from fxshard.comm import exposed_allreduce_time
 from fxshard.plan import Plan
-from fxshard.simulate import SCHEDULES, SimResult, SimulationError, StageTiming, rank_actions, schedule_name, simulate
+from fxshard.simulate import (SCHEDULES, SimResult, SimulationError, StageFigures, StageTiming, rank_actions,
+                              schedule_name, simulate, stage_timings)
 
 __all__ = ["simulate_plan"]
 
@@ -113,20 +114,13 @@ def _check_layout(plan: Plan, key: str, m: int) -> None:
 
 
 def _timings(plan: Plan, cluster: Cluster, scale: float) -> list[StageTiming]:
-    """The planner's stage timings (candidates._stage_timings), rebuilt from the plan's figures."""
-    out = []
-    stages = plan.stages
-    for s, st in enumerate(stages):
-        send = 0.0
-        if s + 1 < len(stages) and st.device_indices[0] != stages[s + 1].device_indices[0]:
-            send = cluster.link(st.device_indices[0], stages[s + 1].device_indices[0]).transfer_time(
-                st.send_bytes * scale)
+    """The planner's stage timings (:func:`fxshard.simulate.stage_timings`) from the plan's figures."""
+    figures = []
+    for st in plan.stages:
         bwd = st.bwd_time_s * scale if plan.training else 0.0
         # the planner's own price of the all-reduce over the stage's replicas that backward does not hide
         reduce = exposed_allreduce_time(cluster, st.device_indices, st.param_bytes, bwd) if plan.training else 0.0
-        out.append(StageTiming(fwd_s=st.fwd_time_s * scale, bwd_s=bwd, send_fwd_s=send,
-                               send_bwd_s=send if plan.training else 0.0, activation_bytes=0.0,
-                               static_bytes=st.peak_memory_bytes, reduce_s=reduce))
-    return out
-
-
+        figures.append(StageFigures(device=st.device_indices[0], fwd_s=st.fwd_time_s * scale, bwd_s=bwd,
+                                    send_bytes=st.send_bytes * scale, static_bytes=st.peak_memory_bytes,
+                                    reduce_s=reduce))
+    return stage_timings(figures, cluster, training=plan.training)
