@@ -1,5 +1,6 @@
-"""Communication times the planner and the simulator's callers price: ring all-reduce over a
-group of devices, and the link such a group reduces over. See docs/planning.md."""
+"""Communication times the planner and the simulator's callers price: ring all-reduce,
+all-gather and reduce-scatter over a group of devices, and the link such a group talks over.
+See docs/planning.md and docs/cost_models.md ("Sharded data parallel")."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Sequence
 
 from fxshard.cluster import Cluster
 
-__all__ = ["exposed_allreduce_time", "group_link", "ring_allreduce_time"]
+__all__ = ["exposed_allreduce_time", "group_link", "ring_allgather_time", "ring_allreduce_time",
+           "ring_reduce_scatter_time"]
 
 
 def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -18,8 +20,24 @@ def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float)
     return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
 
 
+def ring_allgather_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """Seconds for a ring all-gather whose gathered result is ``nbytes`` over n ranks: each rank
+    sends and receives (n-1)/n x bytes, in n-1 steps of one latency each."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) / n * nbytes / bandwidth + (n - 1) * latency
+
+
+def ring_reduce_scatter_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """Seconds for a ring reduce-scatter of ``nbytes`` (the unsharded input) over n ranks: the
+    same traffic as an all-gather of the result, (n-1)/n x bytes plus n-1 latencies (an
+    all-reduce is the two in sequence)."""
+    return ring_allgather_time(nbytes, n, bandwidth, latency)
+
+
 def group_link(cluster: Cluster, devices: Sequence[int]) -> tuple[float, float]:
-    """(bandwidth, latency) of the link a group of devices all-reduces over."""
+    """(bandwidth, latency) of the link a group of devices all-reduces over: the slowest link in
+    the group (inter-machine as soon as it spans two machines)."""
     machines = {cluster.devices[d].machine for d in devices}
     link = cluster.intra_link if len(machines) == 1 else cluster.inter_link
     return link.bandwidth, link.latency_s
