@@ -238,11 +238,34 @@ class Plan:
 
     # -- text ----------------------------------------------------------------------------
 
+    def levers_text(self) -> str:
+        """The memory levers in words, "" where none is pulled: activation checkpointing ("full
+        activation checkpointing", or per stage where stages differ: "activation checkpointing
+        full on stage 0, none on stages 1-3"), gradient accumulation of ddp and fsdp plans ("4
+        micro-batches accumulated") and, for FSDP groups, whether units reshard after forward."""
+        parts = []
+        policies = [s.activation_checkpointing for s in self.stages]
+        if len(set(policies)) == 1 and policies[0] != "none":
+            parts.append(f"{policies[0]} activation checkpointing")
+        elif len(set(policies)) > 1:
+            on = {p: [s.index for s in self.stages if s.activation_checkpointing == p] for p in dict.fromkeys(policies)}
+            parts.append("activation checkpointing " + ", ".join(
+                f"{p} on stage{'s' if len(i) > 1 else ''} {_spans(i)}" for p, i in on.items()))
+        if self.strategy in ("ddp", "fsdp") and self.microbatches > 1:
+            parts.append(f"{self.microbatches} micro-batches accumulated")
+        if self.data_parallel == "fsdp":
+            parts.append("reshard after forward" if self.reshard_after_forward
+                         else "parameters kept gathered from forward to backward")
+        return ", ".join(parts)
+
     def __str__(self) -> str:
         e = self.estimate
+        levers = self.levers_text()
+        accumulated = self.strategy in ("ddp", "fsdp") and self.microbatches > 1  # said by the levers
         lines = [f"fxshard plan: {self.strategy} ({self.shape_text()}), "
                  + (f"schedule {self.schedule}, " if self.schedule else "")
-                 + f"{self.microbatches} micro-batches, partitioner {self.partitioner}",
+                 + ("" if accumulated else f"{self.microbatches} micro-batches, ")
+                 + (f"{levers}, " if levers else "") + f"partitioner {self.partitioner}",
                  f"  model {self.model.name}: {self.model.nodes} nodes, "
                  f"{format_bytes(self.model.param_bytes)} of parameters, fingerprint {self.model.fingerprint}",
                  f"  batch {self.batch_size}, {'training with ' + self.optimizer if self.training else 'inference'}"]
@@ -255,7 +278,9 @@ class Plan:
             lines.append(f"  stage {s.index} on {','.join(s.devices)}: {len(s.nodes)} nodes ({span}), "
                          f"params {format_bytes(s.param_bytes)}, peak {format_bytes(s.peak_memory_bytes)} of "
                          f"{format_bytes(s.memory_capacity_bytes)}, fwd {format_time(s.fwd_time_s)}, "
-                         f"bwd {format_time(s.bwd_time_s)}, sends {format_bytes(s.send_bytes)}")
+                         f"bwd {format_time(s.bwd_time_s)}, sends {format_bytes(s.send_bytes)}"
+                         + (f", {s.activation_checkpointing} activation checkpointing"
+                            if s.activation_checkpointing != "none" else ""))
         lines.append(f"  estimate: step {format_time(e.step_time_s)}, bubble {e.bubble_fraction:.1%}, "
                      f"{e.samples_per_s:.1f} samples/s (lower bound {format_time(e.lower_bound_step_time_s)})")
         if self.estimated_nodes:
@@ -266,6 +291,17 @@ class Plan:
         if self.reason:
             lines.append(f"  why: {self.reason}")
         return "\n".join(lines)
+
+
+def _spans(indices: list[int]) -> str:
+    """Ascending indices as runs: [0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _stage(data: Mapping[str, Any]) -> StagePlan:

@@ -20,7 +20,11 @@ from fxshard.simulate import SCHEDULES, SimulationError, schedule_name
 __all__ = ["STRATEGY_ORDER", "PlanOptions", "batch_size_of", "check_request", "divisors"]
 
 # The strategies, simplest first: ties in step time go to the simpler one.
-STRATEGY_ORDER = {"single": 0, "ddp": 1, "pipeline": 2, "hybrid": 3}
+STRATEGY_ORDER = {"single": 0, "ddp": 1, "fsdp": 2, "pipeline": 3, "hybrid": 4}
+CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing policies (SPEC: "Memory levers")
+DATA_PARALLEL = ("ddp", "fsdp")  # how a data-parallel group holds the model: replicated or sharded
+# The data-parallel groups each strategy can have: none, or the ones listed.
+_GROUPS = {"single": (), "pipeline": (), "ddp": ("ddp",), "fsdp": ("fsdp",), "hybrid": DATA_PARALLEL}
 
 
 def divisors(n: int) -> list[int]:
@@ -30,7 +34,12 @@ def divisors(n: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PlanOptions:
-    """What to plan for (SPEC: the keyword options of ``fxshard.plan``)."""
+    """What to plan for (SPEC: the keyword options of ``fxshard.plan``).
+
+    ``activation_checkpointing`` ("none", "selective", "full") and ``data_parallel`` ("ddp":
+    replicas, "fsdp": shards) are the memory levers; None lets the planner choose. See
+    docs/planning.md.
+    """
 
     training: bool = True
     optimizer: str = "adam"
@@ -39,6 +48,8 @@ class PlanOptions:
     partitioner: str = "metis"
     cost_model: str = "analytical"
     strategy: str | None = None
+    activation_checkpointing: str | None = None
+    data_parallel: str | None = None
     stages: int | None = None
     loss_fn: Any = None
     seed: int = 0
@@ -59,6 +70,7 @@ class PlanOptions:
         if self.strategy not in (None, *STRATEGY_ORDER):
             raise PlanError(f"strategy={self.strategy!r}; use None (auto) or one of {', '.join(STRATEGY_ORDER)}")
         _check_microbatches(self.microbatches, positive=True)
+        self._check_levers()
         self._check_stages()
         if self.partitioner not in partitioners():
             raise PlanError(f"partitioner={self.partitioner!r} is not registered; known: {', '.join(partitioners())}")
@@ -68,12 +80,33 @@ class PlanOptions:
         if not 0 <= self.memory_reserve < 1:
             raise PlanError(f"memory_reserve={self.memory_reserve}; it is a fraction of each device, in [0, 1)")
 
+    def _check_levers(self) -> None:
+        if self.activation_checkpointing not in (None, *CHECKPOINTING):
+            raise PlanError(f"activation_checkpointing={self.activation_checkpointing!r}; use None (auto) or one of "
+                            f"{', '.join(map(repr, CHECKPOINTING))}")
+        if self.data_parallel not in (None, *DATA_PARALLEL):
+            raise PlanError(f"data_parallel={self.data_parallel!r}; use None (auto), 'ddp' (replicas) or 'fsdp' "
+                            f"(parameters, gradients and optimizer state sharded)")
+        if not self.training and self.activation_checkpointing not in (None, "none"):
+            raise PlanError(f"activation_checkpointing={self.activation_checkpointing!r} with training=False: "
+                            f"inference saves no activations for a backward pass, so there is nothing to "
+                            f"recompute; drop activation_checkpointing= or use 'none'")
+        if self.strategy is None or self.data_parallel is None:
+            return
+        groups = _GROUPS[self.strategy]
+        if self.data_parallel not in groups:
+            fits = [s for s, g in _GROUPS.items() if self.data_parallel in g]
+            has = (f"{self.strategy} plans have no data-parallel group" if not groups else
+                   f"{self.strategy} plans are {'replicated (ddp)' if groups == ('ddp',) else 'sharded (fsdp)'}")
+            raise PlanError(f"data_parallel={self.data_parallel!r} with strategy={self.strategy!r}: {has}; use "
+                            f"strategy={' or '.join(map(repr, fits))}, or drop data_parallel=")
+
     def _check_stages(self) -> None:
         if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int)
                                         or self.stages < 2):
             raise PlanError(f"stages={self.stages!r}; use None (auto) or a pipeline depth of at least 2 "
-                            f"(one stage is strategy='single' or 'ddp')")
-        if self.stages is not None and self.strategy in ("single", "ddp"):
+                            f"(one stage is strategy='single', 'ddp' or 'fsdp')")
+        if self.stages is not None and self.strategy in ("single", "ddp", "fsdp"):
             raise PlanError(f"stages={self.stages} with strategy={self.strategy!r}: {self.strategy} plans have one "
                             f"stage; use strategy='pipeline' or 'hybrid', or drop stages=")
 
@@ -113,12 +146,14 @@ def check_request(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
     name = captured.model_name
     n = cluster.num_devices
     fixed = captured.fixed_batch
-    if fixed is not None and ((opts.microbatches or 1) > 1 or opts.strategy in ("ddp", "hybrid")):
+    split = opts.strategy in ("ddp", "fsdp", "hybrid") or opts.data_parallel is not None
+    if fixed is not None and ((opts.microbatches or 1) > 1 or split):
+        lever = f" data_parallel={opts.data_parallel!r}" if opts.data_parallel is not None else ""
         raise PlanError(
             f"{name} captured with its batch fixed at {fixed} (torch.export had to specialise on the batch size: "
             f"the model branches on it), so its graph cannot run on micro-batches or replica shards, which "
-            f"microbatches={opts.microbatches} strategy={opts.strategy!r} need. Use microbatches=1 with strategy "
-            f"'single' or 'pipeline', or remove the branch on the batch size from the model")
+            f"microbatches={opts.microbatches} strategy={opts.strategy!r}{lever} need. Use microbatches=1 with "
+            f"strategy 'single' or 'pipeline', or remove the branch on the batch size from the model")
     if opts.stages is not None and opts.stages > n:
         raise PlanError(f"stages={opts.stages} needs at least {opts.stages} devices; the cluster has {n}. Use "
                         f"stages<={n} or more devices")
@@ -131,9 +166,10 @@ def check_request(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
         raise PlanError(f"stages={opts.stages} but {name} has only {ops} operation(s) to place "
                         f"({len(captured.nodes)} graph nodes with inputs and outputs); use stages<={max(ops, 2)} "
                         f"or a larger model")
-    if opts.microbatches is not None and opts.strategy in ("pipeline", "hybrid"):
-        replicas = [1] if opts.strategy == "pipeline" else [r for r in divisors(batch) if r >= 2]
-        if not any((batch // r) % opts.microbatches == 0 for r in replicas):
+    if opts.microbatches is not None and opts.strategy in ("ddp", "fsdp", "pipeline", "hybrid"):
+        # ddp and fsdp accumulate: each replica's share of the batch runs as micro-batches one after another
+        replicas = [1] if opts.strategy == "pipeline" else [r for r in divisors(batch) if 2 <= r <= n]
+        if replicas and not any((batch // r) % opts.microbatches == 0 for r in replicas):
             raise PlanError(f"microbatches={opts.microbatches} does not divide the batch of {batch}"
-                            + (" into replicas' equal shares" if opts.strategy == "hybrid" else "")
+                            + (" into replicas' equal shares" if opts.strategy != "pipeline" else "")
                             + f"; use one of {', '.join(map(str, divisors(batch)))}")
