@@ -27,13 +27,13 @@ import torch.utils._pytree as pytree
 from torch.fx.node import map_arg
 
 from fxshard.capture import CapturedGraph
+from fxshard.capture.diagnose import first_line
 from fxshard.cost_models.analysis import NodeWork
 from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
 from fxshard.devices import local_gpu_spec
 from fxshard.errors import CostModelError
 from fxshard.modules import has_meta_state
-from fxshard.propagate import first_line
 
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec

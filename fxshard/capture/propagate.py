@@ -3,7 +3,7 @@
 Runs a fake copy of the graph module on fake tensors (as ``torch.fx.passes.shape_prop.ShapeProp``
 does with a fake mode), on one device for the whole model (:func:`propagation_device`), so that
 nothing is computed or allocated and a model on the ``meta`` device propagates as a real one
-does. Used by :mod:`fxshard.capture`; see docs/robustness.md, "Models built on the meta device".
+does. Used by :mod:`fxshard.capture.graph`; see docs/robustness.md, "Models built on the meta device".
 """
 
 from __future__ import annotations
@@ -16,15 +16,10 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from fxshard.capture.diagnose import first_line
 from fxshard.errors import CaptureError
 
-__all__ = ["ValueProp", "fake_copy", "fake_off_meta", "fakeify", "first_line", "propagation_device", "tensor_meta"]
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (300 characters at most), or its type's name."""
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+__all__ = ["ValueProp", "fake_copy", "fake_off_meta", "fakeify", "propagation_device", "tensor_meta"]
 
 
 class ValueProp(torch.fx.Interpreter):

@@ -22,11 +22,18 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["SourceLine", "data_dependence", "quiet_torch", "source_line"]
+__all__ = ["SourceLine", "data_dependence", "export_failure", "first_line", "quiet_torch", "source_line",
+           "symbolic_failure"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_FXSHARD_DIR = os.path.dirname(__file__) + os.sep
+_FXSHARD_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # fxshard/, above fxshard/capture/
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (300 characters at most), or its type's name."""
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +123,39 @@ def _kind(error: BaseException) -> str | None:
             return "guard"
         error = error.__cause__ or error.__context__
     return None
+
+
+def symbolic_failure(name: str, error: BaseException, reason: str) -> str:
+    """The message for ``method="symbolic_trace"`` failing on model ``name``."""
+    line = source_line(error)
+    return (f"torch.fx.symbolic_trace failed on {name}{f' at {line}' if line else ''}: {reason}. "
+            f"Try method='export', or mark the failing submodule as a leaf with leaf_modules=(ItsClass,)")
+
+
+def export_failure(name: str, error: BaseException, reasons: dict[str, str], earlier: list[BaseException]) -> str:
+    """The message for torch.export failing on model ``name`` (after symbolic_trace, for ``auto``).
+
+    Args:
+        name: the model's class name.
+        error: torch.export's exception.
+        reasons: each method's failure, in the order they were tried.
+        earlier: the exceptions of the methods tried before torch.export.
+    """
+    detail = "; ".join(f"{k} failed with {v}" for k, v in reasons.items())
+    cache = re.search(r"<class '([\w.]*Cache)'>", str(error))
+    if cache:
+        return (f"cannot capture {name}: it returns a key/value cache ({cache.group(1).rsplit('.', 1)[-1]}), which "
+                f"a pipeline does not carry between steps. Pass use_cache=False with the inputs, or set "
+                f"model.config.use_cache = False ({detail})")
+    # torch.export ran forward as Python, so its traceback holds the model's failing line.
+    line = source_line(error) or next((x for x in map(source_line, earlier) if x), None)
+    cause = data_dependence(error, line=line)
+    if cause:
+        return f"cannot capture {name}{f' at {line}' if line else ''}: {cause} ({detail})"
+    return (f"cannot capture {name}{f' (failing at {line})' if line else ''}: {detail}. Ways out: make "
+            f"data-dependent control flow depend on shapes only or use torch.cond; mark untraceable submodules "
+            f"with leaf_modules=(...); for Hugging Face-style models pass use_cache=False and "
+            f"return_dict=True in the config; pass example inputs of the real types")
 
 
 @contextlib.contextmanager
