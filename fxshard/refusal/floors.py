@@ -128,14 +128,7 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
     node_limited = None  # (node, bytes) of a configuration one node alone overflows
     blocked = 0  # the fewest stages a 1F1B-like schedule would need, beyond its micro-batches
     for d in replica_counts:
-        per_replica = batch // d
-        if fixed_batch is not None:
-            counts = [1]
-        elif opts.microbatches is not None:
-            counts = [opts.microbatches] if per_replica % opts.microbatches == 0 else []
-        else:
-            counts = [m for m in divisors(per_replica) if m <= MAX_MICROBATCHES]
-        for m in counts:
+        for m in _microbatch_counts(batch // d, opts, fixed_batch):
             for sched in schedules:
                 kept = 1.0 if sched == "gpipe" else 1.0 / m  # share of the batch's activations held
                 # Micro-batch figures are rounded per node (scale_batch): allow for it, so this stays a floor.
@@ -156,13 +149,33 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
                     blocked = min(blocked or ranks, ranks)
                     continue  # torch's 1F1B family needs at least as many micro-batches as stages
                 if ranks * d < best.devices:
-                    held = needs.activation_bytes * kept
-                    how = (f"{format_bytes(held)} of activations (GPipe holds the whole batch's)" if sched == "gpipe"
-                           else f"at least {format_bytes(held)} of activations ({sched} over {m} micro-batches "
-                                f"holds at least one per stage)")
-                    state = format_bytes(needs.state_bytes) + (f" on each of {d} replicas" if d > 1 else "")
-                    best = Floor(devices=ranks * d, replicas=d,
-                                 why=f"{state} of parameters and optimizer state and {how}")
+                    best = Floor(devices=ranks * d, replicas=d, why=_held(needs, kept, sched, d, m))
+    return _explained(best, node_limited, blocked, schedules, batch, cap, opts)
+
+
+def _microbatch_counts(per_replica: int, opts: Any, fixed_batch: int | None) -> list[int]:
+    """The micro-batch counts the planner tries on a replica's share of the batch."""
+    if fixed_batch is not None:
+        return [1]
+    if opts.microbatches is not None:
+        return [opts.microbatches] if per_replica % opts.microbatches == 0 else []
+    return [m for m in divisors(per_replica) if m <= MAX_MICROBATCHES]
+
+
+def _held(needs: Needs, kept: float, sched: str, d: int, m: int) -> str:
+    """What a floor of ``d`` replicas holds under ``sched`` over ``m`` micro-batches, in words."""
+    held = needs.activation_bytes * kept
+    how = (f"{format_bytes(held)} of activations (GPipe holds the whole batch's)" if sched == "gpipe"
+           else f"at least {format_bytes(held)} of activations ({sched} over {m} micro-batches "
+                f"holds at least one per stage)")
+    state = format_bytes(needs.state_bytes) + (f" on each of {d} replicas" if d > 1 else "")
+    return f"{state} of parameters and optimizer state and {how}"
+
+
+def _explained(best: Floor, node_limited: tuple[str, float, int, int, str] | None, blocked: int,
+               schedules: list[str], batch: int, cap: float, opts: Any) -> Floor:
+    """The floor with why no pipeline runs (one node too big, or too few micro-batches for the
+    1F1B family's stages), or why GPipe's floor is not 1F1B's."""
     if not math.isfinite(best.devices) and node_limited is not None:
         name, size, d, m, sched = node_limited
         return Floor(devices=math.inf, replicas=1,
@@ -173,7 +186,7 @@ def pipeline_floor(needs: Needs, batch: int, cap: float, opts: Any, *,
                      why=f"{' or '.join(schedules)} would need {blocked} or more stages, and runs only with as many "
                          f"micro-batches as stages: more than the batch of {batch} splits into"
                          + (f" with microbatches={opts.microbatches}" if opts.microbatches is not None else ""))
-    if training and blocked and "GPipe" in best.why:
+    if opts.training and blocked and "GPipe" in best.why:
         best = dataclasses.replace(best, why=best.why + (
             f"; 1F1B would hold less, but runs only with as many micro-batches as stages ({blocked}+), more than "
             f"the batch of {batch} splits into"))
