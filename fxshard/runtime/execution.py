@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
+import torch.fx
 
 from fxshard.capture import CapturedGraph
 from fxshard.errors import ExecutionError
+from fxshard.passes.regions import repeated_blocks
 from fxshard.passes.split import split_graph
 from fxshard.plan import Plan
 from fxshard.runtime.checkpoint import state_aliases
+from fxshard.runtime.checkpointing import apply_checkpointing, checkpoint_stages
 from fxshard.runtime.local import LocalPipeline, to_device
 from fxshard.runtime.loss import LossCall, call_loss, check_loss_call, leading_rows
 
@@ -71,7 +74,8 @@ def make_execution(model: torch.nn.Module, captured: CapturedGraph, plan: Plan, 
         return DistributedPipeline(captured, plan, loss_fn=loss_fn, aliases=state_aliases(model))
     if plan.strategy in ("pipeline", "hybrid"):
         return LocalPipelineExecution(model, captured, plan)
-    return EagerExecution(model, captured, local_device(plan.stages[0].devices[0]))
+    return EagerExecution(model, captured, local_device(plan.stages[0].devices[0]),
+                          activation_checkpointing=plan.stages[0].activation_checkpointing)
 
 
 class PlainModel:
@@ -108,17 +112,31 @@ class PlainModel:
 
 
 class EagerExecution(PlainModel):
-    """The model as it is, on one device (``single`` and ``ddp`` plans in one process)."""
+    """The model on one device (``single``, ``ddp`` and ``fsdp`` plans in one process).
 
-    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, device: torch.device) -> None:
+    With activation checkpointing (the plan's stage 0 policy), the captured graph runs instead
+    of the model's own forward, each repeated block under ``policy``; the graph holds the
+    model's own Parameters, so an optimizer over ``model.parameters()`` trains it.
+    """
+
+    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, device: torch.device, *,
+                 activation_checkpointing: str = "none") -> None:
         super().__init__(model)
         self.captured = captured
         self.device = device
+        names = {path: captured.param_names.get(id(t)) for path, t in captured.gm.named_buffers(remove_duplicate=False)}
         if _model_device(model) != device:
             model.to(device)
+        self.graph: torch.fx.GraphModule | None = None
+        if activation_checkpointing != "none":
+            graph = apply_checkpointing(captured.gm, repeated_blocks(captured), activation_checkpointing)
+            self.graph = _bind_buffers(graph.to(device), model, names)
 
     def forward(self, args: tuple, kwargs: dict) -> Any:
-        return self.model(*to_device(args, self.device), **to_device(kwargs, self.device))
+        if self.graph is None:
+            return self.model(*to_device(args, self.device), **to_device(kwargs, self.device))
+        flat = to_device(self.captured.flatten_inputs(args, kwargs), self.device)
+        return self.captured.output_spec.rebuild(self.graph(*flat))
 
     def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
         how = LossCall(batch=leading_rows(self.captured.flatten_inputs(args, kwargs)) or 0, microbatches=1,
@@ -130,13 +148,29 @@ class EagerExecution(PlainModel):
         return loss.detach()
 
 
+def _bind_buffers(graph: torch.fx.GraphModule, model: torch.nn.Module,
+                  names: Mapping[str, str | None]) -> torch.fx.GraphModule:
+    """Make ``graph`` read the model's buffers (``Module.to`` replaces buffer tensors, so after a
+    move the graph would update stale copies of running statistics)."""
+    for path, name in names.items():
+        if name is None:
+            continue
+        prefix, _, attr = path.rpartition(".")
+        owner = graph.get_submodule(prefix) if prefix else graph
+        if attr in owner._buffers:
+            owner._buffers[attr] = model.get_buffer(name)
+    return graph
+
+
 class LocalPipelineExecution(PlainModel):
-    """The plan's stages on local devices, micro-batched (``pipeline`` and ``hybrid`` plans)."""
+    """The plan's stages on local devices, micro-batched (``pipeline`` and ``hybrid`` plans); each
+    stage's repeated blocks run under its activation-checkpointing policy."""
 
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, plan: Plan) -> None:
         super().__init__(model)
         self.captured = captured
         split = split_graph(captured, plan.stage_of(), plan.num_stages)
+        split = checkpoint_stages(split, captured, plan)
         self.pipeline = LocalPipeline(split, [local_device(s.devices[0]) for s in plan.stages], plan.microbatches)
 
     def forward(self, args: tuple, kwargs: dict) -> Any:

@@ -1,0 +1,167 @@
+"""Activation checkpointing in one process: losses and gradients equal eager; names unchanged."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxshard
+from fxshard.capture import capture
+from fxshard.models.language import GPT2, GPT2Config
+from fxshard.passes.regions import repeated_blocks
+from fxshard.runtime.checkpointing import CheckpointedBlock, apply_checkpointing, kept_by_selective
+
+POLICIES = ("selective", "full")
+
+
+def _lm_loss(out, target):
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+
+def _gpt2():
+    """A 6-block GPT-2 with a tied LM head (a 2-stage pipeline then holds whole blocks)."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=6, n_head=4, n_embd=64, vocab_size=256, block_size=64))
+    idx = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    return model, (idx,), idx.roll(-1, dims=1)
+
+
+def _hf_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    return model, (ids,), ids.roll(-1, dims=1)
+
+
+class _DropBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(16, 32), nn.Linear(32, 16), nn.Dropout(0.3)
+
+    def forward(self, x):
+        return x + self.drop(self.fc2(self.drop(torch.relu(self.fc1(x)))))
+
+
+class _DropNet(nn.Module):
+    """Repeated blocks with dropout, in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_DropBlock() for _ in range(4))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _dropnet():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    return _DropNet().train(), (x,), torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+
+
+MODELS = {"gpt2": (_gpt2, _lm_loss), "hf-llama": (_hf_llama, _lm_loss), "dropout": (_dropnet, F.mse_loss)}
+
+
+def _eager(model, args, target, loss_fn):
+    reference = copy.deepcopy(model)
+    torch.manual_seed(123)
+    loss = loss_fn(reference(*args), target)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in reference.named_parameters()}
+
+
+def _with_policy(plan, policy):
+    stages = tuple(dataclasses.replace(s, activation_checkpointing=policy) for s in plan.stages)
+    return dataclasses.replace(plan, stages=stages)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("strategy", ["single", "pipeline"])
+def test_checkpointed_training_equals_eager(name, policy, strategy):
+    make, loss_fn = MODELS[name]
+    model, args, target = make()
+    ref_loss, ref_grads = _eager(model, args, target, loss_fn)
+    devices = "2xcpu:4GB" if strategy == "pipeline" else "1xcpu:4GB"
+    plan = fxshard.plan(model, devices, args, strategy=strategy, **({"microbatches": 1} if strategy == "pipeline"
+                                                                      else {}))
+    plan = _with_policy(plan, policy)
+    compiled = fxshard.CompiledModel(model, devices, args, plan=plan)
+    blocks = [m for m in _modules_of(compiled) if isinstance(m, CheckpointedBlock)]
+    assert blocks and all(b.policy == policy for b in blocks)
+    torch.manual_seed(123)
+    loss = compiled.step(*args, target=target, loss_fn=loss_fn)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def _modules_of(compiled):
+    execution = compiled._execution
+    if getattr(execution, "graph", None) is not None:
+        return list(execution.graph.modules())
+    return [m for st in execution.pipeline.split.stages for m in st.module.modules()]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pipeline_with_microbatches_and_one_checkpointed_stage(policy):
+    model, args, target = _gpt2()
+    ref_loss, ref_grads = _eager(model, args, target, _lm_loss)
+    plan = fxshard.plan(model, "2xcpu:4GB", args, strategy="pipeline", microbatches=2)
+    stages = (dataclasses.replace(plan.stages[0], activation_checkpointing=policy), *plan.stages[1:])
+    plan = dataclasses.replace(plan, stages=stages)
+    compiled = fxshard.CompiledModel(model, "2xcpu:4GB", args, plan=plan)
+    loss = compiled.step(*args, target=target, loss_fn=_lm_loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_recompute_is_deterministic():
+    model, args, target = _dropnet()
+    captured = capture(model, args)
+    full = apply_checkpointing(captured.gm, repeated_blocks(captured), "full")
+    results = []
+    for _ in range(2):
+        model.zero_grad()
+        torch.manual_seed(7)
+        F.mse_loss(full(*args)[0], target).backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_names_and_parameters_unchanged(policy):
+    model, args, _ = _gpt2()
+    captured = capture(model, args)
+    gm = apply_checkpointing(captured.gm, repeated_blocks(captured), policy)
+    before, after = captured.gm.state_dict(keep_vars=True), gm.state_dict(keep_vars=True)
+    assert sorted(before) == sorted(after) and all(before[k] is after[k] for k in before)
+    assert {n: id(p) for n, p in gm.named_parameters()} == {n: id(p) for n, p in captured.gm.named_parameters()}
+    assert isinstance(gm.get_submodule("h.0"), CheckpointedBlock)
+    assert apply_checkpointing(captured.gm, repeated_blocks(captured), "none") is captured.gm
+    with pytest.raises(ValueError, match="selective"):
+        apply_checkpointing(captured.gm, (), "some")
+
+
+def test_selective_keeps_matmuls_and_attention():
+    assert kept_by_selective(torch.ops.aten.mm.default)
+    assert kept_by_selective(torch.ops.aten.addmm.default)
+    assert kept_by_selective(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+    assert not kept_by_selective(torch.ops.aten.gelu.default)
+    assert not kept_by_selective(torch.ops.aten.add.Tensor)
