@@ -319,7 +319,36 @@ def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) ->
     ranks = len(stages) // per_rank
     orders = rank_actions(schedule, ranks, microbatches)
     n_stages = len(stages)
+    timeline, clock, peak = _play(schedule, stages, orders)
+    for s, t in enumerate(stages):
+        if t.reduce_s > 0:
+            rank = _rank_of(orders, s)
+            start = clock[rank]
+            clock[rank] = start + t.reduce_s
+            timeline.append(TimedAction(rank, s, "R", -1, start, clock[rank]))
+    step = max(clock) if timeline else 0.0
+    busy = [0.0] * ranks
+    for a in timeline:
+        busy[a.rank] += a.end - a.start
+    idle = [step - b for b in busy]
+    bubble = sum(idle) / (ranks * step) if step > 0 else 0.0
+    memory = tuple(t.static_bytes + peak[s] * t.activation_bytes + t.transient_bytes for s, t in enumerate(stages))
+    return SimResult(schedule=schedule, ranks=ranks, stages=n_stages, microbatches=microbatches, step_time_s=step,
+                     busy_s=tuple(busy), idle_s=tuple(idle), bubble_fraction=bubble, peak_inflight=tuple(peak),
+                     peak_memory_bytes=memory, timeline=tuple(sorted(timeline, key=lambda a: (a.start, a.rank))))
+
+
+class _Played(NamedTuple):
+    timeline: list[TimedAction]
+    clock: list[float]  # when each rank finishes its last action
+    peak: list[int]  # most micro-batches in flight per stage
+
+
+def _play(schedule: str, stages: Sequence[StageTiming], orders: list[list[tuple[int, str, int]]]) -> _Played:
+    """Run each rank's actions in order, each when its rank is free and its inputs have arrived."""
+    n_stages = len(stages)
     done: dict[tuple[int, str, int], float] = {}
+    ranks = len(orders)
     clock = [0.0] * ranks
     cursor = [0] * ranks
     timeline: list[TimedAction] = []
@@ -353,22 +382,7 @@ def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) ->
         if not progressed:
             stuck = {r: orders[r][cursor[r]] for r in range(ranks) if cursor[r] < len(orders[r])}
             raise SimulationError(f"{schedule} order deadlocks in simulation; next actions: {stuck}")
-    for s, t in enumerate(stages):
-        if t.reduce_s > 0:
-            rank = _rank_of(orders, s)
-            start = clock[rank]
-            clock[rank] = start + t.reduce_s
-            timeline.append(TimedAction(rank, s, "R", -1, start, clock[rank]))
-    step = max(clock) if timeline else 0.0
-    busy = [0.0] * ranks
-    for a in timeline:
-        busy[a.rank] += a.end - a.start
-    idle = [step - b for b in busy]
-    bubble = sum(idle) / (ranks * step) if step > 0 else 0.0
-    memory = tuple(t.static_bytes + peak[s] * t.activation_bytes + t.transient_bytes for s, t in enumerate(stages))
-    return SimResult(schedule=schedule, ranks=ranks, stages=n_stages, microbatches=microbatches, step_time_s=step,
-                     busy_s=tuple(busy), idle_s=tuple(idle), bubble_fraction=bubble, peak_inflight=tuple(peak),
-                     peak_memory_bytes=memory, timeline=tuple(sorted(timeline, key=lambda a: (a.start, a.rank))))
+    return _Played(timeline, clock, peak)
 
 
 def _rank_of(orders: list[list[tuple[int, str, int]]], stage: int) -> int:
