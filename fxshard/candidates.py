@@ -5,7 +5,10 @@ schedule, micro-batches) says what would run; :func:`pipeline_groups` yields the
 shapes the options allow, grouped by the partition they share, from plain numbers. Pricing
 turns a shape into a :class:`Priced` record (step time from :func:`fxshard.simulate.simulate`,
 per-stage peak memory and capacity) with the costs a :class:`Pricer` computes once per device
-spec and batch share. See docs/planning.md.
+spec and batch share. Each shape is priced under the memory levers the options allow
+(:func:`lever_choices`: replicated or sharded data-parallel groups, activation checkpointing,
+gradient accumulation), arithmetically on the same stage figures (fxshard/levers.py). See
+docs/planning.md.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.errors import PlanError
+from fxshard.levers import CheckpointCostFn, Levers, ModelFacts, checkpointed, fsdp_stage, fsdp_step, pipeline_fsdp
 from fxshard.passes.cost_graph import partition_model
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import EstimatedNode
 from fxshard.plan_options import PlanOptions, divisors
 from fxshard.simulate import SCHEDULES, SimulationError, StageFigures, StageTiming, simulate, stage_timings
 
-__all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "microbatch_counts",
-           "partition_group", "pipeline_groups", "price_data_parallel", "price_pipeline", "rank_devices", "stage_counts",
-           "unfit"]
+__all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "lever_choices", "microbatch_counts",
+           "partition_group", "pipeline_groups", "price_data_parallel", "price_levers", "price_pipeline",
+           "price_whole_model", "rank_devices", "stage_counts", "unfit"]
 
 MAX_MICROBATCHES = 128  # the most micro-batches the planner tries
 # How torch places a schedule's stages on ranks: one per rank ("flat"), looped (stage s on rank
@@ -40,11 +44,14 @@ _PLACEMENT_ORDER = ("flat", "loop", "v")
 class Pricer:
     """Costs of the captured graph per (device spec, batch fraction), computed once each."""
 
-    def __init__(self, captured: CapturedGraph, cost_model: str, batch: int) -> None:
+    def __init__(self, captured: CapturedGraph, cost_model: str, batch: int, *,
+                 checkpoint_cost: CheckpointCostFn | None = None) -> None:
         self.captured = captured
         self.batch = batch
         self.cost_model = cost_model
         self.works = analyze(captured)
+        self.facts = ModelFacts(captured)  # repeated blocks and parameter shapes, for the levers
+        self.checkpoint_cost = checkpoint_cost if checkpoint_cost is not None else _checkpoint_cost()
         self._cache: dict[tuple[str, float], GraphCosts] = {}
         self._scale = 1.0  # this pricer's batch over the captured one (smaller batches: refusal probes)
         self._smaller: dict[int, Pricer] = {}
@@ -95,6 +102,7 @@ class Shape:
     stages_per_device: int = 1
     schedule: str | None = None
     microbatches: int = 1
+    levers: Levers = Levers()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,6 +126,9 @@ class Priced:
     replicas = property(lambda self: self.shape.replicas)
     schedule = property(lambda self: self.shape.schedule)
     microbatches = property(lambda self: self.shape.microbatches)
+    data_parallel = property(lambda self: self.shape.levers.data_parallel)
+    checkpointing = property(lambda self: self.shape.levers.checkpointing)
+    reshard_after_forward = property(lambda self: self.shape.levers.reshard_after_forward)
 
     @property
     def fits(self) -> bool:
@@ -268,21 +279,115 @@ def _capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> 
     return cluster.devices[device].spec.memory_bytes * (1 - reserve) / share
 
 
-def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions) -> Priced:
-    """The whole model on each of the first ``replicas`` devices (one: ``single``)."""
+def _checkpoint_cost() -> CheckpointCostFn | None:
+    """The checkpointing cost model (fxshard/cost_models/checkpointing.py), when installed."""
+    try:
+        from fxshard.cost_models.checkpointing import checkpointed_activations
+    except ImportError:  # not in this tree: the planner prices no checkpointing
+        return None
+    return checkpointed_activations
+
+
+def lever_choices(opts: PlanOptions, replicas: int, checkpointing: bool = True) -> tuple[tuple[str | None, ...],
+                                                                                            tuple[str, ...]]:
+    """The data-parallel kinds and checkpointing policies a candidate with ``replicas`` copies
+    may take under ``opts``, policies cheapest first (none, selective, full)."""
+    forced_dp = getattr(opts, "data_parallel", None)
+    forced_ck = getattr(opts, "activation_checkpointing", None)
+    if replicas == 1:
+        kinds: tuple[str | None, ...] = (None,)
+    elif opts.strategy in ("ddp", "fsdp"):
+        kinds = (opts.strategy,)
+    else:
+        kinds = (forced_dp,) if forced_dp else ("ddp", "fsdp")
+    if forced_ck:
+        policies: tuple[str, ...] = (forced_ck,)
+    else:
+        policies = ("none", "selective", "full") if opts.training and checkpointing else ("none",)
+    return kinds, policies
+
+
+def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions, *,
+                        microbatches: int = 1, levers: Levers = Levers(),
+                        plain: tuple[GraphCosts, StageSummary] | None = None) -> Priced:
+    """The whole model on each of the first ``replicas`` devices (one: ``single``), each running
+    its share of the batch as ``microbatches`` micro-batches one after another (gradient
+    accumulation), replicated (ddp) or sharded (fsdp) as ``levers`` say."""
     used = tuple(range(replicas))
-    spec_costs = {cluster.devices[d].spec.name: pricer.costs(cluster.devices[d].spec, 1 / replicas) for d in used}
+    costs, stage = plain or _whole_model(pricer, cluster, replicas, microbatches, opts)
+    st = checkpointed(pricer.captured, costs, stage, levers.checkpointing, pricer.checkpoint_cost)
+    backward = st.bwd_time_s if opts.training else 0.0
+    if levers.data_parallel == "fsdp":
+        st, units = fsdp_stage(pricer.facts, costs, st, stage, replicas, optimizer=opts.optimizer,
+                               training=opts.training, reshard_after_forward=levers.reshard_after_forward)
+        step, exposed = fsdp_step(units, cluster, used, microbatches=microbatches, training=opts.training,
+                                  reshard_after_forward=levers.reshard_after_forward)
+    else:
+        exposed = 0.0
+        if opts.training and replicas > 1:  # synchronised once, behind the last micro-batch's backward
+            exposed = exposed_allreduce_time(cluster, used, st.param_bytes, backward)
+        step = microbatches * (st.fwd_time_s + backward) + exposed
+    peak = st.state_bytes + st.activation_bytes + st.transient_bytes
+    strategy = "single" if replicas == 1 else levers.data_parallel or "ddp"
+    return Priced(shape=Shape(strategy=strategy, replicas=replicas, microbatches=microbatches, levers=levers),
+                  stages=(st,), devices=(used,), step_time_s=step, allreduce_s=exposed, peak=(peak,),
+                  capacity=(min(_capacity(cluster, d, opts.memory_reserve) for d in used),))
+
+
+def _whole_model(pricer: Pricer, cluster: Cluster, replicas: int, microbatches: int,
+                 opts: PlanOptions) -> tuple[GraphCosts, StageSummary]:
+    """The whole model's costs and figures at one micro-batch of a replica, on the slowest device."""
+    used = range(replicas)
+    spec_costs = {cluster.devices[d].spec.name: pricer.costs(cluster.devices[d].spec, 1 / (replicas * microbatches))
+                  for d in used}
     slowest = max(spec_costs.values(), key=lambda c: c.fwd_time_s + c.bwd_time_s)
     stage = summarize_stages(pricer.captured, slowest, {}, 1, training=opts.training, optimizer=opts.optimizer)[0]
-    backward = stage.bwd_time_s if opts.training else 0.0
-    exposed = 0.0
-    if opts.training and replicas > 1:
-        exposed = exposed_allreduce_time(cluster, used, stage.param_bytes, backward)
-    peak = stage.state_bytes + stage.activation_bytes + stage.transient_bytes
-    return Priced(shape=Shape(strategy="single" if replicas == 1 else "ddp", replicas=replicas),
-                  stages=(stage,), devices=(used,), step_time_s=stage.fwd_time_s + backward + exposed,
-                  allreduce_s=exposed, peak=(peak,),
-                  capacity=(min(_capacity(cluster, d, opts.memory_reserve) for d in used),))
+    return slowest, stage
+
+
+def _accumulation_counts(pricer: Pricer, replicas: int, opts: PlanOptions) -> list[int]:
+    per = pricer.batch // replicas
+    if replicas == 1 or pricer.captured.fixed_batch is not None:
+        return [1]
+    if opts.microbatches is not None:
+        return [opts.microbatches] if per % opts.microbatches == 0 else []
+    return [m for m in divisors(per) if m <= MAX_MICROBATCHES]
+
+
+def price_whole_model(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions) -> list[Priced]:
+    """``replicas`` copies of the whole model under each lever combination worth pricing.
+
+    Per data-parallel kind, micro-batch counts ascend and, per count, checkpointing policies go
+    from none to full, stopping at the first that fits (checkpointing only adds time and only
+    saves memory); the counts stop at the first that fits without checkpointing, or two counts
+    after the first that fits at all (more micro-batches only add time). FSDP is priced with
+    and without resharding after forward.
+    """
+    kinds, policies = lever_choices(opts, replicas, pricer.checkpoint_cost is not None)
+    figures: dict[int, tuple[GraphCosts, StageSummary]] = {}
+    out: list[Priced] = []
+    for kind in kinds:
+        left = None
+        for m in _accumulation_counts(pricer, replicas, opts):
+            if m not in figures:
+                figures[m] = _whole_model(pricer, cluster, replicas, m, opts)
+            found = None
+            for policy in policies:
+                reshards = (True, False) if kind == "fsdp" else (True,)
+                priced = [price_data_parallel(pricer, cluster, replicas, opts, microbatches=m, plain=figures[m],
+                                              levers=Levers(data_parallel=kind, checkpointing=policy,
+                                                            reshard_after_forward=r)) for r in reshards]
+                out += priced
+                if any(p.fits for p in priced):
+                    found = policy
+                    break
+            if found == policies[0]:
+                break
+            if found is not None:
+                left = 2 if left is None else left - 1
+                if left == 0:
+                    break
+    return out
 
 
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
@@ -295,24 +400,60 @@ def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: 
 
 
 def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_of: dict[str, int],
-                   stage_devices: tuple[tuple[int, ...], ...], shape: Shape, opts: PlanOptions) -> Priced:
-    """A pipeline shape of ``group``, partitioned as ``stage_of``, simulated under its schedule."""
-    n_stages = len(stage_devices)
-    fraction = 1.0 / (shape.replicas * shape.microbatches)
-    base = pricer.costs(cluster.devices[stage_devices[0][0]].spec, fraction)
-    per_stage = [pricer.costs(cluster.devices[devs[0]].spec, fraction) for devs in stage_devices]
-    stages = tuple(summarize_stages(pricer.captured, base, stage_of, n_stages, training=opts.training,
-                                    optimizer=opts.optimizer, stage_costs=per_stage))
-    reduce = tuple(exposed_allreduce_time(cluster, devs, st.param_bytes, st.bwd_time_s)
-                   if opts.training and shape.replicas > 1 else 0.0 for st, devs in zip(stages, stage_devices))
+                   stage_devices: tuple[tuple[int, ...], ...], shape: Shape, opts: PlanOptions, *,
+                   plain: tuple[list[GraphCosts], tuple[StageSummary, ...]] | None = None) -> Priced:
+    """A pipeline shape of ``group``, partitioned as ``stage_of``, simulated under its schedule,
+    with the shape's levers applied to every stage (a stage's data-parallel group sharded with
+    FSDP2 as torch's PipelineStage runs it: fxshard/levers.py)."""
+    per_stage, plain_stages = plain or _pipeline_figures(pricer, cluster, stage_of, stage_devices, shape, opts)
+    levers = shape.levers
+    stages, reduce = [], []
+    for costs, st, devs in zip(per_stage, plain_stages, stage_devices):
+        lever = checkpointed(pricer.captured, costs, st, levers.checkpointing, pricer.checkpoint_cost)
+        tail = 0.0
+        if levers.data_parallel == "fsdp" and shape.replicas > 1:
+            lever, tail = pipeline_fsdp(pricer.facts, costs, lever, st, cluster, devs, optimizer=opts.optimizer,
+                                        training=opts.training)
+        elif opts.training and shape.replicas > 1:
+            tail = exposed_allreduce_time(cluster, devs, lever.param_bytes, lever.bwd_time_s)
+        stages.append(lever)
+        reduce.append(tail)
     try:
-        result = simulate(shape.schedule, _stage_timings(stages, cluster, stage_devices, opts.training, reduce),
-                          shape.microbatches)
+        result = simulate(shape.schedule, _stage_timings(tuple(stages), cluster, stage_devices, opts.training,
+                                                         tuple(reduce)), shape.microbatches)
     except SimulationError as e:
         return unfit(group, stage_devices, str(e), schedule=shape.schedule, refused=True)
     share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}
     capacity = tuple(min(_capacity(cluster, d, opts.memory_reserve, share[devs[0]]) for d in devs)
                      for devs in stage_devices)
-    return Priced(shape=shape, stages=stages, devices=stage_devices, step_time_s=result.step_time_s,
+    return Priced(shape=shape, stages=tuple(stages), devices=stage_devices, step_time_s=result.step_time_s,
                   bubble=result.bubble_fraction, allreduce_s=max(reduce) if reduce else 0.0,
                   peak=result.peak_memory_bytes, capacity=capacity)
+
+
+def _pipeline_figures(pricer: Pricer, cluster: Cluster, stage_of: dict[str, int],
+                      stage_devices: tuple[tuple[int, ...], ...], shape: Shape,
+                      opts: PlanOptions) -> tuple[list[GraphCosts], tuple[StageSummary, ...]]:
+    """Each stage's costs (on its device) and figures at one micro-batch, without levers."""
+    fraction = 1.0 / (shape.replicas * shape.microbatches)
+    base = pricer.costs(cluster.devices[stage_devices[0][0]].spec, fraction)
+    per_stage = [pricer.costs(cluster.devices[devs[0]].spec, fraction) for devs in stage_devices]
+    return per_stage, tuple(summarize_stages(pricer.captured, base, stage_of, len(stage_devices),
+                                             training=opts.training, optimizer=opts.optimizer, stage_costs=per_stage))
+
+
+def price_levers(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_of: dict[str, int],
+                 stage_devices: tuple[tuple[int, ...], ...], shape: Shape, opts: PlanOptions) -> list[Priced]:
+    """A pipeline shape under each lever combination worth pricing: per data-parallel kind,
+    checkpointing policies from none to full, stopping at the first that fits."""
+    kinds, policies = lever_choices(opts, shape.replicas, pricer.checkpoint_cost is not None)
+    plain = _pipeline_figures(pricer, cluster, stage_of, stage_devices, shape, opts)
+    out: list[Priced] = []
+    for kind in kinds:
+        for policy in policies:
+            levered = dataclasses.replace(shape, levers=Levers(data_parallel=kind, checkpointing=policy))
+            priced = price_pipeline(pricer, cluster, group, stage_of, stage_devices, levered, opts, plain=plain)
+            out.append(priced)
+            if priced.fits or priced.refused:
+                break
+    return out

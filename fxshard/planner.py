@@ -29,8 +29,8 @@ from fxshard.candidates import (
     Pricer,
     partition_group,
     pipeline_groups,
-    price_data_parallel,
-    price_pipeline,
+    price_levers,
+    price_whole_model,
     rank_devices,
     stage_counts,
     unfit,
@@ -106,9 +106,11 @@ def _search(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> 
     fixed = pricer.captured.fixed_batch
     candidates: list[Priced] = []
     if opts.strategy in (None, "single") and opts.stages is None:
-        candidates.append(price_data_parallel(pricer, cluster, 1, opts))
-    if opts.strategy in (None, "ddp") and n > 1 and opts.stages is None and fixed is None:
-        candidates += [price_data_parallel(pricer, cluster, r, opts) for r in divisors(batch) if 2 <= r <= n]
+        candidates += price_whole_model(pricer, cluster, 1, opts)
+    if opts.strategy in (None, "ddp", "fsdp") and n > 1 and opts.stages is None and fixed is None:
+        for r in divisors(batch):
+            if 2 <= r <= n:
+                candidates += price_whole_model(pricer, cluster, r, opts)
     if opts.strategy in (None, "pipeline", "hybrid") and n > 1:
         candidates += _pipelines(pricer, cluster, batch, opts)
     if not candidates:
@@ -129,8 +131,8 @@ def _pipelines(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) 
         except PartitionError as e:
             out.append(unfit(group, rank_devices(group), str(e)))
             continue
-        out += [price_pipeline(pricer, cluster, group, stage_of, stage_devices, shape, opts)
-                for shape in group.shapes()]
+        for shape in group.shapes():
+            out += price_levers(pricer, cluster, group, stage_of, stage_devices, shape, opts)
     return out
 
 
@@ -152,7 +154,8 @@ def _alternative(c: Priced, batch: int) -> Alternative:
                        schedule=c.schedule, step_time_s=c.step_time_s if math.isfinite(c.step_time_s) else -1.0,
                        samples_per_s=batch / c.step_time_s if math.isfinite(c.step_time_s) and c.step_time_s > 0 else 0.0,
                        peak_memory_bytes=max(c.peak) if all(math.isfinite(p) for p in c.peak) else -1.0,
-                       fits=c.fits, note=c.note or ("" if c.fits else _over(c)))
+                       fits=c.fits, note=c.note or ("" if c.fits else _over(c)), data_parallel=c.data_parallel,
+                       activation_checkpointing=c.checkpointing)
 
 
 def _over(c: Priced) -> str:
@@ -170,7 +173,8 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                                 param_bytes=st.param_bytes, peak_memory_bytes=float(peak),
                                 memory_capacity_bytes=float(cap), fwd_time_s=st.fwd_time_s,
                                 bwd_time_s=st.bwd_time_s, send_bytes=st.send_bytes,
-                                first_module=st.first_module, last_module=st.last_module))
+                                first_module=st.first_module, last_module=st.last_module,
+                                activation_checkpointing=best.checkpointing))
     full = pricer.costs(cluster.devices[0].spec, 1.0)
     step_estimate = Estimate(step_time_s=best.step_time_s, bubble_fraction=best.bubble,
                              samples_per_s=batch / best.step_time_s if best.step_time_s > 0 else 0.0,
@@ -178,7 +182,7 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                              allreduce_time_s=best.allreduce_s)
     seen, alternatives = set(), []
     for c in ranked:
-        key = (c.strategy, len(c.devices), c.replicas, c.microbatches, c.schedule)
+        key = (c.strategy, len(c.devices), c.replicas, c.microbatches, c.schedule, c.data_parallel, c.checkpointing)
         if key not in seen:
             seen.add(key)
             alternatives.append(_alternative(c, batch))
@@ -189,6 +193,7 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                                 param_bytes=full.param_bytes, fingerprint=captured.fingerprint(),
                                 method=captured.method),
                 stages=tuple(stages), estimate=step_estimate, reason=_reason(best, ranked, cluster, batch, opts),
+                data_parallel=best.data_parallel, reshard_after_forward=best.reshard_after_forward,
                 alternatives=tuple(alternatives[:16]),
                 estimated_nodes=pricer.estimated({cluster.devices[d].spec.name for d in used}))
 
@@ -224,14 +229,27 @@ def _reason(best: Priced, ranked: list[Priced], cluster: Cluster, batch: int, op
 
 def _describe(c: Priced) -> str:
     """A candidate's shape as ``Plan.shape_text`` words it, with its schedule."""
-    if c.strategy in ("single", "ddp"):
-        return "1 device" if c.replicas == 1 else f"{c.replicas} data-parallel replicas"
+    levers = _levers_text(c)
+    if c.strategy in ("single", "ddp", "fsdp"):
+        kind = "FSDP shards" if c.strategy == "fsdp" else "data-parallel replicas"
+        return ("1 device" if c.replicas == 1 else f"{c.replicas} {kind}") + levers
     k = len(c.devices)
-    shape = f"{k} stage{'s' if k > 1 else ''}" + (f" x {c.replicas} replicas" if c.replicas > 1 else "")
+    group = "FSDP shards" if c.data_parallel == "fsdp" else "replicas"
+    shape = f"{k} stage{'s' if k > 1 else ''}" + (f" x {c.replicas} {group}" if c.replicas > 1 else "")
     per = c.shape.stages_per_device
     shape += f", {per} stages per device ({c.schedule})" if per > 1 else f", {c.schedule}" if c.schedule else ""
     used = c.devices_used
-    return f"{shape}, {used} device{'s' if used > 1 else ''}"
+    return f"{shape}, {used} device{'s' if used > 1 else ''}{levers}"
+
+
+def _levers_text(c: Priced) -> str:
+    """The memory levers a candidate pulls, as words ("" when none)."""
+    words = []
+    if c.checkpointing != "none":
+        words.append(f"{c.checkpointing} activation checkpointing")
+    if c.strategy in ("ddp", "fsdp") and c.microbatches > 1:
+        words.append(f"{c.microbatches} accumulated micro-batches")
+    return f", {', '.join(words)}" if words else ""
 
 
 def _nothing_fits(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions,

@@ -143,7 +143,9 @@ CASES = {
     "one-device-far-too-small": (0.15, 1, {}, {"memory"}),
     "two-devices-too-small": (0.22, 2, {}, {"inference"}),
     "single-forced-on-two": (0.9, 2, {"strategy": "single"}, {"batch", "optimizer", "strategy"}),
-    "ddp-forced": (0.6, 2, {"strategy": "ddp"}, {"devices", "batch", "optimizer", "strategy"}),
+    # replicas without the memory levers (no accumulation, no checkpointing), which would fit
+    "ddp-forced": (0.6, 2, {"strategy": "ddp", "microbatches": 1, "activation_checkpointing": "none"},
+                   {"devices", "batch", "optimizer", "strategy"}),
     "ddp-forced-needs-a-pipeline-and-devices": (0.35, 2, {"strategy": "ddp"}, {"devices"}),
     "gpipe-forced": (0.4, 2, {"strategy": "pipeline", "schedule": "gpipe"}, {"devices", "schedule"}),
     "microbatches-forced": (0.45, 2, {"strategy": "pipeline", "microbatches": 2}, {"microbatches"}),
@@ -217,12 +219,17 @@ def test_forced_ddp_gpt_1_7b_says_how_many_replicas_and_each_way_out_plans(gpt_1
     model, capture_at = gpt_1_7b
     state = sum(p.numel() for p in model.parameters()) * 16  # fp32 Adam: weight, gradient, two moments
     assert format_bytes(state) == "24.6 GiB"
-    error = refusal(capture_at(74), "4x8xA100-80GB", 74, strategy="ddp")
+    # replicas accumulating gradients over micro-batches fit (a memory lever: issue 14) ...
+    accumulated = plan_captured(capture_at(74), Cluster.parse("4x8xA100-80GB"), 74, PlanOptions(strategy="ddp"))
+    assert accumulated.strategy == "ddp" and accumulated.microbatches > 1
+    # ... without accumulation or checkpointing each replica must hold its share of the batch at once
+    plain = {"strategy": "ddp", "microbatches": 1, "activation_checkpointing": "none"}
+    error = refusal(capture_at(74), "4x8xA100-80GB", 74, **plain)
     text = str(error)
     assert "33 devices" not in text and "for the parameters and optimizer state alone" not in text
     assert "Each DDP replica holds the whole model (24.6 GiB of parameters and optimizer state)" in text
     assert "holds at most 13 samples" in text and "at least 37 replicas" in text
-    ways = check_each_way(error, capture_at, "4x8xA100-80GB", 74, strategy="ddp")
+    ways = check_each_way(error, capture_at, "4x8xA100-80GB", 74, **plain)
     assert set(ways) >= {"devices", "batch", "inference", "strategy"}
     assert ways["devices"].devices == "5x8xA100-80GB" and ways["devices"].plan.replicas == 37
     assert ways["strategy"].kwargs["strategy"] in ("pipeline", "hybrid")
