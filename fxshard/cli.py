@@ -219,7 +219,7 @@ def _check_names(*, partitioners: Sequence[str] = (), schedule: str | None = Non
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"training": not args.inference, "optimizer": args.optimizer,
                                "partitioner": args.partitioner, "cost_model": args.cost_model}
-    for name in ("schedule", "microbatches", "strategy", "stages"):
+    for name in ("schedule", "microbatches", "strategy", "stages", "activation_checkpointing", "data_parallel"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
@@ -283,16 +283,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write(plan.to_json() + "\n")
         return 0
     unforced = None
-    if args.strategy is not None:  # what the planner would pick unforced, to say what forcing costs
+    forced = {name: getattr(args, name) for name in ("strategy", "data_parallel", "activation_checkpointing")
+              if getattr(args, name) is not None}
+    if forced:  # what the planner would pick unforced, to say what forcing costs
         try:
-            unforced, more = _plan_job(job, args, strategy=None)
+            unforced, more = _plan_job(job, args, **dict.fromkeys(forced))
             seconds += more
         except FxshardError:
             unforced = None
     if args.json:
         with _output(args.json) as f:
             f.write(plan.to_json() + "\n")
-    print_plan(plan, seconds, unforced, args.strategy)
+    flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in forced.items())
+    print_plan(plan, seconds, unforced, flags or None)
     _wrote("the plan as JSON", args.json)
     if args.png:
         from fxshard import viz
@@ -344,7 +347,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     plan, captured, _ = _make_plan(args)
     result = export_plan(captured, plan, args.out, model_ref=args.model)
     out = console()
-    out.print(f"exported {plan.strategy} plan ({plan.shape_text()}) of {plan.model.name} to {args.out}:")
+    levers = plan.levers_text()
+    out.print(f"exported {plan.strategy} plan ({plan.shape_text()}{', ' + levers if levers else ''}) of "
+              f"{plan.model.name} to {args.out}:")
     for path in result.files:
         out.print(f"  {path}")
     for note in result.notes:
@@ -466,7 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved1f1b, zbv, ... in any case, or "
                                                             "torch's names such as Interleaved1F1B (default: auto)")
         p.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per step (default: auto)")
-        p.add_argument("--strategy", choices=("single", "ddp", "pipeline", "hybrid"), help="force a strategy")
+        p.add_argument("--strategy", choices=("single", "ddp", "fsdp", "pipeline", "hybrid"), help="force a strategy")
+        p.add_argument("--activation-checkpointing", choices=("none", "selective", "full"),
+                       help="recompute activations in backward on every stage: none, selective (keep matmul and "
+                            "attention outputs) or full (keep each repeated block's input) (default: auto)")
+        p.add_argument("--data-parallel", choices=("ddp", "fsdp"),
+                       help="how data-parallel groups hold the model: ddp (replicas) or fsdp (parameters, gradients "
+                            "and optimizer state sharded) (default: auto)")
         p.add_argument("--stages", type=int, metavar="K", help="force the pipeline depth (default: auto)")
         p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"),
                        help="optimizer state per parameter (default adam)")
@@ -481,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dot", metavar="FILE", help="the stage-coloured graph, modules collapsed (Graphviz)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("compare", help="the best plan per partitioner, beside single and ddp, side by side")
+    p = sub.add_parser("compare", help="the best plan per partitioner, beside single, ddp and fsdp, side by side")
     model_args(p)
     p.add_argument("--partitioners", metavar="A,B,C", help="comma-separated names (default: all registered)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")

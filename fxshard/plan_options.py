@@ -17,14 +17,15 @@ from fxshard.errors import CostModelError, PlanError
 from fxshard.passes.partition import partitioners
 from fxshard.simulate import SCHEDULES, SimulationError, schedule_name
 
-__all__ = ["STRATEGY_ORDER", "PlanOptions", "batch_size_of", "check_request", "divisors"]
+__all__ = ["CHECKPOINTING", "DATA_PARALLEL", "DATA_PARALLEL_GROUPS", "STRATEGY_ORDER", "PlanOptions", "batch_size_of",
+           "check_request", "divisors"]
 
 # The strategies, simplest first: ties in step time go to the simpler one.
 STRATEGY_ORDER = {"single": 0, "ddp": 1, "fsdp": 2, "pipeline": 3, "hybrid": 4}
 CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing policies (SPEC: "Memory levers")
 DATA_PARALLEL = ("ddp", "fsdp")  # how a data-parallel group holds the model: replicated or sharded
 # The data-parallel groups each strategy can have: none, or the ones listed.
-_GROUPS = {"single": (), "pipeline": (), "ddp": ("ddp",), "fsdp": ("fsdp",), "hybrid": DATA_PARALLEL}
+DATA_PARALLEL_GROUPS = {"single": (), "pipeline": (), "ddp": ("ddp",), "fsdp": ("fsdp",), "hybrid": DATA_PARALLEL}
 
 
 def divisors(n: int) -> list[int]:
@@ -93,9 +94,9 @@ class PlanOptions:
                             f"recompute; drop activation_checkpointing= or use 'none'")
         if self.strategy is None or self.data_parallel is None:
             return
-        groups = _GROUPS[self.strategy]
+        groups = DATA_PARALLEL_GROUPS[self.strategy]
         if self.data_parallel not in groups:
-            fits = [s for s, g in _GROUPS.items() if self.data_parallel in g]
+            fits = [s for s, g in DATA_PARALLEL_GROUPS.items() if self.data_parallel in g]
             has = (f"{self.strategy} plans have no data-parallel group" if not groups else
                    f"{self.strategy} plans are {'replicated (ddp)' if groups == ('ddp',) else 'sharded (fsdp)'}")
             raise PlanError(f"data_parallel={self.data_parallel!r} with strategy={self.strategy!r}: {has}; use "

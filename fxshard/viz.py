@@ -117,9 +117,17 @@ def timeline_png(result: SimResult, path: str | os.PathLike, *, title: str = "")
         _save(fig, path)
 
 
-def _stage_ticks(ax: Any, n: int) -> None:
+# Activation checkpointing under a stage's tick: "full" -> "full ckpt"; none says nothing.
+_CKPT_TICK = {"none": "", "selective": "\nselective ckpt", "full": "\nfull ckpt"}
+
+
+def _stage_ticks(ax: Any, plan: Plan) -> None:
+    n = plan.num_stages
     step = _tick_step(n)
-    ax.set_xticks(range(0, n, step))
+    ticks = range(0, n, step)
+    ax.set_xticks(ticks)
+    if any(s.activation_checkpointing != "none" for s in plan.stages):
+        ax.set_xticklabels([f"{i}{_CKPT_TICK[plan.stages[i].activation_checkpointing]}" for i in ticks])
     ax.set_xlabel("stage")
     pad = max(0.0, (3 - n) / 2)  # one or two stages: keep the bars from spanning the panel
     ax.set_xlim(-0.6 - pad, n - 0.4 + pad)
@@ -139,7 +147,7 @@ def _stage_times(ax: Any, plan: Plan) -> None:
     ax.set_ylim(0, max(fwd + bwd + [1e-9]) * 1.3)  # headroom for the legend
     ax.legend(loc="upper right", ncol=2, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
-    _stage_ticks(ax, n)
+    _stage_ticks(ax, plan)
 
 
 def _stage_memory(ax: Any, plan: Plan) -> None:
@@ -157,11 +165,11 @@ def _stage_memory(ax: Any, plan: Plan) -> None:
             ax.annotate(f"{p / c:.0%}" if c > 0 else format_bytes(p), (i, max(p, c) / scale), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=_FONT - 1)
     ax.set_ylabel(f"memory ({unit})")
-    ax.set_title("peak memory against capacity")
+    ax.set_title("peak memory against capacity" + (", state FSDP-sharded" if plan.data_parallel == "fsdp" else ""))
     ax.set_ylim(0, max(peaks + caps + [1.0]) / scale * 1.3)  # headroom for the labels and legend
     ax.legend(handles=handles, loc="upper right", ncol=3, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
-    _stage_ticks(ax, n)
+    _stage_ticks(ax, plan)
 
 
 def _lighten(colour: str, amount: float) -> str:

@@ -98,7 +98,8 @@ def plan_dot(plan: Plan, graph_edges: Sequence[tuple[str, str]] | None = None, *
     for st in plan.stages:
         fill = _STAGE_FILL[st.index % len(_STAGE_FILL)]
         lines.append(f"  subgraph cluster_stage_{st.index} {{")
-        lines.append(f"    label={_quote(_stage_cluster_label(st))}; style=rounded; color={_quote(fill)};"
+        lines.append(f"    label={_quote(_stage_cluster_label(st, plan.data_parallel))}; style=rounded; "
+                     f"color={_quote(fill)};"
                      " penwidth=2;")
         for box in boxes:
             if box.stage == st.index:
@@ -132,16 +133,23 @@ def _boxes(plan: Plan, node_module: Mapping[str, str] | None, modules: bool) -> 
     return boxes
 
 
+def _checkpointing(st: StagePlan) -> str:
+    """", full activation checkpointing" where the stage recomputes, else ""."""
+    return f", {st.activation_checkpointing} activation checkpointing" if st.activation_checkpointing != "none" else ""
+
+
 def _stage_box_label(st: StagePlan) -> str:
     span = f"{st.first_module or '-'} .. {st.last_module or '-'}"
-    return f"stage {st.index}\n{span}\n{len(st.nodes)} nodes"
+    return f"stage {st.index}\n{span}\n{len(st.nodes)} nodes" + _checkpointing(st).replace(", ", "\n", 1)
 
 
-def _stage_cluster_label(st: StagePlan) -> str:
+def _stage_cluster_label(st: StagePlan, data_parallel: str | None) -> str:
     where = f"{','.join(st.devices)} (device{'s' if len(st.devices) > 1 else ''} " \
-            f"{','.join(map(str, st.device_indices))})"
-    return (f"stage {st.index} on {where}: fwd {format_time(st.fwd_time_s)}, bwd {format_time(st.bwd_time_s)}, "
-            f"peak {format_bytes(st.peak_memory_bytes)}")
+            f"{','.join(map(str, st.device_indices))}"
+    if len(st.devices) > 1 and data_parallel:
+        where += ", FSDP-sharded" if data_parallel == "fsdp" else ", replicated"
+    return (f"stage {st.index} on {where}): fwd {format_time(st.fwd_time_s)}, bwd {format_time(st.bwd_time_s)}, "
+            f"peak {format_bytes(st.peak_memory_bytes)}" + _checkpointing(st))
 
 
 def _dot_edges(plan: Plan, boxes: list[_Box], box_of: dict[str, str], stage_of: dict[str, int],

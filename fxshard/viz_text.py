@@ -27,24 +27,29 @@ def simulation_text(plan: Plan, result: SimResult) -> str:
     """
     mbs = plural(result.microbatches, "micro-batch", "micro-batches")
     if plan.strategy not in ("pipeline", "hybrid"):
-        where = "1 device" if plan.strategy == "single" else f"{plan.replicas} data-parallel replicas"
+        where = plan.shape_text()  # 1 device, N data-parallel replicas, N FSDP shards
         one_by_one = " one after another (gradient accumulation)" if result.microbatches > 1 else ""
         return f"{plan.strategy} ({where}, no pipeline schedule), {mbs}{one_by_one}"
     per = result.stages // max(result.ranks, 1)
     shape = plural(result.stages, "stage") + (f", {per} per device" if per > 1 else "")
     shape += f", on {plural(result.ranks, 'device')}"
     if plan.replicas > 1:
-        shape += f" x {plan.replicas} replicas = {result.ranks * plan.replicas} devices"
+        group = "FSDP shards" if plan.data_parallel == "fsdp" else "replicas"
+        shape += f" x {plan.replicas} {group} = {result.ranks * plan.replicas} devices"
     return f"{result.schedule}, {shape}, {mbs}"
 
 
 def plan_title(plan: Plan) -> str:
-    """The headline of a plan: model, strategy and shape, schedule, micro-batches, and its estimate."""
+    """The headline of a plan: model, strategy and shape, schedule, micro-batches, the memory
+    levers (:meth:`Plan.levers_text`), and its estimate."""
     e = plan.estimate
     mode = f"training ({plan.optimizer})" if plan.training else "inference"
+    levers = plan.levers_text()
+    accumulated = plan.strategy in ("ddp", "fsdp") and plan.microbatches > 1  # the levers say so
     return (f"{plan.model.name}: {plan.strategy} ({plan.shape_text()})"
             + (f", schedule {plan.schedule}" if plan.schedule else "")
-            + f", {plural(plan.microbatches, 'micro-batch', 'micro-batches')}\n"
+            + ("" if accumulated else f", {plural(plan.microbatches, 'micro-batch', 'micro-batches')}")
+            + (f", {levers}" if levers else "") + "\n"
             f"batch {plan.batch_size}, {mode}: estimated {e.samples_per_s:,.1f} samples/s, "
             f"step {format_time(e.step_time_s)}, bubble {e.bubble_fraction:.1%}")
 

@@ -175,7 +175,7 @@ def test_built_package_ships_the_train_template(tmp_path):
     assert shipped.read_text() == (root / "fxshard" / "templates" / "train.py.tmpl").read_text()
     text = string.Template(shipped.read_text()).substitute(
         model_name="m", nproc=2, model_ref=repr("gpt2-tiny"), resolve_kwargs=repr({}), loss_kind=repr("lm"),
-        loss_doc="a loss")
+        loss_doc="a loss", plan_summary="fsdp (2 FSDP shards), full activation checkpointing")
     compile(text, "train.py", "exec")
 
 
@@ -224,6 +224,29 @@ def test_stages_out_of_graph_order_are_reported():
 # ---------------------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------------------
+
+
+def test_the_levers_are_carried_and_said(tmp_path, gpt2_two_stages):
+    """A hybrid plan sharded with FSDP, stage 0 fully checkpointed: plan.json carries it, and the
+    launcher, train.py, the README and each stage source say it."""
+    _, captured, plan = gpt2_two_stages
+    stages = tuple(dataclasses.replace(s, activation_checkpointing=("full", "none")[s.index]) for s in plan.stages)
+    sharded = dataclasses.replace(plan, strategy="hybrid", data_parallel="fsdp", replicas=2, stages=stages,
+                                  reshard_after_forward=False)
+    export_plan(captured, sharded, tmp_path, model_ref="gpt2-tiny")
+    assert Plan.from_json((tmp_path / "plan.json").read_text()) == sharded
+    summary = ("hybrid (2 stages x 2 FSDP shards, 2 devices), activation checkpointing full on stage 0, none on "
+               "stage 1, parameters kept gathered from forward to backward")
+    assert f"# The plan: {summary}." in (tmp_path / "launch.sh").read_text()
+    train = (tmp_path / "train.py").read_text()
+    assert f"The plan: {summary}." in train
+    compile(train, "train.py", "exec")
+    assert summary in (tmp_path / "README.md").read_text()
+    assert "FSDP2 fully_shard" in (tmp_path / "README.md").read_text()
+    first, second = ((tmp_path / f"stage_{i}.py").read_text() for i in (0, 1))
+    assert "# activation checkpointing: full (each repeated block runs under torch.utils.checkpoint" in first
+    assert "# activation checkpointing: none" in second
+    assert "# data parallel: fsdp over 2 device(s) per stage" in first
 
 
 def test_plan_for_another_graph_is_refused(tmp_path, gpt2_two_stages):

@@ -176,3 +176,48 @@ def test_plan_dot_one_box_per_node(pipe, outline):
 def test_plan_dot_rejects_edges_of_another_graph(pipe):
     with pytest.raises(PlanFormatError, match="not_a_node"):
         plan_dot(pipe, [("not_a_node", pipe.stages[0].nodes[0])])
+
+
+# -- the memory levers -----------------------------------------------------------------------
+
+
+def _checkpointed(plan, *policies):
+    return tuple(dataclasses.replace(s, activation_checkpointing=policies[min(i, len(policies) - 1)])
+                 for i, s in enumerate(plan.stages))
+
+
+@pytest.fixture(scope="module")
+def fsdp(ddp):
+    """The ddp plan as FSDP shards with full checkpointing and 2 micro-batches accumulated (hand-made)."""
+    return dataclasses.replace(ddp, strategy="fsdp", data_parallel="fsdp", microbatches=2,
+                               stages=_checkpointed(ddp, "full"))
+
+
+def test_titles_name_sharding_checkpointing_and_accumulation(fsdp):
+    title = viz_text.plan_title(fsdp).splitlines()[0]
+    assert title.endswith("fsdp (4 FSDP shards), full activation checkpointing, 2 micro-batches accumulated, "
+                          "reshard after forward")
+    r = simulate_plan(fsdp)
+    assert viz.simulation_text(fsdp, r).startswith("fsdp (4 FSDP shards, no pipeline schedule)")
+
+
+def test_hybrid_fsdp_simulation_says_shards(gpt2):
+    p = fxshard.plan(gpt2.model, "4xcpu:3MB", gpt2.example_inputs, strategy="hybrid", stages=2, schedule="1f1b")
+    sharded = dataclasses.replace(p, data_parallel="fsdp")
+    assert ", on 2 devices x 2 FSDP shards = 4 devices," in viz.simulation_text(sharded, simulate_plan(sharded))
+
+
+def test_dot_names_checkpointing_and_sharding_per_stage(fsdp, pipe):
+    dot = plan_dot(fsdp)
+    assert "FSDP-sharded" in dot and "full activation checkpointing" in dot
+    mixed = dataclasses.replace(pipe, stages=_checkpointed(pipe, "selective", "none"))
+    dot = plan_dot(mixed)
+    assert 'stage 0\\n' in dot and "selective activation checkpointing" in dot
+    assert dot.count("activation checkpointing") == 3  # the title once, stage 0's cluster and box
+
+
+def test_png_of_a_checkpointed_fsdp_plan(fsdp, tmp_path):
+    path = tmp_path / "fsdp.png"
+    plan_png(fsdp, path)
+    fmt, size, _ = read_png(path)
+    assert fmt == "PNG" and min(size) > 100
