@@ -11,6 +11,7 @@ The objective is defined in :mod:`evaluate` and docs/partitioning.md.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
@@ -321,24 +322,38 @@ def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.cumsum(ptr), dst[order].astype(np.int64)
 
 
-def _unit_graph(n: int, succ_ptr: np.ndarray, succ: np.ndarray) -> nx.DiGraph:
-    """The unit DAG as a networkx graph (vertices 0..n-1)."""
-    graph = nx.DiGraph()
-    graph.add_nodes_from(range(n))
-    graph.add_edges_from(zip(np.repeat(np.arange(n), np.diff(succ_ptr)).tolist(), succ.tolist()))
-    return graph
+def _successor_lists(succ_ptr: np.ndarray, succ: np.ndarray) -> list[list[int]]:
+    """The unit DAG's successor lists as Python lists (the CSR arrays, sliced once)."""
+    ptr, flat = succ_ptr.tolist(), succ.tolist()
+    return [flat[ptr[u]:ptr[u + 1]] for u in range(len(ptr) - 1)]
 
 
 def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray, pin: np.ndarray) -> np.ndarray:
     """The topological order that takes the ready vertex pinned first, else unpinned, else
-    pinned last, lowest-numbered among equals (graph order): pinned vertices sit at the ends."""
+    pinned last, lowest-numbered among equals (graph order): pinned vertices sit at the ends.
+
+    Kahn's algorithm on a heap of ``rank * n + vertex``: the order networkx's
+    ``lexicographical_topological_sort`` gives with ``key=(rank, vertex)``, without building the
+    unit DAG as an ``nx.DiGraph`` first, which cost more than the sort (docs/benchmarks.md).
+    """
     rank = np.choose(pin, [1, 0, 2])
     src = np.repeat(np.arange(n), np.diff(succ_ptr))
     if np.all(src < succ) and np.all(np.diff(rank) >= 0):
         return np.arange(n, dtype=np.int64)  # graph order is already that order
-    rank_list = rank.tolist()
-    order = nx.lexicographical_topological_sort(_unit_graph(n, succ_ptr, succ), key=lambda u: (rank_list[u], u))
-    return np.fromiter(order, dtype=np.int64, count=n)
+    lists = _successor_lists(succ_ptr, succ)
+    key = (rank * n + np.arange(n)).tolist()
+    indeg = np.bincount(succ, minlength=n).tolist()
+    ready = [key[u] for u in range(n) if indeg[u] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        u = heapq.heappop(ready) % n
+        order.append(u)
+        for v in lists[u]:
+            indeg[v] -= 1
+            if indeg[v] == 0:
+                heapq.heappush(ready, key[v])
+    return np.array(order, dtype=np.int64)
 
 
 def _check_pins(pin: np.ndarray, succ_ptr: np.ndarray, succ: np.ndarray, members: tuple, nodes: tuple,
@@ -346,8 +361,14 @@ def _check_pins(pin: np.ndarray, succ_ptr: np.ndarray, succ: np.ndarray, members
     """A node pinned last must not feed a node pinned first (that would need k == 1)."""
     if k == 1 or not (np.any(pin == PIN_LAST) and np.any(pin == PIN_FIRST)):
         return
-    lasts = np.flatnonzero(pin == PIN_LAST).tolist()
-    reached = [v for layer in nx.bfs_layers(_unit_graph(len(pin), succ_ptr, succ), lasts) for v in layer]
+    lists = _successor_lists(succ_ptr, succ)
+    reached = set(np.flatnonzero(pin == PIN_LAST).tolist())
+    frontier = list(reached)
+    while frontier:  # every unit downstream of one pinned last
+        for v in lists[frontier.pop()]:
+            if v not in reached:
+                reached.add(v)
+                frontier.append(v)
     late = sorted(v for v in reached if pin[v] == PIN_FIRST)
     if late:
         raise PartitionError(f"node {nodes[members[late[0]][0]]!r} is pinned to the first stage but depends on "
