@@ -282,10 +282,10 @@ def _capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> 
 def _checkpoint_cost() -> CheckpointCostFn | None:
     """The checkpointing cost model (fxshard/cost_models/checkpointing.py), when installed."""
     try:
-        from fxshard.cost_models.checkpointing import checkpointed_activations
+        from fxshard.cost_models.checkpointing import checkpoint_cost
     except ImportError:  # not in this tree: the planner prices no checkpointing
         return None
-    return checkpointed_activations
+    return checkpoint_cost
 
 
 def lever_choices(opts: PlanOptions, replicas: int, checkpointing: bool = True) -> tuple[tuple[str | None, ...],
@@ -315,7 +315,7 @@ def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: P
     accumulation), replicated (ddp) or sharded (fsdp) as ``levers`` say."""
     used = tuple(range(replicas))
     costs, stage = plain or _whole_model(pricer, cluster, replicas, microbatches, opts)
-    st = checkpointed(pricer.captured, costs, stage, levers.checkpointing, pricer.checkpoint_cost)
+    st = checkpointed(pricer.facts, costs, stage, levers.checkpointing, pricer.checkpoint_cost)
     backward = st.bwd_time_s if opts.training else 0.0
     if levers.data_parallel == "fsdp":
         st, units = fsdp_stage(pricer.facts, costs, st, stage, replicas, optimizer=opts.optimizer,
@@ -409,7 +409,7 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
     levers = shape.levers
     stages, reduce = [], []
     for costs, st, devs in zip(per_stage, plain_stages, stage_devices):
-        lever = checkpointed(pricer.captured, costs, st, levers.checkpointing, pricer.checkpoint_cost)
+        lever = checkpointed(pricer.facts, costs, st, levers.checkpointing, pricer.checkpoint_cost)
         tail = 0.0
         if levers.data_parallel == "fsdp" and shape.replicas > 1:
             lever, tail = pipeline_fsdp(pricer.facts, costs, lever, st, cluster, devs, optimizer=opts.optimizer,

@@ -25,9 +25,9 @@ from fxshard.passes.stages import StageSummary
 
 __all__ = ["CheckpointCostFn", "Levers", "ModelFacts", "checkpointed", "fsdp_stage", "fsdp_step", "pipeline_fsdp"]
 
-# (captured, works, costs, nodes, policy) -> an object with saved_bytes, recompute_fwd_s and
-# transient_bytes: fxshard.cost_models.checkpointing.checkpointed_activations.
-CheckpointCostFn = Callable[[CapturedGraph, Sequence[Any], GraphCosts, Sequence[str], str], Any]
+# (costs, nodes, blocks, policy) -> an object with saved_bytes, recompute_fwd_s and
+# transient_bytes: fxshard.cost_models.checkpointing.checkpoint_cost.
+CheckpointCostFn = Callable[[GraphCosts, Sequence[str], Sequence[Region], str], Any]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,13 +73,13 @@ class ModelFacts:
                          if k in self.specs and not self.specs[k].buffer))
 
 
-def checkpointed(captured: CapturedGraph, costs: GraphCosts, stage: StageSummary, policy: str,
+def checkpointed(facts: ModelFacts, costs: GraphCosts, stage: StageSummary, policy: str,
                  cost_fn: CheckpointCostFn | None) -> StageSummary:
     """The stage under ``policy``: its saved activations, backward plus recomputation, and the
     transient a block's recomputed activations add."""
     if policy == "none" or cost_fn is None:
         return stage
-    cost = cost_fn(captured, [c.work for c in costs.nodes], costs, stage.nodes, policy)
+    cost = cost_fn(costs, stage.nodes, regions_within(facts.regions, stage.nodes), policy)
     return dataclasses.replace(stage, activation_bytes=float(cost.saved_bytes),
                                bwd_time_s=stage.bwd_time_s + float(cost.recompute_fwd_s),
                                transient_bytes=stage.transient_bytes + float(cost.transient_bytes))
