@@ -206,7 +206,7 @@ class CompiledModel:
         (called on every rank) returns the whole model's state on every rank.
         """
         execution = self._bound_or_plain()
-        local = named_optimizer_state(optimizer, execution.parameter_names(), aliases=execution.aliases)
+        local = named_optimizer_state(optimizer, execution.parameter_names(), aliases=execution.aliases, full=gather)
         if gather:
             return merge_named_optimizer_states(execution.gather_objects(local))
         return local

@@ -28,7 +28,8 @@ from fxshard.plan import Plan
 
 __all__ = ["agree", "device_mismatch", "execution_summary", "fingerprint_mismatch", "shared_plan"]
 
-_TOP = ("strategy", "schedule", "microbatches", "replicas", "batch_size", "training", "data_parallel")
+_TOP = ("strategy", "schedule", "microbatches", "replicas", "batch_size", "training", "data_parallel",
+        "reshard_after_forward")
 _STAGE = ("index", "devices", "device_indices", "nodes", "activation_checkpointing")
 
 

@@ -40,9 +40,20 @@ def state_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str],
-                          aliases: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+                          aliases: Mapping[str, tuple[str, ...]] | None = None, *, full: bool = False) -> dict[str, Any]:
     """``optimizer``'s state keyed by parameter name; ``names`` maps ``id(param)`` to its name,
-    ``aliases`` a tied parameter's name to all its names (its state is listed under each)."""
+    ``aliases`` a tied parameter's name to all its names (its state is listed under each).
+    With ``full`` a sharded state tensor (``DTensor``, of an FSDP parameter) is gathered whole
+    (a collective over its mesh: every rank holding a shard calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    def value(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        if full and isinstance(v, DTensor):
+            v = v.full_tensor()
+        return v.detach().cpu().clone()
+
     aliases = aliases or {}
     groups, state = [], {}
     for group in optimizer.param_groups:
@@ -53,8 +64,7 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, 
                                      f"of the compiled model; build it over compiled.parameters()")
             group_names.append(names[id(p)])
             if p in optimizer.state:
-                entry = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                         for k, v in optimizer.state[p].items()}
+                entry = {k: value(v) for k, v in optimizer.state[p].items()}
                 for name in aliases.get(names[id(p)], (names[id(p)],)):
                     state[name] = entry
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": group_names})
@@ -83,7 +93,8 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[
     """Load a named state into ``optimizer`` (whose parameters may be any part of the model).
 
     Each of the optimizer's groups takes its hyperparameters from the saved group that holds
-    its first parameter; a tied parameter is found under any of its ``aliases``. Raises
+    its first parameter; a tied parameter is found under any of its ``aliases``; a whole state
+    tensor of a sharded parameter (``DTensor``) is cut to this rank's shard. Raises
     ExecutionError when the checkpoint lacks a parameter.
     """
     if not isinstance(saved, Mapping) or "state" not in saved or "param_groups" not in saved:
@@ -112,11 +123,23 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[
     for group_names, group in zip(own, optimizer.param_groups):
         source = group_of[group_names[0]] if group_names else {}
         ids = []
-        for name in group_names:
+        for name, p in zip(group_names, group["params"]):
             if name in saved["state"]:
-                state[index] = saved["state"][name]
+                state[index] = {k: _shard_like(v, p) for k, v in saved["state"][name].items()}
             ids.append(index)
             index += 1
         hyper = {k: v for k, v in source.items() if k != "params"} or {k: v for k, v in group.items() if k != "params"}
         groups.append({**hyper, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _shard_like(value: Any, param: torch.Tensor) -> Any:
+    """A saved state tensor of ``param``'s whole shape laid out as ``param`` (its shard of a
+    ``DTensor``, cut locally); anything else unchanged."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if (not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or isinstance(value, DTensor)
+            or value.shape != param.shape):
+        return value
+    value = value.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)

@@ -30,13 +30,18 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group: Any, *, di
 
     A parameter without a gradient joins with zeros, so every rank reduces the same buckets.
     Gradients are grouped by device and dtype, and each bucket of up to ``bucket_bytes`` is
-    flattened into one tensor, all-reduced once and copied back.
+    flattened into one tensor, all-reduced once and copied back. A sharded gradient
+    (``DTensor``) takes part with its local shard: the ranks of ``group`` must hold the same
+    shard of it (the same data-parallel index).
     """
+    from torch.distributed.tensor import DTensor
+
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
     for grads in by_kind.values():
         for bucket in _buckets(grads, bucket_bytes):
             flat = _flatten_dense_tensors(bucket)

@@ -4,7 +4,8 @@
 :func:`make_execution` when the plan is bound to the captured model, and delegates its calls
 to it: the model as it is on one device (:class:`EagerExecution`), the plan's stages on local
 devices (:class:`LocalPipelineExecution`), or this rank's part under torchrun
-(:class:`fxshard.runtime.distributed.DistributedPipeline`). A new way of running a plan is one
+(:class:`fxshard.runtime.replicas.DataParallelExecution` for the whole model per rank,
+:class:`fxshard.runtime.distributed.DistributedPipeline` for stages). A new way of running a plan is one
 new class here and one line in :func:`make_execution`. See docs/runtime.md.
 """
 
@@ -70,8 +71,12 @@ def make_execution(model: torch.nn.Module, captured: CapturedGraph, plan: Plan, 
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from fxshard.runtime.distributed import DistributedPipeline
+        from fxshard.runtime.fsdp import FsdpExecution
+        from fxshard.runtime.replicas import DataParallelExecution
 
-        return DistributedPipeline(captured, plan, loss_fn=loss_fn, aliases=state_aliases(model))
+        kinds = {"pipeline": DistributedPipeline, "hybrid": DistributedPipeline, "fsdp": FsdpExecution}
+        kind = kinds.get(plan.strategy, DataParallelExecution)
+        return kind(captured, plan, loss_fn=loss_fn, aliases=state_aliases(model))
     if plan.strategy in ("pipeline", "hybrid"):
         return LocalPipelineExecution(model, captured, plan)
     return EagerExecution(model, captured, local_device(plan.stages[0].devices[0]),

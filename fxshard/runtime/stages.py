@@ -10,7 +10,7 @@ wraps each stage in a ``PipelineStage``. See docs/runtime.md.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from fxshard.passes.split import SplitGraph, carries_numbers, stage_io_examples
 from fxshard.plan import Plan
 from fxshard.runtime.local import set_parameter
 
-__all__ = ["RankStages", "build_rank_stages", "materialise", "unwrap"]
+__all__ = ["RankStages", "StagePrep", "build_rank_stages", "materialise", "unwrap"]
 
 
 class _TensorInputs(torch.nn.Module):
@@ -37,6 +37,19 @@ class _TensorInputs(torch.nn.Module):
     def forward(self, *tensors: Any) -> Any:
         it = iter(tensors)
         return self.stage(*[next(it) if is_tensor else const for is_tensor, const in self.template])
+
+
+class StagePrep(Protocol):
+    """What :func:`build_rank_stages` does to each stage of this rank beyond splitting."""
+
+    shards: bool
+    """Whether :meth:`shard` replaces the stage's parameters (with sharded ones)."""
+
+    def rewrite(self, index: int, module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """Stage ``index``'s graph as it runs (its blocks outlined and checkpointed)."""
+
+    def shard(self, index: int, module: torch.nn.Module) -> None:
+        """Shard stage ``index``'s module (as torch pipelining calls it) in place."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,27 +75,41 @@ class RankStages:
 
 
 def build_rank_stages(captured: CapturedGraph, plan: Plan, split: SplitGraph, rank: int, device: torch.device,
-                      group: Any) -> RankStages:
-    """Rank ``rank``'s stages of ``split``, on ``device``, talking over ``group`` (the pp group)."""
+                      group: Any, *, prepare: StagePrep | None = None) -> RankStages:
+    """Rank ``rank``'s stages of ``split``, on ``device``, talking over ``group`` (the pp group).
+
+    ``prepare`` (see :class:`StagePrep`) rewrites each stage's graph once it is on its device
+    (activation checkpointing) and shards the stage before torch's ``PipelineStage`` wraps it.
+    """
     from torch.distributed.pipelining import PipelineStage
 
     mine = [s for s in plan.stages if rank in s.device_indices]
     shared = _shared_groups(captured, plan, split, rank)
     local_copies = _separate_local_ties([split.stages[s.index].module for s in mine])
+    if local_copies and prepare is not None and prepare.shards:
+        raise ExecutionError(f"rank {rank} holds {len(mine)} stages sharing a parameter; sharded stages (pipeline x "
+                             f"FSDP) cannot share one on a rank yet: use a schedule with one stage per rank "
+                             f"(gpipe, 1f1b) or data_parallel='ddp'")
     examples = _static_examples(captured, plan, split)
     modules, stages = [], []
     for s in mine:
         module: torch.nn.Module = split.stages[s.index].module
         materialise(module, device)
+        if prepare is not None:
+            module = prepare.rewrite(s.index, module)
         if s.index == 0:
             module = _wrap_inputs(captured, module)
+        if prepare is not None:
+            prepare.shard(s.index, module)
         modules.append(module)
         io = examples[s.index] if examples is not None else None
         static = {} if io is None else {"input_args": io[0], "output_args": io[1]}
         stages.append(PipelineStage(module, s.index, plan.num_stages, device, group=group, **static))
+    held = {s.index: m for s, m in zip(mine, modules)}
+    resolved = [([unwrap(held[i]).get_parameter(name) for i, name in refs], g) for refs, g in shared]
     return RankStages(modules=modules, stages=stages, first=any(s.index == 0 for s in mine),
                       last=any(s.index == plan.num_stages - 1 for s in mine), local_copies=local_copies,
-                      shared=shared)
+                      shared=resolved)
 
 
 def materialise(module: torch.nn.Module, device: torch.device) -> None:
@@ -158,10 +185,11 @@ def _microbatch_values(captured: CapturedGraph, plan: Plan) -> tuple[dict[str, A
 
 
 def _shared_groups(captured: CapturedGraph, plan: Plan, split: SplitGraph,
-                   rank: int) -> list[tuple[list[torch.nn.Parameter], Any]]:
+                   rank: int) -> list[tuple[list[tuple[int, str]], Any]]:
     """Process groups, one per replica index, of the ranks holding each tensor that several
     stages hold (the replica sync already averages each stage's replicas; these groups add up
-    the stages' contributions). Every rank creates every group, in the same order."""
+    the stages' contributions), with ``(stage index, name)`` of this rank's copies. Every rank
+    creates every group, in the same order."""
 
     def canonical(module: torch.nn.Module, name: str) -> str:
         return captured.param_names.get(id(module.get_parameter(name)), name)
@@ -180,9 +208,9 @@ def _shared_groups(captured: CapturedGraph, plan: Plan, split: SplitGraph,
                 continue
             group = dist.new_group(ranks)
             if rank in ranks:
-                params = [p for st in split.stages if rank in plan.stages[st.index].device_indices
-                          for n, p in st.module.named_parameters() if canonical(st.module, n) == name]
-                groups.append((params, group))
+                refs = [(st.index, n) for st in split.stages if rank in plan.stages[st.index].device_indices
+                        for n, _ in st.module.named_parameters() if canonical(st.module, n) == name]
+                groups.append((refs, group))
     return groups
 
 

@@ -1,0 +1,159 @@
+"""Sharded data parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+A ``fsdp`` plan holds the whole model on every rank, sharded: each parameter's rows are cut
+over the data-parallel group (a 1-D ``DeviceMesh`` of all ranks), and so are its gradient and
+optimizer state. The wrapping units come from the graph: each repeated block
+(:func:`fxshard.passes.regions.repeated_blocks`) is outlined into a module at its own path,
+run under activation checkpointing when the plan says so
+(:func:`fxshard.runtime.checkpointing.apply_checkpointing`), and sharded as a unit of its
+own; the root unit (embeddings, final norm, head: everything outside the blocks) is sharded
+last. Parameter names and ``state_dict`` keys are the original model's.
+
+Gradient accumulation: with ``plan.microbatches`` = m > 1 a rank runs its share of the batch
+as m micro-batches one after another, each loss divided by m; FSDP reduce-scatters every
+micro-batch's gradients and they accumulate sharded (what torchtitan does), so no rank ever
+holds an unsharded gradient for the whole model. A pipeline stage sharded here (pipeline x
+FSDP) instead lets torch's ``PipelineStage`` hold gradient sync back until its last
+micro-batch. See docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxshard.capture import CapturedGraph
+from fxshard.passes.regions import Region, outline, regions_within
+from fxshard.plan import Plan
+from fxshard.runtime.local import to_device
+from fxshard.runtime.loss import LossCall, call_loss
+from fxshard.runtime.ranks import RankExecution
+from fxshard.runtime.replicas import accumulate
+from fxshard.runtime.stages import materialise, unwrap
+
+__all__ = ["FsdpExecution", "StageSharding", "outline_units", "shard_units", "sharded_bytes"]
+
+
+def outline_units(gm: torch.fx.GraphModule, regions: Sequence[Region], policy: str) -> tuple[torch.fx.GraphModule,
+                                                                                               list[str]]:
+    """``gm`` with its repeated blocks outlined (and checkpointed under ``policy``), and the
+    paths of the block modules it calls: the units to shard."""
+    if policy == "none":
+        module = outline(gm, regions)
+    else:
+        from fxshard.runtime.checkpointing import apply_checkpointing
+
+        module = apply_checkpointing(gm, regions, policy)
+    called = {str(n.target) for n in module.graph.nodes if n.op == "call_module"}
+    return module, [r.module for r in regions if r.module in called]
+
+
+def shard_units(root: torch.nn.Module, units: Sequence[torch.nn.Module], mesh: Any, *,
+                reshard_after_forward: bool) -> None:
+    """``fully_shard`` each unit, then the root (what the units leave), over ``mesh``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def sharded_bytes(params: Sequence[torch.nn.Parameter],
+                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this rank holds of ``params`` (their local shards), of their gradients and of
+    ``optimizer``'s per-parameter tensors of the parameters' shape (Adam's moments; not its
+    scalar ``step``): ``{"params": ..., "grads": ..., "optimizer": ...}``."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    unique = list({id(p): p for p in params}.values())
+    state = 0
+    if optimizer is not None:
+        for p in unique:
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
+                    state += nbytes(value)
+    return {"params": sum(nbytes(p) for p in unique),
+            "grads": sum(nbytes(p.grad) for p in unique if p.grad is not None), "optimizer": state}
+
+
+class FsdpExecution(RankExecution):
+    """This rank's shard of the whole model (a ``fsdp`` plan under torchrun)."""
+
+    def __init__(self, captured: CapturedGraph, plan: Plan, *, loss_fn: Callable | None = None,
+                 aliases: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from fxshard.passes.regions import repeated_blocks
+
+        super().__init__(captured, plan, loss_fn=loss_fn, aliases=aliases)
+        self.mesh = init_device_mesh(self.device.type, (self.replicas,), mesh_dim_names=("dp",))
+        materialise(captured.gm, self.device)
+        self.module, paths = outline_units(captured.gm, repeated_blocks(captured),
+                                           plan.stages[0].activation_checkpointing)
+        self.units = paths
+        shard_units(self.module, [self.module.get_submodule(p) for p in paths], self.mesh,
+                    reshard_after_forward=plan.reshard_after_forward)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.module]
+
+    def _run(self, inputs: tuple[tuple, dict], target: Any, how: LossCall, loss_fn: Callable,
+             microbatch: int) -> torch.Tensor:
+        flat = self.captured.flatten_inputs(*inputs)
+        out = self.captured.output_spec.rebuild(self.module(*to_device(flat, self.device)))
+        return call_loss(loss_fn, out, to_device(target, self.device), how, microbatch=microbatch)
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
+        args, kwargs = self._shard((args, kwargs))
+        flat = self.captured.flatten_inputs(args, kwargs)
+        return self.captured.output_spec.rebuild(self.module(*to_device(flat, self.device)))
+
+    def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
+        how = self._loss_call(args, kwargs, target, loss_fn)
+        inputs, target = self._shard(((args, kwargs), target))
+        self.guard.sending()
+        # Every micro-batch's backward reduce-scatters: gradients accumulate sharded.
+        loss = accumulate(lambda part, tgt, i: self._run(part, tgt, how, loss_fn, i), inputs, target,
+                          self.plan.microbatches, lambda last: contextlib.nullcontext())
+        return self._replica_mean(loss, None)
+
+
+class StageSharding:
+    """A pipeline's stages as the plan runs them (:class:`fxshard.runtime.stages.StagePrep`):
+    each stage's whole blocks checkpointed under its ``activation_checkpointing``, and with
+    ``data_parallel="fsdp"`` each block and then the stage sharded over ``mesh`` (the stage's
+    data-parallel group), as torchtitan composes FSDP2 with pipelining."""
+
+    def __init__(self, plan: Plan, regions: Sequence[Region], mesh: Any | None) -> None:
+        self.plan = plan
+        self.regions = tuple(regions)
+        self.mesh = mesh
+        self.shards = mesh is not None
+        self.units: dict[int, list[str]] = {}
+
+    def rewrite(self, index: int, module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        stage = self.plan.stages[index]
+        if stage.activation_checkpointing == "none" and not self.shards:
+            self.units[index] = []
+            return module
+        module, self.units[index] = outline_units(module, regions_within(self.regions, stage.nodes),
+                                                  stage.activation_checkpointing)
+        return module
+
+    def shard(self, index: int, module: torch.nn.Module) -> None:
+        if not self.shards:
+            return
+        inner = unwrap(module)
+        shard_units(module, [inner.get_submodule(p) for p in self.units.get(index, [])], self.mesh,
+                    reshard_after_forward=self.plan.reshard_after_forward)

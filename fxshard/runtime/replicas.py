@@ -1,0 +1,83 @@
+"""The whole model on every rank: ``single`` and ``ddp`` plans under torchrun.
+
+Each rank holds the whole captured model and takes its share of the batch; several replicas
+run in ``DistributedDataParallel``. With ``plan.microbatches`` = m > 1 a replica runs its
+share as m micro-batches one after another (gradient accumulation): the first m - 1
+backward passes run under DDP's ``no_sync()``, so gradients are all-reduced once per step,
+and each micro-batch's loss is divided by m, so the gradients are those of the mean loss over
+the whole batch. See docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fxshard.capture import CapturedGraph
+from fxshard.plan import Plan
+from fxshard.runtime.data_parallel import wrap_replica
+from fxshard.runtime.local import to_device
+from fxshard.runtime.loss import LossCall, call_loss
+from fxshard.runtime.ranks import RankExecution, rows_part
+from fxshard.runtime.stages import materialise
+
+__all__ = ["DataParallelExecution", "accumulate"]
+
+
+def accumulate(run: Callable[[Any, Any, int], torch.Tensor], inputs: Any, target: Any, microbatches: int,
+               sync: Callable[[bool], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """Forward and backward of ``microbatches`` micro-batches one after another; the mean loss.
+
+    ``run(inputs, target, i)`` returns micro-batch i's loss; its backward runs on the loss
+    divided by ``microbatches`` inside ``sync(last)``, where ``last`` says whether this is the
+    step's last micro-batch (the one whose backward synchronises the replicas).
+    """
+    losses = []
+    for i in range(microbatches):
+        part_inputs, part_target = rows_part((inputs, target), microbatches, i)
+        with sync(i == microbatches - 1):
+            loss = run(part_inputs, part_target, i)
+            (loss / microbatches if microbatches > 1 else loss).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean() if microbatches > 1 else losses[0]
+
+
+class DataParallelExecution(RankExecution):
+    """This rank's replica of the whole model (a ``single`` or ``ddp`` plan under torchrun)."""
+
+    def __init__(self, captured: CapturedGraph, plan: Plan, *, loss_fn: Callable | None = None,
+                 aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+        super().__init__(captured, plan, loss_fn=loss_fn, aliases=aliases)
+        self.module: torch.nn.Module = captured.gm
+        materialise(self.module, self.device)
+        self.ddp = wrap_replica(self.module, self.device, self.replicas)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.module]
+
+    def _run(self, inputs: tuple[tuple, dict], target: Any, how: LossCall, loss_fn: Callable,
+             microbatch: int) -> torch.Tensor:
+        flat = self.captured.flatten_inputs(*inputs)
+        out = self.captured.output_spec.rebuild(self.ddp(*to_device(flat, self.device)))
+        return call_loss(loss_fn, out, to_device(target, self.device), how, microbatch=microbatch)
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        if last or not isinstance(self.ddp, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
+        args, kwargs = self._shard((args, kwargs))
+        flat = self.captured.flatten_inputs(args, kwargs)
+        return self.captured.output_spec.rebuild(self.module(*to_device(flat, self.device)))
+
+    def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
+        how = self._loss_call(args, kwargs, target, loss_fn)
+        inputs, target = self._shard(((args, kwargs), target))
+        self.guard.sending()
+        loss = accumulate(lambda part, tgt, i: self._run(part, tgt, how, loss_fn, i), inputs, target,
+                          self.plan.microbatches, self._sync)
+        return self._replica_mean(loss, None)

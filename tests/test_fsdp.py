@@ -1,0 +1,186 @@
+"""FSDP2, pipeline x FSDP, activation checkpointing and gradient accumulation under gloo ranks:
+losses and every parameter after 3 AdamW steps equal an eager run; state and optimizer state
+move between plans; the sharded bytes per rank equal the prediction.
+
+Few launches, several configurations each (process start-up dominates on CI).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.dist_harness import run
+
+pytestmark = pytest.mark.slow  # every test here starts ranks in processes
+
+STEPS = 3
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _lm_loss(out, target):
+    return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+
+def _gpt2(batch: int = 4):
+    """gpt2-tiny ties its embedding and LM head (``wte.weight`` is ``lm_head.weight``)."""
+    from fxshard.zoo import build
+
+    z = build("gpt2-tiny", batch_size=batch, seed=0)
+    (tokens,) = z.example_inputs
+    target = torch.randint(0, 256, tokens.shape, generator=torch.Generator().manual_seed(1))
+    return z.model, z.example_inputs, target
+
+
+def _lever_plan(model, inputs, world: int, strategy: str, *, data_parallel: str, checkpointing: str = "none",
+                microbatches: int = 1, reshard: bool = True):
+    """A plan of ``strategy`` turned to the lever under test (the planner does not choose
+    these yet): still a valid Plan."""
+    import fxshard
+
+    base = "ddp" if strategy in ("ddp", "fsdp") else strategy
+    options = {"schedule": "1f1b", "microbatches": microbatches} if base != "ddp" else {}
+    plan = fxshard.plan(model, f"{world}xcpu:1GB", inputs, strategy=base, **options)
+    stages = tuple(dataclasses.replace(s, activation_checkpointing=checkpointing) for s in plan.stages)
+    return dataclasses.replace(plan, strategy=strategy, data_parallel=data_parallel, microbatches=microbatches,
+                               reshard_after_forward=reshard, stages=stages)
+
+
+def _assert_state_equal(compiled, reference, what: str) -> None:
+    state = compiled.state_dict(gather=True)
+    expected = reference.state_dict()
+    assert state.keys() == expected.keys(), what
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, **TOL, msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+def _check_levers_in_place(compiled, plan) -> None:
+    """The levers run, not just the plan's words: shards are DTensors, checkpointed blocks are
+    CheckpointedBlock modules at the blocks' own paths."""
+    from torch.distributed.tensor import DTensor
+
+    from fxshard.runtime.checkpointing import CheckpointedBlock
+
+    params = dict(compiled.named_parameters())
+    assert params and all(isinstance(p, DTensor) == (plan.data_parallel == "fsdp") for p in params.values())
+    rank_modules = compiled._execution._modules()
+    blocks = [name for m in rank_modules for name, sub in m.named_modules() if isinstance(sub, CheckpointedBlock)]
+    wanted = {s.activation_checkpointing for s in plan.stages} != {"none"}
+    assert bool(blocks) == wanted, blocks
+    assert all(re.fullmatch(r"(stage\.)?h\.\d+", name) for name in blocks), blocks
+
+
+def _train_matches_eager(rank: int, world: int, plan_of, what: str) -> None:
+    """3 AdamW steps of the compiled plan against eager: losses and every parameter."""
+    import fxshard
+
+    model, inputs, target = _gpt2()
+    reference = copy.deepcopy(model)
+    plan = plan_of(model, inputs)
+    assert plan.num_stages * plan.replicas == world, plan.shape_text()
+    compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
+    _check_levers_in_place(compiled, plan)
+    opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    for step in range(STEPS):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss = compiled.step(*inputs, target=target)
+        ref_loss = _lm_loss(reference(*inputs), target)
+        ref_loss.backward()
+        if loss is not None:
+            torch.testing.assert_close(loss, ref_loss.detach(), **TOL,
+                                       msg=lambda m, s=step: f"{what}, rank {rank}, loss of step {s}: {m}")
+        opt.step()
+        ref_opt.step()
+    _assert_state_equal(compiled, reference, f"{what}, rank {rank}, after {STEPS} steps")
+
+
+def _fsdp_memory_matches_prediction(rank: int, world: int) -> None:
+    """Summed local shard bytes of parameters, gradients and Adam's moments equal
+    cost_models.sharding's prediction exactly."""
+    import fxshard
+    from fxshard.cost_models.sharding import ParamSpec, sharded_state
+    from fxshard.runtime.fsdp import sharded_bytes
+
+    model, inputs, target = _gpt2()
+    specs = [ParamSpec(name=n, shape=tuple(p.shape), itemsize=p.element_size()) for n, p in model.named_parameters()]
+    plan = _lever_plan(model, inputs, world, "fsdp", data_parallel="fsdp")
+    compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
+    opt = torch.optim.Adam(compiled.parameters(), lr=1e-3)
+    compiled.step(*inputs, target=target)
+    opt.step()
+    measured = sharded_bytes(list(compiled.parameters()), opt)
+    predicted = sharded_state(specs, world, rank, optimizer="adam")
+    assert measured == {"params": predicted.params, "grads": predicted.grads, "optimizer": predicted.optimizer}, \
+        (rank, measured, predicted)
+
+
+def _resume_across_plans(rank: int, world: int) -> None:
+    """1 step under fsdp, saved gathered; resumed on a 2-stage pipeline for 1 step; saved and
+    resumed under fsdp again for 1 step: the losses and parameters are eager's."""
+    import fxshard
+
+    _, inputs, target = _gpt2()
+    reference, _, _ = _gpt2()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    plans = [lambda m: _lever_plan(m, inputs, world, "fsdp", data_parallel="fsdp", checkpointing="full"),
+             lambda m: _lever_plan(m, inputs, world, "pipeline", data_parallel=None, microbatches=2),
+             lambda m: _lever_plan(m, inputs, world, "fsdp", data_parallel="fsdp", microbatches=2)]
+    saved = None
+    for i, plan_of in enumerate(plans):
+        model, _, _ = _gpt2()
+        if saved is not None:  # what the model holds must come from the checkpoint
+            torch.nn.init.normal_(model.wte.weight)
+        compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan_of(model), loss_fn=_lm_loss)
+        opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
+        if saved is not None:
+            compiled.load_state_dict(saved[0])
+            compiled.load_optimizer_state_dict(opt, saved[1])
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss = compiled.step(*inputs, target=target)
+        ref_loss = _lm_loss(reference(*inputs), target)
+        ref_loss.backward()
+        if loss is not None:
+            torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
+        opt.step()
+        ref_opt.step()
+        saved = (compiled.state_dict(gather=True), compiled.optimizer_state_dict(opt, gather=True))
+        _assert_state_equal(compiled, reference, f"plan {i} ({compiled.plan.strategy}), rank {rank}")
+
+
+def _two_ranks(rank: int, world: int) -> None:
+    configs = {
+        "fsdp": dict(data_parallel="fsdp"),
+        "fsdp, full checkpointing, 2 micro-batches": dict(data_parallel="fsdp", checkpointing="full",
+                                                          microbatches=2),
+        "fsdp, selective checkpointing, kept unsharded": dict(data_parallel="fsdp", checkpointing="selective",
+                                                              reshard=False),
+    }
+    for what, lever in configs.items():
+        _train_matches_eager(rank, world, lambda m, i, lv=lever: _lever_plan(m, i, world, "fsdp", **lv), what)
+    _train_matches_eager(rank, world, lambda m, i: _lever_plan(m, i, world, "ddp", data_parallel="ddp",
+                                                               microbatches=2), "ddp, 2 micro-batches")
+    _fsdp_memory_matches_prediction(rank, world)
+    _resume_across_plans(rank, world)
+
+
+def _four_ranks(rank: int, world: int) -> None:
+    for checkpointing in ("none", "full"):
+        _train_matches_eager(rank, world, lambda m, i, c=checkpointing: _lever_plan(
+            m, i, world, "hybrid", data_parallel="fsdp", checkpointing=c, microbatches=2),
+            f"pipeline x fsdp, checkpointing {checkpointing}")
+
+
+def test_fsdp_ddp_accumulation_memory_and_resume_on_two_ranks_match_eager():
+    run(_two_ranks, 2, timeout=240)
+
+
+def test_pipeline_x_fsdp_on_four_ranks_matches_eager():
+    run(_four_ranks, 4, timeout=240)
