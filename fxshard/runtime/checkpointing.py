@@ -27,6 +27,7 @@ import torch.fx
 import torch.utils.checkpoint as torch_checkpoint
 
 from fxshard.capture import CapturedGraph
+from fxshard.cost_models.checkpointing import SELECTIVE_KEPT_OPS
 from fxshard.errors import ExecutionError
 from fxshard.passes.regions import Region, outline, regions_within, repeated_blocks
 from fxshard.passes.split import SplitGraph
@@ -36,18 +37,12 @@ __all__ = ["POLICIES", "CheckpointedBlock", "apply_checkpointing", "checkpoint_s
 
 POLICIES = ("none", "selective", "full")
 
-# Operators whose outputs selective checkpointing keeps: the matmuls and attention kernels,
-# the expensive part of a block; everything else is cheap to recompute. Names absent from a
-# torch build are skipped.
-_KEPT_NAMES = ("mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention",
-               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_mm", "_flash_attention_forward",
-               "_efficient_attention_forward", "convolution")
-
 
 @functools.cache
 def _kept_ops() -> frozenset:
-    return frozenset(getattr(torch.ops.aten, name) for name in _KEPT_NAMES if hasattr(torch.ops.aten, name))
+    # The cost model's list (fxshard.cost_models.checkpointing): what it counts as kept is what
+    # the policy keeps. Names absent from a torch build are skipped.
+    return frozenset(getattr(torch.ops.aten, n) for n in SELECTIVE_KEPT_OPS if hasattr(torch.ops.aten, n))
 
 
 def kept_by_selective(op: Any) -> bool:
