@@ -108,16 +108,12 @@ class Problem:
 def _column(data: list[dict], key: str, names: Sequence[Hashable]) -> np.ndarray:
     """One numeric attribute of every node (missing or None = 0), checked finite and >= 0."""
     raw = [d.get(key) for d in data]
-    if any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw):
-        raw_ok = False
-    else:
-        raw_ok = True
-    try:
-        if not raw_ok:
-            raise TypeError("not numbers")
-        values = np.array([0.0 if x is None else x for x in raw], dtype=np.float64)
-    except (TypeError, ValueError):
-        values = None
+    values = None
+    if not any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw):
+        try:
+            values = np.array([0.0 if x is None else x for x in raw], dtype=np.float64)
+        except (TypeError, ValueError):
+            values = None
     if values is None or values.shape != (len(raw),) or not np.all(np.isfinite(values) & (values >= 0)):
         # The slow path names the offending node.
         values = np.array([_number(x, key, where) for where, x in zip(names, raw)], dtype=np.float64)
@@ -177,23 +173,65 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     Raises:
         PartitionError: not a DAG, bad attributes, k out of range, impossible memory.
     """
-    if not isinstance(graph, nx.DiGraph):
-        raise PartitionError(f"graph must be a networkx.DiGraph, got {type(graph).__name__}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise PartitionError(f"k={k!r}: the number of stages must be a positive integer")
-    k = int(k)
-    if objective not in ("pipeline", "direct"):
-        raise PartitionError(f"objective={objective!r}; use 'pipeline' or 'direct'")
+    k = _check_arguments(graph, k, objective)
     nodes = tuple(graph.nodes)
     n = len(nodes)
     if n == 0:
         raise PartitionError("the graph has no nodes; nothing to partition")
+    cols = _node_columns(graph, nodes)
+    unit_of, members = _units(cols.data, cols.src, cols.dst)
+    u_count = len(members)
+    if k > u_count:
+        what = f"{n} nodes" if u_count == n else f"{n} nodes in {u_count} colocated groups"
+        raise PartitionError(f"k={k} stages for {what}: every stage needs at least one; use k <= {u_count}")
+    u_pin = _unit_pins(cols.pins, unit_of, members, nodes, k)
+    dag = _unit_dag(unit_of, u_count, cols)
+    _check_pins(u_pin, dag["succ_ptr"], dag["succ"], members, nodes, k)
+    problem = Problem(k=k, nodes=nodes, unit_of=unit_of, members=members,
+                      order=_topo_order(u_count, dag["succ_ptr"], dag["succ"], u_pin),
+                      compute=np.bincount(unit_of, weights=cols.compute, minlength=u_count),
+                      memory=np.bincount(unit_of, weights=cols.memory, minlength=u_count),
+                      params=np.bincount(unit_of, weights=cols.params, minlength=u_count), pin=u_pin,
+                      layer=tuple(str(cols.data[group[0]].get("layer", "") or "") for group in members),
+                      speeds=_per_stage(speeds, k, "speeds", 1.0, allow_inf=False),
+                      mem_limit=_per_stage(memory_limit, k, "memory_limit", math.inf, allow_inf=True),
+                      link=_link_matrix(link, k), objective=objective, **dag)
+    _check_memory(problem)
+    return problem
+
+
+def _check_arguments(graph: Any, k: Any, objective: Any) -> int:
+    """Refuse a graph that is not a DiGraph, a bad k or objective; return k as an int."""
+    if not isinstance(graph, nx.DiGraph):
+        raise PartitionError(f"graph must be a networkx.DiGraph, got {type(graph).__name__}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise PartitionError(f"k={k!r}: the number of stages must be a positive integer")
+    if objective not in ("pipeline", "direct"):
+        raise PartitionError(f"objective={objective!r}; use 'pipeline' or 'direct'")
+    return int(k)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    """The graph's node attributes and edges as arrays over node indices (graph order)."""
+
+    data: list[dict]
+    compute: np.ndarray
+    memory: np.ndarray
+    params: np.ndarray
+    comm: np.ndarray
+    pins: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+
+
+def _node_columns(graph: nx.DiGraph, nodes: tuple) -> _Columns:
+    """Read and check the node and edge attributes; refuse a graph with a cycle."""
+    n = len(nodes)
     index = {node: i for i, node in enumerate(nodes)}
     data = [d for _, d in graph.nodes(data=True)]
     where = [f"node {v!r}" for v in nodes]
-    compute = _column(data, "compute", where)
-    memory = _column(data, "memory", where)
-    params = _column(data, "params", where)
+    compute, memory, params = (_column(data, key, where) for key in ("compute", "memory", "params"))
     edge_list = list(graph.edges(data="comm"))
     src = np.fromiter((index[u] for u, _, _ in edge_list), dtype=np.int64, count=len(edge_list))
     dst = np.fromiter((index[v] for _, v, _ in edge_list), dtype=np.int64, count=len(edge_list))
@@ -212,18 +250,15 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
         cycle = nx.find_cycle(graph)
         raise PartitionError(f"the graph has a cycle ({' -> '.join(repr(u) for u, _ in cycle)}); "
                              f"a pipeline needs a DAG")
+    return _Columns(data=data, compute=compute, memory=memory, params=params, comm=comm, pins=pins, src=src, dst=dst)
 
-    unit_of, members = _units(data, src, dst)
+
+def _unit_pins(pins: np.ndarray, unit_of: np.ndarray, members: tuple, nodes: tuple, k: int) -> np.ndarray:
+    """Per unit, the pin of its members; refuse a colocated group pinned both first and last."""
     u_count = len(members)
-    if k > u_count:
-        what = f"{n} nodes" if u_count == n else f"{n} nodes in {u_count} colocated groups"
-        raise PartitionError(f"k={k} stages for {what}: every stage needs at least one; use k <= {u_count}")
-    u_compute = np.bincount(unit_of, weights=compute, minlength=u_count)
-    u_memory = np.bincount(unit_of, weights=memory, minlength=u_count)
-    u_params = np.bincount(unit_of, weights=params, minlength=u_count)
     u_pin = np.zeros(u_count, dtype=np.int64)
     np.maximum.at(u_pin, unit_of, pins)
-    if k > 1 and u_count < n:
+    if k > 1 and u_count < len(nodes):
         has_first = np.zeros(u_count, dtype=bool)
         has_first[unit_of[pins == PIN_FIRST]] = True
         clash = np.flatnonzero(has_first & (u_pin == PIN_LAST))
@@ -231,9 +266,13 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
             group = [nodes[i] for i in members[clash[0]]][:4]
             raise PartitionError(f"colocated nodes {group} are pinned both first and last; unpin one or "
                                  f"drop the colocation")
-    layer = tuple(str(data[group[0]].get("layer", "") or "") for group in members)
+    return u_pin
 
-    # Unit DAG and values (a value: a node whose output is consumed in another unit).
+
+def _unit_dag(unit_of: np.ndarray, u_count: int, cols: _Columns) -> dict[str, np.ndarray]:
+    """The unit DAG (CSR) and the values, a value being a node whose output is consumed in
+    another unit: :class:`Problem`'s ``succ_ptr``, ``succ``, ``val_*`` fields."""
+    src, dst = cols.src, cols.dst
     ua, ub = unit_of[src], unit_of[dst]
     cross = ua != ub
     pairs = np.unique(ua[cross] * u_count + ub[cross])
@@ -241,14 +280,12 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     vpairs = np.unique(src[cross] * u_count + ub[cross])
     v_node, val_dst = vpairs // u_count, vpairs % u_count
     val_nodes, counts = np.unique(v_node, return_counts=True)
-    val_src = unit_of[val_nodes]
-    val_comm = comm[val_nodes]
-    val_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return {"succ_ptr": succ_ptr, "succ": succ, "val_src": unit_of[val_nodes], "val_comm": cols.comm[val_nodes],
+            "val_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), "val_dst": val_dst}
 
-    _check_pins(u_pin, succ_ptr, succ, members, nodes, k)
-    order = _topo_order(u_count, succ_ptr, succ, u_pin)
-    speeds_arr = _per_stage(speeds, k, "speeds", 1.0, allow_inf=False)
-    limit = _per_stage(memory_limit, k, "memory_limit", math.inf, allow_inf=True)
+
+def _link_matrix(link: Any, k: int) -> np.ndarray:
+    """The k x k link factors (all 1 by default), checked finite and >= 0."""
     try:
         link_arr = np.ones((k, k)) if link is None else np.asarray(link, dtype=np.float64)
     except (TypeError, ValueError):
@@ -256,12 +293,7 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     if link_arr.shape != (k, k) or np.any(~np.isfinite(link_arr)) or np.any(link_arr < 0):
         raise PartitionError(f"link factors must be a {k}x{k} matrix of finite numbers >= 0, got shape "
                              f"{link_arr.shape}")
-    problem = Problem(k=k, nodes=nodes, unit_of=unit_of, members=members, order=order, compute=u_compute,
-                      memory=u_memory, params=u_params, pin=u_pin, layer=layer, succ_ptr=succ_ptr, succ=succ,
-                      val_src=val_src, val_comm=val_comm, val_ptr=val_ptr, val_dst=val_dst,
-                      speeds=speeds_arr, mem_limit=limit, link=link_arr, objective=objective)
-    _check_memory(problem)
-    return problem
+    return link_arr
 
 
 def _units(data: list[dict], src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
