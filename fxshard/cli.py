@@ -410,7 +410,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                   f"{fmt_time(plan.estimate.step_time_s)} with {plan.schedule or 'no pipeline schedule'}, "
                   f"{plan.microbatches} micro-batch(es))")
     for rank, (busy, idle) in enumerate(zip(result.busy_s, result.idle_s)):
-        who = "each device" if plan.strategy in ("single", "ddp") else f"rank {rank}"
+        who = "each device" if plan.strategy in ("single", "ddp", "fsdp") else f"rank {rank}"
         out.print(f"  {who}: busy {fmt_time(busy)}, idle {fmt_time(idle)}")
     if args.png:
         viz.timeline_png(result, args.png, title=f"{plan.model.name}: {what}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from fxshard.cli import main
+from fxshard.plan import Plan
 
 
 def test_devices_lists_every_preset(capsys):
@@ -112,7 +114,6 @@ def test_console_script_runs_inspect():
 
 
 def test_plan_json_round_trips_and_prints_a_table(tmp_path, capsys):
-    from fxshard.plan import Plan
 
     dest = tmp_path / "plan.json"
     assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8", "--json", str(dest)]) == 0
@@ -506,8 +507,6 @@ def fsdp_planner(monkeypatch, gpt2):
     """The planner replaced by one that records its options and returns gpt2-tiny as 4 FSDP
     shards, fully checkpointed, 2 micro-batches accumulated (hand-made: the CLI's part is the
     flags and the text, not the search)."""
-    import dataclasses
-
     import fxshard
     import fxshard.planner
 
@@ -579,3 +578,16 @@ def test_compare_rows_carry_the_levers(capsys):
         assert row["activation_checkpointing"] in ("none", "selective", "full") or "/" in row["activation_checkpointing"]
         assert row["data_parallel"] in (None, "ddp", "fsdp")
         assert (row["data_parallel"] is None) == (row["strategy"] in ("single", "pipeline"))
+
+
+def test_simulate_names_an_fsdp_plan_as_fsdp(tmp_path, capsys):
+    assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:64MB", "--batch-size", "8", "--strategy", "ddp",
+                 "--json", str(tmp_path / "ddp.json")]) == 0
+    ddp = Plan.from_json((tmp_path / "ddp.json").read_text())
+    fsdp = dataclasses.replace(ddp, strategy="fsdp", data_parallel="fsdp")
+    (tmp_path / "fsdp.json").write_text(fsdp.to_json())
+    capsys.readouterr()
+    assert main(["simulate", str(tmp_path / "fsdp.json"), "--microbatches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp (4 FSDP shards, no pipeline schedule), 2 micro-batches one after another" in out
+    assert "each device: busy" in out
