@@ -114,7 +114,6 @@ def test_console_script_runs_inspect():
 
 
 def test_plan_json_round_trips_and_prints_a_table(tmp_path, capsys):
-
     dest = tmp_path / "plan.json"
     assert main(["plan", "gpt2-tiny", "--devices", "4xcpu:3MB", "--batch-size", "8", "--json", str(dest)]) == 0
     out = capsys.readouterr().out
