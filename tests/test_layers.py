@@ -27,11 +27,12 @@ FLOORS: dict[str, int] = {
     "fxshard.planner": 6, "fxshard.refusal": 6, "fxshard.candidates": 6, "fxshard.plan_options": 6,
     "fxshard.calibrate": 6,
     # 5: execution
-    "fxshard.runtime": 5,
+    "fxshard.runtime": 5, "fxshard.runtime.checkpointing": 5,
     # 4: graph passes and partitioners
-    "fxshard.passes": 4,
+    "fxshard.passes": 4, "fxshard.passes.regions": 4,
     # 3: pricing and simulation
-    "fxshard.cost_models": 3, "fxshard.simulate": 3, "fxshard.simulate_plan": 3, "fxshard.comm": 3,
+    "fxshard.cost_models": 3, "fxshard.cost_models.checkpointing": 3,
+    "fxshard.simulate": 3, "fxshard.simulate_plan": 3, "fxshard.comm": 3,
     # 2: the model's graph and the hardware
     "fxshard.capture": 2, "fxshard.modules": 2,
     "fxshard.cluster": 2, "fxshard.devices": 2,
