@@ -37,16 +37,17 @@ def test_kept_gathered_is_said(fsdp):
 
 def test_plain_plans_say_no_levers(single, pipe):
     assert single.levers_text() == "" and pipe.levers_text() == ""
-    assert "activation checkpointing" not in str(pipe) and "accumulated" not in str(pipe)
-    assert f"{pipe.microbatches} micro-batches, partitioner" in str(pipe).splitlines()[0]
+    said = [line for line in str(pipe).splitlines() if "why:" not in line]  # the reason may name alternatives'
+    assert not any("activation checkpointing" in line or "accumulated" in line for line in said)
+    assert f"{pipe.microbatches} micro-batches, partitioner" in said[0]
 
 
 def test_stages_that_differ_are_named(pipe):
     mixed = dataclasses.replace(pipe, stages=checkpointed(pipe, "full", "full", "none", "selective"))
     assert mixed.levers_text() == ("activation checkpointing full on stages 0-1, none on stage 2, "
                                    "selective on stage 3")
-    lines = str(mixed).splitlines()
-    assert sum("activation checkpointing" in line for line in lines[3:]) == 3  # stages 0, 1 and 3
+    stage_lines = [line for line in str(mixed).splitlines() if line.startswith("  stage ")]
+    assert [line.endswith("activation checkpointing") for line in stage_lines] == [True, True, False, True]
 
 
 def test_hybrid_fsdp_shape_and_levers(pipe):
