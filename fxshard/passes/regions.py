@@ -97,13 +97,12 @@ def _attr(root: torch.nn.Module, target: str) -> Any:
     return operator.attrgetter(target)(root)
 
 
-def _region_of(gm: torch.fx.GraphModule, module: str, members: list[torch.fx.Node]) -> Region | None:
-    """The region of one block, or None when it cannot be cut out cleanly."""
+def _region_of(gm: torch.fx.GraphModule, module: str, members: list[torch.fx.Node], position: dict[torch.fx.Node, int],
+               attribute_nodes: list[torch.fx.Node]) -> Region | None:
+    """The region of one block, or None when it cannot be cut out cleanly. ``position``: each
+    non-get_attr node's index in graph order; ``attribute_nodes``: the get_attr and call_module nodes."""
     inside = set(members)
-    nodes = list(gm.graph.nodes)
-    order = [n for n in nodes if n.op != "get_attr"]
-    first, last = order.index(members[0]), order.index(members[-1])
-    if len(members) < 2 or last - first + 1 != len(members):
+    if len(members) < 2 or position[members[-1]] - position[members[0]] + 1 != len(members):
         return None  # not contiguous in graph order
     inputs: dict[str, None] = {}
     params: dict[str, None] = {}
@@ -121,8 +120,8 @@ def _region_of(gm: torch.fx.GraphModule, module: str, members: list[torch.fx.Nod
             if not _owned_by(str(node.target), module):
                 return None  # the block calls a module that is not its own
             params.update(dict.fromkeys(_attribute_names(gm, node)))
-    for node in nodes:
-        if node not in inside and node.op in ("get_attr", "call_module") and _owned_by(str(node.target), module):
+    for node in attribute_nodes:
+        if node not in inside and _owned_by(str(node.target), module):
             if node.op == "call_module" or any(u not in inside for u in node.users):
                 return None  # a module or parameter of the block used outside it
     outputs = tuple(n.name for n in members if any(u not in inside for u in n.users))
@@ -147,7 +146,9 @@ def repeated_blocks(captured: CapturedGraph) -> tuple[Region, ...]:
         block = next((p for p in stack_paths(node) if p in families), None)
         if block is not None:
             blocks.setdefault(block, []).append(node)
-    regions = (_region_of(gm, module, members) for module, members in blocks.items())
+    position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op != "get_attr")}
+    attribute_nodes = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+    regions = (_region_of(gm, module, members, position, attribute_nodes) for module, members in blocks.items())
     return tuple(r for r in regions if r is not None)
 
 
