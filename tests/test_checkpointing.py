@@ -269,3 +269,16 @@ def test_predicted_saved_bytes_match_measured(case):
     assert none.saved_bytes == costs.saved_activation_bytes(nodes)
     full = checkpoint_cost(costs, nodes, regions, "full")
     assert full.transient_bytes > 0 and full.blocks == len(regions)
+
+
+@pytest.mark.parametrize("strategy", ["single", "pipeline"])
+def test_checkpointed_forward_equals_model(strategy):
+    model, args, _ = _gpt2()
+    devices = "2xcpu:4GB" if strategy == "pipeline" else "1xcpu:4GB"
+    plan = _with_policy(fxshard.plan(model, devices, args, strategy=strategy), "full")
+    compiled = fxshard.CompiledModel(model, devices, args, plan=plan)
+    with torch.no_grad():
+        expected = model(*args)
+        torch.testing.assert_close(compiled(*args), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled(*args).detach(), expected, rtol=1e-5, atol=1e-6)
+    assert {n: id(p) for n, p in compiled.named_parameters()} == {n: id(p) for n, p in model.named_parameters()}
