@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import re
 
 import pytest
@@ -37,15 +38,22 @@ def _gpt2(batch: int = 4):
     return z.model, z.example_inputs, target
 
 
-def _lever_plan(model, inputs, world: int, strategy: str, *, data_parallel: str, checkpointing: str = "none",
+@functools.cache
+def _base_plan(world: int, strategy: str, microbatches: int):
+    """The planner's plan of ``strategy`` for gpt2-tiny (planned once per process)."""
+    import fxshard
+
+    model, inputs, _ = _gpt2()
+    options = {"schedule": "1f1b", "microbatches": microbatches} if strategy != "ddp" else {}
+    return fxshard.plan(model, f"{world}xcpu:1GB", inputs, strategy=strategy, **options)
+
+
+def _lever_plan(world: int, strategy: str, *, data_parallel: str | None, checkpointing: str = "none",
                 microbatches: int = 1, reshard: bool = True):
     """A plan of ``strategy`` turned to the lever under test (the planner does not choose
     these yet): still a valid Plan."""
-    import fxshard
-
     base = "ddp" if strategy in ("ddp", "fsdp") else strategy
-    options = {"schedule": "1f1b", "microbatches": microbatches} if base != "ddp" else {}
-    plan = fxshard.plan(model, f"{world}xcpu:1GB", inputs, strategy=base, **options)
+    plan = _base_plan(world, base, 1 if base == "ddp" else microbatches)
     stages = tuple(dataclasses.replace(s, activation_checkpointing=checkpointing) for s in plan.stages)
     return dataclasses.replace(plan, strategy=strategy, data_parallel=data_parallel, microbatches=microbatches,
                                reshard_after_forward=reshard, stages=stages)
@@ -75,13 +83,13 @@ def _check_levers_in_place(compiled, plan) -> None:
     assert all(re.fullmatch(r"(stage\.)?h\.\d+", name) for name in blocks), blocks
 
 
-def _train_matches_eager(rank: int, world: int, plan_of, what: str) -> None:
-    """3 AdamW steps of the compiled plan against eager: losses and every parameter."""
+def _train_matches_eager(rank: int, world: int, plan, what: str):
+    """3 AdamW steps of the compiled plan against eager: losses and every parameter. Returns
+    the compiled model and its optimizer."""
     import fxshard
 
     model, inputs, target = _gpt2()
     reference = copy.deepcopy(model)
-    plan = plan_of(model, inputs)
     assert plan.num_stages * plan.replicas == world, plan.shape_text()
     compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
     _check_levers_in_place(compiled, plan)
@@ -99,22 +107,17 @@ def _train_matches_eager(rank: int, world: int, plan_of, what: str) -> None:
         opt.step()
         ref_opt.step()
     _assert_state_equal(compiled, reference, f"{what}, rank {rank}, after {STEPS} steps")
+    return compiled, opt
 
 
-def _fsdp_memory_matches_prediction(rank: int, world: int) -> None:
+def _sharded_bytes_match_prediction(rank: int, world: int, compiled, opt) -> None:
     """Summed local shard bytes of parameters, gradients and Adam's moments equal
     cost_models.sharding's prediction exactly."""
-    import fxshard
     from fxshard.cost_models.sharding import ParamSpec, sharded_state
     from fxshard.runtime.fsdp import sharded_bytes
 
-    model, inputs, target = _gpt2()
+    model, _, _ = _gpt2()
     specs = [ParamSpec(name=n, shape=tuple(p.shape), itemsize=p.element_size()) for n, p in model.named_parameters()]
-    plan = _lever_plan(model, inputs, world, "fsdp", data_parallel="fsdp")
-    compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
-    opt = torch.optim.Adam(compiled.parameters(), lr=1e-3)
-    compiled.step(*inputs, target=target)
-    opt.step()
     measured = sharded_bytes(list(compiled.parameters()), opt)
     predicted = sharded_state(specs, world, rank, optimizer="adam")
     assert measured == {"params": predicted.params, "grads": predicted.grads, "optimizer": predicted.optimizer}, \
@@ -129,15 +132,15 @@ def _resume_across_plans(rank: int, world: int) -> None:
     _, inputs, target = _gpt2()
     reference, _, _ = _gpt2()
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
-    plans = [lambda m: _lever_plan(m, inputs, world, "fsdp", data_parallel="fsdp", checkpointing="full"),
-             lambda m: _lever_plan(m, inputs, world, "pipeline", data_parallel=None, microbatches=2),
-             lambda m: _lever_plan(m, inputs, world, "fsdp", data_parallel="fsdp", microbatches=2)]
+    plans = [_lever_plan(world, "fsdp", data_parallel="fsdp", checkpointing="full"),
+             _lever_plan(world, "pipeline", data_parallel=None, microbatches=2),
+             _lever_plan(world, "fsdp", data_parallel="fsdp", microbatches=2)]
     saved = None
-    for i, plan_of in enumerate(plans):
+    for i, plan in enumerate(plans):
         model, _, _ = _gpt2()
         if saved is not None:  # what the model holds must come from the checkpoint
             torch.nn.init.normal_(model.wte.weight)
-        compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan_of(model), loss_fn=_lm_loss)
+        compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
         opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
         if saved is not None:
             compiled.load_state_dict(saved[0])
@@ -164,18 +167,19 @@ def _two_ranks(rank: int, world: int) -> None:
                                                               reshard=False),
     }
     for what, lever in configs.items():
-        _train_matches_eager(rank, world, lambda m, i, lv=lever: _lever_plan(m, i, world, "fsdp", **lv), what)
-    _train_matches_eager(rank, world, lambda m, i: _lever_plan(m, i, world, "ddp", data_parallel="ddp",
-                                                               microbatches=2), "ddp, 2 micro-batches")
-    _fsdp_memory_matches_prediction(rank, world)
+        compiled, opt = _train_matches_eager(rank, world, _lever_plan(world, "fsdp", **lever), what)
+        if what == "fsdp":
+            _sharded_bytes_match_prediction(rank, world, compiled, opt)
+    _train_matches_eager(rank, world, _lever_plan(world, "ddp", data_parallel="ddp", microbatches=2),
+                         "ddp, 2 micro-batches")
     _resume_across_plans(rank, world)
 
 
 def _four_ranks(rank: int, world: int) -> None:
     for checkpointing in ("none", "full"):
-        _train_matches_eager(rank, world, lambda m, i, c=checkpointing: _lever_plan(
-            m, i, world, "hybrid", data_parallel="fsdp", checkpointing=c, microbatches=2),
-            f"pipeline x fsdp, checkpointing {checkpointing}")
+        _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp",
+                                                      checkpointing=checkpointing, microbatches=2),
+                             f"pipeline x fsdp, checkpointing {checkpointing}")
 
 
 def test_fsdp_ddp_accumulation_memory_and_resume_on_two_ranks_match_eager():
