@@ -110,6 +110,29 @@ def _train_matches_eager(rank: int, world: int, plan, what: str):
     return compiled, opt
 
 
+def _meta_model_sharded_then_loaded(rank: int, world: int, plan, what: str) -> None:
+    """A model built on meta is sharded before it gets memory; real weights loaded into the
+    shards then train as eager does."""
+    import fxshard
+    from fxshard.zoo import build
+
+    reference, inputs, target = _gpt2()
+    model = build("gpt2-tiny", batch_size=4, seed=0, device="meta").model
+    compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
+    assert all(p.device.type == "cpu" for p in compiled.parameters()), what
+    compiled.load_state_dict(reference.state_dict())
+    opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    loss = compiled.step(*inputs, target=target)
+    ref_loss = _lm_loss(reference(*inputs), target)
+    ref_loss.backward()
+    if loss is not None:
+        torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
+    opt.step()
+    ref_opt.step()
+    _assert_state_equal(compiled, reference, f"{what} from meta, rank {rank}")
+
+
 def _sharded_bytes_match_prediction(rank: int, world: int, compiled, opt) -> None:
     """Summed local shard bytes of parameters, gradients and Adam's moments equal
     cost_models.sharding's prediction exactly."""
@@ -173,6 +196,7 @@ def _two_ranks(rank: int, world: int) -> None:
     _train_matches_eager(rank, world, _lever_plan(world, "ddp", data_parallel="ddp", microbatches=2),
                          "ddp, 2 micro-batches")
     _resume_across_plans(rank, world)
+    _meta_model_sharded_then_loaded(rank, world, _lever_plan(world, "fsdp", data_parallel="fsdp"), "fsdp")
 
 
 def _four_ranks(rank: int, world: int) -> None:
@@ -180,6 +204,10 @@ def _four_ranks(rank: int, world: int) -> None:
         _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp",
                                                       checkpointing=checkpointing, microbatches=2),
                              f"pipeline x fsdp, checkpointing {checkpointing}")
+    _meta_model_sharded_then_loaded(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2),
+                                    "pipeline x fsdp")
+    _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="ddp", checkpointing="selective",
+                                                  microbatches=2), "pipeline x ddp, selective checkpointing")
 
 
 def test_fsdp_ddp_accumulation_memory_and_resume_on_two_ranks_match_eager():

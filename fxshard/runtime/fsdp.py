@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from fxshard.capture import CapturedGraph
+from fxshard.modules import has_meta_state
 from fxshard.passes.regions import Region, outline, regions_within
 from fxshard.plan import Plan
 from fxshard.runtime.local import to_device
@@ -98,12 +99,18 @@ class FsdpExecution(RankExecution):
 
         super().__init__(captured, plan, loss_fn=loss_fn, aliases=aliases)
         self.mesh = init_device_mesh(self.device.type, (self.replicas,), mesh_dim_names=("dp",))
-        materialise(captured.gm, self.device)
+        # A model on meta is sharded first and then given memory: each rank allocates and
+        # initialises its shards only (as torchtitan builds large models).
+        meta = has_meta_state(captured.gm)
+        if not meta:
+            materialise(captured.gm, self.device)
         self.module, paths = outline_units(captured.gm, repeated_blocks(captured),
                                            plan.stages[0].activation_checkpointing)
         self.units = paths
         shard_units(self.module, [self.module.get_submodule(p) for p in paths], self.mesh,
                     reshard_after_forward=plan.reshard_after_forward)
+        if meta:
+            materialise(self.module, self.device)
 
     def _modules(self) -> list[torch.nn.Module]:
         return [self.module]

@@ -94,13 +94,18 @@ def build_rank_stages(captured: CapturedGraph, plan: Plan, split: SplitGraph, ra
     modules, stages = [], []
     for s in mine:
         module: torch.nn.Module = split.stages[s.index].module
-        materialise(module, device)
+        # A sharded stage on meta gets memory after sharding: its rank's shards only.
+        late = prepare is not None and prepare.shards and has_meta_state(module)
+        if not late:
+            materialise(module, device)
         if prepare is not None:
             module = prepare.rewrite(s.index, module)
         if s.index == 0:
             module = _wrap_inputs(captured, module)
         if prepare is not None:
             prepare.shard(s.index, module)
+        if late:
+            materialise(module, device)
         modules.append(module)
         io = examples[s.index] if examples is not None else None
         static = {} if io is None else {"input_args": io[0], "output_args": io[1]}
