@@ -95,9 +95,15 @@ def _with_policy(plan, policy):
     return dataclasses.replace(plan, stages=stages)
 
 
+# The Hugging Face pipeline cases (about 6 s each) run in the slow lane; its single cases stay fast.
+SLOW_CASES = {("pipeline", "hf-llama")}
+TRAINING_CASES = [pytest.param(strategy, name, id=f"{strategy}-{name}",
+                               marks=[pytest.mark.slow] if (strategy, name) in SLOW_CASES else [])
+                  for strategy in ("single", "pipeline") for name in MODELS]
+
+
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("strategy", ["single", "pipeline"])
+@pytest.mark.parametrize("strategy, name", TRAINING_CASES)
 def test_checkpointed_training_equals_eager(name, policy, strategy):
     make, loss_fn = MODELS[name]
     model, args, target = make()
