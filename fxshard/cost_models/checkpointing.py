@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from fxshard.cost_models.base import GraphCosts
+from fxshard.errors import CostModelError
 
 __all__ = ["CHECKPOINT_POLICIES", "SELECTIVE_KEPT_OPS", "CheckpointCost", "checkpoint_cost", "kept_nodes"]
 
@@ -114,7 +115,7 @@ def checkpoint_cost(costs: GraphCosts, nodes: Iterable[str], blocks: Sequence[Bl
         activation_bytes, extra_backward_s = cost.saved_bytes, cost.recompute_fwd_s
     """
     if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"activation checkpointing policy {policy!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
+        raise CostModelError(f"activation checkpointing policy {policy!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
     names = [n for n in nodes if costs[n].work.op != "get_attr"]
     if policy == "none":
         return CheckpointCost(policy, float(_held_bytes(costs, names)), 0.0, 0.0, 0)

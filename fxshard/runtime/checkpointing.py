@@ -76,7 +76,7 @@ class CheckpointedBlock(torch.nn.Module):
     def __init__(self, block: torch.fx.GraphModule, policy: str) -> None:
         super().__init__()
         if policy not in ("selective", "full"):
-            raise ValueError(f"a checkpointed block's policy is 'selective' or 'full', not {policy!r}")
+            raise ExecutionError(f"a checkpointed block's policy is 'selective' or 'full', not {policy!r}")
         for name, module in block.named_children():
             self.add_module(name, module)
         for name, param in block.named_parameters(recurse=False):
@@ -117,7 +117,7 @@ def apply_checkpointing(gm: torch.fx.GraphModule, regions: Sequence[Region], pol
         A GraphModule computing the same values with the same parameter names and objects.
 
     Raises:
-        ValueError: an unknown policy.
+        ExecutionError: an unknown policy.
 
     Example::
 
@@ -125,7 +125,7 @@ def apply_checkpointing(gm: torch.fx.GraphModule, regions: Sequence[Region], pol
         loss = loss_fn(captured.output_spec.rebuild(gm(*flat)), target)
     """
     if policy not in POLICIES:
-        raise ValueError(f"activation checkpointing policy {policy!r} is not one of {', '.join(POLICIES)}")
+        raise ExecutionError(f"activation checkpointing policy {policy!r} is not one of {', '.join(POLICIES)}")
     if policy == "none":
         return gm
     if policy == "selective":
