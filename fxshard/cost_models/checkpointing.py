@@ -107,7 +107,7 @@ def checkpoint_cost(costs: GraphCosts, nodes: Iterable[str], blocks: Sequence[Bl
         ``costs.saved_activation_bytes(nodes)``.
 
     Raises:
-        ValueError: an unknown policy.
+        CostModelError: an unknown policy.
 
     Example::
 
