@@ -39,21 +39,21 @@ def _gpt2(batch: int = 4):
 
 
 @functools.cache
-def _base_plan(world: int, strategy: str, microbatches: int):
+def _base_plan(world: int, strategy: str, microbatches: int, schedule: str = "1f1b"):
     """The planner's plan of ``strategy`` for gpt2-tiny (planned once per process)."""
     import fxshard
 
     model, inputs, _ = _gpt2()
-    options = {"schedule": "1f1b", "microbatches": microbatches} if strategy != "ddp" else {}
+    options = {"schedule": schedule, "microbatches": microbatches} if strategy != "ddp" else {}
     return fxshard.plan(model, f"{world}xcpu:1GB", inputs, strategy=strategy, **options)
 
 
 def _lever_plan(world: int, strategy: str, *, data_parallel: str | None, checkpointing: str = "none",
-                microbatches: int = 1, reshard: bool = True):
+                microbatches: int = 1, reshard: bool = True, schedule: str = "1f1b"):
     """A plan of ``strategy`` turned to the lever under test (the planner does not choose
     these yet): still a valid Plan."""
     base = "ddp" if strategy in ("ddp", "fsdp") else strategy
-    plan = _base_plan(world, base, 1 if base == "ddp" else microbatches)
+    plan = _base_plan(world, base, 1 if base == "ddp" else microbatches, schedule)
     stages = tuple(dataclasses.replace(s, activation_checkpointing=checkpointing) for s in plan.stages)
     return dataclasses.replace(plan, strategy=strategy, data_parallel=data_parallel, microbatches=microbatches,
                                reshard_after_forward=reshard, stages=stages)
@@ -90,7 +90,7 @@ def _train_matches_eager(rank: int, world: int, plan, what: str):
 
     model, inputs, target = _gpt2()
     reference = copy.deepcopy(model)
-    assert plan.num_stages * plan.replicas == world, plan.shape_text()
+    assert plan.num_devices == world, plan.shape_text()
     compiled = fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, plan=plan, loss_fn=_lm_loss)
     _check_levers_in_place(compiled, plan)
     opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
@@ -208,6 +208,16 @@ def _four_ranks(rank: int, world: int) -> None:
                                     "pipeline x fsdp")
     _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="ddp", checkpointing="selective",
                                                   microbatches=2), "pipeline x ddp, selective checkpointing")
+    # Interleaved: each rank holds two stages; the tied embedding's stages are on two ranks.
+    _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2,
+                                                  schedule="interleaved1f1b"), "pipeline x fsdp, interleaved1f1b")
+    # Zero-bubble schedules compute weight gradients after FSDP reduced them: refused alike on every rank.
+    import fxshard
+
+    model, inputs, _ = _gpt2()
+    with pytest.raises(fxshard.ExecutionError, match="zero-bubble schedules"):
+        fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, loss_fn=_lm_loss,
+                              plan=_lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2, schedule="zbv"))
 
 
 def test_fsdp_ddp_accumulation_memory_and_resume_on_two_ranks_match_eager():

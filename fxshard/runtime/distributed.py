@@ -38,6 +38,9 @@ from fxshard.simulate import SCHEDULES
 
 __all__ = ["DistributedPipeline", "init_process_group_from_env", "rank_device"]
 
+_ZERO_BUBBLE = ("zbv", "interleavedzb")
+"""Schedules that split backward into input- and weight-gradient steps."""
+
 
 def init_process_group_from_env(timeout_s: float = 120.0) -> None:
     """Initialise torch.distributed from torchrun's environment (gloo on CPU, NCCL on GPU)."""
@@ -62,7 +65,7 @@ class DistributedPipeline(RankExecution):
         # Zero-bubble schedules detach stage outputs in place between the input- and weight-
         # gradient steps: every output must then be a tensor of its own.
         split = split_graph(self.captured, plan.stage_of(), plan.num_stages,
-                            copy_outputs=plan.schedule in ("zbv", "interleavedzb"))
+                            copy_outputs=plan.schedule in _ZERO_BUBBLE)
         sharded = plan.data_parallel == "fsdp"
         prepare = StageSharding(plan, repeated_blocks(captured), mesh["dp"] if sharded else None)
         self.local = build_rank_stages(self.captured, plan, split, self.rank, self.device, mesh.get_group("pp"),
@@ -71,6 +74,14 @@ class DistributedPipeline(RankExecution):
         stages = self.local.stages
         self.schedule = get_schedule_class(name)(stages[0] if per_rank == 1 else stages, plan.microbatches,
                                                  loss_fn=self._wrapped_loss())
+
+    def _objection(self) -> str | None:
+        plan = self.plan
+        if plan.data_parallel == "fsdp" and plan.schedule in _ZERO_BUBBLE:
+            return (f"schedule {plan.schedule!r} with data_parallel='fsdp': zero-bubble schedules under FSDP do not "
+                    f"train as eager does (the losses drift from the second step; their weight-gradient step is "
+                    f"the suspect); use gpipe, 1f1b or interleaved1f1b with FSDP, or data_parallel='ddp'")
+        return super()._objection()
 
     @property
     def local_stages(self) -> list[torch.nn.Module]:

@@ -195,13 +195,15 @@ class RankExecution:
         A tied tensor appears under every name the original model's ``state_dict`` gives it
         (``transformer.wte.weight`` and ``lm_head.weight``), whichever name its stage uses."""
         local: dict[str, torch.Tensor] = {}
+        copies: dict[int, torch.Tensor] = {}  # a tensor under two names is gathered once
         for module in self._modules():
             for name, t in unwrap(module).state_dict(keep_vars=True).items():
                 if name in self.captured.state_names:  # not fxshard's helpers, not non-persistent buffers
-                    t = self._owner(t).detach()
-                    value = (full_tensor(t) if gather else t).cpu().clone()
+                    t = self._owner(t)
+                    if id(t) not in copies:
+                        copies[id(t)] = (full_tensor(t.detach()) if gather else t.detach()).cpu().clone()
                     for alias in self.aliases.get(name, (name,)):
-                        local.setdefault(alias, value)
+                        local.setdefault(alias, copies[id(t)])
         if not gather:
             return local
         merged: dict[str, torch.Tensor] = {}

@@ -85,11 +85,7 @@ def build_rank_stages(captured: CapturedGraph, plan: Plan, split: SplitGraph, ra
 
     mine = [s for s in plan.stages if rank in s.device_indices]
     shared = _shared_groups(captured, plan, split, rank)
-    local_copies = _separate_local_ties([split.stages[s.index].module for s in mine])
-    if local_copies and prepare is not None and prepare.shards:
-        raise ExecutionError(f"rank {rank} holds {len(mine)} stages sharing a parameter; sharded stages (pipeline x "
-                             f"FSDP) cannot share one on a rank yet: use a schedule with one stage per rank "
-                             f"(gpipe, 1f1b) or data_parallel='ddp'")
+    local_ties = _separate_local_ties([split.stages[s.index].module for s in mine])
     examples = _static_examples(captured, plan, split)
     modules, stages = [], []
     for s in mine:
@@ -110,8 +106,18 @@ def build_rank_stages(captured: CapturedGraph, plan: Plan, split: SplitGraph, ra
         io = examples[s.index] if examples is not None else None
         static = {} if io is None else {"input_args": io[0], "output_args": io[1]}
         stages.append(PipelineStage(module, s.index, plan.num_stages, device, group=group, **static))
-    held = {s.index: m for s, m in zip(mine, modules)}
-    resolved = [([unwrap(held[i]).get_parameter(name) for i, name in refs], g) for refs, g in shared]
+    def param(ref: tuple[int, str]) -> torch.nn.Parameter:
+        return unwrap(modules[ref[0]]).get_parameter(ref[1])
+
+    local_copies = [(param(a), param(b)) for a, b in local_ties]
+    # A local copy's gradient joins its owner's before the sum over ranks: the owner takes part.
+    owner_of = {id(copy): owner for owner, copy in local_copies}
+    position = {s.index: k for k, s in enumerate(mine)}
+    resolved = []
+    for refs, g in shared:
+        params = [param((position[i], name)) for i, name in refs]
+        params = list({id(p): p for p in (owner_of.get(id(p), p) for p in params)}.values())
+        resolved.append((params, g))
     return RankStages(modules=modules, stages=stages, first=any(s.index == 0 for s in mine),
                       last=any(s.index == plan.num_stages - 1 for s in mine), local_copies=local_copies,
                       shared=resolved)
@@ -219,21 +225,23 @@ def _shared_groups(captured: CapturedGraph, plan: Plan, split: SplitGraph,
     return groups
 
 
-def _separate_local_ties(modules: list[torch.nn.Module]) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+def _separate_local_ties(modules: list[torch.nn.Module]) -> list[tuple[tuple[int, str], tuple[int, str]]]:
     """Give each of this rank's stages its own copy of a parameter two of them share.
 
     Schedules that split backward into input and weight steps set each stage's weight
     gradients separately, so two stages sharing one Parameter would overwrite each other;
-    the copies' gradients are added into the first stage's after every step.
+    the copies' gradients are added into the first stage's after every step. Returns
+    ``((stage, name) of the owner, (stage, name) of the copy)`` by position in ``modules``
+    (resolved once the stages are built: sharding replaces the Parameter objects).
     """
-    owner: dict[int, torch.nn.Parameter] = {}
+    owner: dict[int, tuple[int, str]] = {}
     pairs = []
-    for module in modules:
+    for k, module in enumerate(modules):
         for name, param in list(module.named_parameters(remove_duplicate=False)):
             if id(param) not in owner:
-                owner[id(param)] = param
+                owner[id(param)] = (k, name)
                 continue
             replica = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
             set_parameter(module, name, replica)
-            pairs.append((param, replica))
+            pairs.append((owner[id(param)], (k, name)))
     return pairs
