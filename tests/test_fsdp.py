@@ -211,11 +211,14 @@ def _four_ranks(rank: int, world: int) -> None:
     # Interleaved: each rank holds two stages; the tied embedding's stages are on two ranks.
     _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2,
                                                   schedule="interleaved1f1b"), "pipeline x fsdp, interleaved1f1b")
-    # Zero-bubble schedules compute weight gradients after FSDP reduced them: refused alike on every rank.
+    # V-shaped zero bubble: rank 0 holds the first and the last stage (the tied embedding twice);
+    # exact with the parameters kept unsharded after forward, refused on every rank otherwise.
+    _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2,
+                                                  schedule="zbv", reshard=False), "pipeline x fsdp, zbv")
     import fxshard
 
     model, inputs, _ = _gpt2()
-    with pytest.raises(fxshard.ExecutionError, match="zero-bubble schedules"):
+    with pytest.raises(fxshard.ExecutionError, match="zero-bubble schedule's weight-gradient step"):
         fxshard.CompiledModel(model, f"{world}xcpu:1GB", inputs, loss_fn=_lm_loss,
                               plan=_lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2, schedule="zbv"))
 

@@ -77,10 +77,11 @@ class DistributedPipeline(RankExecution):
 
     def _objection(self) -> str | None:
         plan = self.plan
-        if plan.data_parallel == "fsdp" and plan.schedule in _ZERO_BUBBLE:
-            return (f"schedule {plan.schedule!r} with data_parallel='fsdp': zero-bubble schedules under FSDP do not "
-                    f"train as eager does (the losses drift from the second step; their weight-gradient step is "
-                    f"the suspect); use gpipe, 1f1b or interleaved1f1b with FSDP, or data_parallel='ddp'")
+        if plan.data_parallel == "fsdp" and plan.schedule in _ZERO_BUBBLE and plan.reshard_after_forward:
+            return (f"schedule {plan.schedule!r} with data_parallel='fsdp' and reshard_after_forward=True: a "
+                    f"zero-bubble schedule's weight-gradient step, run after FSDP has resharded the stage's "
+                    f"parameters, computes wrong gradients (checked against eager); keep the parameters unsharded "
+                    f"after forward (reshard_after_forward=False), or use gpipe, 1f1b or interleaved1f1b")
         return super()._objection()
 
     @property

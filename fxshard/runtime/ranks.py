@@ -12,6 +12,7 @@ which modules it holds and how it runs them. See docs/runtime.md.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -74,7 +75,7 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
 
 
-class RankExecution:
+class RankExecution(abc.ABC):
     """This rank's part of a plan under torchrun: the parts every way of running shares.
 
     A subclass builds its modules in ``__init__`` after calling this one, and implements
@@ -120,11 +121,13 @@ class RankExecution:
         """One forward and backward over the batch; the mean loss where the output lives."""
         return self.guard.run("step", self._step, args, kwargs, target, loss_fn)
 
+    @abc.abstractmethod
     def _forward(self, args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError
+        """This rank's forward of its share of the batch."""
 
+    @abc.abstractmethod
     def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor | None:
-        raise NotImplementedError
+        """This rank's forward and backward of its share of the batch."""
 
     def _shard(self, values: Any) -> Any:
         """This replica's share of the batch."""
@@ -148,9 +151,9 @@ class RankExecution:
 
     # -- parameters and checkpoints --------------------------------------------------------
 
+    @abc.abstractmethod
     def _modules(self) -> list[torch.nn.Module]:
         """The modules this rank holds (stages, or the whole model)."""
-        raise NotImplementedError
 
     def _hidden(self) -> set[int]:
         """``id`` of parameters held twice on this rank whose copy is not listed (its owner is)."""
