@@ -133,16 +133,17 @@ def _meta_model_sharded_then_loaded(rank: int, world: int, plan, what: str) -> N
     _assert_state_equal(compiled, reference, f"{what} from meta, rank {rank}")
 
 
-def _sharded_bytes_match_prediction(rank: int, world: int, compiled, opt) -> None:
-    """Summed local shard bytes of parameters, gradients and Adam's moments equal
-    cost_models.sharding's prediction exactly."""
+def _sharded_bytes_match_prediction(rank: int, compiled, opt) -> None:
+    """Summed local shard bytes of this rank's parameters, gradients and Adam's moments equal
+    cost_models.sharding's prediction for its shard index exactly."""
     from fxshard.cost_models.sharding import ParamSpec, sharded_state
     from fxshard.runtime.fsdp import sharded_bytes
 
-    model, _, _ = _gpt2()
-    specs = [ParamSpec(name=n, shape=tuple(p.shape), itemsize=p.element_size()) for n, p in model.named_parameters()]
-    measured = sharded_bytes(list(compiled.parameters()), opt)
-    predicted = sharded_state(specs, world, rank, optimizer="adam")
+    params = dict(compiled.named_parameters())  # DTensors: shape is the whole parameter's
+    specs = [ParamSpec(name=n, shape=tuple(p.shape), itemsize=p.element_size()) for n, p in params.items()]
+    shards = compiled.plan.replicas
+    measured = sharded_bytes(list(params.values()), opt)
+    predicted = sharded_state(specs, shards, rank % shards, optimizer="adam")
     assert measured == {"params": predicted.params, "grads": predicted.grads, "optimizer": predicted.optimizer}, \
         (rank, measured, predicted)
 
@@ -192,7 +193,8 @@ def _two_ranks(rank: int, world: int) -> None:
     for what, lever in configs.items():
         compiled, opt = _train_matches_eager(rank, world, _lever_plan(world, "fsdp", **lever), what)
         if what == "fsdp":
-            _sharded_bytes_match_prediction(rank, world, compiled, opt)
+            assert {n for n, _ in compiled.named_parameters()} == {n for n, _ in _gpt2()[0].named_parameters()}
+            _sharded_bytes_match_prediction(rank, compiled, opt)
     _train_matches_eager(rank, world, _lever_plan(world, "ddp", data_parallel="ddp", microbatches=2),
                          "ddp, 2 micro-batches")
     _resume_across_plans(rank, world)
@@ -201,9 +203,10 @@ def _two_ranks(rank: int, world: int) -> None:
 
 def _four_ranks(rank: int, world: int) -> None:
     for checkpointing in ("none", "full"):
-        _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp",
-                                                      checkpointing=checkpointing, microbatches=2),
-                             f"pipeline x fsdp, checkpointing {checkpointing}")
+        compiled, opt = _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp",
+                                                                      checkpointing=checkpointing, microbatches=2),
+                                             f"pipeline x fsdp, checkpointing {checkpointing}")
+    _sharded_bytes_match_prediction(rank, compiled, opt)
     _meta_model_sharded_then_loaded(rank, world, _lever_plan(world, "hybrid", data_parallel="fsdp", microbatches=2),
                                     "pipeline x fsdp")
     _train_matches_eager(rank, world, _lever_plan(world, "hybrid", data_parallel="ddp", checkpointing="selective",
