@@ -20,20 +20,17 @@ micro-batch. See docs/runtime.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
-from fxshard.capture import CapturedGraph
 from fxshard.modules import has_meta_state
-from fxshard.passes.regions import Region, outline, regions_within
+from fxshard.passes.regions import Region, outline, regions_within, repeated_blocks
 from fxshard.plan import Plan
-from fxshard.runtime.local import to_device
-from fxshard.runtime.loss import LossCall, call_loss
-from fxshard.runtime.ranks import RankExecution
-from fxshard.runtime.replicas import accumulate
+from fxshard.runtime.checkpointing import apply_checkpointing
+from fxshard.runtime.replicas import WholeModelExecution
 from fxshard.runtime.stages import materialise, unwrap
 
 __all__ = ["FsdpExecution", "StageSharding", "outline_units", "shard_units", "sharded_bytes"]
@@ -43,12 +40,7 @@ def outline_units(gm: torch.fx.GraphModule, regions: Sequence[Region], policy: s
                                                                                                list[str]]:
     """``gm`` with its repeated blocks outlined (and checkpointed under ``policy``), and the
     paths of the block modules it calls: the units to shard."""
-    if policy == "none":
-        module = outline(gm, regions)
-    else:
-        from fxshard.runtime.checkpointing import apply_checkpointing
-
-        module = apply_checkpointing(gm, regions, policy)
+    module = outline(gm, regions) if policy == "none" else apply_checkpointing(gm, regions, policy)
     called = {str(n.target) for n in module.graph.nodes if n.op == "call_module"}
     return module, [r.module for r in regions if r.module in called]
 
@@ -88,52 +80,29 @@ def sharded_bytes(params: Sequence[torch.nn.Parameter],
             "grads": sum(nbytes(p.grad) for p in unique if p.grad is not None), "optimizer": state}
 
 
-class FsdpExecution(RankExecution):
+class FsdpExecution(WholeModelExecution):
     """This rank's shard of the whole model (a ``fsdp`` plan under torchrun)."""
 
-    def __init__(self, captured: CapturedGraph, plan: Plan, *, loss_fn: Callable | None = None,
-                 aliases: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    def _build(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from fxshard.passes.regions import repeated_blocks
-
-        super().__init__(captured, plan, loss_fn=loss_fn, aliases=aliases)
-        self.mesh = init_device_mesh(self.device.type, (self.replicas,), mesh_dim_names=("dp",))
+        captured, plan = self.captured, self.plan
+        mesh = init_device_mesh(self.device.type, (self.replicas,), mesh_dim_names=("dp",))
         # A model on meta is sharded first and then given memory: each rank allocates and
         # initialises its shards only (as torchtitan builds large models).
         meta = has_meta_state(captured.gm)
         if not meta:
             materialise(captured.gm, self.device)
-        self.module, paths = outline_units(captured.gm, repeated_blocks(captured),
-                                           plan.stages[0].activation_checkpointing)
-        self.units = paths
-        shard_units(self.module, [self.module.get_submodule(p) for p in paths], self.mesh,
+        module, paths = outline_units(captured.gm, repeated_blocks(captured), plan.stages[0].activation_checkpointing)
+        shard_units(module, [module.get_submodule(p) for p in paths], mesh,
                     reshard_after_forward=plan.reshard_after_forward)
         if meta:
-            materialise(self.module, self.device)
+            materialise(module, self.device)
+        return module, module
 
-    def _modules(self) -> list[torch.nn.Module]:
-        return [self.module]
-
-    def _run(self, inputs: tuple[tuple, dict], target: Any, how: LossCall, loss_fn: Callable,
-             microbatch: int) -> torch.Tensor:
-        flat = self.captured.flatten_inputs(*inputs)
-        out = self.captured.output_spec.rebuild(self.module(*to_device(flat, self.device)))
-        return call_loss(loss_fn, out, to_device(target, self.device), how, microbatch=microbatch)
-
-    def _forward(self, args: tuple, kwargs: dict) -> Any:
-        args, kwargs = self._shard((args, kwargs))
-        flat = self.captured.flatten_inputs(args, kwargs)
-        return self.captured.output_spec.rebuild(self.module(*to_device(flat, self.device)))
-
-    def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
-        how = self._loss_call(args, kwargs, target, loss_fn)
-        inputs, target = self._shard(((args, kwargs), target))
-        self.guard.sending()
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
         # Every micro-batch's backward reduce-scatters: gradients accumulate sharded.
-        loss = accumulate(lambda part, tgt, i: self._run(part, tgt, how, loss_fn, i), inputs, target,
-                          self.plan.microbatches, lambda last: contextlib.nullcontext())
-        return self._replica_mean(loss, None)
+        return contextlib.nullcontext()
 
 
 class StageSharding:
