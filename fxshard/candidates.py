@@ -21,8 +21,18 @@ from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
-from fxshard.errors import PlanError
-from fxshard.levers import CheckpointCostFn, Levers, ModelFacts, checkpointed, fsdp_stage, fsdp_step, pipeline_fsdp
+from fxshard.errors import PartitionError, PlanError
+from fxshard.levers import (
+    CheckpointCostFn,
+    Levers,
+    ModelFacts,
+    PartitionBound,
+    checkpointed,
+    fsdp_stage,
+    fsdp_step,
+    partition_bound,
+    pipeline_fsdp,
+)
 from fxshard.passes.cost_graph import partition_model
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import EstimatedNode
@@ -53,6 +63,7 @@ class Pricer:
         self.facts = ModelFacts(captured)  # repeated blocks and parameter shapes, for the levers
         self.checkpoint_cost = checkpoint_cost if checkpoint_cost is not None else _checkpoint_cost()
         self._cache: dict[tuple[str, float], GraphCosts] = {}
+        self._bounds: dict[tuple[str, str, int], PartitionBound] = {}
         self._scale = 1.0  # this pricer's batch over the captured one (smaller batches: refusal probes)
         self._smaller: dict[int, Pricer] = {}
 
@@ -62,7 +73,8 @@ class Pricer:
             return self
         if batch not in self._smaller:
             other = object.__new__(Pricer)
-            other.__dict__.update(self.__dict__, batch=batch, _scale=self._scale * batch / self.batch, _smaller={})
+            other.__dict__.update(self.__dict__, batch=batch, _scale=self._scale * batch / self.batch, _smaller={},
+                                  _bounds={})
             self._smaller[batch] = other  # shares the works and the cost cache (keyed by absolute fraction)
         return self._smaller[batch]
 
@@ -80,6 +92,18 @@ class Pricer:
                     dataclasses.replace(c, work=w, fwd_time_s=c.fwd_time_s * fraction, bwd_time_s=c.bwd_time_s * fraction)
                     for c, w in zip(full.nodes, scaled)))
         return self._cache[key]
+
+    def bound(self, spec: DeviceSpec, group: PipelineGroup, opts: PlanOptions) -> PartitionBound:
+        """The partitioner's memory bound for ``group``: its stages under the most permissive
+        levers the options allow (the last checkpointing policy; FSDP-sharded state when its
+        data-parallel groups may shard), so a partition is refused only when no lever fits it."""
+        kinds, policies = lever_choices(opts, group.replicas, self.checkpoint_cost is not None)
+        shards = group.replicas if "fsdp" in kinds else 1
+        key = (spec.name, policies[-1], shards)
+        if key not in self._bounds:
+            self._bounds[key] = partition_bound(self.facts, self.costs(spec, 1.0), policy=policies[-1], shards=shards,
+                                                training=opts.training, optimizer=opts.optimizer)
+        return self._bounds[key]
 
     def estimated(self, specs: set[str]) -> tuple[EstimatedNode, ...]:
         """Nodes whose times on these device specs are stand-ins (``NodeTime.estimated``), and why."""
@@ -251,6 +275,12 @@ def partition_group(pricer: Pricer, cluster: Cluster, group: PipelineGroup,
                     opts: PlanOptions) -> tuple[dict[str, int], tuple[tuple[int, ...], ...]]:
     """Partition a group's pipeline into depth x stages-per-device stages.
 
+    The partitioner's memory bound is first the lever-free one (each node's full training
+    state and saved activations: the partition the search always had); when no partition fits
+    it, the bound of the most permissive levers the options allow (:meth:`Pricer.bound`), with
+    each repeated block kept whole so that it can be checkpointed. Each shape is then priced
+    under every lever combination worth it.
+
     Returns:
         node -> stage, and each stage's devices.
     """
@@ -262,10 +292,26 @@ def partition_group(pricer: Pricer, cluster: Cluster, group: PipelineGroup,
     # full-batch activations (the exact per-schedule memory is checked after simulation).
     most_microbatches = max(group.microbatches[0] or (1,))
     factor = min(1.0, n_stages / most_microbatches) / group.replicas
-    part, graph = partition_model(pricer.captured, cluster, n_stages, partitioner=opts.partitioner,
-                                  training=opts.training, optimizer=opts.optimizer, activation_factor=factor,
-                                  costs=pricer.costs(cluster.devices[first[0]].spec, 1.0), seed=opts.seed,
-                                  devices=first, memory_reserve=opts.memory_reserve, works=pricer.works)
+    spec = cluster.devices[first[0]].spec
+
+    def partition(bound: PartitionBound | None):
+        return partition_model(pricer.captured, cluster, n_stages, partitioner=opts.partitioner,
+                               training=opts.training, optimizer=opts.optimizer, activation_factor=factor,
+                               costs=pricer.costs(spec, 1.0), seed=opts.seed, devices=first,
+                               memory_reserve=opts.memory_reserve, works=pricer.works,
+                               activations=bound and bound.activations, state=bound and bound.state,
+                               colocate=bound and bound.colocate)
+
+    try:
+        part, graph = partition(None)
+    except PartitionError as e:
+        bound = pricer.bound(spec, group, opts)
+        if bound.activations is None and bound.state is None:
+            raise
+        try:  # no lever-free partition fits: the levers' bound, checkpointed blocks kept whole
+            part, graph = partition(bound)
+        except PartitionError as again:
+            raise again from e
     if not part.is_acyclic:
         u, v = next((u, v) for u, v in graph.edges if part.stage_of[u] > part.stage_of[v])
         raise PlanError(f"partitioner {opts.partitioner!r} put {u!r} on stage {part.stage_of[u]} and its consumer "

@@ -19,11 +19,14 @@ from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
 from fxshard.comm import group_link, ring_reduce_scatter_time
 from fxshard.cost_models import GraphCosts
+from fxshard.cost_models.checkpointing import kept_nodes
 from fxshard.cost_models.sharding import ParamSpec, Unit, fsdp_time, in_flight_bytes, sharded_state
+from fxshard.passes.cost_graph import StateFn, state_factor
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
 from fxshard.passes.stages import StageSummary
 
-__all__ = ["CheckpointCostFn", "Levers", "ModelFacts", "checkpointed", "fsdp_stage", "fsdp_step", "pipeline_fsdp"]
+__all__ = ["CheckpointCostFn", "Levers", "ModelFacts", "PartitionBound", "checkpointed", "fsdp_stage", "fsdp_step",
+           "partition_bound", "pipeline_fsdp"]
 
 # (costs, nodes, blocks, policy) -> an object with saved_bytes, recompute_fwd_s and
 # transient_bytes: fxshard.cost_models.checkpointing.checkpoint_cost.
@@ -71,6 +74,72 @@ class ModelFacts:
     def unit_bytes(self, region: Region) -> float:
         return float(sum(self.specs[k].numel * self.specs[k].itemsize for k in region.params
                          if k in self.specs and not self.specs[k].buffer))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PartitionBound:
+    """What each node costs its stage under the most permissive levers a group may pull, for
+    the partitioner's memory bound (``partition_model``'s ``activations`` and ``state``)."""
+
+    policy: str  # the checkpointing policy the activations assume
+    shards: int  # the data-parallel group a stage's state is sharded over (1: replicated or none)
+    activations: dict[str, float] | None = None  # None: the default accounting (no checkpointing)
+    state: StateFn | None = None  # None: the default training state
+    colocate: dict[str, str] | None = None  # node -> its repeated block, kept whole when checkpointed
+
+
+def _saved_under(facts: ModelFacts, costs: GraphCosts, policy: str) -> dict[str, float]:
+    """Saved bytes per node when every repeated block runs checkpointed under ``policy``, as
+    fxshard/cost_models/checkpointing.py counts a stage: nodes outside blocks save as without
+    checkpointing; of a block, its inputs stay (charged to its first node) and, selective, the
+    outputs and saved bytes of the nodes whose operators it keeps. Each storage counts once."""
+    in_blocks = {n for r in facts.regions for n in r.nodes}
+    out: dict[str, float] = {}
+    counted: set[str] = set()
+
+    def hold(owner_of: str, at: str) -> None:
+        owner = costs._storage_owner(owner_of)
+        if owner not in counted and costs[owner].work.op != "get_attr":
+            counted.add(owner)
+            out[at] = out.get(at, 0.0) + costs[owner].work.output_bytes
+
+    for c in costs:
+        if c.name not in in_blocks and c.work.op != "get_attr":
+            out[c.name] = out.get(c.name, 0.0) + c.work.saved_bytes
+            for v in c.work.saved_values:
+                owner = costs._storage_owner(v)
+                hold(owner, owner)
+    for r in facts.regions:
+        for i in r.inputs:
+            hold(i, r.nodes[0])
+        if policy == "selective":
+            for n in kept_nodes(costs, r.nodes):
+                out[n] = out.get(n, 0.0) + costs[n].work.saved_bytes
+                hold(n, n)
+    return out
+
+
+def partition_bound(facts: ModelFacts, costs: GraphCosts, *, policy: str, shards: int, training: bool,
+                    optimizer: str) -> PartitionBound:
+    """The memory each node costs a stage under checkpointing ``policy`` and, with ``shards``
+    > 1, its state sharded over a pipeline x FSDP group of that many ranks as
+    :func:`pipeline_fsdp` holds it (sharded state plus the unsharded parameters and gradients),
+    or replicated when that is less. Checkpointed blocks are kept whole: a block cut by a stage
+    boundary is not checkpointed (fxshard/passes/regions.py), so a bound that assumes it is
+    holds only for uncut blocks."""
+    activations = colocate = None
+    if training and policy != "none":
+        activations = _saved_under(facts, costs, policy)
+        colocate = {n: r.module for r in facts.regions for n in r.nodes}
+    state = None
+    if shards > 1:
+        live = 2.0 if training else 1.0  # unsharded parameters, and gradients in training
+
+        def state(w: Any) -> float:
+            factor = state_factor(w.dtype, training=training, optimizer=optimizer)
+            return w.param_bytes * min(factor, factor / shards + live) + w.buffer_bytes
+
+    return PartitionBound(policy=policy, shards=shards, activations=activations, state=state, colocate=colocate)
 
 
 def checkpointed(facts: ModelFacts, costs: GraphCosts, stage: StageSummary, policy: str,

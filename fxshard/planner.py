@@ -221,10 +221,34 @@ def _reason(best: Priced, ranked: list[Priced], cluster: Cluster, batch: int, op
                          f"(best with more: {batch / better[0].step_time_s:.1f} samples/s)")
         else:
             parts.append(f"uses {used} of {cluster.num_devices} devices")
+    parts += _lever_reasons(best, ranked, batch)
     runner = next((c for c in ranked[1:] if c.fits), None)
     if runner is not None:
         parts.append(f"next best: {runner.strategy} ({_describe(runner)}) at {batch / runner.step_time_s:.1f} samples/s")
     return "; ".join(parts)
+
+
+def _lever_reasons(best: Priced, ranked: list[Priced], batch: int) -> list[str]:
+    """Why the plan pulls its memory levers, against the same shape without them."""
+    def alike(c: Priced) -> bool:
+        return (len(c.devices), c.replicas, c.schedule, c.shape.depth) == \
+            (len(best.devices), best.replicas, best.schedule, best.shape.depth)
+
+    parts = []
+    if best.checkpointing != "none":
+        plain = next((c for c in ranked if alike(c) and c.microbatches == best.microbatches
+                      and c.data_parallel == best.data_parallel and c.checkpointing == "none"), None)
+        parts.append(f"{best.checkpointing} activation checkpointing"
+                     + (f": without it {_over(plain)}" if plain is not None and not plain.fits else ""))
+    if best.data_parallel == "fsdp" and best.replicas > 1:
+        ddp = next((c for c in ranked if alike(c) and c.data_parallel == "ddp"), None)  # the best ddp variant
+        if ddp is not None and not ddp.fits:
+            parts.append(f"fsdp: ddp replicas need {format_bytes(max(ddp.peak))} of "
+                         f"{format_bytes(min(ddp.capacity))}")
+        elif ddp is not None:
+            parts.append(f"fsdp: {batch / best.step_time_s:.1f} samples/s against {batch / ddp.step_time_s:.1f} "
+                         f"with ddp replicas")
+    return parts
 
 
 def _describe(c: Priced) -> str:
@@ -303,4 +327,5 @@ def _probe(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions, dept
     return Probe(accepted=Accepted(strategy=best.strategy, stages=len(best.devices), replicas=best.replicas,
                                    depth=best.devices_used // best.replicas,
                                    schedule=best.schedule, microbatches=best.microbatches,
-                                   peak_bytes=float(best.peak[worst]), capacity_bytes=float(best.capacity[worst])))
+                                   peak_bytes=float(best.peak[worst]), capacity_bytes=float(best.capacity[worst]),
+                                   data_parallel=best.data_parallel, activation_checkpointing=best.checkpointing))

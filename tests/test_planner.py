@@ -20,6 +20,7 @@ from fxshard.simulate import SCHEDULES
 from fxshard.zoo import build
 from tests.test_refusal import check_each_way
 
+NO_LEVERS = {"activation_checkpointing": "none", "data_parallel": "ddp"}  # the search before issue 14
 RESERVE = PlanOptions().memory_reserve  # the share of each device the planner leaves free
 BATCH = 4
 
@@ -123,10 +124,14 @@ def test_one_device_that_fits_runs_single(tiny, figures):
 def test_one_device_just_too_small(tiny, figures):
     spec = cluster(1, figures["peak"] * 0.98, at_least=False)
     with pytest.raises(PlanError) as e:
-        fxshard.plan(tiny.model, spec, tiny.example_inputs)
+        fxshard.plan(tiny.model, spec, tiny.example_inputs, activation_checkpointing="none")
     msg = str(e.value)
     assert f"needs {format_bytes(figures['peak'])}" in msg
     assert f"{format_bytes(usable(spec))} per device" in msg
+    # activation checkpointing is the lever that fits it
+    p = fxshard.plan(tiny.model, spec, tiny.example_inputs)
+    assert p.strategy == "single" and p.stages[0].activation_checkpointing != "none"
+    check_plan(p, spec)
 
 
 def test_several_devices_that_fit_run_ddp(tiny, figures):
@@ -145,7 +150,7 @@ def test_memory_too_small_for_one_device_forces_a_pipeline(tiny, figures):
     cap = 0.9 * figures["dp_min"]
     assert figures["pipe_min"] < cap, "precondition: some pipeline holds less per device than any replica"
     spec = cluster(2, cap)
-    p = fxshard.plan(tiny.model, spec, tiny.example_inputs)
+    p = fxshard.plan(tiny.model, spec, tiny.example_inputs, activation_checkpointing="none")
     assert p.strategy in ("pipeline", "hybrid")
     # replicas fit only by accumulating gradients over micro-batches (a memory lever)
     assert not any(a.fits for a in p.alternatives if a.strategy in ("single", "ddp") and a.microbatches == 1)
@@ -371,7 +376,7 @@ def test_llama70b_training_refusals_agree_and_every_way_out_plans(llama70b):
     for spec in ("8xH100-80GB", "2x8xH100-80GB"):
         cap = usable(spec)
         with pytest.raises(PlanError) as e:
-            plan_captured(captured, Cluster.parse(spec), 2, PlanOptions(training=True, optimizer="adam"))
+            plan_captured(captured, Cluster.parse(spec), 2, PlanOptions(training=True, optimizer="adam", **NO_LEVERS))
         msg = str(e.value)
         assert f"{format_bytes(state)} of parameters and optimizer state" in msg
         assert f"{format_bytes(cap)} per device" in msg
@@ -379,12 +384,29 @@ def test_llama70b_training_refusals_agree_and_every_way_out_plans(llama70b):
         assert "alone" not in msg  # no count for the state alone, which no plan can use
         floors[spec] = int(re.search(r"A pipeline of it needs at least (\d+) devices", msg)[1])
         assert floors[spec] > math.ceil(state / cap)  # the batch's activations count too
-        ways = check_each_way(e.value, capture_at, spec, 2, training=True, optimizer="adam")
+        ways = check_each_way(e.value, capture_at, spec, 2, training=True, optimizer="adam", **NO_LEVERS)
         assert {"devices", "inference"} <= set(ways)
         assert ways["devices"].cluster.num_devices >= floors[spec]
     assert floors["8xH100-80GB"] == floors["2x8xH100-80GB"] == 18
     with pytest.raises(PlanError):  # the floor is a floor
-        plan_captured(captured, Cluster.parse("17xH100-80GB"), 2, PlanOptions())
+        plan_captured(captured, Cluster.parse("17xH100-80GB"), 2, PlanOptions(**NO_LEVERS))
+
+
+@pytest.mark.slow
+def test_llama70b_batch_8_plans_on_16_h100_with_the_levers():
+    """Issue 14: refused before the levers ("29 devices"); a 16-stage pipeline with full
+    activation checkpointing holds about 64 GiB of state per device (16 bytes per parameter)
+    and each block's input per micro-batch. The partitioner is bounded by the levers."""
+    z = build("llama-70b", batch_size=8)  # seq 4096
+    captured = capture(z.model, z.example_inputs)
+    spec = "2x8xH100-80GB"
+    with pytest.raises(PlanError):
+        plan_captured(captured, Cluster.parse(spec), 8, PlanOptions(**NO_LEVERS))
+    p = plan_captured(captured, Cluster.parse(spec), 8, PlanOptions())
+    check_plan(p, spec)
+    assert p.strategy in ("pipeline", "hybrid") and p.num_stages * p.replicas >= 16
+    assert all(s.activation_checkpointing == "full" for s in p.stages)
+    assert "full activation checkpointing" in p.reason
 
 
 @pytest.mark.slow

@@ -15,6 +15,13 @@ What each node carries (docs/partitioning.md):
 - edges: ``comm`` = seconds to send the producer's output over the reference link, twice in
   training (its gradient comes back).
 
+A memory lever changes what a node costs its stage: ``activations`` replaces the saved bytes
+per node (e.g. under activation checkpointing) and ``state`` the bytes a node's parameters and
+buffers hold (e.g. sharded over a data-parallel group); ``colocate`` keeps groups of nodes on
+one stage (a checkpointed block must not be cut). The planner passes the most permissive levers
+its options allow, so a partition is refused only when no lever could make it fit
+(docs/planning.md, "Memory levers").
+
 ``get_attr`` nodes (parameters and buffers read by several nodes, e.g. rotary tables) are not
 partitioned: one with a single consumer joins it; one with several is replicated on every
 stage that reads it, so its bytes are charged to each consumer.
@@ -23,7 +30,7 @@ stage that reads it, so its bytes are charged to each consumer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -38,7 +45,7 @@ from fxshard.errors import PartitionError
 from fxshard.modules import stack_paths
 from fxshard.passes.partition import Partition, partition_graph
 
-__all__ = ["StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes",
+__all__ = ["StateFn", "StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes",
            "state_factor"]
 
 _SIXTEEN_BIT = ("bfloat16", "float16")
@@ -70,15 +77,28 @@ def _state_bytes(work: Any, *, training: bool, optimizer: str) -> float:
     return work.param_bytes * state_factor(work.dtype, training=training, optimizer=optimizer) + work.buffer_bytes
 
 
+StateFn = Callable[[Any], float]  # a node's NodeWork -> bytes its parameters and buffers hold on a stage
+
+
 def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, training: bool = True,
-               optimizer: str = "adam", activation_factor: float = 1.0) -> nx.DiGraph:
-    """The partitioner's view of a model: see the module docstring for the attributes."""
+               optimizer: str = "adam", activation_factor: float = 1.0,
+               activations: Mapping[str, float] | None = None, state: StateFn | None = None,
+               colocate: Mapping[str, str] | None = None) -> nx.DiGraph:
+    """The partitioner's view of a model: see the module docstring for the attributes.
+
+    Args:
+        activations: saved bytes per node at the captured batch, replacing the default
+            accounting (nodes left out save nothing); still times ``activation_factor``.
+        state: the bytes a node's parameters and buffers hold, replacing their training state.
+        colocate: node -> group key; nodes of one group share a stage (``colocate`` attribute).
+    """
     nodes = list(captured.gm.graph.nodes)
     by_name = {c.name: c for c in costs}
     graph = nx.DiGraph()
+    state_of = state or (lambda w: _state_bytes(w, training=training, optimizer=optimizer))
     # Activation bytes: each saved tensor charged once, to the node that allocated it.
     saved_owner: dict[str, int] = {}
-    if training:
+    if training and activations is None:
         for c in costs:
             for name in c.work.saved_values:
                 owner = costs._storage_owner(name)
@@ -89,13 +109,16 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
         w = c.work
         if node.op == "get_attr":
             if len(node.users) > 1:
-                replicated[node.name] = int(_state_bytes(w, training=training, optimizer=optimizer))
+                replicated[node.name] = int(state_of(w))
             continue
-        activations = (w.saved_bytes + saved_owner.get(node.name, 0)) * activation_factor if training else 0.0
-        state = _state_bytes(w, training=training, optimizer=optimizer)
+        saved = (w.saved_bytes + saved_owner.get(node.name, 0)) if activations is None \
+            else activations.get(node.name, 0.0)
         attrs = {"compute": c.fwd_time_s + (c.bwd_time_s if training else 0.0),
-                 "memory": float(state + activations), "params": float(w.param_bytes),
+                 "memory": float(state_of(w) + (saved * activation_factor if training else 0.0)),
+                 "params": float(w.param_bytes),
                  "layer": layer_label(node), "op": node.op}
+        if colocate and node.name in colocate:
+            attrs["colocate"] = colocate[node.name]
         if node.op == "placeholder":
             attrs["pin"] = "first"
         elif node.op == "output":
@@ -108,7 +131,7 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
             if len(users) == 1:  # joins its only consumer
                 user = users[0].name
                 w = by_name[node.name].work
-                graph.nodes[user]["memory"] += float(_state_bytes(w, training=training, optimizer=optimizer))
+                graph.nodes[user]["memory"] += float(state_of(w))
                 graph.nodes[user]["params"] += float(w.param_bytes)
             else:
                 for user in users:
@@ -180,13 +203,16 @@ def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partit
                     training: bool = True, optimizer: str = "adam", activation_factor: float = 1.0,
                     costs: GraphCosts | None = None, cost_model: str = "analytical", seed: int = 0,
                     devices: Sequence[int] | None = None, memory_reserve: float = 0.0,
-                    works: Sequence | None = None) -> tuple[Partition, nx.DiGraph]:
+                    works: Sequence | None = None, activations: Mapping[str, float] | None = None,
+                    state: StateFn | None = None,
+                    colocate: Mapping[str, str] | None = None) -> tuple[Partition, nx.DiGraph]:
     """Partition a captured model into k stages on the first k devices of ``cluster`` (or on
     ``devices``): the one road from a captured graph to a partition, which the planner
     (fxshard/candidates.py) and the benchmarks both take.
 
     ``costs`` (on the first stage's device) and ``works`` (from :func:`analyze`) are computed
-    when not given; pass them to partition one model many times.
+    when not given; pass them to partition one model many times. ``activations``, ``state`` and
+    ``colocate`` are the memory levers' view of the nodes (:func:`cost_graph`).
 
     Returns:
         The partition and the cost graph it was computed on.
@@ -197,7 +223,8 @@ def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partit
     if costs is None:
         costs = estimate(captured, place.reference, cost_model=cost_model, works=works)
     graph = cost_graph(captured, costs, link=place.reference_link, training=training, optimizer=optimizer,
-                       activation_factor=activation_factor)
+                       activation_factor=activation_factor, activations=activations, state=state,
+                       colocate=colocate)
     part = partition_graph(graph, k, partitioner=partitioner, memory_limit=place.memory_limit, seed=seed,
                            speeds=place.speeds, link=place.link)
     return part, graph

@@ -14,6 +14,7 @@ from typing import Any
 
 from fxshard.cluster import Cluster, format_bytes, parse_bytes
 from fxshard.devices import format_budget
+from fxshard.plan_options import DATA_PARALLEL_GROUPS
 from fxshard.refusal.floors import Floor, Needs, pipeline_floor
 from fxshard.refusal.records import Accepted, NeedsFn, Probe, ProbeFn, Request, WayOut
 
@@ -145,10 +146,12 @@ def concrete(ctx: Context, cluster: Cluster, found: Accepted, why: str) -> WayOu
     """The strategy (and pipeline depth) a probe found, as options checked on their own."""
     changes: dict[str, Any] = {"strategy": found.strategy,
                                "stages": found.depth if found.strategy in ("pipeline", "hybrid") else None}
+    if ctx.opts.data_parallel not in (None, *DATA_PARALLEL_GROUPS[found.strategy]):
+        changes["data_parallel"] = None  # the forced kind of group is not one this strategy has
     check = ctx.probe(cluster, ctx.req.batch, dataclasses.replace(ctx.opts, **changes), None)
     if check.accepted is None:
         return None
-    said = ", ".join(f"{k}={v!r}" for k, v in changes.items() if v is not None)
+    said = ", ".join(f"{k}={v!r}" for k, v in changes.items() if v is not None or k == "data_parallel")
     grown = cluster if cluster is not ctx.req.cluster else None
     where = f"{cluster.num_devices} devices ('{cluster.describe()}'), " if grown is not None else ""
     return WayOut(lever="devices" if grown is not None else "strategy", cluster=grown,

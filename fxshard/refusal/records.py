@@ -31,14 +31,23 @@ class Accepted:
     microbatches: int
     peak_bytes: float
     capacity_bytes: float
+    data_parallel: str | None = None
+    activation_checkpointing: str = "none"
 
     def describe(self) -> str:
-        if self.strategy in ("single", "ddp"):
-            shape = "1 device" if self.replicas == 1 else f"{self.replicas} replicas"
+        if self.strategy in ("single", "ddp", "fsdp"):
+            kind = "shards" if self.strategy == "fsdp" else "replicas"
+            shape = "1 device" if self.replicas == 1 else f"{self.replicas} {kind}"
+            if self.microbatches > 1:
+                shape += f", {self.microbatches} accumulated micro-batches"
         else:
             shape = (f"{self.stages} stages" + (f" x {self.replicas} replicas" if self.replicas > 1 else "")
                      + (f", {self.stages // self.depth} stages per device" if self.stages != self.depth else "")
                      + f", {self.schedule}, {self.microbatches} micro-batch{'es' if self.microbatches > 1 else ''}")
+            if self.replicas > 1 and self.data_parallel == "fsdp":
+                shape += ", stages sharded (fsdp)"
+        if self.activation_checkpointing != "none":
+            shape += f", {self.activation_checkpointing} activation checkpointing"
         return (f"{self.strategy}, {shape}, peak {format_bytes(self.peak_bytes)} of "
                 f"{format_bytes(self.capacity_bytes)}")
 
@@ -60,7 +69,8 @@ class WayOut:
     ``batch`` samples (when given) and the options updated with ``kwargs``.
     """
 
-    lever: str  # devices, batch, optimizer, inference, strategy, stages, microbatches, schedule, memory
+    lever: str  # devices, batch, optimizer, inference, levers, strategy, stages, microbatches, schedule,
+    # activation_checkpointing, data_parallel, memory
     text: str
     plan: Accepted
     cluster: Cluster | None = None
