@@ -905,3 +905,24 @@ def test_a_dtype_mismatch_is_reported_as_a_dtype_with_the_conversion():
         compiled(x[:, :3].double())
     text = str(info.value)
     assert "has shape (4, 3)" in text and "dtype differs too: torch.float64, compiled for torch.float32" in text
+
+
+def test_data_parallel_plans_accumulate_in_one_process():
+    """A ddp plan with micro-batches runs them one after another in one process (the memory
+    its plan counted on), and the gradients are those of the whole batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    rows: list[int] = []
+    model[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    compiled = fxshard.compile(model, "2xcpu:1GB", (x,), strategy="ddp", microbatches=2)
+    assert compiled.plan.microbatches == 2 and compiled.plan.data_parallel == "ddp"
+    rows.clear()
+    loss = compiled.step(x, target=y, loss_fn=F.mse_loss)
+    assert rows == [4, 4]
+    expected = F.mse_loss(reference(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

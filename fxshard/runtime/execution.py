@@ -24,7 +24,7 @@ from fxshard.passes.split import split_graph
 from fxshard.plan import Plan
 from fxshard.runtime.checkpoint import state_aliases
 from fxshard.runtime.checkpointing import apply_checkpointing, checkpoint_stages
-from fxshard.runtime.local import LocalPipeline, to_device
+from fxshard.runtime.local import LocalPipeline, accumulate, to_device
 from fxshard.runtime.loss import LossCall, call_loss, check_loss_call, leading_rows
 
 __all__ = ["EagerExecution", "Execution", "LocalPipelineExecution", "PlainModel", "local_device", "make_execution"]
@@ -80,7 +80,8 @@ def make_execution(model: torch.nn.Module, captured: CapturedGraph, plan: Plan, 
     if plan.strategy in ("pipeline", "hybrid"):
         return LocalPipelineExecution(model, captured, plan)
     return EagerExecution(model, captured, local_device(plan.stages[0].devices[0]),
-                          activation_checkpointing=plan.stages[0].activation_checkpointing)
+                          activation_checkpointing=plan.stages[0].activation_checkpointing,
+                          microbatches=plan.microbatches)
 
 
 class PlainModel:
@@ -125,10 +126,11 @@ class EagerExecution(PlainModel):
     """
 
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, device: torch.device, *,
-                 activation_checkpointing: str = "none") -> None:
+                 activation_checkpointing: str = "none", microbatches: int = 1) -> None:
         super().__init__(model)
         self.captured = captured
         self.device = device
+        self.microbatches = microbatches
         names = {path: captured.param_names.get(id(t)) for path, t in captured.gm.named_buffers(remove_duplicate=False)}
         if _model_device(model) != device:
             model.to(device)
@@ -144,13 +146,16 @@ class EagerExecution(PlainModel):
         return self.captured.output_spec.rebuild(self.graph(*flat))
 
     def step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable) -> torch.Tensor:
-        how = LossCall(batch=leading_rows(self.captured.flatten_inputs(args, kwargs)) or 0, microbatches=1,
-                       has_target=target is not None)
+        """Forward and backward over the batch, in the plan's micro-batches one after another
+        (gradient accumulation: the gradients of the whole batch's mean loss)."""
+        how = LossCall(batch=leading_rows(self.captured.flatten_inputs(args, kwargs)) or 0,
+                       microbatches=self.microbatches, has_target=target is not None)
         check_loss_call(loss_fn, target, how)
-        out = self.forward(args, kwargs)
-        loss = call_loss(loss_fn, out, to_device(target, self.device), how)
-        loss.backward()
-        return loss.detach()
+
+        def run(part: tuple[tuple, dict], tgt: Any, i: int) -> torch.Tensor:
+            return call_loss(loss_fn, self.forward(*part), to_device(tgt, self.device), how, microbatch=i)
+
+        return accumulate(run, (args, kwargs), target, self.microbatches)
 
 
 def _bind_buffers(graph: torch.fx.GraphModule, model: torch.nn.Module,

@@ -13,6 +13,8 @@ On one device the stages share the Parameter itself. See docs/runtime.md.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,20 +26,23 @@ from fxshard.errors import ExecutionError
 from fxshard.passes.split import SplitGraph
 from fxshard.runtime.loss import LossCall, call_loss, check_loss_call
 
-__all__ = ["LocalPipeline", "set_parameter", "split_microbatches", "split_tree", "to_device"]
+__all__ = ["LocalPipeline", "accumulate", "set_parameter", "split_microbatches", "split_tree", "to_device"]
 
 
-def split_microbatches(values: Sequence[Any], m: int) -> list[list[Any]]:
+def split_microbatches(values: Sequence[Any], m: int, *, what: str = "micro-batches") -> list[list[Any]]:
     """Split each tensor with a batch dimension into m chunks along dim 0; others repeat.
 
+    The batch is the first dimension of the first tensor that has one; only tensors with that
+    first dimension are cut (a mask of fixed shape, a number or a 0-d tensor passes whole).
+
     Raises:
-        ExecutionError: the batch does not divide into m equal micro-batches.
+        ExecutionError: the batch does not divide into m equal parts (``what`` names them).
     """
     batch = next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
     if m == 1 or batch is None:
         return [list(values)] * m if batch is None else [list(values)]
     if batch % m:
-        raise ExecutionError(f"a batch of {batch} does not split into {m} equal micro-batches; use a batch that "
+        raise ExecutionError(f"a batch of {batch} does not split into {m} equal {what}; use a batch that "
                             f"{m} divides, or plan with microbatches= a divisor of {batch}")
     chunks = []
     for i in range(m):
@@ -51,10 +56,28 @@ def split_microbatches(values: Sequence[Any], m: int) -> list[list[Any]]:
     return chunks
 
 
-def split_tree(value: Any, m: int) -> list[Any]:
+def split_tree(value: Any, m: int, *, what: str = "micro-batches") -> list[Any]:
     """m micro-batches of a nested value (a tensor, a tuple or dict of tensors)."""
     leaves, spec = pytree.tree_flatten(value)
-    return [pytree.tree_unflatten(chunk, spec) for chunk in split_microbatches(leaves, m)]
+    return [pytree.tree_unflatten(chunk, spec) for chunk in split_microbatches(leaves, m, what=what)]
+
+
+def accumulate(run: Callable[[Any, Any, int], torch.Tensor], inputs: Any, target: Any, microbatches: int,
+               sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+    """Forward and backward of ``microbatches`` micro-batches one after another (gradient
+    accumulation); the mean loss.
+
+    ``run(inputs, target, i)`` returns micro-batch i's loss; its backward runs on the loss
+    divided by ``microbatches`` inside ``sync(last)`` (when given), where ``last`` says whether
+    this is the step's last micro-batch (the one whose backward synchronises replicas).
+    """
+    losses = []
+    for i, (part_inputs, part_target) in enumerate(split_tree((inputs, target), microbatches)):
+        with sync(i == microbatches - 1) if sync is not None else contextlib.nullcontext():
+            loss = run(part_inputs, part_target, i)
+            (loss / microbatches if microbatches > 1 else loss).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean() if microbatches > 1 else losses[0]
 
 
 def to_device(value: Any, device: torch.device) -> Any:

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.utils._pytree as pytree
 
 from fxshard.capture import CapturedGraph
 from fxshard.errors import ExecutionError
 from fxshard.plan import Plan
 from fxshard.runtime.agreement import agree, device_mismatch, fingerprint_mismatch
 from fxshard.runtime.failures import FailureGuard
+from fxshard.runtime.local import split_tree
 from fxshard.runtime.loss import LossCall, check_loss_call, leading_rows
 from fxshard.runtime.stages import unwrap
 
@@ -40,21 +40,11 @@ def rank_device() -> torch.device:
 
 
 def rows_part(values: Any, parts: int, index: int) -> Any:
-    """Part ``index`` of ``parts`` equal parts of every batched tensor in ``values`` (cut along
-    dimension 0; numbers, constants and 0-d tensors pass unchanged)."""
+    """Part ``index`` of ``parts`` equal parts of the batch in ``values`` (as
+    :func:`fxshard.runtime.local.split_tree` cuts micro-batches)."""
     if parts == 1:
         return values
-
-    def cut(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            if t.shape[0] % parts:
-                raise ExecutionError(f"a batch of {t.shape[0]} does not split into {parts} equal parts "
-                                     f"(replicas x micro-batches); use a batch that is a multiple of {parts}")
-            size = t.shape[0] // parts
-            return t.narrow(0, index * size, size)
-        return t
-
-    return pytree.tree_map(cut, values)
+    return split_tree(values, parts, what="parts (replicas x micro-batches)")[index]
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

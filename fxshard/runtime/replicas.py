@@ -20,30 +20,12 @@ import torch
 from fxshard.capture import CapturedGraph
 from fxshard.plan import Plan
 from fxshard.runtime.data_parallel import wrap_replica
-from fxshard.runtime.local import to_device
+from fxshard.runtime.local import accumulate, to_device
 from fxshard.runtime.loss import call_loss
-from fxshard.runtime.ranks import RankExecution, rows_part
+from fxshard.runtime.ranks import RankExecution
 from fxshard.runtime.stages import materialise
 
-__all__ = ["DataParallelExecution", "WholeModelExecution", "accumulate"]
-
-
-def accumulate(run: Callable[[Any, Any, int], torch.Tensor], inputs: Any, target: Any, microbatches: int,
-               sync: Callable[[bool], contextlib.AbstractContextManager]) -> torch.Tensor:
-    """Forward and backward of ``microbatches`` micro-batches one after another; the mean loss.
-
-    ``run(inputs, target, i)`` returns micro-batch i's loss; its backward runs on the loss
-    divided by ``microbatches`` inside ``sync(last)``, where ``last`` says whether this is the
-    step's last micro-batch (the one whose backward synchronises the replicas).
-    """
-    losses = []
-    for i in range(microbatches):
-        part_inputs, part_target = rows_part((inputs, target), microbatches, i)
-        with sync(i == microbatches - 1):
-            loss = run(part_inputs, part_target, i)
-            (loss / microbatches if microbatches > 1 else loss).backward()
-        losses.append(loss.detach())
-    return torch.stack(losses).mean() if microbatches > 1 else losses[0]
+__all__ = ["DataParallelExecution", "WholeModelExecution"]
 
 
 class WholeModelExecution(RankExecution):
