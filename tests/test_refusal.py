@@ -4,6 +4,7 @@ clusters of issue 12 are in tests/test_planner.py (they share its 70B capture)."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from fxshard.errors import PlanError
 from fxshard.models import GPT2, GPT2Config
 from fxshard.planner import PlanOptions, plan_captured
 from fxshard.refusal import Needs, WayOut, pipeline_floor
+from fxshard.refusal.floors import fsdp_floor, lever_floor
 from fxshard.zoo import build
 
 RESERVE = PlanOptions().memory_reserve
@@ -253,3 +255,53 @@ def test_forced_ddp_when_a_replica_cannot_hold_the_model_no_device_count_helps(g
     ways = check_each_way(error, capture_at, "4x8xL4", 74, strategy="ddp")
     assert "devices" not in ways and "batch" not in ways
     assert ways["strategy"].kwargs["strategy"] in ("pipeline", "hybrid")
+
+
+# -- the memory levers in a refusal (issue 14) ---------------------------------------------------
+
+
+def test_fsdp_floor_shards_the_state():
+    # 700 GB of state, 2 GB of units in flight, 10 GB of checkpointed activations for a batch of 10:
+    # one sample's 1 GB beside the units leaves 97 GB per device for the shards: 8 devices.
+    needs = dataclasses.replace(_needs(700, 100), checkpointed_bytes=10 * GB, in_flight_bytes=2 * GB)
+    floor = fsdp_floor(needs, 10, 100 * GB)
+    assert (floor.devices, floor.replicas) == (8, 8)
+    assert "per device" in floor.why and "in flight" in floor.why
+    # units in flight that fill a device leave no room for any shard
+    assert not math.isfinite(fsdp_floor(dataclasses.replace(needs, in_flight_bytes=99.5 * GB), 10, 100 * GB).devices)
+
+
+def test_lever_floor_is_the_least_of_one_device_fsdp_and_a_checkpointed_pipeline():
+    opts = PlanOptions()
+    # the state fits one device, and checkpointed activations leave room: one device
+    small = dataclasses.replace(_needs(60, 100), checkpointed_bytes=10 * GB)
+    assert lever_floor(small, 10, 100 * GB, opts).devices == 1
+    # 700 GB of state and 400 GB of activations at batch 4 (too few micro-batches for 1F1B): GPipe
+    # without levers needs ceil(1100 / 100) = 11; FSDP needs ceil(700 / (100 - 2 - 2.5)) = 8, and a
+    # GPipe pipeline of the checkpointed batch (10 GB) ceil(710 / 100) = 8
+    big = dataclasses.replace(_needs(700, 400), checkpointed_bytes=10 * GB, in_flight_bytes=2 * GB)
+    assert pipeline_floor(big, 4, 100 * GB, opts).devices == 11
+    assert lever_floor(big, 4, 100 * GB, opts).devices == 8
+
+
+def test_levers_forced_off_the_refusal_offers_them(tiny):
+    """One device 20% short of the model at batch 4 without checkpointing: the refusal offers
+    the levers on these devices, with the options to drop, and following it plans."""
+    capture_at, peak = tiny
+    devices = budget(1, 0.8 * peak)
+    off = {"activation_checkpointing": "none"}
+    error = refusal(capture_at(4), devices, 4, **off)
+    ways = check_each_way(error, capture_at, devices, 4, **off)
+    assert "levers" in ways and "activation_checkpointing" in ways
+    assert ways["levers"].kwargs == {"activation_checkpointing": None}
+    assert ways["levers"].batch is None and ways["levers"].plan.activation_checkpointing != "none"
+    assert "With FSDP and full activation checkpointing it needs at least 1 devices" in str(error)
+    assert "this batch with activation_checkpointing=None on these devices" in str(error)
+
+
+def test_levers_floor_names_the_devices_when_they_are_allowed(tiny):
+    """Levers allowed and still nothing fits: the floor with them is stated, in numbers."""
+    capture_at, peak = tiny
+    error = refusal(capture_at(4), budget(2, 0.12 * peak), 4)
+    found = re.search(r"With FSDP and full activation checkpointing it needs at least (\d+) devices", str(error))
+    assert found is not None and int(found[1]) > 2

@@ -18,11 +18,14 @@ from fxshard.candidates import MAX_MICROBATCHES
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import format_bytes
 from fxshard.cost_models import GraphCosts
+from fxshard.cost_models.checkpointing import checkpoint_cost
+from fxshard.cost_models.sharding import in_flight_bytes
+from fxshard.levers import ModelFacts
 from fxshard.passes.cost_graph import state_factor
 from fxshard.passes.stages import summarize_stages
 from fxshard.plan_options import divisors
 
-__all__ = ["Floor", "Needs", "model_needs", "needs_of", "pipeline_floor", "replica_samples"]
+__all__ = ["Floor", "Needs", "fsdp_floor", "lever_floor", "model_needs", "needs_of", "pipeline_floor", "replica_samples"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -37,6 +40,11 @@ class Needs:
     node_state: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     node_activations: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     node_transient: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    # the memory levers: saved bytes of the whole batch with every repeated block fully
+    # checkpointed, the largest block's recomputation, and FSDP's unsharded units in flight
+    checkpointed_bytes: float = 0.0
+    recompute_bytes: float = 0.0
+    in_flight_bytes: float = 0.0
 
     @property
     def total(self) -> float:
@@ -47,7 +55,9 @@ class Needs:
         return dataclasses.replace(self, activation_bytes=self.activation_bytes * fraction,
                                    transient_bytes=self.transient_bytes * fraction,
                                    node_activations=self.node_activations * fraction,
-                                   node_transient=self.node_transient * fraction)
+                                   node_transient=self.node_transient * fraction,
+                                   checkpointed_bytes=self.checkpointed_bytes * fraction,
+                                   recompute_bytes=self.recompute_bytes * fraction)
 
 
 def needs_of(captured: CapturedGraph, costs: GraphCosts, *, training: bool, optimizer: str,
@@ -88,10 +98,57 @@ def needs_of(captured: CapturedGraph, costs: GraphCosts, *, training: bool, opti
 
 
 def model_needs(captured: CapturedGraph, costs: GraphCosts, *, training: bool, optimizer: str) -> Needs:
-    """:func:`needs_of` with the totals of the whole model as one stage (passes/stages.py)."""
+    """:func:`needs_of` with the totals of the whole model as one stage (passes/stages.py), and
+    what the memory levers leave of them (cost_models/checkpointing.py, cost_models/sharding.py)."""
     whole = summarize_stages(captured, costs, {}, 1, training=training, optimizer=optimizer)[0]
-    return needs_of(captured, costs, training=training, optimizer=optimizer, state_bytes=whole.state_bytes,
-                    activation_bytes=whole.activation_bytes, transient_bytes=whole.transient_bytes)
+    needs = needs_of(captured, costs, training=training, optimizer=optimizer, state_bytes=whole.state_bytes,
+                     activation_bytes=whole.activation_bytes, transient_bytes=whole.transient_bytes)
+    facts = ModelFacts(captured)
+    blocks = [facts.unit_bytes(r) for r in facts.regions]
+    params = sum(s.numel * s.itemsize for s in facts.specs.values() if not s.buffer)
+    flight = in_flight_bytes([max(0.0, params - sum(blocks)), *blocks], training=training)
+    if not training:
+        return dataclasses.replace(needs, in_flight_bytes=flight)
+    full = checkpoint_cost(costs, whole.nodes, facts.regions, "full")
+    return dataclasses.replace(needs, checkpointed_bytes=full.saved_bytes, recompute_bytes=full.transient_bytes,
+                               in_flight_bytes=flight)
+
+
+def fsdp_floor(needs: Needs, batch: int, cap: float) -> Floor:
+    """The fewest devices of ``cap`` bytes FSDP (the whole model sharded) with full activation
+    checkpointing can hold the model on: each of n ranks holds 1/n of the state, FSDP's
+    unsharded units in flight, and at least one sample's checkpointed activations (gradient
+    accumulation runs a rank's share one sample at a time), the largest block's recomputation
+    and temporaries."""
+    one = needs.at(1 / batch)
+    sample = one.checkpointed_bytes + one.recompute_bytes + one.transient_bytes
+    room = cap - needs.in_flight_bytes - sample
+    held = (f"{format_bytes(needs.in_flight_bytes)} of unsharded units in flight and {format_bytes(sample)} for one "
+            f"sample under full checkpointing")
+    if room <= 0:
+        return Floor(devices=math.inf, replicas=1, why=f"{held} exceed a device's {format_bytes(cap)}")
+    n = max(2, math.ceil(needs.state_bytes / room))
+    return Floor(devices=n, replicas=n, why=f"FSDP shards {format_bytes(needs.state_bytes)} of parameters and "
+                                            f"optimizer state {format_bytes(needs.state_bytes / n)} per device beside "
+                                            f"{held}")
+
+
+def lever_floor(needs: Needs, batch: int, cap: float, opts: Any, *, fixed_batch: int | None = None) -> Floor:
+    """The fewest of one device, :func:`fsdp_floor` and a pipeline's floor (:func:`pipeline_floor`)
+    with every repeated block fully checkpointed (the batch's saved bytes are the checkpointed
+    ones; no node is charged activations of its own, which keeps it a lower bound)."""
+    one = needs.state_bytes + needs.checkpointed_bytes + needs.recompute_bytes + needs.transient_bytes
+    if one <= cap:
+        return Floor(devices=1, replicas=1, why=f"one device holds {format_bytes(one)} under full checkpointing "
+                                                f"({format_bytes(needs.checkpointed_bytes)} of activations)")
+    whole = fsdp_floor(needs, batch, cap)
+    checkpointed = dataclasses.replace(needs, activation_bytes=needs.checkpointed_bytes,
+                                       transient_bytes=needs.transient_bytes + needs.recompute_bytes,
+                                       node_activations=np.zeros_like(needs.node_activations))
+    piped = pipeline_floor(checkpointed, batch, cap, opts, fixed_batch=fixed_batch)
+    if math.isfinite(piped.devices) and piped.devices < whole.devices:
+        return dataclasses.replace(piped, why=f"a pipeline under full checkpointing holds {piped.why}")
+    return whole
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

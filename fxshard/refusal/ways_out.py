@@ -22,7 +22,7 @@ from fxshard.cluster import Cluster, format_bytes
 from fxshard.errors import PlanError
 from fxshard.plan_options import divisors
 from fxshard.refusal.context import TRIES, Context, Found, concrete, more_devices, spelled
-from fxshard.refusal.floors import replica_samples
+from fxshard.refusal.floors import fsdp_floor, lever_floor, replica_samples
 from fxshard.refusal.records import Accepted, NeedsFn, Probe, ProbeFn, Request, WayOut
 
 __all__ = ["LAST_RESORTS", "WAYS", "Accepted", "NeedsFn", "Probe", "ProbeFn", "Request", "WayOut", "refuse"]
@@ -40,8 +40,18 @@ def devices(ctx: Context) -> Found:
         return Found(floors=(f"No device count of this size holds a pipeline of it: {floor.why}",))
     said = Found(floors=(f"A pipeline of it needs at least {floor.devices} devices of {format_bytes(ctx.cap)}: "
                          f"{floor.why}",))
-    return said + more_devices(ctx, int(floor.devices), opts, "holds the state and this batch's activations",
-                               replicas=floor.replicas)
+    start, replicas = int(floor.devices), floor.replicas
+    if _levers_allowed(opts):  # the search pulls them: probe from their floor (stated by memory_levers)
+        levers = lever_floor(ctx.needs, req.batch, ctx.cap, opts, fixed_batch=req.fixed_batch)
+        if levers.devices < start:
+            start, replicas = int(levers.devices), 1
+    return said + more_devices(ctx, start, opts, "holds the state and this batch's activations",
+                               replicas=replicas)
+
+
+def _levers_allowed(opts: Any) -> bool:
+    """Whether the search may checkpoint fully and shard (the options leave both to it)."""
+    return opts.training and opts.activation_checkpointing in (None, "full") and opts.data_parallel in (None, "fsdp")
 
 
 def _ddp_devices(ctx: Context) -> Found:
@@ -160,10 +170,50 @@ def inference(ctx: Context) -> Found:
     return Found(short=(f"{what}: not enough here)",))
 
 
+def memory_levers(ctx: Context) -> Found:
+    """FSDP and full activation checkpointing: the devices they need at least (offered, each
+    count checked, when the request forced them off; else the devices way out already plans
+    with them), or on these devices the largest batch up to the request's that plans with them,
+    a sharded group's size dividing it."""
+    opts, req = ctx.opts, ctx.req
+    if not opts.training or opts.strategy in ("single", "ddp") or req.fixed_batch is not None:
+        return Found()  # a forced strategy without sharded groups: forced() drops it first
+    changes = {k: None for k in ("activation_checkpointing", "data_parallel") if getattr(opts, k) is not None}
+    trial = dataclasses.replace(opts, **changes)
+    floor = lever_floor(ctx.needs, req.batch, ctx.cap, trial, fixed_batch=req.fixed_batch)
+    what = "FSDP and full activation checkpointing"
+    if not math.isfinite(floor.devices):
+        return Found(short=(f"{what} ({floor.why})",))
+    n = req.cluster.num_devices
+    said = Found(floors=(f"With {what} it needs at least {floor.devices} devices of {format_bytes(ctx.cap)}: "
+                         f"{floor.why}",))
+    if floor.devices > n:
+        if not changes:
+            return said
+        found = more_devices(ctx, int(floor.devices), trial, what, replicas=floor.replicas)
+        return said + Found(ways=tuple(dataclasses.replace(w, lever="levers", options=tuple(changes.items()))
+                                       for w in found.ways), short=found.short)
+    top = req.batch if changes else req.batch - 1  # the request's own batch only with levers it forced off
+    shards = fsdp_floor(ctx.needs, req.batch, ctx.cap).devices
+    batches = sorted(range(1, top + 1), key=lambda b: (not any(shards <= r <= n for r in divisors(b)), -b))
+    for b in batches[:TRIES]:
+        found = ctx.check(req.cluster, b, trial, ctx.depth(ctx.needs.at(b / req.batch), b, trial))
+        if found.accepted is not None:
+            dropped = ", ".join(f"{k}=None" for k in changes)
+            said_batch = ("this batch" if b == req.batch else f"a batch of {b} instead of {req.batch}") + (
+                f" with {dropped}" if dropped else "")
+            return said + Found(ways=(WayOut(lever="levers", batch=b if b != req.batch else None,
+                                             options=tuple(changes.items()), plan=found.accepted,
+                                             text=f"{what}: {said_batch} on these devices (fits as "
+                                                  f"{found.accepted.describe()})"),))
+    return said + Found(short=(f"{what} on these devices (batches {', '.join(map(str, batches[:TRIES]))} did not "
+                               f"plan with them)",))
+
+
 def forced(ctx: Context) -> Found:
     """Drop each option the request fixed, one at a time."""
     out = Found()
-    for name in ("strategy", "stages", "microbatches", "schedule"):
+    for name in ("strategy", "stages", "microbatches", "schedule", "activation_checkpointing", "data_parallel"):
         if getattr(ctx.opts, name) is not None:
             out += _unforced(ctx, name)
     return out
@@ -212,7 +262,7 @@ def more_memory(ctx: Context) -> Found:
 
 
 WayOutFn = Callable[[Context], Found]
-WAYS: tuple[WayOutFn, ...] = (devices, smaller_batch, lighter_optimizer, inference, forced)
+WAYS: tuple[WayOutFn, ...] = (devices, memory_levers, smaller_batch, lighter_optimizer, inference, forced)
 LAST_RESORTS: tuple[WayOutFn, ...] = (more_memory,)  # tried only when no way of WAYS was found
 
 
@@ -229,8 +279,8 @@ def _error(ctx: Context, found: Found, hint: str) -> PlanError:
     if found.ways:
         parts.append("Ways out, each checked by planning it: " + "; ".join(w.text for w in found.ways) + ".")
     else:
-        parts.append("Ways out: none found by changing one of device count, batch, optimizer, mode, forced "
-                     "options or device memory.")
+        parts.append("Ways out: none found by changing one of device count, memory levers, batch, optimizer, "
+                     "mode, forced options or device memory.")
     if found.short:
         parts.append("Not enough on its own: " + "; ".join(found.short) + ".")
     error = PlanError(" ".join(parts))
