@@ -91,3 +91,48 @@ def test_checkpointing_where_nothing_else_fits(monkeypatch) -> None:
     assert p.strategy == "single" and p.stages[0].activation_checkpointing in ("selective", "full")
     assert p.stages[0].bwd_time_s > st.bwd_time_s  # recomputation is paid in backward
     assert p.estimate.step_time_s > plain.estimate.step_time_s
+
+
+def _mlp_blocks(width: int, depth: int) -> torch.nn.Module:
+    """Blocks that save 5 widths per sample each without checkpointing, 1 with it."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.ReLU(),
+                                                     torch.nn.Linear(4 * width, width)) for _ in range(depth)))
+
+
+def test_a_pipeline_no_lever_free_partition_fits_is_partitioned_under_the_levers() -> None:
+    """Two stages, GPipe over 2 micro-batches: the state and the whole batch's activations (72 MiB)
+    exceed two devices of 33 MiB, so the lever-free partition is refused; the partition bounded
+    by full checkpointing keeps each block whole and fits."""
+    model, x = _mlp_blocks(256, 4), torch.randn(2048, 256)
+    forced = {"strategy": "pipeline", "stages": 2, "schedule": "gpipe", "microbatches": 2}
+    full = fxshard.plan(model, "2xcpu:8GB", (x,), activation_checkpointing="full", **forced)
+    spec = _devices(2, 1.1 * max(s.peak_memory_bytes for s in full.stages))
+    with pytest.raises(fxshard.PlanError, match="a pipeline of 2 stages: the graph needs"):
+        fxshard.plan(model, spec, (x,), activation_checkpointing="none", **forced)
+    p = fxshard.plan(model, spec, (x,), **forced)
+    assert [s.activation_checkpointing for s in p.stages] == ["full", "full"]
+    assert [(s.first_module, s.last_module) for s in p.stages] == [("0.0", "1.2"), ("2.0", "3.2")]  # whole blocks
+    assert all(s.peak_memory_bytes <= s.memory_capacity_bytes for s in p.stages)
+    assert "full activation checkpointing: without it stage" in p.reason
+
+
+def test_partition_bound_shards_state_and_checkpoints_blocks() -> None:
+    from fxshard.capture import capture
+    from fxshard.cost_models import estimate
+    from fxshard.cluster import Cluster
+    from fxshard.levers import ModelFacts, partition_bound
+
+    model, x = _mlp_blocks(64, 3), torch.randn(32, 64)
+    captured = capture(model, (x,))
+    costs = estimate(captured, Cluster.parse("1xcpu:1GB").devices[0].spec)
+    facts = ModelFacts(captured)
+    none = partition_bound(facts, costs, policy="none", shards=1, training=True, optimizer="adam")
+    assert none.activations is None and none.state is None and none.colocate is None
+    bound = partition_bound(facts, costs, policy="full", shards=4, training=True, optimizer="adam")
+    assert set(bound.colocate.values()) == {"0", "1", "2"}
+    # full checkpointing keeps each block's input: 32 x 64 fp32 values per block
+    assert sum(bound.activations.values()) == pytest.approx(3 * 32 * 64 * 4, rel=0.05)
+    # fp32 Adam: 16 bytes per parameter replicated; 16 / 4 sharded plus 8 unsharded (weight, gradient)
+    work = next(c.work for c in costs if c.work.param_bytes)
+    assert bound.state(work) == pytest.approx(work.param_bytes * (4 / 4 + 2) + work.buffer_bytes)
