@@ -1,4 +1,4 @@
-"""The planner: single device, DDP, pipeline or pipeline x DDP, chosen by simulation.
+"""The planner: single device, DDP, FSDP, pipeline or pipeline x DDP/FSDP, chosen by simulation.
 
 ``plan(model, devices, example_inputs, **options)`` captures the model once, prices it,
 then enumerates candidates and keeps the fastest that fits:
@@ -9,6 +9,10 @@ then enumerates candidates and keeps the fastest that fits:
 - ``pipeline``: k stages from the partitioner, m micro-batches, a torch schedule, timed by
   :func:`fxshard.simulate.simulate` with per-stage memory under that schedule;
 - ``hybrid``: k stages x d replicas, each stage's replicas inside one machine where possible.
+
+Each candidate is priced under the memory levers the options allow (``fsdp`` groups instead of
+replicas, gradient accumulation, activation checkpointing; fxshard/levers.py), and ``_reason``
+says why the plan pulls one.
 
 The options and their checks are in fxshard/plan_options.py, the candidates and their pricing
 in fxshard/candidates.py, the refusal when nothing fits in fxshard/refusal.py. Every candidate

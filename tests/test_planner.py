@@ -406,7 +406,16 @@ def test_llama70b_batch_8_plans_on_16_h100_with_the_levers():
     check_plan(p, spec)
     assert p.strategy in ("pipeline", "hybrid") and p.num_stages * p.replicas >= 16
     assert all(s.activation_checkpointing == "full" for s in p.stages)
-    assert "full activation checkpointing" in p.reason
+    assert "full activation checkpointing: without it stage" in p.reason
+    # on one machine it is still refused: the floor with the levers is stated, and the devices way
+    # out, probed from it, plans with full checkpointing
+    with pytest.raises(PlanError) as e:
+        plan_captured(captured, Cluster.parse("8xH100-80GB"), 8, PlanOptions())
+    msg = str(e.value)
+    assert "A pipeline of it needs at least 29 devices" in msg
+    assert "With FSDP and full activation checkpointing it needs at least 15 devices of 76.0 GiB" in msg
+    way = next(w for w in e.value.ways_out if w.lever == "devices")
+    assert 15 <= way.cluster.num_devices < 29 and way.plan.activation_checkpointing == "full"
 
 
 @pytest.mark.slow
