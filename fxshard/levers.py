@@ -131,15 +131,14 @@ def partition_bound(facts: ModelFacts, costs: GraphCosts, *, policy: str, shards
     if training and policy != "none":
         activations = _saved_under(facts, costs, policy)
         colocate = {n: r.module for r in facts.regions for n in r.nodes}
-    state = None
-    if shards > 1:
-        live = 2.0 if training else 1.0  # unsharded parameters, and gradients in training
+    live = 2.0 if training else 1.0  # unsharded parameters, and gradients in training
 
-        def state(w: Any) -> float:
-            factor = state_factor(w.dtype, training=training, optimizer=optimizer)
-            return w.param_bytes * min(factor, factor / shards + live) + w.buffer_bytes
+    def sharded(w: Any) -> float:
+        factor = state_factor(w.dtype, training=training, optimizer=optimizer)
+        return w.param_bytes * min(factor, factor / shards + live) + w.buffer_bytes
 
-    return PartitionBound(policy=policy, shards=shards, activations=activations, state=state, colocate=colocate)
+    return PartitionBound(policy=policy, shards=shards, activations=activations,
+                          state=sharded if shards > 1 else None, colocate=colocate)
 
 
 def checkpointed(facts: ModelFacts, costs: GraphCosts, stage: StageSummary, policy: str,
