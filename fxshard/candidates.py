@@ -497,7 +497,10 @@ def price_levers(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_o
     out: list[Priced] = []
     for kind in kinds:
         for policy in policies:
-            levered = dataclasses.replace(shape, levers=Levers(data_parallel=kind, checkpointing=policy))
+            # A stage's FSDP group keeps its parameters gathered over the step's micro-batches (priced
+            # so in levers.pipeline_fsdp); zero-bubble schedules are exact only so (runtime/distributed.py).
+            levers = Levers(data_parallel=kind, checkpointing=policy, reshard_after_forward=kind != "fsdp")
+            levered = dataclasses.replace(shape, levers=levers)
             priced = price_pipeline(pricer, cluster, group, stage_of, stage_devices, levered, opts, plain=plain)
             out.append(priced)
             if priced.fits or priced.refused:

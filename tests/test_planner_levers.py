@@ -136,3 +136,13 @@ def test_partition_bound_shards_state_and_checkpoints_blocks() -> None:
     # fp32 Adam: 16 bytes per parameter replicated; 16 / 4 sharded plus 8 unsharded (weight, gradient)
     work = next(c.work for c in costs if c.work.param_bytes)
     assert bound.state(work) == pytest.approx(work.param_bytes * (4 / 4 + 2) + work.buffer_bytes)
+
+
+def test_pipeline_stages_sharded_with_fsdp_keep_their_parameters_gathered() -> None:
+    """A hybrid plan's FSDP groups are priced with the stage's parameters gathered over the
+    step's micro-batches, as torch's PipelineStage keeps them; the plan says so, which the
+    runtime needs for zero-bubble schedules to be exact."""
+    model = _blocks(256, 8)
+    x = torch.randn(8, 256)
+    p = fxshard.plan(model, "4xcpu:1GB", (x,), strategy="hybrid", data_parallel="fsdp", stages=2)
+    assert p.strategy == "hybrid" and p.data_parallel == "fsdp" and p.reshard_after_forward is False

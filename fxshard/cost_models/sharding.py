@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from fxshard.comm import ring_allgather_time, ring_reduce_scatter_time
 from fxshard.cost_models.memory import training_memory
+from fxshard.errors import CostModelError
 
 __all__ = ["FsdpTime", "ParamSpec", "ShardedState", "Unit", "fsdp_time", "in_flight_bytes", "shard_rows",
            "sharded_state"]
@@ -91,7 +92,7 @@ def shard_rows(rows: int, n: int, rank: int) -> int:
     """Rows of a dim-0 length ``rows`` that ``rank`` of ``n`` holds, as ``torch.chunk`` cuts
     (and FSDP2 shards): chunks of ceil(rows / n), the last ones short or empty."""
     if n < 1 or not 0 <= rank < n:
-        raise ValueError(f"rank {rank} of {n} ranks; use 0 <= rank < n, n >= 1")
+        raise CostModelError(f"rank {rank} of {n} ranks; use 0 <= rank < n, n >= 1")
     chunk = -(-rows // n)
     return max(0, min((rank + 1) * chunk, rows) - rank * chunk)
 
