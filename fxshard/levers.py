@@ -98,7 +98,7 @@ def _saved_under(facts: ModelFacts, costs: GraphCosts, policy: str) -> dict[str,
     counted: set[str] = set()
 
     def hold(owner_of: str, at: str) -> None:
-        owner = costs._storage_owner(owner_of)
+        owner = costs.storage_owner(owner_of)
         if owner not in counted and costs[owner].work.op != "get_attr":
             counted.add(owner)
             out[at] = out.get(at, 0.0) + costs[owner].work.output_bytes
@@ -107,7 +107,7 @@ def _saved_under(facts: ModelFacts, costs: GraphCosts, policy: str) -> dict[str,
         if c.name not in in_blocks and c.work.op != "get_attr":
             out[c.name] = out.get(c.name, 0.0) + c.work.saved_bytes
             for v in c.work.saved_values:
-                owner = costs._storage_owner(v)
+                owner = costs.storage_owner(v)
                 hold(owner, owner)
     for r in facts.regions:
         for i in r.inputs:

@@ -156,10 +156,10 @@ class GraphCosts:
             if wanted is not None and c.name not in wanted:
                 continue
             total += c.work.saved_bytes
-            saved_outputs.update(self._storage_owner(n) for n in c.work.saved_values)
+            saved_outputs.update(self.storage_owner(n) for n in c.work.saved_values)
         return total + sum(self[n].work.output_bytes for n in saved_outputs)
 
-    def _storage_owner(self, name: str) -> str:
+    def storage_owner(self, name: str) -> str:
         """The node that allocated the memory ``name``'s output lives in (views resolved)."""
         seen = set()
         while (w := self[name].work).is_view and w.view_of and name not in seen:

@@ -84,11 +84,11 @@ def _held_bytes(costs: GraphCosts, nodes: Iterable[str], extra_owners: Iterable[
     for n in nodes:
         work = costs[n].work
         total += work.saved_bytes
-        owners.update(costs._storage_owner(v) for v in work.saved_values)
+        owners.update(costs.storage_owner(v) for v in work.saved_values)
     for n in extra_owners:
         if costs[n].work.op != "get_attr":  # a parameter or constant read by a block: state, not activation
-            owners.add(costs._storage_owner(n))
-    return total + sum(costs[o].work.output_bytes for o in owners)
+            owners.add(costs.storage_owner(n))
+    return total + sum(costs[o].work.output_bytes for o in sorted(owners))  # one order: float sums
 
 
 def checkpoint_cost(costs: GraphCosts, nodes: Iterable[str], blocks: Sequence[Block], policy: str) -> CheckpointCost:
@@ -130,7 +130,7 @@ def checkpoint_cost(costs: GraphCosts, nodes: Iterable[str], blocks: Sequence[Bl
     saved = _held_bytes(costs, outside, extra_owners=[*block_inputs, *kept],
                         extra_bytes=sum(costs[n].work.saved_bytes for n in kept))
     kept_set = set(kept)
-    recompute = sum(costs[n].fwd_time_s for n in in_blocks if n not in kept_set)
+    recompute = sum(costs[n].fwd_time_s for b in blocks for n in b.nodes if n not in kept_set)  # graph order
     transient = 0.0
     for b in blocks:
         b_kept = [n for n in b.nodes if n in kept_set]

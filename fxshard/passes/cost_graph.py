@@ -101,7 +101,7 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
     if training and activations is None:
         for c in costs:
             for name in c.work.saved_values:
-                owner = costs._storage_owner(name)
+                owner = costs.storage_owner(name)
                 saved_owner[owner] = costs[owner].work.output_bytes
     replicated: dict[str, int] = {}
     for node in nodes:

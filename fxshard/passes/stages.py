@@ -110,7 +110,7 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
         if training:
             for w in works:
                 activation += w.saved_bytes
-                saved.update(costs._storage_owner(v) for v in w.saved_values)
+                saved.update(costs.storage_owner(v) for v in w.saved_values)
             activation += sum(costs[v].work.output_bytes for v in saved)
         transient = max((2 * w.output_bytes for w in works if w.op not in ("get_attr", "placeholder")), default=0)
         modules = [w.module for w in works if w.module]

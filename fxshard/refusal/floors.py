@@ -86,7 +86,7 @@ def needs_of(captured: CapturedGraph, costs: GraphCosts, *, training: bool, opti
                 total += size
         saved = 0.0
         if training:
-            owners = {costs._storage_owner(v) for v in w.saved_values}
+            owners = {costs.storage_owner(v) for v in w.saved_values}
             saved = w.saved_bytes + sum(costs[o].work.output_bytes for o in owners)
         names.append(node.name)
         state.append(total)
