@@ -7,8 +7,9 @@ turns a shape into a :class:`Priced` record (step time from :func:`fxshard.simul
 per-stage peak memory and capacity) with the costs a :class:`Pricer` computes once per device
 spec and batch share. Each shape is priced under the memory levers the options allow
 (:func:`lever_choices`: replicated or sharded data-parallel groups, activation checkpointing,
-gradient accumulation), arithmetically on the same stage figures (fxshard/levers.py). See
-docs/planning.md.
+gradient accumulation), arithmetically on the same stage figures (fxshard/levers.py). The
+whole-model candidates (one copy of the model per device) are priced in
+fxshard/candidates_whole.py. See docs/planning.md.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from fxshard.levers import (
     ModelFacts,
     PartitionBound,
     checkpointed,
-    fsdp_stage,
-    fsdp_step,
     partition_bound,
     pipeline_fsdp,
 )
@@ -39,9 +38,9 @@ from fxshard.plan import EstimatedNode
 from fxshard.plan_options import PlanOptions, divisors
 from fxshard.simulate import SCHEDULES, SimulationError, StageFigures, StageTiming, simulate, stage_timings
 
-__all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "lever_choices", "microbatch_counts",
-           "partition_group", "pipeline_groups", "price_data_parallel", "price_levers", "price_pipeline",
-           "price_whole_model", "rank_devices", "stage_counts", "unfit"]
+__all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "device_capacity", "lever_choices",
+           "microbatch_counts", "partition_group", "pipeline_groups", "price_levers", "price_pipeline",
+           "rank_devices", "stage_counts", "unfit"]
 
 MAX_MICROBATCHES = 128  # the most micro-batches the planner tries
 # How torch places a schedule's stages on ranks: one per rank ("flat"), looped (stage s on rank
@@ -321,7 +320,8 @@ def partition_group(pricer: Pricer, cluster: Cluster, group: PipelineGroup,
     return dict(part.stage_of), stage_devices
 
 
-def _capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> float:
+def device_capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> float:
+    """Memory of ``device`` left to a stage after the reserve, split among ``share`` stages."""
     return cluster.devices[device].spec.memory_bytes * (1 - reserve) / share
 
 
@@ -351,89 +351,6 @@ def lever_choices(opts: PlanOptions, replicas: int, checkpointing: bool = True) 
     else:
         policies = ("none", "selective", "full") if opts.training and checkpointing else ("none",)
     return kinds, policies
-
-
-def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions, *,
-                        microbatches: int = 1, levers: Levers = Levers(),
-                        plain: tuple[GraphCosts, StageSummary] | None = None) -> Priced:
-    """The whole model on each of the first ``replicas`` devices (one: ``single``), each running
-    its share of the batch as ``microbatches`` micro-batches one after another (gradient
-    accumulation), replicated (ddp) or sharded (fsdp) as ``levers`` say."""
-    used = tuple(range(replicas))
-    costs, stage = plain or _whole_model(pricer, cluster, replicas, microbatches, opts)
-    st = checkpointed(pricer.facts, costs, stage, levers.checkpointing, pricer.checkpoint_cost)
-    backward = st.bwd_time_s if opts.training else 0.0
-    if levers.data_parallel == "fsdp":
-        st, units = fsdp_stage(pricer.facts, costs, st, stage, replicas, optimizer=opts.optimizer,
-                               training=opts.training, reshard_after_forward=levers.reshard_after_forward)
-        step, exposed = fsdp_step(units, cluster, used, microbatches=microbatches, training=opts.training,
-                                  reshard_after_forward=levers.reshard_after_forward)
-    else:
-        exposed = 0.0
-        if opts.training and replicas > 1:  # synchronised once, behind the last micro-batch's backward
-            exposed = exposed_allreduce_time(cluster, used, st.param_bytes, backward)
-        step = microbatches * (st.fwd_time_s + backward) + exposed
-    peak = st.state_bytes + st.activation_bytes + st.transient_bytes
-    strategy = "single" if replicas == 1 else levers.data_parallel or "ddp"
-    return Priced(shape=Shape(strategy=strategy, replicas=replicas, microbatches=microbatches, levers=levers),
-                  stages=(st,), devices=(used,), step_time_s=step, allreduce_s=exposed, peak=(peak,),
-                  capacity=(min(_capacity(cluster, d, opts.memory_reserve) for d in used),))
-
-
-def _whole_model(pricer: Pricer, cluster: Cluster, replicas: int, microbatches: int,
-                 opts: PlanOptions) -> tuple[GraphCosts, StageSummary]:
-    """The whole model's costs and figures at one micro-batch of a replica, on the slowest device."""
-    used = range(replicas)
-    spec_costs = {cluster.devices[d].spec.name: pricer.costs(cluster.devices[d].spec, 1 / (replicas * microbatches))
-                  for d in used}
-    slowest = max(spec_costs.values(), key=lambda c: c.fwd_time_s + c.bwd_time_s)
-    stage = summarize_stages(pricer.captured, slowest, {}, 1, training=opts.training, optimizer=opts.optimizer)[0]
-    return slowest, stage
-
-
-def _accumulation_counts(pricer: Pricer, replicas: int, opts: PlanOptions) -> list[int]:
-    per = pricer.batch // replicas
-    if replicas == 1 or pricer.captured.fixed_batch is not None:
-        return [1]
-    if opts.microbatches is not None:
-        return [opts.microbatches] if per % opts.microbatches == 0 else []
-    return [m for m in divisors(per) if m <= MAX_MICROBATCHES]
-
-
-def price_whole_model(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions) -> list[Priced]:
-    """``replicas`` copies of the whole model under each lever combination worth pricing.
-
-    Per data-parallel kind, micro-batch counts ascend and, per count, checkpointing policies go
-    from none to full, stopping at the first that fits (checkpointing only adds time and only
-    saves memory); the counts stop at the first that fits without checkpointing, or two counts
-    after the first that fits at all (more micro-batches only add time). FSDP is priced with
-    and without resharding after forward.
-    """
-    kinds, policies = lever_choices(opts, replicas, pricer.checkpoint_cost is not None)
-    figures: dict[int, tuple[GraphCosts, StageSummary]] = {}
-    out: list[Priced] = []
-    for kind in kinds:
-        left = None
-        for m in _accumulation_counts(pricer, replicas, opts):
-            if m not in figures:
-                figures[m] = _whole_model(pricer, cluster, replicas, m, opts)
-            found = None
-            for policy in policies:
-                reshards = (True, False) if kind == "fsdp" else (True,)
-                priced = [price_data_parallel(pricer, cluster, replicas, opts, microbatches=m, plain=figures[m],
-                                              levers=Levers(data_parallel=kind, checkpointing=policy,
-                                                            reshard_after_forward=r)) for r in reshards]
-                out += priced
-                if any(p.fits for p in priced):
-                    found = policy
-                    break
-            if found == policies[0]:
-                break
-            if found is not None:
-                left = 2 if left is None else left - 1
-                if left == 0:
-                    break
-    return out
 
 
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
@@ -470,7 +387,7 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
     except SimulationError as e:
         return unfit(group, stage_devices, str(e), schedule=shape.schedule, refused=True)
     share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}
-    capacity = tuple(min(_capacity(cluster, d, opts.memory_reserve, share[devs[0]]) for d in devs)
+    capacity = tuple(min(device_capacity(cluster, d, opts.memory_reserve, share[devs[0]]) for d in devs)
                      for devs in stage_devices)
     return Priced(shape=shape, stages=tuple(stages), devices=stage_devices, step_time_s=result.step_time_s,
                   bubble=result.bubble_fraction, allreduce_s=max(reduce) if reduce else 0.0,

@@ -34,11 +34,11 @@ from fxshard.candidates import (
     partition_group,
     pipeline_groups,
     price_levers,
-    price_whole_model,
     rank_devices,
     stage_counts,
     unfit,
 )
+from fxshard.candidates_whole import price_whole_model
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, format_bytes
 from fxshard.comm import group_link, ring_allreduce_time
