@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fxshard.cli_parser import build_parser
 from fxshard.cli_text import cli_words, compare_table, console, fmt_count, fmt_time, print_plan
 from fxshard.errors import DeviceSpecError, FxshardError, UsageError, ZooError
 
@@ -427,105 +428,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _version() -> str:
-    import torch
-
-    import fxshard
-
-    return f"fxshard {fxshard.__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fxshard", description="Automatic model-parallel compiler for PyTorch: plan, compare, export and "
-                                    "simulate model-parallel training; inspect models and devices.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("devices", help="the device presets and their figures")
-    p.add_argument("--json", metavar="FILE", help="write presets, links and this machine as JSON ('-' for stdout)")
-    p.set_defaults(func=cmd_devices)
-
-    p = sub.add_parser("inspect", help="the captured graph, one row per node, with its costs")
-    p.add_argument("model", metavar="MODEL",
-                   help="a built-in model name (see 'fxshard inspect --help') or path/file.py:factory or pkg.mod:factory")
-    p.add_argument("--device", default="H100-80GB", metavar="PRESET", help="device preset to price on (default H100-80GB)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="batch size of the example inputs")
-    p.add_argument("--seq-len", type=int, metavar="N", help="sequence length for language models")
-    p.add_argument("--cost-model", default="analytical", metavar="NAME",
-                   help="how node times are estimated: analytical (default), profiled, or any registered name")
-    p.add_argument("--method", default="auto", choices=("auto", "symbolic_trace", "export"),
-                   help="capture method (default: symbolic_trace, then torch.export)")
-    p.add_argument("--top", type=int, metavar="N", help="show only the N most expensive nodes")
-    p.add_argument("--json", metavar="FILE", help="write the rows and totals as JSON ('-' for stdout)")
-    p.set_defaults(func=cmd_inspect)
-
-    def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", metavar="MODEL", help="a built-in model name or path/file.py:factory or pkg.mod:factory")
-        p.add_argument("--devices", required=True, metavar="SPEC",
-                       help="the cluster: 8, 8xA100-80GB, 2x8xH100-80GB, 4xcpu:2GB, or a comma-free device list")
-        p.add_argument("--batch-size", type=int, metavar="N", help="batch size of the example inputs")
-        p.add_argument("--seq-len", type=int, metavar="N", help="sequence length for language models")
-        p.add_argument("--partitioner", default="metis", metavar="NAME", help="partitioner (default metis)")
-        p.add_argument("--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved1f1b, zbv, ... in any case, or "
-                                                            "torch's names such as Interleaved1F1B (default: auto)")
-        p.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per step (default: auto)")
-        p.add_argument("--strategy", choices=("single", "ddp", "fsdp", "pipeline", "hybrid"), help="force a strategy")
-        p.add_argument("--activation-checkpointing", choices=("none", "selective", "full"),
-                       help="recompute activations in backward on every stage: none, selective (keep matmul and "
-                            "attention outputs) or full (keep each repeated block's input) (default: auto)")
-        p.add_argument("--data-parallel", choices=("ddp", "fsdp"),
-                       help="how data-parallel groups hold the model: ddp (replicas) or fsdp (parameters, gradients "
-                            "and optimizer state sharded) (default: auto)")
-        p.add_argument("--stages", type=int, metavar="K", help="force the pipeline depth (default: auto)")
-        p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "none"),
-                       help="optimizer state per parameter (default adam)")
-        p.add_argument("--cost-model", default="analytical", metavar="NAME",
-                       help="analytical (default), profiled, or any registered cost model")
-        p.add_argument("--inference", action="store_true", help="plan forward only (no gradients or optimizer)")
-
-    p = sub.add_parser("plan", help="plan a model on a cluster: stages, strategy, schedule, estimate")
-    model_args(p)
-    p.add_argument("--json", metavar="FILE", help="write the plan as JSON ('-' for stdout)")
-    p.add_argument("--png", metavar="FILE", help="stage bars and the simulated schedule timeline")
-    p.add_argument("--dot", metavar="FILE", help="the stage-coloured graph, modules collapsed (Graphviz)")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("compare", help="the best plan per partitioner, beside single, ddp and fsdp, side by side")
-    model_args(p)
-    p.add_argument("--partitioners", metavar="A,B,C", help="comma-separated names (default: all registered)")
-    p.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("export", help="stage sources, plan.json, a torchrun launcher, split specs")
-    model_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("calibrate", help="run the plan's stages on this machine and compare with predictions")
-    model_args(p)
-    p.add_argument("--device", metavar="DEVICE", help="torch device to measure on (default: cuda if present, else cpu)")
-    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs per measurement (median kept)")
-    p.add_argument("--no-profiled", action="store_true", help="skip the profiled cost model (faster)")
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
-    p.add_argument("--md", metavar="FILE", help="write the report as a markdown table")
-    p.add_argument("--png", metavar="FILE", help="predicted against measured stage times")
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("simulate", help="what-if on a saved plan: another schedule or micro-batch count")
-    p.add_argument("plan", metavar="PLAN.json")
-    p.add_argument("--schedule", metavar="NAME", help="simulate with this schedule instead")
-    p.add_argument("--microbatches", type=int, metavar="M", help="simulate with this many micro-batches")
-    p.add_argument("--png", metavar="FILE", help="the timeline, one row per rank")
-    p.add_argument("--trace", metavar="FILE", help="Chrome trace JSON (chrome://tracing, Perfetto)")
-    p.set_defaults(func=cmd_simulate)
-    return parser
+_COMMANDS = {"devices": cmd_devices, "inspect": cmd_inspect, "plan": cmd_plan, "compare": cmd_compare,
+             "export": cmd_export, "calibrate": cmd_calibrate, "simulate": cmd_simulate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    parser = build_parser()
+    parser = build_parser(_COMMANDS)
     args = parser.parse_args(argv)
     for name in ("batch_size", "seq_len", "top", "microbatches", "stages"):
         value = getattr(args, name, None)
