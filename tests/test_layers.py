@@ -35,7 +35,7 @@ FLOORS: dict[str, int] = {
     "fxshard.simulate": 3, "fxshard.simulate_plan": 3, "fxshard.comm": 3,
     # 2: the model's graph and the hardware
     "fxshard.capture": 2, "fxshard.modules": 2,
-    "fxshard.cluster": 2, "fxshard.devices": 2,
+    "fxshard.cluster": 2, "fxshard.cluster_parse": 2, "fxshard.devices": 2,
     # 1: plain data and leaves
     "fxshard.plan": 1, "fxshard.errors": 1, "fxshard.units": 1, "fxshard.zoo": 1, "fxshard.models": 1,
 }
