@@ -262,63 +262,84 @@ def _base(real: torch.fx.Node, captured: CapturedGraph) -> dict:
                 requires_grad=any(t.requires_grad for t in outputs))
 
 
-def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGraph,
-                  runner: _NodeRunner, fake_state: set[int]) -> NodeWork:
-    base = _base(real, captured)
-    outputs = node_values(real)
-    if real.op in ("placeholder", "get_attr", "output"):
-        return NodeWork(**base, dtype=_dtype_of(outputs))
+@dataclasses.dataclass
+class _Inputs:
+    """A node's fake inputs (non-leaf copies of its producers' values), their tensors, the leaves
+    gradients are taken with respect to, and each tensor's producer (by ``id``)."""
 
+    values: dict[torch.fx.Node, Any]
+    tensors: list[torch.Tensor]
+    leaves: list[torch.Tensor]
+    owner: dict[int, str]
+
+
+def _node_inputs(fake: torch.fx.Node, captured: CapturedGraph) -> _Inputs:
     leaves = {n: _detach(n.meta.get("val")) for n in fake.all_input_nodes}
     # The node sees non-leaf copies of its inputs, as in the real graph, so in-place ops
     # (x += residual) run; gradients are taken with respect to the leaves behind them.
     with captured.fake_mode:
         inputs = {n: _nonleaf(v) for n, v in leaves.items()}
-    input_tensors: list[torch.Tensor] = []
-    grad_leaves: list[torch.Tensor] = []
-    owner: dict[int, str] = {}
+    found = _Inputs(values=inputs, tensors=[], leaves=[], owner={})
     for n in inputs:
         for t, leaf in zip(pytree.tree_leaves(inputs[n]), pytree.tree_leaves(leaves[n])):
             if isinstance(t, torch.Tensor):
-                input_tensors.append(t)
-                grad_leaves.append(leaf)
-                owner[id(t)] = n.name
-    module_state: list[torch.Tensor] = []
-    if fake.op == "call_module":
-        sub = captured.fake_module.get_submodule(fake.target)
-        module_state = list(sub.parameters()) + list(sub.buffers())
-    state_ids = fake_state | {id(t) for t in module_state}
-    state_storages = {t.untyped_storage()._cdata for t in module_state}
+                found.tensors.append(t)
+                found.leaves.append(leaf)
+                found.owner[id(t)] = n.name
+    return found
 
+
+@dataclasses.dataclass
+class _Run:
+    """One fake forward and backward of a node: what autograd saved, the outputs, the tensors
+    backward ran from and to, and the FLOPs counted."""
+
+    saved: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    grad_outs: list[torch.Tensor]
+    wrt: list[torch.Tensor]
+    fwd_flops: int
+    flop_ops: tuple[str, ...]
+    bwd_flops: int
+
+
+def _run_node(fake: torch.fx.Node, captured: CapturedGraph, runner: _NodeRunner, ins: _Inputs,
+              module_state: list[torch.Tensor]) -> _Run:
     saved: list[torch.Tensor] = []
     with captured.fake_mode:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             with _counter() as fwd_counter:
-                result = runner.run_one(fake, dict(inputs))
+                result = runner.run_one(fake, dict(ins.values))
         out_tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
         grad_outs = [t for t in out_tensors if t.requires_grad and t.grad_fn is not None]
-        wrt = [t for t in grad_leaves + [p for p in module_state if p.requires_grad] if t.requires_grad]
+        wrt = [t for t in ins.leaves + [p for p in module_state if p.requires_grad] if t.requires_grad]
         bwd_flops = 0
         if grad_outs and wrt:
             with _counter() as bwd_counter:
                 torch.autograd.grad(grad_outs, wrt, [torch.ones_like(t) for t in grad_outs],
                                     allow_unused=True)
             bwd_flops = bwd_counter.get_total_flops()
+    flop_ops = tuple(sorted(str(op) for op, n in fwd_counter.get_flop_counts().get("Global", {}).items() if n))
+    return _Run(saved=saved, outputs=out_tensors, grad_outs=grad_outs, wrt=wrt,
+                fwd_flops=fwd_counter.get_total_flops(), flop_ops=flop_ops, bwd_flops=bwd_flops)
 
-    is_view = bool(out_tensors) and all(
-        any(torch._C._is_alias_of(o, i) for i in input_tensors + module_state) for o in out_tensors)
-    view_of = next((owner[id(i)] for i in input_tensors if torch._C._is_alias_of(out_tensors[0], i)),
-                   "") if is_view else ""
+
+def _saved_activations(real: torch.fx.Node, fake: torch.fx.Node, ins: _Inputs, run: _Run,
+                       module_state: list[torch.Tensor], fake_state: set[int]) -> tuple[tuple[str, ...], int]:
+    """The values whose tensors backward keeps (inputs' producers, or the node itself), and the
+    bytes of the tensors it saves that are no node's value."""
+    state_ids = fake_state | {id(t) for t in module_state}
+    state_storages = {t.untyped_storage()._cdata for t in module_state}
     new_saved: list[torch.Tensor] = []
     saved_values: dict[str, None] = {}
-    input_storages = {t.untyped_storage()._cdata: owner[id(t)] for t in input_tensors}
+    input_storages = {t.untyped_storage()._cdata: ins.owner[id(t)] for t in ins.tensors}
     attr_inputs = {n.name for n in fake.all_input_nodes if n.op == "get_attr"}
-    out_storages = {t.untyped_storage()._cdata for t in out_tensors}
-    for t in saved:
+    out_storages = {t.untyped_storage()._cdata for t in run.outputs}
+    for t in run.saved:
         storage = t.untyped_storage()._cdata
         if id(t) in state_ids or storage in state_storages:
             continue  # parameters are counted as parameter memory, not activations
-        src = owner.get(id(t)) or input_storages.get(storage)
+        src = ins.owner.get(id(t)) or input_storages.get(storage)
         if src is not None:
             if src not in attr_inputs:
                 saved_values[src] = None
@@ -326,22 +347,40 @@ def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGr
             saved_values[real.name] = None
         else:
             new_saved.append(t)
-    read_bytes = _unique_bytes(input_tensors + module_state)
+    return tuple(saved_values), _unique_bytes(new_saved)
+
+
+def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGraph,
+                  runner: _NodeRunner, fake_state: set[int]) -> NodeWork:
+    base = _base(real, captured)
+    outputs = node_values(real)
+    if real.op in ("placeholder", "get_attr", "output"):
+        return NodeWork(**base, dtype=_dtype_of(outputs))
+    ins = _node_inputs(fake, captured)
+    module_state: list[torch.Tensor] = []
+    if fake.op == "call_module":
+        sub = captured.fake_module.get_submodule(fake.target)
+        module_state = list(sub.parameters()) + list(sub.buffers())
+    run = _run_node(fake, captured, runner, ins, module_state)
+    out_tensors = run.outputs
+    is_view = bool(out_tensors) and all(
+        any(torch._C._is_alias_of(o, i) for i in ins.tensors + module_state) for o in out_tensors)
+    view_of = next((ins.owner[id(i)] for i in ins.tensors if torch._C._is_alias_of(out_tensors[0], i)),
+                   "") if is_view else ""
+    saved_values, new_saved_bytes = _saved_activations(real, fake, ins, run, module_state, fake_state)
+    read_bytes = _unique_bytes(ins.tensors + module_state)
     out_bytes = base["output_bytes"]
-    fwd_flops = fwd_counter.get_total_flops()
-    flop_ops = tuple(sorted(str(op) for op, n in fwd_counter.get_flop_counts().get("Global", {}).items() if n))
-    grad_in_bytes = _unique_bytes(wrt)
-    saved_total = _unique_bytes(saved)
+    no_backward = is_view or not run.grad_outs
     kernels = 0 if is_view or not out_tensors else 1
     return NodeWork(
         **base,
-        dtype=_dtype_of(input_tensors + module_state or out_tensors),
-        fwd_flops=fwd_flops, bwd_flops=bwd_flops,
+        dtype=_dtype_of(ins.tensors + module_state or out_tensors),
+        fwd_flops=run.fwd_flops, bwd_flops=run.bwd_flops,
         fwd_bytes=0 if is_view else read_bytes + out_bytes,
-        bwd_bytes=0 if (is_view or not grad_outs) else out_bytes + saved_total + grad_in_bytes,
-        fwd_kernels=kernels, bwd_kernels=0 if (is_view or not grad_outs) else max(1, len(wrt)),
-        saved_bytes=_unique_bytes(new_saved), saved_values=tuple(saved_values),
-        flop_ops=flop_ops, is_view=is_view, view_of=view_of)
+        bwd_bytes=0 if no_backward else out_bytes + _unique_bytes(run.saved) + _unique_bytes(run.wrt),
+        fwd_kernels=kernels, bwd_kernels=0 if no_backward else max(1, len(run.wrt)),
+        saved_bytes=new_saved_bytes, saved_values=saved_values,
+        flop_ops=run.flop_ops, is_view=is_view, view_of=view_of)
 
 
 def _target_text(node: torch.fx.Node) -> str:
