@@ -171,62 +171,68 @@ def split_graph(captured: CapturedGraph, stage_of: Mapping[str, int], k: int, *,
     return SplitGraph(stages=tuple(stages))
 
 
-def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: int,
-                 crossing: list[list[torch.fx.Node]], output_node: torch.fx.Node,
-                 copy_outputs: bool) -> StageGraph:
-    g = torch.fx.Graph()
-    env: dict[torch.fx.Node, Any] = {}
-    root: dict[str, Any] = {}
-    n_in = 0
-    if s == 0:
+class _StageBuilder:
+    """One stage's fx graph, built step by step: its inputs received, its nodes copied, its
+    outputs sent on (or returned, on the last stage); ``root`` holds the modules it calls."""
+
+    def __init__(self, captured: CapturedGraph, s: int) -> None:
+        self.captured, self.s = captured, s
+        self.g = torch.fx.Graph()
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.root: dict[str, Any] = {}
+
+    def arg(self, n: torch.fx.Node) -> Any:
+        """The stage's value for ``n``, read from an earlier stage or a replicated attribute."""
+        if n in self.env:
+            return self.env[n]
+        if n.op == "get_attr":  # replicated on every stage that reads it
+            self.root[n.target] = operator.attrgetter(n.target)(self.captured.gm)
+            self.env[n] = self.g.get_attr(n.target)
+            return self.env[n]
+        raise PartitionError(f"stage {self.s} reads {n.name!r}, which no earlier stage passes on")
+
+    def take_graph_inputs(self, nodes: list) -> int:
+        """The first stage's placeholders, the model's inputs; returns how many tensors come in."""
+        n_in = 0
         for node in nodes:
             if node.op == "placeholder":
-                env[node] = g.node_copy(node, lambda n: env[n])
+                self.env[node] = self.g.node_copy(node, lambda n: self.env[n])
                 n_in += 1
-        inputs = tuple(n.name for n in nodes if n.op == "placeholder")
-    else:
-        inputs = tuple(n.name for n in crossing[s])
-        for node in crossing[s]:
+        return n_in
+
+    def receive(self, crossing: list[torch.fx.Node]) -> int:
+        """Placeholders for the values an earlier stage sends, containers repacked from their
+        tensors; returns how many tensors come in."""
+        n_in = 0
+        for node in crossing:
             spec, leaves = _flatten_value(node.meta.get("val"))
             if _is_plain_tensor(spec, leaves):
-                env[node] = g.placeholder(node.name)
+                self.env[node] = self.g.placeholder(node.name)
                 n_in += 1
                 continue
-            received = []
-            for i, leaf in enumerate(leaves):
-                if leaf.kind != "const":
-                    received.append(g.placeholder(f"{node.name}_{i}"))
+            received = [self.g.placeholder(f"{node.name}_{i}") for i, leaf in enumerate(leaves) if leaf.kind != "const"]
             n_in += len(received)
             name = f"_fxshard_repack_{node.name}"
-            root[name] = _Repack(spec, leaves)
-            env[node] = g.call_module(name, tuple(received))
+            self.root[name] = _Repack(spec, leaves)
+            self.env[node] = self.g.call_module(name, tuple(received))
+        return n_in
 
-    def arg(n: torch.fx.Node) -> Any:
-        if n in env:
-            return env[n]
-        if n.op == "get_attr":  # replicated on every stage that reads it
-            root[n.target] = operator.attrgetter(n.target)(captured.gm)
-            env[n] = g.get_attr(n.target)
-            return env[n]
-        raise PartitionError(f"stage {s} reads {n.name!r}, which no earlier stage passes on")
+    def copy_nodes(self, nodes: list, stage: dict) -> None:
+        for node in nodes:
+            if stage.get(node) != self.s or node.op in ("placeholder", "output"):
+                continue
+            if node.op == "call_module":
+                self.root[node.target] = operator.attrgetter(node.target)(self.captured.gm)
+            self.env[node] = self.g.node_copy(node, self.arg)
 
-    for node in nodes:
-        if stage.get(node) != s or node.op in ("placeholder", "output"):
-            continue
-        if node.op == "call_module":
-            root[node.target] = operator.attrgetter(node.target)(captured.gm)
-        env[node] = g.node_copy(node, arg)
-    if s == k - 1:
-        outs = output_node.args[0]
-        g.output(tuple(arg(n) if isinstance(n, torch.fx.Node) else n for n in outs))
-        outputs = tuple(n.name if isinstance(n, torch.fx.Node) else repr(n) for n in outs)
-        n_out = len(outs)
-    else:
-        sent = []
-        for node in crossing[s + 1]:
+    def send(self, crossing: list[torch.fx.Node], copy_outputs: bool) -> int:
+        """Output the values later stages read, containers unpacked into their tensors; returns
+        how many tensors go out."""
+        g, sent = self.g, []
+        for node in crossing:
             spec, leaves = _flatten_value(node.meta.get("val"))
             if _is_plain_tensor(spec, leaves):
-                value = arg(node)
+                value = self.arg(node)
                 if copy_outputs or getattr(node.meta.get("val"), "_base", None) is not None:
                     # A view cannot be sent as is: pipelining detaches stage outputs in place
                     # after backward, which a view forbids. Send a copy.
@@ -234,17 +240,39 @@ def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: i
                 sent.append(value)
                 continue
             name = f"_fxshard_unpack_{node.name}"
-            root[name] = _Unpack(leaves)
-            packed = g.call_module(name, (arg(node),))
+            self.root[name] = _Unpack(leaves)
+            packed = g.call_module(name, (self.arg(node),))
             count = sum(leaf.kind != "const" for leaf in leaves)
             items = [g.call_function(operator.getitem, (packed, j)) for j in range(count)]
             sent.extend(g.call_method("clone", (t,)) if copy_outputs else t for t in items)
         g.output(tuple(sent))
+        return len(sent)
+
+    def module(self) -> torch.fx.GraphModule:
+        self.g.lint()
+        return torch.fx.GraphModule(self.root, self.g, class_name=f"{self.captured.model_name}Stage{self.s}")
+
+
+def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: int,
+                 crossing: list[list[torch.fx.Node]], output_node: torch.fx.Node,
+                 copy_outputs: bool) -> StageGraph:
+    build = _StageBuilder(captured, s)
+    if s == 0:
+        n_in = build.take_graph_inputs(nodes)
+        inputs = tuple(n.name for n in nodes if n.op == "placeholder")
+    else:
+        n_in = build.receive(crossing[s])
+        inputs = tuple(n.name for n in crossing[s])
+    build.copy_nodes(nodes, stage)
+    if s == k - 1:
+        outs = output_node.args[0]
+        build.g.output(tuple(build.arg(n) if isinstance(n, torch.fx.Node) else n for n in outs))
+        outputs = tuple(n.name if isinstance(n, torch.fx.Node) else repr(n) for n in outs)
+        n_out = len(outs)
+    else:
+        n_out = build.send(crossing[s + 1], copy_outputs)
         outputs = tuple(n.name for n in crossing[s + 1])
-        n_out = len(sent)
-    g.lint()
-    module = torch.fx.GraphModule(root, g, class_name=f"{captured.model_name}Stage{s}")
-    return StageGraph(index=s, module=module, inputs=inputs, outputs=outputs,
+    return StageGraph(index=s, module=build.module(), inputs=inputs, outputs=outputs,
                       num_input_tensors=n_in, num_output_tensors=n_out)
 
 
