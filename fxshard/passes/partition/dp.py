@@ -16,6 +16,7 @@ the result is then evaluated (and reported) with the real ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -98,25 +99,55 @@ class _RangeMax:
         return out
 
 
-def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
-    k, n = problem.k, len(order)
-    comp = np.concatenate([[0.0], np.cumsum(problem.compute[order])])
-    mem = np.concatenate([[0.0], np.cumsum(problem.memory[order])])
-    cross = _crossing(problem, order)
-    valid = valid_boundaries(problem, order)
-    f_link = np.array([problem.link[s, s + 1] for s in range(k - 1)] + [0.0])
-    positions = np.arange(n + 1)
+@dataclasses.dataclass(frozen=True)
+class _Sweep:
+    """The DP's feasibility test for a probe bottleneck ``t``, with what does not depend on ``t``
+    computed once per stage: per boundary, a stage's start and end terms (``begin``, ``end``), the
+    first start its memory allows (``first``, None when unlimited) and where it may end."""
 
-    # What does not depend on the probe T is computed once per stage.
-    b_stage, a_stage, lo_stage = [], [], []
+    begin: list[np.ndarray]
+    end: list[np.ndarray]
+    first: list[np.ndarray | None]
+    ends: list[np.ndarray]
+
+    def __call__(self, t: float, keep: bool) -> list[np.ndarray] | None:
+        """Per stage, the boundaries reachable with every stage within ``t`` (all kept when
+        ``keep``, for backtracking); None when the last stage cannot end."""
+        n = len(self.ends[0]) - 1
+        positions = np.arange(n + 1)
+        neg_inf = np.full(n + 1, -np.inf)
+        reach = np.zeros(n + 1, dtype=bool)
+        reach[0] = True
+        history = [reach]
+        tol = t * (1 + 1e-12) + 1e-300
+        for s in range(len(self.ends)):
+            b_val = np.where(reach, self.begin[s], neg_inf)
+            if self.first[s] is None:
+                best = np.empty(n + 1)
+                best[0] = -np.inf
+                np.maximum.accumulate(b_val[:-1], out=best[1:])
+            else:
+                best = _RangeMax(b_val).query(self.first[s], positions - 1)
+            reach = (best >= self.end[s] - tol) & self.ends[s]
+            if not reach.any():
+                return None
+            if keep:
+                history.append(reach)
+        return history
+
+
+def _sweep(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, valid: np.ndarray,
+           f_link: np.ndarray) -> _Sweep:
+    k, n = problem.k, len(comp) - 1
+    begin, end, first = [], [], []
     for s in range(k):
         sp = problem.speeds[s]
-        b_stage.append(comp / sp - cross * (f_link[s - 1] if s > 0 else 0.0))
-        a_stage.append(comp / sp + cross * f_link[s])
+        begin.append(comp / sp - cross * (f_link[s - 1] if s > 0 else 0.0))
+        end.append(comp / sp + cross * f_link[s])
         if math.isinf(problem.mem_limit[s]):
-            lo_stage.append(None)
+            first.append(None)
         else:
-            lo_stage.append(np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left"))
+            first.append(np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left"))
     ends = [valid.copy() for _ in range(k)]
     for s in range(k):
         ends[s][0] = False
@@ -124,27 +155,17 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
             ends[s][n] = False
         else:
             ends[s][:n] = False
-    neg_inf = np.full(n + 1, -np.inf)
+    return _Sweep(begin=begin, end=end, first=first, ends=ends)
 
-    def sweep(t: float, keep: bool) -> list[np.ndarray] | None:
-        reach = np.zeros(n + 1, dtype=bool)
-        reach[0] = True
-        history = [reach]
-        tol = t * (1 + 1e-12) + 1e-300
-        for s in range(k):
-            b_val = np.where(reach, b_stage[s], neg_inf)
-            if lo_stage[s] is None:
-                best = np.empty(n + 1)
-                best[0] = -np.inf
-                np.maximum.accumulate(b_val[:-1], out=best[1:])
-            else:
-                best = _RangeMax(b_val).query(lo_stage[s], positions - 1)
-            reach = (best >= a_stage[s] - tol) & ends[s]
-            if not reach.any():
-                return None
-            if keep:
-                history.append(reach)
-        return history
+
+def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
+    k, n = problem.k, len(order)
+    comp = np.concatenate([[0.0], np.cumsum(problem.compute[order])])
+    mem = np.concatenate([[0.0], np.cumsum(problem.memory[order])])
+    cross = _crossing(problem, order)
+    valid = valid_boundaries(problem, order)
+    f_link = np.array([problem.link[s, s + 1] for s in range(k - 1)] + [0.0])
+    sweep = _sweep(problem, comp, mem, cross, valid, f_link)
 
     total = comp[-1] / problem.speeds.min() + 2 * cross.max() * max(f_link.max(), 1.0)
     hi = total * 1.000001 + 1e-12
