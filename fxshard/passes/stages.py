@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import torch.fx
+
 from fxshard.capture import CapturedGraph
-from fxshard.cost_models import GraphCosts
+from fxshard.cost_models import GraphCosts, NodeWork
 from fxshard.cost_models.memory import bytes_per_parameter
 
 __all__ = ["StageSummary", "complete_assignment", "summarize_stages"]
@@ -73,8 +75,32 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
     members: list[list[str]] = [[] for _ in range(k)]
     for node in nodes:
         members[full[node.name]].append(node.name)
-    # Tensors each stage holds: its own nodes' and those of get_attr nodes it reads.
-    held: list[dict[str, tuple[int, int, str]]] = [{} for _ in range(k)]  # name -> (bytes, is_param, dtype)
+    held = _held_tensors(nodes, full, costs, k)
+    boundary = _boundary_bytes(nodes, full, costs, k)
+    summaries = []
+    for s in range(k):
+        names = members[s]
+        own = stage_costs[s] if stage_costs is not None else costs
+        works = [costs[n].work for n in names]
+        params = sum(size for size, is_param, _ in held[s].values() if is_param)
+        transient = max((2 * w.output_bytes for w in works if w.op not in ("get_attr", "placeholder")), default=0)
+        modules = [w.module for w in works if w.module]
+        summaries.append(StageSummary(
+            index=s, nodes=tuple(names), fwd_flops=float(sum(w.fwd_flops for w in works)),
+            fwd_time_s=sum(own[n].fwd_time_s for n in names),
+            bwd_time_s=sum(own[n].bwd_time_s for n in names) if training else 0.0,
+            param_bytes=int(params), state_bytes=_state_bytes(held[s], training, optimizer),
+            activation_bytes=_activation_bytes(works, costs) if training else 0.0,
+            transient_bytes=float(transient), send_bytes=boundary[s] if s < k - 1 else 0.0,
+            first_module=modules[0] if modules else "", last_module=modules[-1] if modules else ""))
+    return summaries
+
+
+def _held_tensors(nodes: list[torch.fx.Node], full: Mapping[str, int], costs: GraphCosts,
+                  k: int) -> list[dict[str, tuple[int, int, str]]]:
+    """Per stage, the tensors it holds: its own nodes' and those of get_attr nodes it reads,
+    as name -> (bytes, is parameter, dtype)."""
+    held: list[dict[str, tuple[int, int, str]]] = [{} for _ in range(k)]
     for node in nodes:
         w = costs[node.name].work
         stages = {full[node.name]} | ({full[u.name] for u in node.users} if node.op == "get_attr" else set())
@@ -83,6 +109,12 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
                 held[s][name] = (size, 1, w.dtype)
             for name, size in zip(w.buffers, w.buffer_sizes):
                 held[s][name] = (size, 0, w.dtype)
+    return held
+
+
+def _boundary_bytes(nodes: list[torch.fx.Node], full: Mapping[str, int], costs: GraphCosts, k: int) -> list[float]:
+    """Bytes crossing each boundary between stages s and s + 1 (a value counted on every
+    boundary between its producer and its last consumer)."""
     boundary = [0.0] * max(k - 1, 0)
     for node in nodes:
         if node.op == "get_attr" or not node.users:
@@ -91,34 +123,29 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
         last = max(full[u.name] for u in node.users)
         for s in range(a, last):
             boundary[s] += costs[node.name].work.output_bytes
-    summaries = []
-    for s in range(k):
-        names = members[s]
-        own = stage_costs[s] if stage_costs is not None else costs
-        works = [costs[n].work for n in names]
-        params = sum(size for size, is_param, _ in held[s].values() if is_param)
-        state = 0.0
-        for size, is_param, dtype in held[s].values():
-            if is_param:
-                mixed = dtype in _SIXTEEN_BIT
-                per = bytes_per_parameter(optimizer, "mixed" if mixed else "fp32", training=training)
-                state += size * per / (2 if mixed else 4)
-            else:
-                state += size
-        saved: set[str] = set()
-        activation = 0.0
-        if training:
-            for w in works:
-                activation += w.saved_bytes
-                saved.update(costs.storage_owner(v) for v in w.saved_values)
-            activation += sum(costs[v].work.output_bytes for v in saved)
-        transient = max((2 * w.output_bytes for w in works if w.op not in ("get_attr", "placeholder")), default=0)
-        modules = [w.module for w in works if w.module]
-        summaries.append(StageSummary(
-            index=s, nodes=tuple(names), fwd_flops=float(sum(w.fwd_flops for w in works)),
-            fwd_time_s=sum(own[n].fwd_time_s for n in names),
-            bwd_time_s=sum(own[n].bwd_time_s for n in names) if training else 0.0,
-            param_bytes=int(params), state_bytes=state, activation_bytes=activation,
-            transient_bytes=float(transient), send_bytes=boundary[s] if s < k - 1 else 0.0,
-            first_module=modules[0] if modules else "", last_module=modules[-1] if modules else ""))
-    return summaries
+    return boundary
+
+
+def _state_bytes(held: Mapping[str, tuple[int, int, str]], training: bool, optimizer: str) -> float:
+    """A stage's parameters with their gradients and optimizer state, and its buffers."""
+    state = 0.0
+    for size, is_param, dtype in held.values():
+        if is_param:
+            mixed = dtype in _SIXTEEN_BIT
+            per = bytes_per_parameter(optimizer, "mixed" if mixed else "fp32", training=training)
+            state += size * per / (2 if mixed else 4)
+        else:
+            state += size
+    return state
+
+
+def _activation_bytes(works: list[NodeWork], costs: GraphCosts) -> float:
+    """What a stage's nodes save for backward: their own tensors, and the values they keep
+    (each counted once, by the storage that holds it)."""
+    saved: set[str] = set()
+    activation = 0.0
+    for w in works:
+        activation += w.saved_bytes
+        saved.update(costs.storage_owner(v) for v in w.saved_values)
+    activation += sum(costs[v].work.output_bytes for v in saved)
+    return activation
