@@ -96,13 +96,7 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
     by_name = {c.name: c for c in costs}
     graph = nx.DiGraph()
     state_of = state or (lambda w: _state_bytes(w, training=training, optimizer=optimizer))
-    # Activation bytes: each saved tensor charged once, to the node that allocated it.
-    saved_owner: dict[str, int] = {}
-    if training and activations is None:
-        for c in costs:
-            for name in c.work.saved_values:
-                owner = costs.storage_owner(name)
-                saved_owner[owner] = costs[owner].work.output_bytes
+    saved_owner = _saved_owner(costs) if training and activations is None else {}
     replicated: dict[str, int] = {}
     for node in nodes:
         c = by_name[node.name]
@@ -124,6 +118,24 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
         elif node.op == "output":
             attrs["pin"] = "last"
         graph.add_node(node.name, **attrs)
+    _add_edges(graph, nodes, by_name, state_of, replicated, link=link, training=training)
+    return graph
+
+
+def _saved_owner(costs: GraphCosts) -> dict[str, int]:
+    """Activation bytes: each saved tensor charged once, to the node that allocated it."""
+    saved_owner: dict[str, int] = {}
+    for c in costs:
+        for name in c.work.saved_values:
+            owner = costs.storage_owner(name)
+            saved_owner[owner] = costs[owner].work.output_bytes
+    return saved_owner
+
+
+def _add_edges(graph: nx.DiGraph, nodes: list[torch.fx.Node], by_name: Mapping[str, Any], state_of: StateFn,
+               replicated: Mapping[str, int], *, link: Link, training: bool) -> None:
+    """Data edges with their transfer times; a get_attr node's state joins its only consumer,
+    or is replicated on each of several."""
     factor = 2.0 if training else 1.0
     for node in nodes:
         if node.op == "get_attr":
@@ -141,7 +153,6 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
         for user in node.users:
             graph.add_edge(node.name, user.name, comm=factor * link.transfer_time(out_bytes),
                            bytes=out_bytes)
-    return graph
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
