@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "matplotlib>=3.7", "psutil>=5.9",
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "hypothesis>=6.80", "matplotlib>=3.7", "psutil>=5.9",
                  "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["fxshard=fxshard.cli:main"]},
