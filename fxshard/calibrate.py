@@ -23,9 +23,9 @@ import torch.utils._pytree as pytree
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
 from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_batch
+from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.profiled import median_time
-from fxshard.cost_models.analysis import analyze
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
 from fxshard.passes.split import split_graph

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fxshard.cluster_parse import Device, ParsedDevices, devices_from_groups, local_devices, parse_devices
 from fxshard.devices import (
     DTYPE_KEYS,
     LINK_PRESETS,
@@ -30,7 +31,6 @@ from fxshard.devices import (
     host_memory_bytes,
     parse_bytes,
 )
-from fxshard.cluster_parse import Device, ParsedDevices, devices_from_groups, local_devices, parse_devices
 from fxshard.errors import ClusterError, DeviceSpecError
 
 __all__ = [

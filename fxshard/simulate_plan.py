@@ -13,8 +13,17 @@ from __future__ import annotations
 from fxshard.cluster import Cluster
 from fxshard.comm import exposed_allreduce_time
 from fxshard.plan import Plan
-from fxshard.simulate import (SCHEDULES, SimResult, SimulationError, StageFigures, StageTiming, rank_actions,
-                              schedule_name, simulate, stage_timings)
+from fxshard.simulate import (
+    SCHEDULES,
+    SimResult,
+    SimulationError,
+    StageFigures,
+    StageTiming,
+    rank_actions,
+    schedule_name,
+    simulate,
+    stage_timings,
+)
 
 __all__ = ["simulate_plan"]
 

@@ -15,14 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxshard
 from fxshard.capture import capture
-from fxshard.errors import ExecutionError
 from fxshard.cost_models import estimate
 from fxshard.cost_models.checkpointing import checkpoint_cost
 from fxshard.devices import get_preset
+from fxshard.errors import ExecutionError
 from fxshard.models.language import GPT2, GPT2Config
 from fxshard.passes.regions import regions_within, repeated_blocks
 from fxshard.passes.split import split_graph
 from fxshard.runtime.checkpointing import CheckpointedBlock, apply_checkpointing, kept_by_selective
+from tests.tiny_models import hf_llama
 
 POLICIES = ("selective", "full")
 
@@ -41,13 +42,7 @@ def _gpt2():
 
 
 def _hf_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    model, ids = hf_llama(layers=4, batch=4)
     return model, (ids,), ids.roll(-1, dims=1)
 
 

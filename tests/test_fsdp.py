@@ -83,6 +83,19 @@ def _check_levers_in_place(compiled, plan) -> None:
     assert all(re.fullmatch(r"(stage\.)?h\.\d+", name) for name in blocks), blocks
 
 
+def _step_both(compiled, opt, reference, ref_opt, inputs, target, what: str) -> None:
+    """One AdamW step of the compiled model and of eager; their losses equal where one is returned."""
+    opt.zero_grad()
+    ref_opt.zero_grad()
+    loss = compiled.step(*inputs, target=target)
+    ref_loss = _lm_loss(reference(*inputs), target)
+    ref_loss.backward()
+    if loss is not None:
+        torch.testing.assert_close(loss, ref_loss.detach(), **TOL, msg=lambda m: f"{what}: {m}")
+    opt.step()
+    ref_opt.step()
+
+
 def _train_matches_eager(rank: int, world: int, plan, what: str):
     """3 AdamW steps of the compiled plan against eager: losses and every parameter. Returns
     the compiled model and its optimizer."""
@@ -96,16 +109,7 @@ def _train_matches_eager(rank: int, world: int, plan, what: str):
     opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
     for step in range(STEPS):
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        loss = compiled.step(*inputs, target=target)
-        ref_loss = _lm_loss(reference(*inputs), target)
-        ref_loss.backward()
-        if loss is not None:
-            torch.testing.assert_close(loss, ref_loss.detach(), **TOL,
-                                       msg=lambda m, s=step: f"{what}, rank {rank}, loss of step {s}: {m}")
-        opt.step()
-        ref_opt.step()
+        _step_both(compiled, opt, reference, ref_opt, inputs, target, f"{what}, rank {rank}, loss of step {step}")
     _assert_state_equal(compiled, reference, f"{what}, rank {rank}, after {STEPS} steps")
     return compiled, opt
 
@@ -123,13 +127,7 @@ def _meta_model_sharded_then_loaded(rank: int, world: int, plan, what: str) -> N
     compiled.load_state_dict(reference.state_dict())
     opt = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
-    loss = compiled.step(*inputs, target=target)
-    ref_loss = _lm_loss(reference(*inputs), target)
-    ref_loss.backward()
-    if loss is not None:
-        torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
-    opt.step()
-    ref_opt.step()
+    _step_both(compiled, opt, reference, ref_opt, inputs, target, f"{what} from meta, rank {rank}")
     _assert_state_equal(compiled, reference, f"{what} from meta, rank {rank}")
 
 
@@ -169,15 +167,7 @@ def _resume_across_plans(rank: int, world: int) -> None:
         if saved is not None:
             compiled.load_state_dict(saved[0])
             compiled.load_optimizer_state_dict(opt, saved[1])
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        loss = compiled.step(*inputs, target=target)
-        ref_loss = _lm_loss(reference(*inputs), target)
-        ref_loss.backward()
-        if loss is not None:
-            torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
-        opt.step()
-        ref_opt.step()
+        _step_both(compiled, opt, reference, ref_opt, inputs, target, f"plan {i}, rank {rank}")
         saved = (compiled.state_dict(gather=True), compiled.optimizer_state_dict(opt, gather=True))
         _assert_state_equal(compiled, reference, f"plan {i} ({compiled.plan.strategy}), rank {rank}")
 

@@ -10,6 +10,7 @@ from fxshard import zoo
 from fxshard.capture import capture
 from fxshard.passes.regions import Region, outline, regions_within, repeated_blocks
 from fxshard.passes.split import split_graph
+from tests.tiny_models import hf_llama
 
 
 def _captured(name: str):
@@ -19,15 +20,6 @@ def _captured(name: str):
     return captured, flat
 
 
-def _hf_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      use_cache=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    ids = torch.randint(0, 128, (2, 16))
-    return model, ids
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -120,7 +112,7 @@ def test_block_read_from_outside_is_left_out():
 
 
 def test_hf_llama_one_region_per_decoder_layer():
-    model, ids = _hf_llama()
+    model, ids = hf_llama(layers=2, batch=2)
     captured = capture(model, (ids,))
     regions = repeated_blocks(captured)
     assert [r.module for r in regions] == ["model.layers.0", "model.layers.1"]

@@ -14,7 +14,6 @@ On one device the stages share the Parameter itself. See docs/runtime.md.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 from collections.abc import Callable, Sequence
 from typing import Any
