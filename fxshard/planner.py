@@ -62,7 +62,8 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
         example_kwargs: keyword inputs besides positional ones (``example_inputs`` may then be
             left out: ``plan(model, devices, example_kwargs=batch)``).
         **options: :class:`PlanOptions` fields (training, optimizer, microbatches, schedule,
-            partitioner, cost_model, strategy, loss_fn, seed, memory_reserve, name).
+            partitioner, cost_model, strategy, activation_checkpointing, data_parallel, loss_fn, seed,
+            memory_reserve, name).
 
     Returns:
         The best :class:`Plan`, with the ranked alternatives it beat.
