@@ -24,7 +24,10 @@ def main() -> None:
     plan = fxshard.plan(built.model, args.devices, built.example_inputs, training=not args.inference, name=built.name)
     print(plan)
     for alt in plan.alternatives[1:6]:
-        where = f"{alt.stages} stage(s) x {alt.replicas}" + (f", {alt.schedule}, m={alt.microbatches}" if alt.schedule else "")
+        where = f"{alt.stages} stage(s) x {alt.replicas}" + (f", {alt.schedule}" if alt.schedule else "")
+        where += f", m={alt.microbatches}" if alt.microbatches > 1 else ""
+        where += f", {alt.data_parallel}" if alt.data_parallel else ""
+        where += f", {alt.activation_checkpointing} checkpointing" if alt.activation_checkpointing != "none" else ""
         print(f"  alternative: {alt.strategy} ({where}): "
               + (f"{alt.samples_per_s:.1f} samples/s" if alt.fits else f"does not fit: {alt.note}"))
     if args.json:

@@ -264,7 +264,7 @@ class Plan:
         accumulated = self.strategy in ("ddp", "fsdp") and self.microbatches > 1  # said by the levers
         lines = [f"fxshard plan: {self.strategy} ({self.shape_text()}), "
                  + (f"schedule {self.schedule}, " if self.schedule else "")
-                 + ("" if accumulated else f"{self.microbatches} micro-batches, ")
+                 + ("" if accumulated else f"{self.microbatches} micro-batch{'es' if self.microbatches != 1 else ''}, ")
                  + (f"{levers}, " if levers else "") + f"partitioner {self.partitioner}",
                  f"  model {self.model.name}: {self.model.nodes} nodes, "
                  f"{format_bytes(self.model.param_bytes)} of parameters, fingerprint {self.model.fingerprint}",
