@@ -22,6 +22,7 @@ from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
+from fxshard.cost_models.checkpointing import checkpoint_cost as default_checkpoint_cost
 from fxshard.errors import PartitionError, PlanError
 from fxshard.levers import (
     CheckpointCostFn,
@@ -60,7 +61,7 @@ class Pricer:
         self.cost_model = cost_model
         self.works = analyze(captured)
         self.facts = ModelFacts(captured)  # repeated blocks and parameter shapes, for the levers
-        self.checkpoint_cost = checkpoint_cost if checkpoint_cost is not None else _checkpoint_cost()
+        self.checkpoint_cost = checkpoint_cost or default_checkpoint_cost
         self._cache: dict[tuple[str, float], GraphCosts] = {}
         self._bounds: dict[tuple[str, str, int], PartitionBound] = {}
         self._scale = 1.0  # this pricer's batch over the captured one (smaller batches: refusal probes)
@@ -96,7 +97,7 @@ class Pricer:
         """The partitioner's memory bound for ``group``: its stages under the most permissive
         levers the options allow (the last checkpointing policy; FSDP-sharded state when its
         data-parallel groups may shard), so a partition is refused only when no lever fits it."""
-        kinds, policies = lever_choices(opts, group.replicas, self.checkpoint_cost is not None)
+        kinds, policies = lever_choices(opts, group.replicas)
         shards = group.replicas if "fsdp" in kinds else 1
         key = (spec.name, policies[-1], shards)
         if key not in self._bounds:
@@ -325,21 +326,11 @@ def device_capacity(cluster: Cluster, device: int, reserve: float, share: int = 
     return cluster.devices[device].spec.memory_bytes * (1 - reserve) / share
 
 
-def _checkpoint_cost() -> CheckpointCostFn | None:
-    """The checkpointing cost model (fxshard/cost_models/checkpointing.py), when installed."""
-    try:
-        from fxshard.cost_models.checkpointing import checkpoint_cost
-    except ImportError:  # not in this tree: the planner prices no checkpointing
-        return None
-    return checkpoint_cost
-
-
-def lever_choices(opts: PlanOptions, replicas: int, checkpointing: bool = True) -> tuple[tuple[str | None, ...],
-                                                                                            tuple[str, ...]]:
+def lever_choices(opts: PlanOptions, replicas: int) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
     """The data-parallel kinds and checkpointing policies a candidate with ``replicas`` copies
     may take under ``opts``, policies cheapest first (none, selective, full)."""
-    forced_dp = getattr(opts, "data_parallel", None)
-    forced_ck = getattr(opts, "activation_checkpointing", None)
+    forced_dp = opts.data_parallel
+    forced_ck = opts.activation_checkpointing
     if replicas == 1:
         kinds: tuple[str | None, ...] = (None,)
     elif opts.strategy in ("ddp", "fsdp"):
@@ -349,7 +340,7 @@ def lever_choices(opts: PlanOptions, replicas: int, checkpointing: bool = True) 
     if forced_ck:
         policies: tuple[str, ...] = (forced_ck,)
     else:
-        policies = ("none", "selective", "full") if opts.training and checkpointing else ("none",)
+        policies = ("none", "selective", "full") if opts.training else ("none",)
     return kinds, policies
 
 
@@ -409,7 +400,7 @@ def price_levers(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_o
                  stage_devices: tuple[tuple[int, ...], ...], shape: Shape, opts: PlanOptions) -> list[Priced]:
     """A pipeline shape under each lever combination worth pricing: per data-parallel kind,
     checkpointing policies from none to full, stopping at the first that fits."""
-    kinds, policies = lever_choices(opts, shape.replicas, pricer.checkpoint_cost is not None)
+    kinds, policies = lever_choices(opts, shape.replicas)
     plain = _pipeline_figures(pricer, cluster, stage_of, stage_devices, shape, opts)
     out: list[Priced] = []
     for kind in kinds:

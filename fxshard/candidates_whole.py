@@ -76,7 +76,7 @@ def price_whole_model(pricer: Pricer, cluster: Cluster, replicas: int, opts: Pla
     after the first that fits at all (more micro-batches only add time). FSDP is priced with
     and without resharding after forward.
     """
-    kinds, policies = lever_choices(opts, replicas, pricer.checkpoint_cost is not None)
+    kinds, policies = lever_choices(opts, replicas)
     figures: dict[int, tuple[GraphCosts, StageSummary]] = {}
     out: list[Priced] = []
     for kind in kinds:

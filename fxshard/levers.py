@@ -142,10 +142,10 @@ def partition_bound(facts: ModelFacts, costs: GraphCosts, *, policy: str, shards
 
 
 def checkpointed(facts: ModelFacts, costs: GraphCosts, stage: StageSummary, policy: str,
-                 cost_fn: CheckpointCostFn | None) -> StageSummary:
+                 cost_fn: CheckpointCostFn) -> StageSummary:
     """The stage under ``policy``: its saved activations, backward plus recomputation, and the
     transient a block's recomputed activations add."""
-    if policy == "none" or cost_fn is None:
+    if policy == "none":
         return stage
     cost = cost_fn(costs, stage.nodes, regions_within(facts.regions, stage.nodes), policy)
     return dataclasses.replace(stage, activation_bytes=float(cost.saved_bytes),

@@ -79,7 +79,7 @@ def _stand_in(costs, nodes, blocks, policy):
 
 
 def test_checkpointing_where_nothing_else_fits(monkeypatch) -> None:
-    monkeypatch.setattr(fxshard.candidates, "_checkpoint_cost", lambda: _stand_in)
+    monkeypatch.setattr(fxshard.candidates, "default_checkpoint_cost", _stand_in)
     torch.manual_seed(0)
     model = _blocks(256, 4)
     x = torch.randn(4096, 256)
@@ -119,8 +119,8 @@ def test_a_pipeline_no_lever_free_partition_fits_is_partitioned_under_the_levers
 
 def test_partition_bound_shards_state_and_checkpoints_blocks() -> None:
     from fxshard.capture import capture
-    from fxshard.cost_models import estimate
     from fxshard.cluster import Cluster
+    from fxshard.cost_models import estimate
     from fxshard.levers import ModelFacts, partition_bound
 
     model, x = _mlp_blocks(64, 3), torch.randn(32, 64)
