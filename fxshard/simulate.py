@@ -23,7 +23,6 @@ import functools
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
-from unittest import mock
 
 from fxshard.errors import SimulationError  # defined there, re-exported here
 
@@ -210,29 +209,51 @@ def _schedule_class(schedule: str) -> tuple[type, int]:
         raise SimulationError(f"this torch has no {name} schedule ({e}); use 'gpipe' or '1f1b'") from e
 
 
-def _mock_stage(rank: int, ranks: int, num_stages: int, stage_index: int) -> Any:
-    from torch.distributed.pipelining import PipelineStage
+class _RecordingStage:
+    """A stand-in for torch's ``PipelineStage``: the attributes and methods torch's schedules
+    read and call, with no model and no communication; forward and backward calls are logged
+    as (stage, kind, micro-batch)."""
 
-    stage = mock.create_autospec(PipelineStage, instance=True)
-    stage.group_rank, stage.group_size, stage.submod = rank, ranks, None
-    stage.num_stages, stage.stage_index, stage.device = num_stages, stage_index, "cpu"
-    stage.is_first, stage.is_last = stage_index == 0, stage_index == num_stages - 1
-    for name in ("get_fwd_recv_ops", "get_fwd_send_ops", "get_bwd_recv_ops", "get_bwd_send_ops"):
-        getattr(stage, name).return_value = []
-    return stage
+    def __init__(self, rank: int, ranks: int, num_stages: int, stage_index: int,
+                 log: list[tuple[int, str, int]] | None = None) -> None:
+        self.group_rank, self.group_size, self.submod = rank, ranks, None
+        self.num_stages, self.stage_index, self.device = num_stages, stage_index, "cpu"
+        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.has_backward = True
+        self.output_chunks: list[Any] = []
+        self.stage_index_to_group_rank: dict[int, int] = {}
+        self._log = log if log is not None else []
+
+    def forward_one_chunk(self, i: int, *args: Any, **kwargs: Any) -> None:
+        self._log.append((self.stage_index, "F", i))
+
+    def backward_one_chunk(self, i: int, *args: Any, **kwargs: Any) -> None:
+        self._log.append((self.stage_index, "B", i))
+
+    def get_fwd_recv_ops(self, i: int) -> list:
+        return []
+
+    get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = get_fwd_recv_ops
+
+    def clear_runtime_states(self) -> None:
+        pass
+
+    def perform_reduce_grad(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def _record_single(cls: type, ranks: int, microbatches: int) -> list[list[tuple[int, str, int]]]:
-    """Run a single-stage schedule's own step loop on recording stand-in stages."""
+    """Run a single-stage schedule's own step loop on recording stand-in stages.
+
+    The schedule is built once (its constructor works out every rank's order, quadratic in the
+    ranks) and its step loop is run once per rank, on that rank's stage."""
+    schedule = cls(_RecordingStage(0, ranks, ranks, 0), microbatches, loss_fn=lambda *a, **k: None)
+    schedule._stage_forward_initialized = True
+    schedule._stage_backward_initialized = True
     orders = []
     for rank in range(ranks):
         log: list[tuple[int, str, int]] = []
-        stage = _mock_stage(rank, ranks, ranks, rank)
-        stage.forward_one_chunk.side_effect = lambda i, *a, _r=rank, _l=log, **k: _l.append((_r, "F", i))
-        stage.backward_one_chunk.side_effect = lambda i, *a, _r=rank, _l=log, **k: _l.append((_r, "B", i))
-        schedule = cls(stage, microbatches, loss_fn=lambda *a, **k: None)
-        schedule._stage_forward_initialized = True
-        schedule._stage_backward_initialized = True
+        schedule._stage = _RecordingStage(rank, ranks, ranks, rank, log)
         schedule._step_microbatches(target_mbs=[None] * microbatches)
         orders.append(log)
     return orders
@@ -240,7 +261,7 @@ def _record_single(cls: type, ranks: int, microbatches: int) -> list[list[tuple[
 
 def _published_multi(cls: type, ranks: int, microbatches: int, per_rank: int) -> list[list[tuple[int, str, int]]]:
     """A multi-stage schedule's published ``pipeline_order``, flattened to (stage, kind, mb)."""
-    stages = [_mock_stage(0, ranks, ranks * per_rank, i) for i in range(per_rank)]
+    stages = [_RecordingStage(0, ranks, ranks * per_rank, i) for i in range(per_rank)]
     schedule = cls(stages, microbatches, loss_fn=lambda *a, **k: None)
     orders = []
     for rank in range(ranks):
