@@ -166,7 +166,7 @@ def test_profiled_times_nodes_and_leaves_the_model_alone():
     model = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     captured = capture(model, (torch.randn(32, 64),))
-    profiler = ProfiledCostModel(warmup=1, repeats=3)
+    profiler = ProfiledCostModel(warmup=1, repeats=3, method="nodes")
     costs = estimate(captured, get_preset("cpu"), cost_model=profiler)
     assert costs.cost_model == "profiled"
     assert costs["_0"].fwd_time_s > 0 and costs["_0"].bwd_time_s > 0
@@ -264,8 +264,10 @@ def test_inspect_rows_have_the_spec_fields():
 # --------------------------------------------------------------------------------------------
 
 class _Whitened(nn.Module):
-    """A Cholesky factor of a Gram matrix: fine on real inputs, but the profiler's random
-    stand-in for the Gram matrix is not positive-definite, so that node cannot be timed."""
+    """A Cholesky factor of a diagonal matrix of the inputs' minima: fine on the real (positive)
+    inputs, but the profiler's random stand-ins (for the graph's input when it times the graph
+    as it runs, for the matrix when it times the node alone) are not positive-definite, so that
+    node cannot be timed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -273,7 +275,7 @@ class _Whitened(nn.Module):
 
     def forward(self, x):
         h = self.proj(x)
-        gram = h.T @ h + 8 * torch.eye(8)
+        gram = torch.diag(x.min(0).values)
         return h @ torch.linalg.cholesky(gram)
 
 
@@ -307,7 +309,7 @@ def test_nodes_the_profiler_cannot_run_are_reported_in_the_plan():
     from fxshard.plan import EstimatedNode, Plan
 
     torch.manual_seed(0)
-    model, inputs = _Whitened(), (torch.randn(16, 8),)
+    model, inputs = _Whitened(), (torch.rand(16, 8) + 0.1,)
     model(*inputs)  # runs for real
     profiler = ProfiledCostModel(warmup=0, repeats=1)
     captured = capture(model, inputs)

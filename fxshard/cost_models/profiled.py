@@ -1,12 +1,19 @@
-"""The profiled cost model: every node timed for real, forward and backward.
+"""The profiled cost model: the graph timed for real as it runs, forward and backward.
 
-Each node runs alone on the profiling device with random inputs of its captured shapes and
-a private copy of its module or tensors (the user's parameters and buffers are never
-touched, BatchNorm statistics included). Times are the median of ``repeats`` runs after
-``warmup`` runs, measured with CUDA events on GPUs and ``time.perf_counter`` on CPUs, and
-cached per (operator, module signature, input shapes, device), so the 80 identical layers
-of a decoder are timed once. A model on ``meta`` is profiled with materialised copies of
-one node's weights at a time.
+By default (``method="segments"``) the graph is timed segment by segment at the micro-batch
+the plan runs (:mod:`fxshard.cost_models.segments`): each numbered block and each run of nodes
+between blocks runs as one module, forward and then backward, on real values that flow from
+segment to segment, and structurally identical blocks are timed once. A segment's measured
+forward and backward seconds are spread over its nodes in proportion to their analytical
+times, so a stage's sum is the sum of the segments it holds. ``method="nodes"`` (and the
+fallback for a segment that cannot run, recorded in ``segment_fallbacks``) times every node
+alone, as before: random inputs of its captured shapes, a private copy of its module.
+
+Times are the median of ``repeats`` runs after ``warmup`` runs, measured with CUDA events on
+GPUs and ``time.perf_counter`` on CPUs, under ``threads`` torch threads on the CPU (default:
+the process's current count, which is what stages run with in this process). A model on
+``meta`` is profiled with materialised copies of its weights. The user's parameters and
+buffers are never touched, BatchNorm statistics included.
 
 It measures the local machine, so it prices only a device the machine has: a preset of
 another kind or GPU model is refused (the analytical model prices those). Nodes that cannot
@@ -18,8 +25,9 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.fx
@@ -28,9 +36,10 @@ from torch.fx.node import map_arg
 
 from fxshard.capture import CapturedGraph
 from fxshard.capture.diagnose import first_line
-from fxshard.cost_models.analysis import NodeWork
+from fxshard.cost_models.analysis import NodeWork, tensor_bytes
 from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
+from fxshard.cost_models.segments import SegmentTime, time_segments
 from fxshard.devices import local_gpu_spec
 from fxshard.errors import CostModelError
 from fxshard.modules import has_meta_state
@@ -44,26 +53,44 @@ _SKIP_OPS = ("placeholder", "get_attr", "output")
 
 
 class ProfiledCostModel:
-    """Measure every node on a real device.
+    """Measure the graph on a real device.
 
     Args:
         device: the torch device to time on; default: the model's device, or CUDA (else
             CPU) for a model on ``meta``.
         warmup: untimed runs before measuring.
         repeats: timed runs; the median is kept.
+        method: ``"segments"`` (time blocks as they run, at the micro-batch) or ``"nodes"``
+            (every node alone, at the captured batch, scaled to the micro-batch).
+        batch_fraction: the micro-batch over the captured batch; default: read from the
+            ``works`` it is given (``scale_batch`` scales the inputs' bytes by it).
+        threads: torch CPU threads to measure with (default: the current count).
     """
 
     name = "profiled"
 
-    def __init__(self, *, device: str | torch.device | None = None, warmup: int = 2,
-                 repeats: int = 5) -> None:
+    def __init__(self, *, device: str | torch.device | None = None, warmup: int = 2, repeats: int = 5,
+                 method: Literal["segments", "nodes"] = "segments", batch_fraction: float | None = None,
+                 threads: int | None = None) -> None:
         if warmup < 0 or repeats < 1:
             raise CostModelError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0 and repeats >= 1")
+        if method not in ("segments", "nodes"):
+            raise CostModelError(f"method={method!r}: use 'segments' (blocks timed as they run) or 'nodes'")
+        if batch_fraction is not None and not 0 < batch_fraction <= 1:
+            raise CostModelError(f"batch_fraction={batch_fraction}: must be in (0, 1] (micro-batch over batch)")
+        if threads is not None and threads < 1:
+            raise CostModelError(f"threads={threads}: need at least 1, or None for the current count")
         self.device = torch.device(device) if device is not None else None
         self.warmup = warmup
         self.repeats = repeats
+        self.method = method
+        self.batch_fraction = batch_fraction
+        self.threads = threads
+        self.threads_used: int | None = None  # torch.get_num_threads() during the last measurement
         self.cache: dict[tuple, NodeTime] = {}
         self.fallbacks: dict[str, str] = {}  # node name -> why it got its analytical time
+        self.segment_fallbacks: dict[str, str] = {}  # first node of a segment -> why it was timed node by node
+        self.segments: list[SegmentTime] = []  # the last graph's segments, as measured
         self._failed: dict[tuple, str] = {}  # cache key -> why it could not be measured
 
     def node_times(self, captured: CapturedGraph, works: Sequence[NodeWork],
@@ -71,23 +98,62 @@ class ProfiledCostModel:
         run_device = self.device or _run_device(captured.gm, device)
         check_local(run_device, device)
         fallback = AnalyticalCostModel().node_times(captured, works, device)
-        times = []
-        for node, work, guess in zip(captured.gm.graph.nodes, works, fallback):
-            if node.op in _SKIP_OPS or work.is_view:
-                times.append(NodeTime(fwd_s=0.0, bwd_s=0.0))
+        fraction = self.batch_fraction or _batch_fraction(captured, works)
+        with self._threads(run_device):
+            if self.method == "nodes":
+                return [self._node_time(node, work, guess, captured.gm, run_device, fraction)
+                        for node, work, guess in zip(captured.gm.graph.nodes, works, fallback)]
+            return self._segment_times(captured, works, fallback, run_device, fraction)
+
+    @contextlib.contextmanager
+    def _threads(self, dev: torch.device) -> Iterator[None]:
+        before = torch.get_num_threads()
+        if self.threads is not None and dev.type == "cpu":
+            torch.set_num_threads(self.threads)
+        try:
+            self.threads_used = torch.get_num_threads()
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _segment_times(self, captured: CapturedGraph, works: Sequence[NodeWork], guesses: Sequence[NodeTime],
+                       dev: torch.device, fraction: float) -> list[NodeTime]:
+        gm = captured.gm
+        nodes = list(gm.graph.nodes)
+        index = {n.name: i for i, n in enumerate(nodes)}
+        # A graph specialised on its batch runs at the captured batch only: time that, scale linearly.
+        scale = fraction if captured.fixed_batch is not None else 1.0
+        inputs = _inputs(gm, dev, fraction if scale == 1.0 else 1.0)
+        self.segments = time_segments(gm, inputs, dev, lambda fn: self._time(fn, dev))
+        times = [NodeTime(fwd_s=0.0, bwd_s=0.0)] * len(nodes)
+        for seg in self.segments:
+            members = [index[n] for n in seg.segment.nodes]
+            if seg.error:
+                self.segment_fallbacks[seg.segment.nodes[0]] = seg.error
+                for i in members:
+                    times[i] = self._node_time(nodes[i], works[i], guesses[i], gm, dev, fraction)
                 continue
-            key = _cache_key(node, captured.gm, run_device)
-            if key not in self.cache and key not in self._failed:
-                try:
-                    self.cache[key] = self._measure(node, captured.gm, run_device)
-                except Exception as e:  # noqa: BLE001 - an op that cannot run on random inputs
-                    self._failed[key] = f"could not run on random inputs: {type(e).__name__}: {first_line(e)}"
-            if key in self._failed:
-                self.fallbacks[node.name] = self._failed[key]
-                times.append(NodeTime(fwd_s=guess.fwd_s, bwd_s=guess.bwd_s, estimated=self._failed[key]))
-            else:
-                times.append(self.cache[key])
+            for i, (fwd, bwd) in zip(members, _spread(seg, [guesses[i] for i in members],
+                                                       [works[i].is_view for i in members])):
+                times[i] = NodeTime(fwd_s=fwd * scale, bwd_s=bwd * scale)
         return times
+
+    def _node_time(self, node: torch.fx.Node, work: NodeWork, guess: NodeTime, gm: torch.fx.GraphModule,
+                   dev: torch.device, fraction: float) -> NodeTime:
+        """One node timed alone at its captured shapes, scaled linearly to the micro-batch."""
+        if node.op in _SKIP_OPS or work.is_view:
+            return NodeTime(fwd_s=0.0, bwd_s=0.0)
+        key = _cache_key(node, gm, dev)
+        if key not in self.cache and key not in self._failed:
+            try:
+                self.cache[key] = self._measure(node, gm, dev)
+            except Exception as e:  # noqa: BLE001 - an op that cannot run on random inputs
+                self._failed[key] = f"could not run on random inputs: {type(e).__name__}: {first_line(e)}"
+        if key in self._failed:
+            self.fallbacks[node.name] = self._failed[key]
+            return NodeTime(fwd_s=guess.fwd_s, bwd_s=guess.bwd_s, estimated=self._failed[key])
+        t = self.cache[key]
+        return NodeTime(fwd_s=t.fwd_s * fraction, bwd_s=t.bwd_s * fraction)
 
     def _measure(self, node: torch.fx.Node, gm: torch.fx.GraphModule, dev: torch.device) -> NodeTime:
         fn = _node_callable(node, gm, dev)
@@ -269,6 +335,47 @@ def _cache_key(node: torch.fx.Node, gm: torch.fx.GraphModule, dev: torch.device)
         what = (node.op, str(node.target))
     args = map_arg((node.args, node.kwargs), lambda n: _signature(n.meta.get("val")))
     return what, repr(args), str(dev)
+
+
+def _batch_fraction(captured: CapturedGraph, works: Sequence[NodeWork]) -> float:
+    """The micro-batch over the captured batch, as ``scale_batch`` wrote it into the inputs' bytes."""
+    for node, work in zip(captured.gm.graph.nodes, works):
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() > 0 and tensor_bytes(val):
+            return min(1.0, max(work.output_bytes / tensor_bytes(val), 1.0 / val.shape[0]))
+    return 1.0
+
+
+def _inputs(gm: torch.fx.GraphModule, dev: torch.device, fraction: float) -> list[Any]:
+    """Random graph inputs of the captured shapes, the batch dimension cut to ``fraction``.
+
+    The batch is the first dimension of the first input that has one, and only inputs with
+    that first dimension are cut (as ``runtime.local.split_microbatches`` cuts them)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [_materialise(n, gm, dev) for n in placeholders]
+    batch = next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if batch is None or fraction >= 1:
+        return values
+    micro = max(1, round(batch * fraction))
+    return [v.narrow(0, 0, micro).detach().requires_grad_(v.requires_grad)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v for v in values]
+
+
+def _spread(seg: SegmentTime, guesses: Sequence[NodeTime], views: Sequence[bool]) -> list[tuple[float, float]]:
+    """A segment's measured seconds over its nodes, in proportion to their analytical times
+    (evenly over the nodes that are not views when the analytical times are all 0)."""
+    def shares(weights: list[float]) -> list[float]:
+        total = sum(weights)
+        if total > 0:
+            return [w / total for w in weights]
+        even = [0.0 if v else 1.0 for v in views]
+        if not any(even):
+            even = [1.0] * len(views)
+        return [e / sum(even) for e in even]
+
+    fwd = shares([g.fwd_s for g in guesses])
+    bwd = shares([g.bwd_s for g in guesses])
+    return [(f * seg.fwd_s, b * seg.bwd_s) for f, b in zip(fwd, bwd)]
 
 
 @register_cost_model("profiled")

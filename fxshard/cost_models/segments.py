@@ -1,0 +1,235 @@
+"""Time a captured graph as it runs: segment by segment, forward and backward, at the micro-batch.
+
+The graph is cut into segments: each numbered block (``h.3``, ``layers.17``: the outermost
+module on a node's stack whose name ends in an index, as a ``ModuleList`` or ``Sequential``
+numbers its children) and the runs of nodes between blocks. Each segment becomes its own
+``GraphModule`` with a private copy of its parameters (materialised when the model is on
+``meta``) and runs forward, then backward through a retained graph, on real values: the
+graph's inputs are random tensors of the captured shapes cut to the micro-batch, and each
+segment's inputs are the previous segments' outputs, so every shape is the one the plan runs.
+Structurally identical segments (a decoder's 80 layers) are timed once. See
+docs/cost_models.md ("The profiled cost model").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.node import map_arg
+
+from fxshard.modules import has_meta_state, module_paths
+
+__all__ = ["Segment", "SegmentTime", "segment_graph", "segment_module", "time_segments"]
+
+_NUMBERED = re.compile(r"(^|\.)\d+$")
+_SKIP_OPS = ("placeholder", "get_attr", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A contiguous run of compute nodes. ``block``: the numbered module it is, "" between blocks."""
+
+    block: str
+    nodes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentTime:
+    """Measured seconds of one segment at the micro-batch; ``error`` says why it could not run."""
+
+    segment: Segment
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    error: str = ""
+
+
+def _block_of(node: torch.fx.Node) -> str:
+    return next((p for p in module_paths(node) if _NUMBERED.search(p)), "")
+
+
+def segment_graph(gm: torch.fx.GraphModule) -> list[Segment]:
+    """The segments of ``gm`` in graph order (placeholders, get_attr and output left out)."""
+    segments: list[Segment] = []
+    current: list[str] = []
+    block = None
+    for node in gm.graph.nodes:
+        if node.op in _SKIP_OPS:
+            continue
+        b = _block_of(node)
+        if current and b != block:
+            segments.append(Segment(block=block or "", nodes=tuple(current)))
+            current = []
+        block = b
+        current.append(node.name)
+    if current:
+        segments.append(Segment(block=block or "", nodes=tuple(current)))
+    return segments
+
+
+def _attr(root: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def segment_module(gm: torch.fx.GraphModule, segment: Segment) -> tuple[torch.fx.GraphModule, list[torch.fx.Node],
+                                                                          list[torch.fx.Node], tuple]:
+    """(module, input nodes, output nodes, structural key) of one segment.
+
+    The module's attributes are ``gm``'s own objects (copy it before running it); its targets
+    are relative to the block, so identical blocks build identical modules and share a key.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    members = [by_name[n] for n in segment.nodes]
+    inside = set(members)
+    prefix = segment.block + "." if segment.block else ""
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    root: dict[str, Any] = {}
+    inputs: list[torch.fx.Node] = []
+    local: dict[torch.fx.Node, int] = {}
+    key: list[Any] = []
+
+    def rel(target: str) -> str:
+        if segment.block and target == segment.block:
+            return "block"  # the block is one module: every copy of it installs as "block"
+        return target.removeprefix(prefix) if prefix and target.startswith(prefix) else target
+
+    def arg(n: torch.fx.Node) -> Any:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr":
+            target = rel(str(n.target))
+            value = _attr(gm, str(n.target))
+            root[target] = value
+            env[n] = g.get_attr(target)
+            key.append(("attr", target, tuple(value.shape) if isinstance(value, torch.Tensor) else repr(value)))
+        else:
+            env[n] = g.placeholder(f"in_{len(inputs)}")
+            inputs.append(n)
+        local[n] = len(local)
+        return env[n]
+
+    for node in members:
+        copied = g.node_copy(node, arg)
+        target: Any = node.target
+        if node.op == "call_module":
+            target = rel(str(node.target))
+            mod = gm.get_submodule(str(node.target))
+            root[target] = mod
+            copied.target = target
+            target = (target, type(mod).__qualname__, mod.extra_repr(), mod.training)
+        elif node.op == "call_function":
+            target = getattr(target, "__qualname__", str(target))
+        env[node] = copied
+        local[node] = len(local)
+        args = map_arg((node.args, node.kwargs), lambda n: ("n", local[n]))
+        key.append((node.op, target, repr(args)))
+    outputs = [n for n in members if any(u not in inside for u in n.users)]
+    g.output(tuple(env[n] for n in outputs))
+    return torch.fx.GraphModule(root, g, class_name="Segment"), inputs, outputs, tuple(key)
+
+
+def _private(module: torch.fx.GraphModule, dev: torch.device) -> torch.fx.GraphModule:
+    """A copy of ``module`` on ``dev`` with its own parameters (random where they are on meta)."""
+    if has_meta_state(module):
+        module = copy.deepcopy(module).to_empty(device=dev)
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                t.normal_(0.0, 0.02) if t.is_floating_point() else t.zero_()
+        return module
+    return copy.deepcopy(module).to(dev)
+
+
+def _signature(values: Sequence[Any]) -> tuple:
+    def sig(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return "T", tuple(v.shape), str(v.dtype), v.requires_grad
+        return v if isinstance(v, (int, float, bool, str, type(None))) else repr(v)
+
+    return tuple(repr(pytree.tree_map(sig, v)) for v in values)
+
+
+def _leaves(values: Sequence[Any]) -> list[Any]:
+    """Fresh autograd leaves for the float tensors that need a gradient (as a stage's inputs are)."""
+    def leaf(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.detach().requires_grad_(v.requires_grad and v.is_floating_point())
+        return v
+
+    return [pytree.tree_map(leaf, v) for v in values]
+
+
+def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.device,
+                  timer: Callable[[Callable[[], Any]], float]) -> list[SegmentTime]:
+    """Each segment of ``gm`` timed forward and backward on the values it receives.
+
+    Args:
+        gm: the captured graph (parameters real or on meta).
+        inputs: one value per placeholder, on ``dev`` (random, cut to the micro-batch).
+        dev: where to run.
+        timer: seconds per call of a function (warm-up, repeats, median).
+
+    A segment that cannot run gets ``error`` set, and so do the segments after it that read
+    its values (they have nothing to run on).
+    """
+    values: dict[torch.fx.Node, Any] = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs))
+    measured: dict[tuple, tuple[torch.fx.GraphModule, float, float]] = {}
+    out: list[SegmentTime] = []
+    for segment in segment_graph(gm):
+        try:
+            module, ins, outs, key = segment_module(gm, segment)
+            missing = [n.name for n in ins if n not in values]
+            if missing:
+                out.append(SegmentTime(segment, error=f"its input {missing[0]} could not be computed"))
+                continue
+            args = [values[n] for n in ins]
+            key = (key, _signature(args))
+            if key not in measured:
+                measured[key] = (module := _private(module, dev), *_time_one(module, args, timer))
+            module, fwd, bwd = measured[key]
+            with torch.no_grad():
+                results = module(*args)
+        except Exception as e:  # noqa: BLE001 - any op may refuse random inputs; the caller falls back
+            out.append(SegmentTime(segment, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"))
+            continue
+        for node, value in zip(outs, results):
+            values[node] = _with_grad(value, node)
+        out.append(SegmentTime(segment, fwd_s=fwd, bwd_s=bwd))
+    return out
+
+
+def _with_grad(value: Any, node: torch.fx.Node) -> Any:
+    """``value`` marked as needing a gradient where the captured value does (as in training)."""
+    def mark(v: Any, meta: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            wanted = getattr(meta, "requires_grad", True) if meta is not None else True
+            return v.detach().requires_grad_(bool(wanted))
+        return v
+
+    meta = node.meta.get("val")
+    leaves, spec = pytree.tree_flatten(value)
+    metas = pytree.tree_leaves(meta) if meta is not None else []
+    if len(metas) != len(leaves):
+        metas = [None] * len(leaves)
+    return pytree.tree_unflatten([mark(v, m) for v, m in zip(leaves, metas)], spec)
+
+
+def _time_one(module: torch.nn.Module, args: Sequence[Any],
+              timer: Callable[[Callable[[], Any]], float]) -> tuple[float, float]:
+    fwd = timer(lambda: module(*_leaves(args)))
+    result = module(*_leaves(args))
+    tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    bwd = 0.0
+    if tensors:
+        grads = [torch.ones_like(t) for t in tensors]
+        bwd = timer(lambda: torch.autograd.backward(tensors, grads, retain_graph=True))
+    module.zero_grad(set_to_none=True)
+    return fwd, bwd

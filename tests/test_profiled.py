@@ -1,0 +1,104 @@
+"""The profiled cost model times the graph as it runs: segments at the micro-batch, each distinct once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxshard.capture import capture
+from fxshard.cluster import get_preset
+from fxshard.cost_models import ProfiledCostModel, analyze, estimate, scale_batch
+from fxshard.cost_models import segments
+from fxshard.errors import CostModelError
+from fxshard.zoo import build
+
+CPU = get_preset("cpu")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    z = build("gpt2-tiny", batch_size=8)
+    return capture(z.model, z.example_inputs)
+
+
+def test_segment_times_sum_to_each_segments_measured_time(gpt2):
+    profiler = ProfiledCostModel(warmup=0, repeats=1)
+    costs = estimate(gpt2, CPU, cost_model=profiler, works=scale_batch(analyze(gpt2), 0.25))
+    assert [s.segment.block for s in profiler.segments] == ["", "h.0", "h.1", ""]
+    assert not profiler.segment_fallbacks and not costs.estimated
+    covered = [n for s in profiler.segments for n in s.segment.nodes]
+    assert len(covered) == len(set(covered))  # every compute node in exactly one segment
+    for seg in profiler.segments:
+        assert sum(costs[n].fwd_time_s for n in seg.segment.nodes) == pytest.approx(seg.fwd_s, rel=1e-9)
+        assert sum(costs[n].bwd_time_s for n in seg.segment.nodes) == pytest.approx(seg.bwd_s, rel=1e-9)
+        assert seg.fwd_s > 0
+    assert costs.fwd_time_s == pytest.approx(sum(s.fwd_s for s in profiler.segments), rel=1e-9)
+    assert profiler.threads_used == torch.get_num_threads()
+
+
+def test_identical_blocks_are_timed_once_at_the_micro_batch(gpt2, monkeypatch):
+    calls = []
+    timed = segments._time_one
+
+    def counting(module, args, timer):
+        calls.append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+        return timed(module, args, timer)
+
+    monkeypatch.setattr(segments, "_time_one", counting)
+    profiler = ProfiledCostModel(warmup=0, repeats=1)
+    estimate(gpt2, CPU, cost_model=profiler, works=scale_batch(analyze(gpt2), 0.25))
+    assert len(calls) == 3  # before the blocks, one block (h.0 and h.1 alike), after them
+    assert calls[0] == [(2, 64)] and calls[1][0][0] == 2  # batch 8 at fraction 1/4: micro-batch 2
+    h0, h1 = profiler.segments[1:3]
+    assert (h0.fwd_s, h0.bwd_s) == (h1.fwd_s, h1.bwd_s)
+    calls.clear()
+    estimate(gpt2, CPU, cost_model=ProfiledCostModel(warmup=0, repeats=1, batch_fraction=1.0),
+             works=scale_batch(analyze(gpt2), 0.25))
+    assert calls[0] == [(8, 64)]  # told the fraction, it does not read it from the works
+
+
+def test_a_model_on_meta_is_timed_with_materialised_weights():
+    z = build("llama-tiny", device="meta", batch_size=2, seq_len=16)
+    profiler = ProfiledCostModel(device="cpu", warmup=0, repeats=1)
+    costs = estimate(capture(z.model, z.example_inputs), CPU, cost_model=profiler)
+    assert not profiler.segment_fallbacks, profiler.segment_fallbacks
+    assert len([s for s in profiler.segments if s.segment.block]) >= 2
+    assert all(c.fwd_time_s > 0 for c in costs if c.work.op == "call_module")
+    assert all(p.device.type == "meta" for p in z.model.parameters())
+
+
+class _PositiveOnly(nn.Module):
+    """Fine on its real (positive) inputs; random stand-ins make the Cholesky factor fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x) @ torch.linalg.cholesky(torch.diag(x.min(0).values))
+
+
+def test_a_segment_that_cannot_run_is_timed_node_by_node():
+    torch.manual_seed(0)
+    model, inputs = _PositiveOnly(), (torch.rand(16, 8) + 0.1,)
+    model(*inputs)
+    profiler = ProfiledCostModel(warmup=0, repeats=1)
+    costs = estimate(capture(model, inputs), CPU, cost_model=profiler)
+    (first, why), = profiler.segment_fallbacks.items()
+    assert "positive-definite" in why and first == profiler.segments[0].segment.nodes[0]
+    (name,) = costs.estimated  # the node that cannot run alone either: its analytical time
+    assert "cholesky" in name and costs["proj"].fwd_time_s > 0 and not costs["proj"].estimated
+
+
+def test_nodes_method_and_options():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+    captured = capture(model, (torch.randn(8, 16),))
+    profiler = ProfiledCostModel(method="nodes", warmup=0, repeats=1, threads=1)
+    costs = estimate(captured, CPU, cost_model=profiler)
+    assert profiler.segments == [] and profiler.threads_used == 1 and costs.fwd_time_s > 0
+    with pytest.raises(CostModelError, match="method='layers'"):
+        ProfiledCostModel(method="layers")  # type: ignore[arg-type]
+    with pytest.raises(CostModelError, match="batch_fraction=2"):
+        ProfiledCostModel(batch_fraction=2)
