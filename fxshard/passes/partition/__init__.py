@@ -31,6 +31,7 @@ from fxshard.errors import PartitionerError, PartitionError
 from fxshard.passes.partition.baselines import layers_partition, params_partition, uniform_partition
 from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import Partition, evaluate, make_partition
+from fxshard.passes.partition.hierarchical import hierarchical_partition
 from fxshard.passes.partition.metis import metis_partition
 from fxshard.passes.partition.problem import Objective, Problem, build_problem
 
@@ -52,6 +53,7 @@ PartitionerFn = Callable[[Problem, int], "np.ndarray | Mapping[Any, int]"]
 _REGISTRY: dict[str, PartitionerFn] = {
     "metis": metis_partition,
     "dp": lambda problem, seed=0: dp_split(problem),
+    "hierarchical": hierarchical_partition,
     "uniform": uniform_partition,
     "params": params_partition,
     "layers": layers_partition,
