@@ -33,6 +33,7 @@ from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import Partition, evaluate, make_partition
 from fxshard.passes.partition.hierarchical import hierarchical_partition
 from fxshard.passes.partition.metis import metis_partition
+from fxshard.passes.partition.milp import milp_partition
 from fxshard.passes.partition.problem import Objective, Problem, build_problem
 
 __all__ = [
@@ -57,6 +58,7 @@ _REGISTRY: dict[str, PartitionerFn] = {
     "uniform": uniform_partition,
     "params": params_partition,
     "layers": layers_partition,
+    "milp": milp_partition,
 }
 
 
