@@ -70,32 +70,35 @@ def _crossing(problem: Problem, order: np.ndarray) -> np.ndarray:
     return np.cumsum(diff)[: n + 1]
 
 
-class _RangeMax:
-    """Sparse table: max of a[lo..hi] (inclusive) for arrays of queries."""
+class _WindowMax:
+    """max(a[lo[j]..hi[j]]) (inclusive; -inf for an empty window) for fixed windows over arrays
+    ``a`` that change from call to call: the DP asks it once per stage and probe, with the same
+    memory windows every time, so the sparse table's levels and gather indices are computed once.
+    """
 
-    def __init__(self, a: np.ndarray) -> None:
-        self.levels = [a]
+    def __init__(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        size = len(lo)
+        self.ok = np.flatnonzero(lo <= hi)
+        lo, hi = lo[self.ok], hi[self.ok]
+        level = np.zeros(lo.shape, dtype=np.int64)
+        if lo.size:
+            level = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+        self.levels = int(level.max()) + 1 if level.size else 1
+        self.size = size
+        self.first = level * size + lo
+        self.second = level * size + hi - (1 << level) + 1
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        size = self.size
+        table = np.empty((self.levels, size))  # the tail of a level past its last window is never read
+        table[0] = a
         step = 1
-        while 2 * step <= len(a):
-            prev = self.levels[-1]
-            self.levels.append(np.maximum(prev[:-step], prev[step:]))
+        for lv in range(1, self.levels):
+            np.maximum(table[lv - 1, :size - step], table[lv - 1, step:], out=table[lv, :size - step])
             step *= 2
-
-    def query(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        out = np.full(lo.shape, -np.inf)
-        ok = lo <= hi
-        if not ok.any():
-            return out
-        lo, hi = lo[ok], hi[ok]
-        level = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
-        res = np.empty(lo.shape)
-        for lv in range(int(level.max()) + 1):  # at most log2(n) levels: cheaper than np.unique
-            sel = level == lv
-            if not sel.any():
-                continue
-            table = self.levels[lv]
-            res[sel] = np.maximum(table[lo[sel]], table[hi[sel] - (1 << lv) + 1])
-        out[ok] = res
+        flat = table.reshape(-1)
+        out = np.full(size, -np.inf)
+        out[self.ok] = np.maximum(flat[self.first], flat[self.second])
         return out
 
 
@@ -103,18 +106,17 @@ class _RangeMax:
 class _Sweep:
     """The DP's feasibility test for a probe bottleneck ``t``, with what does not depend on ``t``
     computed once per stage: per boundary, a stage's start and end terms (``begin``, ``end``), the
-    first start its memory allows (``first``, None when unlimited) and where it may end."""
+    range of starts its memory allows (``window``, None when unlimited) and where it may end."""
 
     begin: list[np.ndarray]
     end: list[np.ndarray]
-    first: list[np.ndarray | None]
+    window: list[_WindowMax | None]
     ends: list[np.ndarray]
 
     def __call__(self, t: float, keep: bool) -> list[np.ndarray] | None:
         """Per stage, the boundaries reachable with every stage within ``t`` (all kept when
         ``keep``, for backtracking); None when the last stage cannot end."""
         n = len(self.ends[0]) - 1
-        positions = np.arange(n + 1)
         neg_inf = np.full(n + 1, -np.inf)
         reach = np.zeros(n + 1, dtype=bool)
         reach[0] = True
@@ -122,12 +124,12 @@ class _Sweep:
         tol = t * (1 + 1e-12) + 1e-300
         for s in range(len(self.ends)):
             b_val = np.where(reach, self.begin[s], neg_inf)
-            if self.first[s] is None:
+            if self.window[s] is None:
                 best = np.empty(n + 1)
                 best[0] = -np.inf
                 np.maximum.accumulate(b_val[:-1], out=best[1:])
             else:
-                best = _RangeMax(b_val).query(self.first[s], positions - 1)
+                best = self.window[s](b_val)
             reach = (best >= self.end[s] - tol) & self.ends[s]
             if not reach.any():
                 return None
@@ -139,15 +141,17 @@ class _Sweep:
 def _sweep(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, valid: np.ndarray,
            f_link: np.ndarray) -> _Sweep:
     k, n = problem.k, len(comp) - 1
-    begin, end, first = [], [], []
+    begin, end, window = [], [], []
+    positions = np.arange(n + 1)
     for s in range(k):
         sp = problem.speeds[s]
         begin.append(comp / sp - cross * (f_link[s - 1] if s > 0 else 0.0))
         end.append(comp / sp + cross * f_link[s])
         if math.isinf(problem.mem_limit[s]):
-            first.append(None)
+            window.append(None)
         else:
-            first.append(np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left"))
+            first = np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left")
+            window.append(_WindowMax(first, positions - 1))
     ends = [valid.copy() for _ in range(k)]
     for s in range(k):
         ends[s][0] = False
@@ -155,7 +159,7 @@ def _sweep(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarra
             ends[s][n] = False
         else:
             ends[s][:n] = False
-    return _Sweep(begin=begin, end=end, first=first, ends=ends)
+    return _Sweep(begin=begin, end=end, window=window, ends=ends)
 
 
 def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:

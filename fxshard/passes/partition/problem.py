@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import networkx as nx
@@ -105,18 +105,19 @@ class Problem:
         return stages
 
 
-def _column(data: list[dict], key: str, names: Sequence[Hashable]) -> np.ndarray:
-    """One numeric attribute of every node (missing or None = 0), checked finite and >= 0."""
-    raw = [d.get(key) for d in data]
+_PLAIN = frozenset({int, float, type(None), np.float64, np.float32, np.int64, np.int32})
+
+
+def _column(raw: list, what: str, where: Callable[[int], str]) -> np.ndarray:
+    """One numeric attribute per item (None = 0), checked finite and >= 0; ``where(i)`` names
+    item i in the error message."""
     values = None
-    if not any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw):
-        try:
-            values = np.array([0.0 if x is None else x for x in raw], dtype=np.float64)
-        except (TypeError, ValueError):
-            values = None
+    kinds = set(map(type, raw))  # one C-level pass: plain numbers take the fast path
+    if kinds <= _PLAIN:
+        values = np.array([0.0 if x is None else x for x in raw] if type(None) in kinds else raw, dtype=np.float64)
     if values is None or values.shape != (len(raw),) or not np.all(np.isfinite(values) & (values >= 0)):
-        # The slow path names the offending node.
-        values = np.array([_number(x, key, where) for where, x in zip(names, raw)], dtype=np.float64)
+        # The slow path names the offending item.
+        values = np.array([_number(x, what, where(i)) for i, x in enumerate(raw)], dtype=np.float64)
     return values
 
 
@@ -230,13 +231,17 @@ def _node_columns(graph: nx.DiGraph, nodes: tuple) -> _Columns:
     n = len(nodes)
     index = {node: i for i, node in enumerate(nodes)}
     data = [d for _, d in graph.nodes(data=True)]
-    where = [f"node {v!r}" for v in nodes]
-    compute, memory, params = (_column(data, key, where) for key in ("compute", "memory", "params"))
-    edge_list = list(graph.edges(data="comm"))
-    src = np.fromiter((index[u] for u, _, _ in edge_list), dtype=np.int64, count=len(edge_list))
-    dst = np.fromiter((index[v] for _, v, _ in edge_list), dtype=np.int64, count=len(edge_list))
-    edge_comm = _column([{"comm": c} for _, _, c in edge_list], "comm",
-                        [f"edge {u!r}->{v!r}" for u, v, _ in edge_list]) if edge_list else np.zeros(0)
+    compute, memory, params = (_column([d.get(key) for d in data], key, lambda i: f"node {nodes[i]!r}")
+                               for key in ("compute", "memory", "params"))
+    # The successor dicts read directly, in graph.edges order: networkx's views cost a call per edge.
+    counts, dst_list, raw_comm = [], [], []
+    for nbrs in graph._succ.values():
+        counts.append(len(nbrs))
+        dst_list.extend(map(index.__getitem__, nbrs))
+        raw_comm.extend(d.get("comm") for d in nbrs.values())
+    src = np.repeat(np.arange(n, dtype=np.int64), counts)
+    dst = np.array(dst_list, dtype=np.int64)
+    edge_comm = _column(raw_comm, "comm", lambda e: f"edge {nodes[src[e]]!r}->{nodes[dst[e]]!r}")
     comm = np.zeros(n)
     np.maximum.at(comm, src, edge_comm)  # SPEC: the same for every edge out of a node
     pins = np.zeros(n, dtype=np.int64)
@@ -275,13 +280,19 @@ def _unit_dag(unit_of: np.ndarray, u_count: int, cols: _Columns) -> dict[str, np
     src, dst = cols.src, cols.dst
     ua, ub = unit_of[src], unit_of[dst]
     cross = ua != ub
-    pairs = np.unique(ua[cross] * u_count + ub[cross])
+    pairs = _sorted_unique(ua[cross] * u_count + ub[cross])
     succ_ptr, succ = _csr(u_count, pairs // u_count, pairs % u_count)
-    vpairs = np.unique(src[cross] * u_count + ub[cross])
+    vpairs = _sorted_unique(src[cross] * u_count + ub[cross])
     v_node, val_dst = vpairs // u_count, vpairs % u_count
     val_nodes, counts = np.unique(v_node, return_counts=True)
     return {"succ_ptr": succ_ptr, "succ": succ, "val_src": unit_of[val_nodes], "val_comm": cols.comm[val_nodes],
             "val_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), "val_dst": val_dst}
+
+
+def _sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """np.unique by sorting: numpy's hash-based unique is several times slower on 1e5 int64 keys."""
+    keys = np.sort(keys)
+    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if keys.size else keys
 
 
 def _link_matrix(link: Any, k: int) -> np.ndarray:
