@@ -1,18 +1,25 @@
-"""The default partitioner: METIS clusters, repaired into a pipeline, cut optimally, refined.
+"""The default partitioner: a search over topological orders, each cut exactly, then refined.
 
-1. pymetis partitions the undirected view of the unit graph: vertex weights are compute and
-   memory (two constraints), edge weights the communication between units, target weights
-   the devices' relative speeds. METIS minimises the edge cut under balance, which keeps
-   heavy edges inside parts but knows nothing about direction.
-2. ``repair`` ranks the parts by mean topological position and pushes each unit to at least
-   its predecessors' stage: the stage order becomes acyclic.
-3. The repaired stages are laid out as one topological order (stage by stage), and the exact
-   contiguous DP picks the best cut points of that order: never worse than the repair.
-4. ``refine`` moves single units across the bottleneck's boundaries.
+The DP (:mod:`dp`) finds the best contiguous split of one topological order; on a branchy
+graph the order decides which splits exist (:mod:`orders`). ``metis_partition``:
 
-This runs for METIS with k, 2k and 4k parts (finer clusters leave the DP more freedom) and
-for the graph's own topological order; the best result wins, ties to the earliest candidate.
-Everything is deterministic for a given ``seed``.
+1. If the unit DAG has a single topological order (a chain, with or without skip edges),
+   every acyclic assignment is a split of it and the DP over it is the answer.
+2. Otherwise it cuts several orders with the DP: the graph's own order; depth-first orders
+   (each branch laid out whole) with tie-breaks by unit number, reversed unit number,
+   heaviest compute and seeded random numbers; and orders laid out part by part from METIS
+   labellings with k, 2k and 4k parts. pymetis partitions the undirected unit graph (vertex
+   weights compute and memory, edge weights communication, target weights the devices'
+   speeds), minimising the edge cut under balance; ``orders.by_labels`` ranks the parts by
+   their mean topological position and lays each out as a block as far as the edges allow.
+   Where no split of a METIS order fits memory, or links are non-uniform under ``direct``
+   (the DP's cuts are then not exact), ``repair`` of the labels is the candidate instead.
+3. The best distinct candidates are refined (``refine``: single-unit moves across the
+   bottleneck stage's boundaries that keep every edge forward, pins and memory limits).
+
+The best result wins, ties to the earliest candidate. The search shrinks as the graph grows
+(fewer depth-first orders and refined candidates; one METIS labelling past 20,000 units; no
+refinement past 3,000). Everything is deterministic for a given ``seed``.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import pymetis
 from fxshard.errors import PartitionError
 from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import evaluate
+from fxshard.passes.partition.orders import by_labels, depth_first, has_unique_order
 from fxshard.passes.partition.problem import Problem
-from fxshard.passes.partition.refine import priority_order, refine, repair
+from fxshard.passes.partition.refine import refine, repair
 
 __all__ = ["metis_labels", "metis_partition"]
 
@@ -112,29 +120,57 @@ def _score(problem: Problem, stage: np.ndarray) -> tuple[float, float]:
 
 
 def metis_partition(problem: Problem, seed: int = 0) -> np.ndarray:
-    """The best of the METIS-guided candidates (see the module docstring)."""
+    """The best of the order-search candidates (see the module docstring)."""
     k = problem.k
     if k == 1:
         return np.zeros(problem.num_units, dtype=np.int64)
     exact_cuts = problem.objective == "pipeline" or bool(np.all(problem.link[~np.eye(k, dtype=bool)] == 1.0))
+    if exact_cuts and has_unique_order(problem):
+        return dp_split(problem)  # every acyclic assignment is a split of the one order: the DP is exact
     candidates = [dp_split(problem)]
-    multiples = (1, 2, 4) if problem.num_units <= 20000 else (1,)
-    for mult in multiples:
-        parts = k * mult
-        if 2 * parts > problem.num_units:
-            break
-        labels = metis_labels(problem, parts, seed=seed)
-        repaired = repair(problem, labels)
-        if not exact_cuts:
-            candidates.append(repaired)
+    seen = {problem.order.tobytes()}
+    for order, labels in _orders(problem, seed):
+        if order is not None and order.tobytes() in seen:
+            continue
+        if order is not None:
+            seen.add(order.tobytes())
+        if labels is not None and not exact_cuts:
+            candidates.append(repair(problem, labels))
             continue
         try:
-            # The repaired stages are one contiguous split of this order: the DP is no worse.
-            candidates.append(dp_split(problem, priority_order(problem, repaired)))
+            candidates.append(dp_split(problem, order))
         except PartitionError:
-            candidates.append(repaired)  # no split of this order fits memory; refine may mend it
-    if problem.num_units <= _REFINE_LIMIT:
-        candidates = [refine(problem, c) for c in candidates]
+            if labels is not None:
+                candidates.append(repair(problem, labels))  # no split of this order fits memory; refine may mend it
+    candidates = list({c.tobytes(): c for c in candidates}.values())  # first of each distinct answer, in order
     scores = [_score(problem, c) for c in candidates]
+    if problem.num_units <= _REFINE_LIMIT:
+        keep = sorted(range(len(candidates)), key=lambda i: (scores[i][0], scores[i][1], i))
+        keep = sorted(keep[:_refine_count(problem.num_units)])
+        candidates = [refine(problem, candidates[i]) for i in keep]
+        scores = [_score(problem, c) for c in candidates]
     best = min(range(len(candidates)), key=lambda i: (scores[i][0], scores[i][1], i))
     return candidates[best]
+
+
+def _refine_count(n: int) -> int:
+    """How many of the best cut candidates get refined: all on small graphs, fewer as they grow."""
+    return 8 if n <= 400 else 3 if n <= 1500 else 1
+
+
+def _orders(problem: Problem, seed: int) -> Iterator[tuple[np.ndarray | None, np.ndarray | None]]:
+    """(order, labels) pairs to cut: depth-first orders with several tie-breaks, then orders laid out
+    part by part from METIS labellings with k, 2k and 4k parts (labels given, the order computed
+    lazily). The search shrinks as the graph grows (docs/partitioning.md)."""
+    n, k = problem.num_units, problem.k
+    rng = np.random.default_rng(seed)
+    ties = [np.arange(n), -np.arange(n), -problem.compute]
+    ties += [rng.permutation(n) for _ in range(2 if n <= 400 else 0)]
+    for tie in ties[: 5 if n <= 2000 else 1 if n <= 20000 else 0]:
+        yield depth_first(problem, tie), None
+    for mult in (1, 2, 4) if n <= 20000 else (1,):
+        parts = k * mult
+        if 2 * parts > n:
+            break
+        labels = metis_labels(problem, parts, seed=seed)
+        yield by_labels(problem, labels), labels
