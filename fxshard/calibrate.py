@@ -6,7 +6,10 @@ on one micro-batch on the local device: warm-up, then the median of ``repeats`` 
 ``torch.cuda.max_memory_allocated``. The same stages are priced by the ``analytical`` and
 ``profiled`` cost models for the local device, and the report gives each stage's error, the
 median absolute relative error and Kendall's tau between predicted and measured stage times.
-See docs/calibration.md.
+With ``checkpointing=`` every stage runs (and is priced) under that activation-checkpointing
+policy. The report keeps every node's isolated forward and backward time at the captured batch
+with its FLOPs and bytes, the samples the roofline factors are fitted to. See
+docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from fxshard.cluster import Cluster
 from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_batch
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import FactorFit, fit_factors
+from fxshard.cost_models.checkpointing import checkpoint_cost
 from fxshard.cost_models.profiled import median_time
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
+from fxshard.passes.regions import Region, regions_within, repeated_blocks
 from fxshard.passes.split import split_graph
-from fxshard.passes.stages import summarize_stages
+from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
+from fxshard.runtime.checkpointing import POLICIES, checkpoint_stages
 from fxshard.runtime.local import split_microbatches
 
 __all__ = ["CalibrationReport", "StageMeasurement", "calibrate", "kendall_tau"]
@@ -48,6 +54,8 @@ class StageMeasurement:
     profiled_s: float | None
     measured_peak_bytes: float | None
     predicted_peak_bytes: float | None
+    analytical_fwd_s: float = 0.0
+    profiled_fwd_s: float | None = None
 
     @property
     def measured_s(self) -> float:
@@ -65,6 +73,9 @@ class CalibrationReport:
     stages: tuple[StageMeasurement, ...]
     whole: StageMeasurement
     fit: FactorFit | None = None  # roofline factors fitted to the profiled node times
+    checkpointing: str = "none"  # the activation-checkpointing policy every stage ran under
+    threads: int = 0  # torch CPU threads the measurements ran with
+    kernels: tuple[dict, ...] = ()  # every node timed alone at the captured batch: the fit's samples
 
     def errors(self, which: str = "analytical") -> list[float]:
         """Relative error per stage, (predicted - measured) / measured."""
@@ -96,7 +107,8 @@ class CalibrationReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_markdown(self) -> str:
-        lines = [f"Calibration of {self.model} on {self.device} ({self.device_spec}), seconds per micro-batch "
+        ckpt = f", activation checkpointing {self.checkpointing}" if self.checkpointing != "none" else ""
+        lines = [f"Calibration of {self.model} on {self.device} ({self.device_spec}){ckpt}, seconds per micro-batch "
                  f"(fwd + bwd)", "",
                  "| stage | measured | analytical | error | profiled | error | peak memory (measured / predicted) |",
                  "|---|---|---|---|---|---|---|"]
@@ -181,7 +193,8 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
 
 
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
-              warmup: int = 2, repeats: int = 5, profiled: bool = True) -> CalibrationReport:
+              warmup: int = 2, repeats: int = 5, profiled: bool = True,
+              checkpointing: str | None = None) -> CalibrationReport:
     """Measure each of ``plan``'s stages on one local device and compare with predictions.
 
     Args:
@@ -190,11 +203,19 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         example_inputs: one batch of the model's positional inputs.
         device: where to run (default: CUDA if present, else the CPU).
         warmup, repeats: untimed and timed runs per measurement (median kept).
-        profiled: also price with the profiled cost model (times every node: slower).
+        profiled: also price with the profiled cost model (times every segment at the
+            micro-batch, and every node alone for the roofline fit: slower).
+        checkpointing: run and price every stage under this activation-checkpointing policy
+            ("none", "selective", "full"); default: each stage's policy in ``plan``.
 
     Raises:
-        ExecutionError: a model on the meta device (nothing real to run).
+        ExecutionError: a model on the meta device (nothing real to run), or an unknown policy.
     """
+    if checkpointing is not None and checkpointing not in POLICIES:
+        raise ExecutionError(f"checkpointing={checkpointing!r}: use one of {', '.join(POLICIES)}, or None for the plan's")
+    if checkpointing is not None:
+        plan = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, activation_checkpointing=checkpointing)
+                                                      for s in plan.stages))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if has_meta_state(captured.gm):
         raise ExecutionError("calibration runs the model for real: build it on a real device, not on meta")
@@ -206,13 +227,20 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     fraction = 1.0 / m
     works = scale_batch(analyze(captured), fraction) if fraction < 1 else analyze(captured)
     analytical = estimate(captured, spec, works=works)
-    measured_profile = estimate(captured, spec, works=works, cost_model=ProfiledCostModel(device=dev)) if profiled else None
+    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction)
+    measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     stage_of = plan.stage_of()
     k = plan.num_stages
-    split = split_graph(captured, stage_of, k)
-    predicted = summarize_stages(captured, analytical, stage_of, k, training=plan.training, optimizer=plan.optimizer)
-    profiled_stages = (summarize_stages(captured, measured_profile, stage_of, k, training=plan.training,
-                                        optimizer=plan.optimizer) if measured_profile is not None else None)
+    regions = repeated_blocks(captured)
+    split = checkpoint_stages(split_graph(captured, stage_of, k), captured, plan, regions)
+    policies = [s.activation_checkpointing for s in plan.stages]
+
+    def summaries(costs: Any) -> list[StageSummary]:
+        plain = summarize_stages(captured, costs, stage_of, k, training=plan.training, optimizer=plan.optimizer)
+        return [_checkpointed(costs, st, regions, p) for st, p in zip(plain, policies)]
+
+    predicted = summaries(analytical)
+    profiled_stages = summaries(measured_profile) if measured_profile is not None else None
     stages = []
     values: Sequence[Any] = micro
     for s, stage in enumerate(split.stages):
@@ -222,6 +250,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         stages.append(StageMeasurement(
             index=s, measured_fwd_s=fwd, measured_bwd_s=bwd, analytical_s=pred.fwd_time_s + pred.bwd_time_s,
             profiled_s=(profiled_stages[s].fwd_time_s + profiled_stages[s].bwd_time_s) if profiled_stages else None,
+            analytical_fwd_s=pred.fwd_time_s, profiled_fwd_s=profiled_stages[s].fwd_time_s if profiled_stages else None,
             measured_peak_bytes=peak,
             predicted_peak_bytes=pred.state_bytes + pred.activation_bytes + pred.transient_bytes))
     fwd, bwd, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
@@ -229,13 +258,36 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         index=-1, measured_fwd_s=fwd, measured_bwd_s=bwd,
         analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
         profiled_s=(measured_profile.fwd_time_s + measured_profile.bwd_time_s) if measured_profile else None,
-        measured_peak_bytes=peak, predicted_peak_bytes=None)
-    fit = None
-    if measured_profile is not None:
-        node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in measured_profile]
+        measured_peak_bytes=peak, predicted_peak_bytes=None, analytical_fwd_s=analytical.fwd_time_s,
+        profiled_fwd_s=measured_profile.fwd_time_s if measured_profile else None)
+    fit, kernels = None, ()
+    if measured_profile is not None:  # the roofline is fitted to nodes timed alone, at the captured batch
+        kernels = estimate(captured, spec, cost_model=ProfiledCostModel(device=dev, method="nodes", warmup=warmup,
+                                                                        repeats=repeats, batch_fraction=1.0))
+        node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in kernels]
         try:
-            fit = fit_factors([c.work for c in measured_profile], node_times, spec)
+            fit = fit_factors([c.work for c in kernels], node_times, spec)
         except CostModelError:
             fit = None  # too few kernels to fit anything
+        kernels = tuple(_kernel_row(c) for c in kernels if c.fwd_time_s > 0 or c.bwd_time_s > 0)
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
-                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fit)
+                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fit,
+                             checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",
+                             threads=profiler.threads_used or torch.get_num_threads(), kernels=kernels)
+
+
+def _checkpointed(costs: Any, stage: StageSummary, regions: Sequence[Region], policy: str) -> StageSummary:
+    """The stage's prediction under ``policy``: saved activations, recomputation added to backward."""
+    if policy == "none":
+        return stage
+    cost = checkpoint_cost(costs, stage.nodes, regions_within(regions, stage.nodes), policy)
+    return dataclasses.replace(stage, activation_bytes=float(cost.saved_bytes),
+                               bwd_time_s=stage.bwd_time_s + float(cost.recompute_fwd_s),
+                               transient_bytes=stage.transient_bytes + float(cost.transient_bytes))
+
+
+def _kernel_row(c: Any) -> dict:
+    w = c.work
+    return {"name": w.name, "op": w.op, "target": w.target, "dtype": w.dtype, "fwd_flops": w.fwd_flops,
+            "bwd_flops": w.bwd_flops, "fwd_bytes": w.fwd_bytes, "bwd_bytes": w.bwd_bytes,
+            "fwd_s": c.fwd_time_s, "bwd_s": c.bwd_time_s, "estimated": c.estimated}

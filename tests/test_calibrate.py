@@ -146,3 +146,29 @@ def test_fit_recovers_known_factors():
     fit = fit_factors(works, times, get_preset("A100-80GB"))
     assert fit.error_after < 0.05
     assert fit.factors.launch_overhead_s == pytest.approx(1e-5, rel=0.3)
+
+
+def test_the_report_keeps_each_nodes_isolated_time_for_the_fit(report):
+    _, rep = report
+    assert rep.threads >= 1 and rep.checkpointing == "none"
+    assert len(rep.kernels) >= rep.fit.samples // 2
+    row = rep.kernels[0]
+    assert {"name", "op", "fwd_flops", "fwd_bytes", "fwd_s", "bwd_s"} <= set(row)
+    assert all(s.profiled_fwd_s > 0 and s.analytical_fwd_s > 0 for s in rep.stages)
+    assert json.loads(rep.to_json())["kernels"][0]["name"] == row["name"]
+
+
+def test_stages_run_and_are_priced_under_activation_checkpointing():
+    torch.manual_seed(0)
+    z = build("gpt2-tiny", batch_size=4)
+    plan = fxshard.plan(z.model, "2xcpu:3MB", z.example_inputs, strategy="pipeline", schedule="gpipe")
+    captured = capture(z.model, z.example_inputs)
+    plain = calibrate(captured, plan, z.example_inputs, repeats=1, warmup=0, profiled=False)
+    full = calibrate(captured, plan, z.example_inputs, repeats=1, warmup=0, profiled=False, checkpointing="full")
+    assert full.checkpointing == "full" and "activation checkpointing full" in full.to_markdown()
+    # A stage holding a whole block recomputes its forward in backward: priced dearer, same forward.
+    assert any(f.analytical_s > p.analytical_s for f, p in zip(full.stages, plain.stages))
+    assert [f.analytical_fwd_s for f in full.stages] == [p.analytical_fwd_s for p in plain.stages]
+    assert all(s.measured_bwd_s > 0 for s in full.stages)
+    with pytest.raises(ExecutionError, match="checkpointing='most'"):
+        calibrate(captured, plan, z.example_inputs, checkpointing="most")
