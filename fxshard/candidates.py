@@ -18,6 +18,8 @@ import dataclasses
 import math
 from collections.abc import Iterator
 
+import networkx as nx
+
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
@@ -33,7 +35,8 @@ from fxshard.levers import (
     partition_bound,
     pipeline_fsdp,
 )
-from fxshard.passes.cost_graph import partition_model
+from fxshard.passes.cost_graph import cost_graph, layer_labels, partition_model, placement
+from fxshard.passes.partition import Partition
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import EstimatedNode
 from fxshard.plan_options import PlanOptions, divisors
@@ -66,6 +69,11 @@ class Pricer:
         self._bounds: dict[tuple[str, str, int], PartitionBound] = {}
         self._scale = 1.0  # this pricer's batch over the captured one (smaller batches: refusal probes)
         self._smaller: dict[int, Pricer] = {}
+        self._layers: dict[str, str] | None = None
+        # Cost graphs and partitions (or why none fits) by the values they are computed from, so
+        # shapes with equal partition inputs (replica counts, schedules) share one partition.
+        self._graphs: dict[tuple, nx.DiGraph] = {}
+        self._partitions: dict[tuple, tuple[Partition, nx.DiGraph] | PartitionError] = {}
 
     def at_batch(self, batch: int) -> Pricer:
         """The same graph priced at a smaller batch, by the micro-batch scaling the planner uses."""
@@ -74,7 +82,7 @@ class Pricer:
         if batch not in self._smaller:
             other = object.__new__(Pricer)
             other.__dict__.update(self.__dict__, batch=batch, _scale=self._scale * batch / self.batch, _smaller={},
-                                  _bounds={})
+                                  _bounds={}, _graphs={}, _partitions={})
             self._smaller[batch] = other  # shares the works and the cost cache (keyed by absolute fraction)
         return self._smaller[batch]
 
@@ -97,13 +105,49 @@ class Pricer:
         """The partitioner's memory bound for ``group``: its stages under the most permissive
         levers the options allow (the last checkpointing policy; FSDP-sharded state when its
         data-parallel groups may shard), so a partition is refused only when no lever fits it."""
-        kinds, policies = lever_choices(opts, group.replicas)
-        shards = group.replicas if "fsdp" in kinds else 1
-        key = (spec.name, policies[-1], shards)
+        key = _bound_key(spec, group, opts)
         if key not in self._bounds:
-            self._bounds[key] = partition_bound(self.facts, self.costs(spec, 1.0), policy=policies[-1], shards=shards,
+            _, policy, shards = key
+            self._bounds[key] = partition_bound(self.facts, self.costs(spec, 1.0), policy=policy, shards=shards,
                                                 training=opts.training, optimizer=opts.optimizer)
         return self._bounds[key]
+
+    def partition(self, cluster: Cluster, n_stages: int, devices: list[int], factor: float, opts: PlanOptions,
+                  bound_of: PipelineGroup | None = None) -> tuple[Partition, nx.DiGraph]:
+        """:func:`partition_model` of the captured graph into ``n_stages`` stages on ``devices``,
+        computed once per distinct input (the cost graph once per device spec, activation
+        factor and memory bound); ``bound_of``: under the levers' bound for that group
+        (:meth:`bound`), else lever-free.
+
+        Raises:
+            PartitionError: no partition fits (the same error each time it is asked again).
+        """
+        spec = cluster.devices[devices[0]].spec
+        bound = self.bound(spec, bound_of, opts) if bound_of is not None else None
+        if self._layers is None:
+            self._layers = layer_labels(self.captured)
+        place = placement(cluster, n_stages, captured=self.captured, works=self.works, devices=devices,
+                          memory_reserve=opts.memory_reserve)
+        graph_key = (spec.name, factor, opts.training, opts.optimizer, place.reference_link,
+                     bound_of and _bound_key(spec, bound_of, opts))
+        key = (graph_key, n_stages, opts.partitioner, opts.seed, place.speeds, place.memory_limit,
+               place.link.tobytes())
+        if key not in self._partitions:
+            if graph_key not in self._graphs:
+                self._graphs[graph_key] = cost_graph(
+                    self.captured, self.costs(spec, 1.0), link=place.reference_link, training=opts.training,
+                    optimizer=opts.optimizer, activation_factor=factor, activations=bound and bound.activations,
+                    state=bound and bound.state, colocate=bound and bound.colocate, layers=self._layers)
+            try:
+                self._partitions[key] = partition_model(
+                    self.captured, cluster, n_stages, partitioner=opts.partitioner, seed=opts.seed, devices=devices,
+                    memory_reserve=opts.memory_reserve, works=self.works, graph=self._graphs[graph_key])
+            except PartitionError as e:
+                self._partitions[key] = e
+        found = self._partitions[key]
+        if isinstance(found, PartitionError):
+            raise found
+        return found
 
     def estimated(self, specs: set[str]) -> tuple[EstimatedNode, ...]:
         """Nodes whose times on these device specs are stand-ins (``NodeTime.estimated``), and why."""
@@ -294,22 +338,14 @@ def partition_group(pricer: Pricer, cluster: Cluster, group: PipelineGroup,
     factor = min(1.0, n_stages / most_microbatches) / group.replicas
     spec = cluster.devices[first[0]].spec
 
-    def partition(bound: PartitionBound | None):
-        return partition_model(pricer.captured, cluster, n_stages, partitioner=opts.partitioner,
-                               training=opts.training, optimizer=opts.optimizer, activation_factor=factor,
-                               costs=pricer.costs(spec, 1.0), seed=opts.seed, devices=first,
-                               memory_reserve=opts.memory_reserve, works=pricer.works,
-                               activations=bound and bound.activations, state=bound and bound.state,
-                               colocate=bound and bound.colocate)
-
     try:
-        part, graph = partition(None)
+        part, graph = pricer.partition(cluster, n_stages, first, factor, opts)
     except PartitionError as e:
         bound = pricer.bound(spec, group, opts)
         if bound.activations is None and bound.state is None:
             raise
         try:  # no lever-free partition fits: the levers' bound, checkpointed blocks kept whole
-            part, graph = partition(bound)
+            part, graph = pricer.partition(cluster, n_stages, first, factor, opts, bound_of=group)
         except PartitionError as again:
             raise again from e
     if not part.is_acyclic:
@@ -319,6 +355,13 @@ def partition_group(pricer: Pricer, cluster: Cluster, group: PipelineGroup,
                         f"Fix the partitioner (fxshard.passes.partition.refine.repair(problem, labels) makes any "
                         f"assignment acyclic) or use partitioner='metis'")
     return dict(part.stage_of), stage_devices
+
+
+def _bound_key(spec: DeviceSpec, group: PipelineGroup, opts: PlanOptions) -> tuple[str, str, int]:
+    """What :meth:`Pricer.bound` depends on: the device spec, the most permissive checkpointing
+    policy and the data-parallel group a stage's state may be sharded over."""
+    kinds, policies = lever_choices(opts, group.replicas)
+    return spec.name, policies[-1], group.replicas if "fsdp" in kinds else 1
 
 
 def device_capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> float:

@@ -45,7 +45,7 @@ from fxshard.errors import PartitionError
 from fxshard.modules import stack_paths
 from fxshard.passes.partition import Partition, partition_graph
 
-__all__ = ["StateFn", "StagePlacement", "cost_graph", "layer_label", "partition_model", "placement", "stage_bytes",
+__all__ = ["StateFn", "StagePlacement", "cost_graph", "layer_label", "layer_labels", "partition_model", "placement", "stage_bytes",
            "state_factor"]
 
 _SIXTEEN_BIT = ("bfloat16", "float16")
@@ -63,6 +63,11 @@ def layer_label(node: torch.fx.Node) -> str:
             if part.isdigit() and i > 0:
                 return ".".join(parts[: i + 1])
     return ""
+
+
+def layer_labels(captured: CapturedGraph) -> dict[str, str]:
+    """Each node's :func:`layer_label`."""
+    return {node.name: layer_label(node) for node in captured.gm.graph.nodes}
 
 
 def state_factor(dtype: str, *, training: bool, optimizer: str) -> float:
@@ -83,7 +88,7 @@ StateFn = Callable[[Any], float]  # a node's NodeWork -> bytes its parameters an
 def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, training: bool = True,
                optimizer: str = "adam", activation_factor: float = 1.0,
                activations: Mapping[str, float] | None = None, state: StateFn | None = None,
-               colocate: Mapping[str, str] | None = None) -> nx.DiGraph:
+               colocate: Mapping[str, str] | None = None, layers: Mapping[str, str] | None = None) -> nx.DiGraph:
     """The partitioner's view of a model: see the module docstring for the attributes.
 
     Args:
@@ -91,8 +96,12 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
             accounting (nodes left out save nothing); still times ``activation_factor``.
         state: the bytes a node's parameters and buffers hold, replacing their training state.
         colocate: node -> group key; nodes of one group share a stage (``colocate`` attribute).
+        layers: node -> :func:`layer_label`, when already computed (:func:`layer_labels`), for
+            a caller that builds many cost graphs of one model.
     """
     nodes = list(captured.gm.graph.nodes)
+    if layers is None:
+        layers = layer_labels(captured)
     by_name = {c.name: c for c in costs}
     graph = nx.DiGraph()
     state_of = state or (lambda w: _state_bytes(w, training=training, optimizer=optimizer))
@@ -110,7 +119,7 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
         attrs = {"compute": c.fwd_time_s + (c.bwd_time_s if training else 0.0),
                  "memory": float(state_of(w) + (saved * activation_factor if training else 0.0)),
                  "params": float(w.param_bytes),
-                 "layer": layer_label(node), "op": node.op}
+                 "layer": layers[node.name], "op": node.op}
         if colocate and node.name in colocate:
             attrs["colocate"] = colocate[node.name]
         if node.op == "placeholder":
@@ -215,15 +224,16 @@ def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partit
                     costs: GraphCosts | None = None, cost_model: str = "analytical", seed: int = 0,
                     devices: Sequence[int] | None = None, memory_reserve: float = 0.0,
                     works: Sequence | None = None, activations: Mapping[str, float] | None = None,
-                    state: StateFn | None = None,
-                    colocate: Mapping[str, str] | None = None) -> tuple[Partition, nx.DiGraph]:
+                    state: StateFn | None = None, colocate: Mapping[str, str] | None = None,
+                    graph: nx.DiGraph | None = None) -> tuple[Partition, nx.DiGraph]:
     """Partition a captured model into k stages on the first k devices of ``cluster`` (or on
     ``devices``): the one road from a captured graph to a partition, which the planner
     (fxshard/candidates.py) and the benchmarks both take.
 
     ``costs`` (on the first stage's device) and ``works`` (from :func:`analyze`) are computed
     when not given; pass them to partition one model many times. ``activations``, ``state`` and
-    ``colocate`` are the memory levers' view of the nodes (:func:`cost_graph`).
+    ``colocate`` are the memory levers' view of the nodes (:func:`cost_graph`). ``graph``: the
+    cost graph of these arguments, already built (it is then used as given, not rebuilt).
 
     Returns:
         The partition and the cost graph it was computed on.
@@ -231,11 +241,12 @@ def partition_model(captured: CapturedGraph, cluster: Cluster, k: int, *, partit
     if works is None and (costs is None or len({cluster.devices[d].spec.name for d in (devices or range(k))}) > 1):
         works = analyze(captured)
     place = placement(cluster, k, captured=captured, works=works, devices=devices, memory_reserve=memory_reserve)
-    if costs is None:
-        costs = estimate(captured, place.reference, cost_model=cost_model, works=works)
-    graph = cost_graph(captured, costs, link=place.reference_link, training=training, optimizer=optimizer,
-                       activation_factor=activation_factor, activations=activations, state=state,
-                       colocate=colocate)
+    if graph is None:
+        if costs is None:
+            costs = estimate(captured, place.reference, cost_model=cost_model, works=works)
+        graph = cost_graph(captured, costs, link=place.reference_link, training=training, optimizer=optimizer,
+                           activation_factor=activation_factor, activations=activations, state=state,
+                           colocate=colocate)
     part = partition_graph(graph, k, partitioner=partitioner, memory_limit=place.memory_limit, seed=seed,
                            speeds=place.speeds, link=place.link)
     return part, graph
