@@ -119,7 +119,7 @@ def test_refine_keeps_edges_forward_pins_and_memory(objective, seed):
     assert np.all(after.memory[over] <= before.memory[over] * (1 + 1e-12))
 
 
-@pytest.mark.parametrize(("seed", "objective"), [(28, "pipeline"), (28, "direct"), (26, "direct")])
+@pytest.mark.parametrize(("seed", "objective"), [(28, "pipeline"), (28, "direct"), (5, "direct"), (11, "pipeline")])
 def test_metis_labellings_matter(monkeypatch, seed, objective):
     """Fails if pymetis stops doing work: on this graph an order laid out from METIS parts beats
     every candidate without one (the graph's own order and the depth-first orders, refined)."""

@@ -14,8 +14,10 @@ graph the order decides which splits exist (:mod:`orders`). ``metis_partition``:
    their mean topological position and lays each out as a block as far as the edges allow.
    Where no split of a METIS order fits memory, or links are non-uniform under ``direct``
    (the DP's cuts are then not exact), ``repair`` of the labels is the candidate instead.
-3. The best distinct candidates are refined (``refine``: single-unit moves across the
-   bottleneck stage's boundaries that keep every edge forward, pins and memory limits).
+3. The best distinct candidates are refined by descent (``refine`` with ``patience=0``:
+   single-unit moves across the bottleneck stage's boundaries that keep every edge forward,
+   pins and memory limits), and the best of them by Fiduccia-Mattheyses passes, which take
+   uphill moves too.
 
 The best result wins, ties to the earliest candidate. The search shrinks as the graph grows
 (fewer depth-first orders and refined candidates; one METIS labelling past 20,000 units; no
@@ -147,9 +149,11 @@ def metis_partition(problem: Problem, seed: int = 0) -> np.ndarray:
     if problem.num_units <= _REFINE_LIMIT:
         keep = sorted(range(len(candidates)), key=lambda i: (scores[i][0], scores[i][1], i))
         keep = sorted(keep[:_refine_count(problem.num_units)])
-        candidates = [refine(problem, candidates[i]) for i in keep]
+        candidates = [refine(problem, candidates[i], patience=0) for i in keep]
         scores = [_score(problem, c) for c in candidates]
     best = min(range(len(candidates)), key=lambda i: (scores[i][0], scores[i][1], i))
+    if problem.num_units <= _REFINE_LIMIT and np.isfinite(scores[best][0]):
+        return refine(problem, candidates[best])  # uphill moves too, from the best descent only
     return candidates[best]
 
 
