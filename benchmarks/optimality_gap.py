@@ -95,8 +95,8 @@ def random_dag(n: int, seed: int) -> nx.DiGraph:
         g.add_node(i, compute=float(rng.uniform(0.5, 2.0)), memory=float(rng.uniform(1.0, 3.0)))
     comm = rng.uniform(0.05, 1.0, size=n)
     for i in range(1, n):
-        window = int(rng.integers(2, 17))
-        preds = rng.choice(np.arange(max(0, i - window), i), size=min(i, int(rng.integers(1, 4))), replace=False)
+        recent = np.arange(max(0, i - int(rng.integers(2, 17))), i)
+        preds = rng.choice(recent, size=min(recent.size, int(rng.integers(1, 4))), replace=False)
         for j in sorted(int(p) for p in preds):
             g.add_edge(j, i, comm=float(comm[j]))
     return g
@@ -110,17 +110,18 @@ def public_instances(data_dir: Path) -> Iterator[tuple[str, Problem]]:
 
 
 def random_instances() -> Iterator[tuple[str, Problem]]:
-    """Branchy random DAGs: each size with two k (3..6), both objectives, memory limits on every other."""
-    case = 0
-    for n in RANDOM_SIZES:
-        for k in (3 + case % 2, 5 + case % 2):
+    """Branchy random DAGs: each size with two k (3 and 5, or 4 and 6), both objectives; half the
+    instances of each objective have a memory limit of 1.3x the even share."""
+    for i, n in enumerate(RANDOM_SIZES):
+        for j, k in enumerate((3 + i % 2, 5 + i % 2)):
+            seed = 1000 + 10 * i + j
+            graph = random_dag(n, seed=seed)
+            total = sum(d["memory"] for _, d in graph.nodes(data=True))
             for objective in ("pipeline", "direct"):
-                graph = random_dag(n, seed=1000 + case)
-                total = sum(d["memory"] for _, d in graph.nodes(data=True))
-                limit = 1.3 * total / k if case % 2 else None
-                name = f"dag{n}-s{1000 + case}" + (" mem" if limit else "")
-                yield name, build_problem(graph, k, memory_limit=limit, objective=objective)
-                case += 1
+                limited = (j + (objective == "direct")) % 2 == 1
+                name = f"dag{n}-s{seed}" + (" mem" if limited else "")
+                yield name, build_problem(graph, k, memory_limit=1.3 * total / k if limited else None,
+                                          objective=objective)
 
 
 def _rows_for(suite: str, name: str, problem: Problem, milp: MilpResult, names: Sequence[str]) -> list[Row]:
