@@ -67,7 +67,7 @@ def test_strictly_better_than_flat_dp_when_the_order_must_change():
     problem = build_problem(g, 4, link=link)
     result = H.hierarchical_search(problem)
     flat = evaluate(problem, dp_split(problem)).bottleneck
-    assert result.winner.startswith("metis")
+    assert result.winner.startswith(("metis", "flat metis"))
     assert result.bottleneck < 0.5 * flat
     part = fxshard.partition_graph(g, 4, partitioner="hierarchical", link=link)
     assert part.bottleneck == pytest.approx(result.bottleneck)
@@ -106,8 +106,8 @@ def test_machine_sub_problem_is_priced_exactly(seed):
     link = machines_link(3, 2, 8.0)
     problem = build_problem(g, 6, link=link)
     machines = H.machine_groups(link)
-    machine = H._machine_of(problem, H._machine_labels(problem, machines, seed=seed, ufactor=100), 3)
-    stage = H._stages_within(problem, machines, machine)
+    machine = H._machine_of(problem, H._machine_labels(problem, machines, parts=3, seed=seed, ufactor=100), 3)
+    stage = H._stages_within(problem, machines, machine, seed)
     assert stage is not None and is_acyclic(problem, stage)
     full = evaluate(problem, stage).total
     pos = np.empty(problem.num_units, dtype=np.int64)

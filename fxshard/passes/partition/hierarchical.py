@@ -12,8 +12,9 @@ that needs. The flat DP splits one order optimally but cannot change the order. 
 2. **Machine parts**: pymetis cuts the undirected unit graph into m parts, one per machine, edge
    weight = communication x the mean inter-machine factor, vertex weights compute and memory,
    target weights each machine's total speed; several seeds and imbalance factors. Each
-   labelling is repaired into an acyclic order of parts (``refine.repair``: parts ranked by
-   mean topological position, units pushed forward to their predecessors' part).
+   labelling is repaired into an acyclic order of parts: parts ranked in a topological order of
+   the part graph (mean topological position among parts on a cycle), units pushed forward to
+   their predecessors' machine.
 3. **Stages within machines**: for each machine, the exact DP (dp.py) splits the machine's units,
    in topological order, over its stages, with its speeds, memory limits and links. Under the
    ``pipeline`` objective the sub-problem is exact: values from earlier machines enter at the
@@ -23,8 +24,10 @@ that needs. The flat DP splits one order optimally but cannot change the order. 
    step 3's split, so is no worse), then ``refine.refine`` (single-unit moves across the
    bottleneck's boundaries, machine boundaries included), then step 3 again on the moved
    machine parts, while the bottleneck drops.
-5. **Candidates**: the flat DP over the graph's own order (refined) competes too, so the result
-   is never worse than ``dp``; :func:`hierarchical_search` says which candidate won.
+5. **Candidates**: the answers of the flat searches, ``dp`` (the graph's own order) and ``metis``
+   (its order search), compete with the METIS machine parts; step 4 improves the best two. The
+   result is never worse than ``dp`` or ``metis``; :func:`hierarchical_search` says which
+   candidate won.
 
 See docs/partitioning.md.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import networkx as nx
 import numpy as np
 import pymetis
 
@@ -41,14 +45,14 @@ from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import evaluate
 from fxshard.passes.partition.metis import _quiet_stdout, _scaled, _undirected, metis_partition
 from fxshard.passes.partition.problem import PIN_FIRST, PIN_LAST, Problem
-from fxshard.passes.partition.refine import priority_order, refine, repair
+from fxshard.passes.partition.refine import priority_order, refine
 
 __all__ = ["HierarchicalResult", "hierarchical_partition", "hierarchical_search", "machine_groups"]
 
 _REFINE_LIMIT = 3000  # units; beyond this refine's single-unit moves cost more than they find
-_ROUNDS = 4  # refine -> per-machine DP rounds per candidate
-_UFACTORS = (30, 100, 300)  # METIS imbalance, in 1/1000 over the target weights
-_SEEDS = 2  # METIS seeds per imbalance factor
+_ROUNDS = 3  # rounds of (flat DP over the order, refine, per-machine search) per candidate
+_UFACTORS = (30, 300)  # METIS imbalance, in 1/1000 over the target weights
+_IMPROVE = 2  # candidates that step 4 improves, the best first
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,8 +62,9 @@ class HierarchicalResult:
     Attributes:
         stage: the stage of every unit (the winner's).
         machines: per machine, its stages (``range`` of stage indices).
-        winner: the winning candidate: ``"flat dp"``, ``"flat"`` (one machine: the ``metis``
-            search), or ``"metis m=<parts> ufactor=<u> seed=<s>"``.
+        winner: the winning candidate: ``"flat dp"`` or ``"flat metis"`` (the flat searches'
+            answers, improved by step 4), ``"flat"`` (one machine: the ``metis`` search alone), or
+            ``"metis parts=<p> ufactor=<u>"`` (METIS machine parts).
         bottleneck: the winner's bottleneck.
         candidates: every candidate's name and bottleneck (inf: no split fitted memory), in the
             order tried; ties go to the earliest.
@@ -106,30 +111,66 @@ def _inter_factor(problem: Problem, machines: tuple[range, ...]) -> float:
     return float(np.mean([problem.link[m.stop - 1, m.stop] for m in machines[:-1]]))
 
 
-def _machine_labels(problem: Problem, machines: tuple[range, ...], *, seed: int, ufactor: int) -> np.ndarray:
-    """pymetis labels (0..m-1): a minimum link-weighted cut balanced by each machine's speed."""
-    m, n = len(machines), problem.num_units
+def _machine_labels(problem: Problem, machines: tuple[range, ...], *, parts: int, seed: int,
+                    ufactor: int) -> np.ndarray:
+    """pymetis labels (0..parts-1, parts a multiple of the machines): a minimum link-weighted cut
+    balanced by each machine's speed (split evenly among a machine's parts)."""
+    n = problem.num_units
     ptr, cols, eweights = _undirected(problem)
     # Every cut edge here crosses machines; the factor matters once inter-machine links differ.
     eweights = np.maximum(1, np.rint(eweights * _inter_factor(problem, machines))).astype(np.int64)
     eweights = np.minimum(eweights, (1 << 30) // max(1, n))  # METIS sums weights in 32-bit integers
     ncon = 2 if problem.memory.max() > 0 else 1
     vweights = np.stack([_scaled(problem.compute), _scaled(problem.memory)], axis=1)[:, :ncon].reshape(-1)
-    share = np.array([problem.speeds[g].sum() for g in machines])
+    share = np.repeat([problem.speeds[g].sum() for g in machines], parts // len(machines))
     options = pymetis.Options(seed=seed, ufactor=ufactor)
     kwargs = dict(vweights=vweights.tolist(), eweights=eweights.tolist(), tpwgts=(share / share.sum()).tolist(),
                   options=options)
     with _quiet_stdout():
         if hasattr(pymetis, "CSRAdjacency"):
-            result = pymetis.part_graph(m, pymetis.CSRAdjacency(ptr.tolist(), cols.tolist()), **kwargs)
+            result = pymetis.part_graph(parts, pymetis.CSRAdjacency(ptr.tolist(), cols.tolist()), **kwargs)
         else:  # pymetis before 2025.2
-            result = pymetis.part_graph(m, xadj=ptr.tolist(), adjncy=cols.tolist(), **kwargs)
+            result = pymetis.part_graph(parts, xadj=ptr.tolist(), adjncy=cols.tolist(), **kwargs)
     return np.asarray(result[1] if isinstance(result, tuple) else result.vertex_part, dtype=np.int64)
 
 
 def _machine_of(problem: Problem, labels: np.ndarray, m: int) -> np.ndarray:
-    """An acyclic machine per unit from any labelling (``repair`` on an m-stage view)."""
-    return repair(dataclasses.replace(problem, k=m), labels)
+    """An acyclic machine per unit from METIS's labels: parts ranked in a topological order of the
+    part graph, then every unit pushed forward to its latest predecessor's machine.
+
+    ``refine.repair`` ranks parts by mean topological position instead; on parallel branches
+    (a fork, branches numbered interleaved, a join) every part has about the same mean, and the
+    part holding the fork may rank last, pushing every branch onto one machine. Here the part
+    graph's condensation is sorted topologically (ties: mean position), so acyclic part graphs
+    keep every unit where METIS put it; parts on a cycle are ranked by mean position.
+    """
+    n = problem.num_units
+    pos = np.empty(n, dtype=np.int64)
+    pos[problem.order] = np.arange(n)
+    uniq, inv = np.unique(labels, return_inverse=True)
+    mean_pos = np.bincount(inv, weights=pos) / np.bincount(inv)
+    src = np.repeat(np.arange(n), np.diff(problem.succ_ptr))
+    a, b = inv[src], inv[problem.succ]
+    quotient = nx.DiGraph()
+    quotient.add_nodes_from(range(len(uniq)))
+    quotient.add_edges_from(zip(a[a != b].tolist(), b[a != b].tolist()))
+    condensed = nx.condensation(quotient)
+    key = {c: min(mean_pos[p] for p in condensed.nodes[c]["members"]) for c in condensed}
+    ranked = [p for c in nx.lexicographical_topological_sort(condensed, key=key.__getitem__)
+              for p in sorted(condensed.nodes[c]["members"], key=lambda p: (mean_pos[p], p))]
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[ranked] = np.arange(len(uniq))
+    want = (rank[inv] * m) // len(uniq)
+    want[problem.pin == PIN_FIRST] = 0
+    pred_ptr, pred = problem.predecessors_csr()
+    ptr, plist, out = pred_ptr.tolist(), pred.tolist(), want.tolist()
+    for u in problem.order.tolist():
+        for p in plist[ptr[u]:ptr[u + 1]]:
+            if out[p] > out[u]:
+                out[u] = out[p]
+    machine = np.array(out, dtype=np.int64)
+    machine[problem.pin == PIN_LAST] = m - 1
+    return machine
 
 
 def _sub_problem(problem: Problem, machine: np.ndarray, mid: int, stages: range, part: np.ndarray) -> Problem:
@@ -169,6 +210,10 @@ def _sub_problem(problem: Problem, machine: np.ndarray, mid: int, stages: range,
         pin[pin == PIN_FIRST] = 0
     if s1 < problem.k:
         pin[pin == PIN_LAST] = 0
+    if n_sub > 1 and pin[0] != PIN_LAST and pin[-1] != PIN_FIRST:
+        # The first unit stands for the earlier machines and the last for the later ones: pinned
+        # to the machine's first and last stage, the pricing stays exact in any order of the part.
+        pin[0], pin[-1] = PIN_FIRST, PIN_LAST
     # Edges inside the part (CSR), for a well-formed Problem; the DP reads only the values.
     src = np.repeat(np.arange(problem.num_units), np.diff(problem.succ_ptr))
     inside = (local[src] >= 0) & (local[problem.succ] >= 0)
@@ -187,7 +232,7 @@ def _sub_problem(problem: Problem, machine: np.ndarray, mid: int, stages: range,
                    link=problem.link[s0:s1, s0:s1], objective="pipeline")
 
 
-def _stages_within(problem: Problem, machines: tuple[range, ...], machine: np.ndarray) -> np.ndarray | None:
+def _stages_within(problem: Problem, machines: tuple[range, ...], machine: np.ndarray, seed: int) -> np.ndarray | None:
     """Step 3: the exact DP inside each machine's part; None when a part cannot hold its stages."""
     pos = np.empty(problem.num_units, dtype=np.int64)
     pos[problem.order] = np.arange(problem.num_units)
@@ -198,8 +243,10 @@ def _stages_within(problem: Problem, machines: tuple[range, ...], machine: np.nd
             return None
         part = part[np.argsort(pos[part], kind="stable")]
         sub = _sub_problem(problem, machine, mid, stages, part)
+        exact_any_order = part.size == 1 or (sub.pin[0] == PIN_FIRST and sub.pin[-1] == PIN_LAST)
         try:
-            stage[part] = stages.start + dp_split(sub)
+            # metis_partition searches orders of the part (its first candidate is the DP over this one).
+            stage[part] = stages.start + (metis_partition(sub, seed) if exact_any_order else dp_split(sub))
         except PartitionError:
             return None
     return stage
@@ -212,7 +259,7 @@ def _machine_of_stage(machines: tuple[range, ...], k: int) -> np.ndarray:
     return out
 
 
-def _improve(problem: Problem, machines: tuple[range, ...], stage: np.ndarray) -> np.ndarray:
+def _improve(problem: Problem, machines: tuple[range, ...], stage: np.ndarray, seed: int) -> np.ndarray:
     """Step 4: the flat DP over the stages' order, refine, the per-machine DP; while it helps."""
     of_stage = _machine_of_stage(machines, problem.k)
     best, best_score = stage, _score(problem, stage)
@@ -224,7 +271,7 @@ def _improve(problem: Problem, machines: tuple[range, ...], stage: np.ndarray) -
             pass
         if problem.num_units <= _REFINE_LIMIT:
             trials.append(refine(problem, trials[-1] if trials else best))
-        within = _stages_within(problem, machines, of_stage[trials[-1] if trials else best])
+        within = _stages_within(problem, machines, of_stage[trials[-1] if trials else best], seed)
         if within is not None:
             trials.append(within)
         improved = False
@@ -256,27 +303,34 @@ def hierarchical_search(problem: Problem, seed: int = 0) -> HierarchicalResult:
         return HierarchicalResult(stage=stage, machines=machines, winner="flat", bottleneck=bottleneck,
                                   candidates=(("flat", bottleneck),))
     names, stages = [], []
-    try:
-        flat = dp_split(problem)
-        names.append("flat dp")
-        stages.append(_improve(problem, machines, flat))
-    except PartitionError:
-        pass  # no split of the graph's own order fits memory; the machine parts may
+    for name, flat_search in (("flat dp", lambda: dp_split(problem)), ("flat metis", lambda: metis_partition(problem, seed))):
+        try:
+            flat = flat_search()
+        except PartitionError:
+            continue  # no split of the graph's own order fits memory; the machine parts may
+        names.append(name)
+        stages.append(flat)
     m = len(machines)
     seen: set[bytes] = set()
-    if problem.num_units >= 2 * m:
+    for parts in (m, 2 * m):
+        if problem.num_units < 2 * parts:
+            break
         for ufactor in _UFACTORS:
-            for s in range(seed, seed + _SEEDS):
-                machine = _machine_of(problem, _machine_labels(problem, machines, seed=s, ufactor=ufactor), m)
-                if machine.tobytes() in seen:
-                    continue
-                seen.add(machine.tobytes())
-                stage = _stages_within(problem, machines, machine)
-                if stage is None:
-                    continue
-                names.append(f"metis m={m} ufactor={ufactor} seed={s}")
-                stages.append(_improve(problem, machines, stage))
+            labels = _machine_labels(problem, machines, parts=parts, seed=seed, ufactor=ufactor)
+            machine = _machine_of(problem, labels, m)
+            if machine.tobytes() in seen:
+                continue
+            seen.add(machine.tobytes())
+            stage = _stages_within(problem, machines, machine, seed)
+            if stage is None:
+                continue
+            names.append(f"metis parts={parts} ufactor={ufactor}")
+            stages.append(stage)
     scores = [_score(problem, st) for st in stages]
+    # Step 4 on the best few only: it costs several searches per candidate.
+    for i in sorted(range(len(stages)), key=lambda i: (scores[i][0], scores[i][1], i))[:_IMPROVE]:
+        stages[i] = _improve(problem, machines, stages[i], seed)
+        scores[i] = _score(problem, stages[i])
     if not stages or not np.isfinite(min(sc[0] for sc in scores)):
         raise PartitionError(f"no hierarchical split of the {problem.num_units} units over {m} machines "
                              f"({problem.k} stages) fits the memory limits; use more stages or larger devices")
