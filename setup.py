@@ -15,6 +15,7 @@ setup(
         "torch>=2.4",
         "networkx>=3.0",
         "pymetis>=2023.1",
+        "scipy>=1.9",  # the milp partitioner (scipy.optimize.milp, HiGHS)
         "numpy>=1.24",
         "rich>=13.0",
     ],

@@ -10,14 +10,12 @@ import networkx as nx
 import numpy as np
 import pytest
 
-pytest.importorskip("scipy")
-
-import fxshard  # noqa: E402
-from fxshard.errors import PartitionError  # noqa: E402
-from fxshard.passes.partition import build_problem, partition_graph, partition_problem  # noqa: E402
-from fxshard.passes.partition.evaluate import evaluate, is_acyclic  # noqa: E402
-from fxshard.passes.partition.instances import load_tarnawski  # noqa: E402
-from fxshard.passes.partition.milp import MAX_UNITS, milp_solve  # noqa: E402
+import fxshard
+from fxshard.errors import PartitionError
+from fxshard.passes.partition import build_problem, partition_graph, partition_problem
+from fxshard.passes.partition.evaluate import evaluate, is_acyclic
+from fxshard.passes.partition.instances import load_tarnawski
+from fxshard.passes.partition.milp import MAX_UNITS, milp_solve
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "dnn-partitioning"
 
