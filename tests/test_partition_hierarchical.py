@@ -67,8 +67,10 @@ def test_strictly_better_than_flat_dp_when_the_order_must_change():
     problem = build_problem(g, 4, link=link)
     result = H.hierarchical_search(problem)
     flat = evaluate(problem, dp_split(problem)).bottleneck
-    assert result.winner.startswith(("metis", "flat metis"))
     assert result.bottleneck < 0.5 * flat
+    # The METIS machine parts find the chain-by-chain order on their own, not only via metis's search.
+    parts = dict(result.candidates)
+    assert parts["metis parts=2 ufactor=30"] == pytest.approx(result.bottleneck)
     part = fxshard.partition_graph(g, 4, partitioner="hierarchical", link=link)
     assert part.bottleneck == pytest.approx(result.bottleneck)
     machine_of = {v: s // 2 for v, s in part.stage_of.items()}
@@ -77,9 +79,9 @@ def test_strictly_better_than_flat_dp_when_the_order_must_change():
     assert machine_of["a0"] != machine_of["b0"]
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize(("machines", "per", "factor"), [(2, 2, 10.0), (2, 4, 30.0), (3, 2, 4.0)])
-def test_valid_and_never_worse_than_dp(seed, machines, per, factor):
+def test_valid_and_never_worse_than_dp_or_metis(seed, machines, per, factor):
     g = branchy_dag(90, seed)
     k = machines * per
     first, last = min(g.nodes), max(g.nodes)
@@ -97,6 +99,8 @@ def test_valid_and_never_worse_than_dp(seed, machines, per, factor):
     assert len({hier.stage_of[v] for v in (10, 11, 12)}) == 1
     assert max(hier.stage_memory) <= 1.6 * total / k * (1 + 1e-9)
     assert hier.bottleneck <= dp.bottleneck * (1 + 1e-12)
+    metis = fxshard.partition_graph(g, k, partitioner="metis", seed=seed, **kwargs)
+    assert hier.bottleneck <= metis.bottleneck * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("seed", range(3))
