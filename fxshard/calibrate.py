@@ -29,7 +29,7 @@ from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_bat
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
-from fxshard.cost_models.profiled import median_time
+from fxshard.cost_models.profiled import median_time, stopwatch
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
@@ -184,7 +184,13 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
     bwd = 0.0  # a stage whose outputs need no gradient has no backward
     if tensors:
         grads = [torch.ones_like(t) for t in tensors]
-        bwd = measure(lambda: torch.autograd.backward(tensors, grads, retain_graph=True))
+        try:
+            bwd = measure(lambda: torch.autograd.backward(tensors, grads, retain_graph=True))
+        except RuntimeError as e:
+            if "backward" not in str(e):
+                raise
+            # Selective checkpointing allows one backward per forward: a fresh forward each time.
+            bwd = _fresh_backwards(forward, device, warmup, repeats)
     del tensors
     with torch.no_grad():
         outputs = module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
@@ -192,9 +198,23 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
     return fwd, bwd, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
 
 
+def _fresh_backwards(forward: Callable[[], tuple[Any, list[torch.Tensor]]], device: torch.device, warmup: int,
+                     repeats: int) -> float:
+    """Median seconds of one backward, each after its own untimed forward."""
+    samples = []
+    for i in range(warmup + repeats):
+        _, tensors = forward()
+        grads = [torch.ones_like(t) for t in tensors]
+        elapsed = stopwatch(device)
+        torch.autograd.backward(tensors, grads)
+        if i >= warmup:
+            samples.append(elapsed())
+    return statistics.median(samples)
+
+
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
               warmup: int = 2, repeats: int = 5, profiled: bool = True,
-              checkpointing: str | None = None) -> CalibrationReport:
+              checkpointing: str | None = None, fit: bool = True) -> CalibrationReport:
     """Measure each of ``plan``'s stages on one local device and compare with predictions.
 
     Args:
@@ -207,6 +227,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
             micro-batch, and every node alone for the roofline fit: slower).
         checkpointing: run and price every stage under this activation-checkpointing policy
             ("none", "selective", "full"); default: each stage's policy in ``plan``.
+        fit: with ``profiled``, also time every node alone and fit the roofline factors.
 
     Raises:
         ExecutionError: a model on the meta device (nothing real to run), or an unknown policy.
@@ -260,18 +281,18 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         profiled_s=(measured_profile.fwd_time_s + measured_profile.bwd_time_s) if measured_profile else None,
         measured_peak_bytes=peak, predicted_peak_bytes=None, analytical_fwd_s=analytical.fwd_time_s,
         profiled_fwd_s=measured_profile.fwd_time_s if measured_profile else None)
-    fit, kernels = None, ()
-    if measured_profile is not None:  # the roofline is fitted to nodes timed alone, at the captured batch
+    fitted, kernels = None, ()
+    if measured_profile is not None and fit:  # the roofline is fitted to nodes timed alone, at the captured batch
         kernels = estimate(captured, spec, cost_model=ProfiledCostModel(device=dev, method="nodes", warmup=warmup,
                                                                         repeats=repeats, batch_fraction=1.0))
         node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in kernels]
         try:
-            fit = fit_factors([c.work for c in kernels], node_times, spec)
+            fitted = fit_factors([c.work for c in kernels], node_times, spec)
         except CostModelError:
-            fit = None  # too few kernels to fit anything
+            fitted = None  # too few kernels to fit anything
         kernels = tuple(_kernel_row(c) for c in kernels if c.fwd_time_s > 0 or c.bwd_time_s > 0)
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
-                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fit,
+                             microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fitted,
                              checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",
                              threads=profiler.threads_used or torch.get_num_threads(), kernels=kernels)
 

@@ -170,5 +170,32 @@ def test_stages_run_and_are_priced_under_activation_checkpointing():
     assert any(f.analytical_s > p.analytical_s for f, p in zip(full.stages, plain.stages))
     assert [f.analytical_fwd_s for f in full.stages] == [p.analytical_fwd_s for p in plain.stages]
     assert all(s.measured_bwd_s > 0 for s in full.stages)
+    selective = calibrate(captured, plan, z.example_inputs, repeats=1, warmup=0, profiled=False,
+                          checkpointing="selective")  # one backward per forward: timed after fresh forwards
+    assert all(s.measured_bwd_s > 0 for s in selective.stages)
     with pytest.raises(ExecutionError, match="checkpointing='most'"):
         calibrate(captured, plan, z.example_inputs, checkpointing="most")
+
+
+@pytest.mark.slow  # about 4 s alone, 11 s on a loaded 2-core machine
+def test_gpu_calibration_script_quick_path(tmp_path):
+    """The GPU run's script, on one tiny model and the selective-checkpointing variant (whose
+    backward needs a fresh forward each time), its budget spent before the overhead step."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_calibration.py"
+    spec = importlib.util.spec_from_file_location("gpu_calibration", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path), "--quick", "--models", "gpt2-medium", "--variants", "selective",
+                        "--repeats", "1", "--budget-s", "0.5"]) == 0
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    result = doc["models"]["gpt2-medium"]
+    assert result["plan"]["stages"] == 4
+    variant = result["variants"]["selective"]
+    assert "error" not in variant, variant.get("error")
+    assert variant["checkpointing"] == "selective" and len(variant["stage_rows"]) == 5
+    assert all(r["measured_bwd_s"] > 0 for r in variant["stage_rows"])
+    assert "skipped" in result["overhead"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-medium.png", "summary.json", "summary.md"]

@@ -47,7 +47,7 @@ from fxshard.modules import has_meta_state
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
 
-__all__ = ["ProfiledCostModel", "check_local", "median_time"]
+__all__ = ["ProfiledCostModel", "check_local", "median_time", "stopwatch"]
 
 _SKIP_OPS = ("placeholder", "get_attr", "output")
 
@@ -202,12 +202,12 @@ def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, rep
     batch, samples = 1, []
     for i in range(repeats):
         calls, elapsed = 0, 0.0
-        stopwatch = _stopwatch(device)
+        clock = stopwatch(device)
         while (elapsed < min_sample_s or elapsed <= 0) and calls < _MAX_CALLS_PER_SAMPLE:
             for _ in range(batch):
                 fn()
             calls += batch
-            elapsed = stopwatch()
+            elapsed = clock()
         if elapsed <= 0:
             raise CostModelError(f"timing on {device}: the clock did not move in {calls:,} calls of {fn!r:.60}; "
                                  f"check the clock, or use cost_model='analytical'")
@@ -217,7 +217,7 @@ def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, rep
     return statistics.median(samples)
 
 
-def _stopwatch(device: torch.device) -> Callable[[], float]:
+def stopwatch(device: torch.device) -> Callable[[], float]:
     """Start timing now; the returned function gives the seconds since (synchronising CUDA)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
