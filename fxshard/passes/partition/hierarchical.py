@@ -9,17 +9,18 @@ that needs. The flat DP splits one order optimally but cannot change the order. 
    ``max(link[s, s+1], link[s+1, s]) <= 1``: ``placement`` (passes/cost_graph.py) measures factors
    against the intra-machine link, so 1 means the same machine and 0 the same device; anything
    above 1 is a slower, inter-machine link. One machine: the flat search (``metis``) runs instead.
-2. **Machine parts**: pymetis cuts the undirected unit graph into m parts, one per machine, edge
-   weight = communication x the mean inter-machine factor, vertex weights compute and memory,
-   target weights each machine's total speed; several seeds and imbalance factors. Each
-   labelling is repaired into an acyclic order of parts: parts ranked in a topological order of
-   the part graph (mean topological position among parts on a cycle), units pushed forward to
-   their predecessors' machine.
-3. **Stages within machines**: for each machine, the exact DP (dp.py) splits the machine's units,
-   in topological order, over its stages, with its speeds, memory limits and links. Under the
-   ``pipeline`` objective the sub-problem is exact: values from earlier machines enter at the
-   machine's first unit, values for later machines leave from its last, and the fixed cost of
-   the machine boundaries is charged to the first and last stage.
+2. **Machine parts**: pymetis cuts the undirected unit graph into m parts (and 2m, two per
+   machine), edge weight = communication x the mean inter-machine factor, vertex weights compute
+   and memory, target weights each machine's total speed, two imbalance factors. Each labelling
+   is repaired into an acyclic order of parts: parts ranked in a topological order of the part
+   graph (mean topological position among parts on a cycle), squeezed onto the m machines in
+   that order, units pushed forward to their predecessors' machine.
+3. **Stages within machines**: each machine's units form a sub-problem over its stages, with its
+   speeds, memory limits and links, priced exactly under the ``pipeline`` objective: values from
+   earlier machines enter at the part's first unit (in topological order), values for later
+   machines leave from its last, those two units are pinned to the machine's first and last
+   stage, and the fixed cost of the machine boundaries is charged to them. ``metis_partition``
+   solves it: the exact DP (dp.py) over the part's own order, and its search over other orders.
 4. **Refinement**: the flat exact DP over the order the machine parts define (which contains
    step 3's split, so is no worse), then ``refine.refine`` (single-unit moves across the
    bottleneck's boundaries, machine boundaries included), then step 3 again on the moved
