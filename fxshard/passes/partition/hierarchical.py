@@ -21,6 +21,8 @@ that needs. The flat DP splits one order optimally but cannot change the order. 
    machines leave from its last, those two units are pinned to the machine's first and last
    stage, and the fixed cost of the machine boundaries is charged to them. ``metis_partition``
    solves it: the exact DP (dp.py) over the part's own order, and its search over other orders.
+   Under ``direct`` the sub-problem keeps the ``pipeline`` pricing (a heuristic there); every
+   candidate is scored on the real objective.
 4. **Refinement**: the flat exact DP over the order the machine parts define (which contains
    step 3's split, so is no worse), then ``refine.refine`` (single-unit moves across the
    bottleneck's boundaries, machine boundaries included), then step 3 again on the moved
