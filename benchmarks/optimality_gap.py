@@ -10,6 +10,9 @@ Two suites, one row per (instance, partitioner):
   ones, so branches fork and join), 30..150 nodes, k = 3..6, both objectives, every other one with a
   memory limit of 1.3x the even share.
 
+A third suite, ``scale`` (not in ``all``), times the MILP alone on ``random_dag`` graphs of 100..600 nodes,
+k = 4 and 6, both objectives, with the unit limit lifted: where it proves optimality, and how long it takes.
+
 For each instance the MILP (:func:`fxshard.passes.partition.milp.milp_solve`) runs first, within the time
 limit; ``gap %`` is a partitioner's bottleneck over the MILP's best value, minus one. Where the MILP stopped
 at the time limit, its best value may itself be above the optimum: the table then also gives the proven
@@ -20,6 +23,7 @@ Usage::
     python benchmarks/optimality_gap.py                      # both suites (a few minutes)
     python benchmarks/optimality_gap.py --suite public       # the public instances (~10 s)
     python benchmarks/optimality_gap.py --md out.md --csv out.csv --time-limit 60
+    python benchmarks/optimality_gap.py --suite scale --time-limit 60   # the MILP's own time against size
 
 Results: docs/benchmarks.md, "Optimality gap".
 """
@@ -43,11 +47,12 @@ from fxshard.passes.partition import Problem, build_problem, partition_problem
 from fxshard.passes.partition.instances import load_tarnawski
 from fxshard.passes.partition.milp import MilpResult, milp_solve
 
-__all__ = ["Row", "main", "public_instances", "random_dag", "random_instances", "run"]
+__all__ = ["Row", "main", "public_instances", "random_dag", "random_instances", "run", "run_scale"]
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "dnn-partitioning"
 PUBLIC = ("bert24_inference", "gnmt_inference", "inceptionv3_inference", "resnet50_inference")
 RANDOM_SIZES = (30, 60, 100, 150)
+SCALE_SIZES = (100, 200, 300, 400, 600)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,9 +192,29 @@ def markdown(rows: Sequence[Row], names: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+def run_scale(time_limit: float) -> tuple[str, list[dict]]:
+    """The MILP alone on ``random_dag(n, seed=n)``: status, proven gap and seconds against size."""
+    rows = []
+    for n in SCALE_SIZES:
+        graph = random_dag(n, seed=n)
+        for objective in ("pipeline", "direct"):
+            for k in (4, 6):
+                r = milp_solve(build_problem(graph, k, objective=objective), time_limit=time_limit,
+                               max_units=max(SCALE_SIZES))
+                rows.append(dict(units=n, k=k, objective=objective, status=r.status, value=r.objective,
+                                 bound=r.bound, gap_pct=r.gap * 100, seconds=r.seconds, variables=r.variables,
+                                 constraints=r.constraints))
+                print(f"  scale n={n} k={k} {objective}: {r.status} ({r.seconds:.1f} s)", file=sys.stderr, flush=True)
+    lines = [f"Machine: {machine()}", "", "| units | k | objective | status | value | bound | gap % | seconds | "
+             "variables | constraints |", "|---" * 10 + "|"]
+    lines += [f"| {r['units']} | {r['k']} | {r['objective']} | {r['status']} | {r['value']:.4f} | {r['bound']:.4f} | "
+              f"{r['gap_pct']:.2f} | {r['seconds']:.1f} | {r['variables']} | {r['constraints']} |" for r in rows]
+    return "\n".join(lines) + "\n", rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("public", "random", "all"), default="all")
+    parser.add_argument("--suite", choices=("public", "random", "all", "scale"), default="all")
     parser.add_argument("--time-limit", type=float, default=30.0, help="seconds per MILP solve (default 30)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the dnn-partitioning directory")
     parser.add_argument("--partitioners", nargs="*", help="default: every registered one but milp")
@@ -197,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
     names = args.partitioners or [p for p in fxshard.partitioners() if p != "milp"]
+    if args.suite == "scale":
+        text, table = run_scale(args.time_limit)
+        publish(text, table, md=args.md, csv_path=args.csv)
+        return
     rows: list[Row] = []
     if args.suite in ("public", "all"):
         rows += run(public_instances(args.data), "public", names, args.time_limit)
