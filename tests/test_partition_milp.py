@@ -155,3 +155,21 @@ def test_public_instance_bert24():
     result = milp_solve(problem)
     assert result.status == "optimal"
     assert result.objective == pytest.approx(17.790, abs=1e-3)  # the README's optimum
+
+
+@pytest.mark.parametrize("factor", [1.0, 1e-9])
+def test_public_instance_gnmt_in_any_time_unit(factor):
+    # Costs in seconds instead of milliseconds, memory in other units: the same optimum (the model
+    # is normalised, so HiGHS's absolute tolerances do not swallow tiny costs).
+    inst = load_tarnawski(DATA / "gnmt_inference.json")
+    g = inst.graph.copy()
+    for _, d in g.nodes(data=True):
+        d["compute"] *= factor
+        d["memory"] /= factor
+    for _, _, d in g.edges(data=True):
+        d["comm"] *= factor
+    problem = build_problem(g, inst.k, memory_limit=inst.memory_limit / factor, objective="direct")
+    result = milp_solve(problem)
+    assert result.status == "optimal"
+    assert result.objective == pytest.approx(32.9107 * factor, rel=1e-5)
+    assert result.objective < partition_problem(problem, "dp").bottleneck

@@ -150,12 +150,15 @@ def _structure(model: _Model, x: _Cumulative, problem: Problem) -> None:
         const = sum(x.on(count, u, s, 1.0) for u in range(n))
         model.add_row(count, 1.0 - const, math.inf)
         if math.isfinite(problem.mem_limit[s]):
+            # In fractions of the limit, so that HiGHS's absolute tolerances mean the same for bytes.
+            limit = float(problem.mem_limit[s])
             mem: dict[int, float] = {}
-            const = sum(x.on(mem, u, s, float(problem.memory[u])) for u in range(n) if problem.memory[u])
-            model.add_row(mem, -math.inf, float(problem.mem_limit[s]) * (1 + 1e-12) - const)
+            const = sum(x.on(mem, u, s, float(problem.memory[u]) / limit) for u in range(n) if problem.memory[u])
+            model.add_row(mem, -math.inf, (1 + 1e-12) - const)
 
 
-def _pipeline_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[dict[int, float]]) -> None:
+def _pipeline_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[dict[int, float]],
+                   unit: float) -> None:
     """y[v, s] >= X[p, s] - X[c, s] for each consumer c: the value crosses boundary s|s+1."""
     k = problem.k
     for v in np.flatnonzero(problem.val_comm > 0):
@@ -164,12 +167,13 @@ def _pipeline_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[
         for s in range(k - 1):
             for c in _consumers(problem, v):
                 model.add_row({y + s: 1.0, x.col(p, s): -1.0, x.col(c, s): 1.0}, 0.0, math.inf)
-            cost = comm * float(problem.link[s, s + 1])
+            cost = comm * float(problem.link[s, s + 1]) / unit
             loads[s][y + s] = cost  # send
             loads[s + 1][y + s] = cost  # receive
 
 
-def _direct_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[dict[int, float]]) -> None:
+def _direct_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[dict[int, float]],
+                 unit: float) -> None:
     """Receives and sends of the ``direct`` objective; per-pair link factors need product terms."""
     k = problem.k
     forward = problem.link[np.triu_indices(k, 1)]
@@ -177,7 +181,7 @@ def _direct_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[di
     for v in np.flatnonzero(problem.val_comm > 0):
         p, comm, consumers = problem.val_src[v], float(problem.val_comm[v]), _consumers(problem, v)
         if uniform:
-            cost = comm * float(forward[0]) if forward.size else 0.0
+            cost = comm * float(forward[0]) / unit if forward.size else 0.0
             recv = model.add_vars(k, 0.0, 1.0, False)
             send = model.add_vars(k, 0.0, 1.0, False)
             for s in range(k):
@@ -199,7 +203,7 @@ def _direct_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[di
         w = model.add_vars(len(pairs), 0.0, 1.0, False)
         send = model.add_vars(k, 0.0, math.inf, False)
         for i, (s, d) in enumerate(pairs):
-            cost = comm * float(problem.link[s, d])
+            cost = comm * float(problem.link[s, d]) / unit
             for c in consumers:
                 terms = {w + i: 1.0}
                 const = x.on(terms, p, s, -1.0) + x.on(terms, c, d, -1.0)
@@ -210,8 +214,17 @@ def _direct_comm(model: _Model, x: _Cumulative, problem: Problem, loads: list[di
             loads[s][send + s] = 1.0
 
 
-def _build(problem: Problem, upper: float) -> tuple[_Model, _Cumulative, int]:
-    """The whole model; returns it, the X columns and the column of T."""
+def _time_unit(problem: Problem) -> float:
+    """The time every cost is divided by, so T is about 1 whatever the graph's units (seconds, ms)."""
+    bound = lower_bound(problem)
+    if bound > 0:
+        return bound
+    largest = float(max(problem.compute.max(initial=0.0), problem.val_comm.max(initial=0.0)))
+    return largest if largest > 0 else 1.0
+
+
+def _build(problem: Problem, upper: float, unit: float) -> tuple[_Model, _Cumulative, int]:
+    """The whole model, costs in ``unit``; returns it, the X columns and the column of T."""
     model = _Model()
     x = _Cumulative(model, problem)
     _structure(model, x, problem)
@@ -222,10 +235,10 @@ def _build(problem: Problem, upper: float) -> tuple[_Model, _Cumulative, int]:
         speed = float(problem.speeds[s])
         for u in range(problem.num_units):
             if problem.compute[u]:
-                consts[s] += x.on(loads[s], u, s, float(problem.compute[u]) / speed)
+                consts[s] += x.on(loads[s], u, s, float(problem.compute[u]) / speed / unit)
     if problem.val_src.size:
-        (_pipeline_comm if problem.objective == "pipeline" else _direct_comm)(model, x, problem, loads)
-    t = model.add_vars(1, lower_bound(problem), upper, False)
+        (_pipeline_comm if problem.objective == "pipeline" else _direct_comm)(model, x, problem, loads, unit)
+    t = model.add_vars(1, lower_bound(problem) / unit, upper / unit, False)
     for s in range(k):
         loads[s][t] = -1.0
         model.add_row(loads[s], -math.inf, -consts[s])
@@ -295,7 +308,8 @@ def milp_solve(problem: Problem, *, time_limit: float = 30.0, mip_rel_gap: float
         # dp reached the lower bound: nothing to prove
         return MilpResult(stage=dp_stage, objective=dp_value, bound=dp_value, gap=0.0, status="optimal",
                           seconds=time.perf_counter() - start, variables=0, constraints=0)
-    model, x, t = _build(problem, dp_value * (1 + 1e-9) if math.isfinite(dp_value) else math.inf)
+    unit = _time_unit(problem)
+    model, x, t = _build(problem, dp_value * (1 + 1e-9) if math.isfinite(dp_value) else math.inf, unit)
     cost = np.zeros(len(model.lb))
     cost[t] = 1.0
     a = csr_array((model.vals, (model.rows, model.cols)), shape=(len(model.lo), len(model.lb)))
@@ -310,11 +324,11 @@ def milp_solve(problem: Problem, *, time_limit: float = 30.0, mip_rel_gap: float
         found = (problem.k - 1 - xs.sum(axis=1)).astype(np.int64)
         found_value = _bottleneck_if_valid(problem, found)
         if found_value <= value:
-            stage, value, model_value = found, found_value, float(res.x[t])
+            stage, value, model_value = found, found_value, float(res.x[t]) * unit
     bound = lower_bound(problem)
     dual = getattr(res, "mip_dual_bound", None)
     if res.status in (0, 1) and dual is not None and math.isfinite(dual):
-        bound = max(bound, float(dual))
+        bound = max(bound, float(dual) * unit)
     if stage is None:
         status = "infeasible" if res.status == 2 else "time_limit"
         bound = math.inf if res.status == 2 else bound
