@@ -4,7 +4,7 @@ the raw per-node times the roofline factors are fitted to, and compile overhead.
 
 Run it once on the GPU machine (it also runs on a CPU, with --quick, as a smoke test):
 
-    python benchmarks/gpu_calibration.py --out $OUT                  # GPU: realistic sizes, ~7 min on an H200
+    python benchmarks/gpu_calibration.py --out $OUT                  # GPU: realistic sizes, 6-8 min on an H200
     python benchmarks/gpu_calibration.py --out /tmp/cal --quick      # CPU smoke test
 
 For each model (GPT-2 medium, a LLaMA-style decoder of ~0.9B parameters in bf16 with SDPA
@@ -20,8 +20,10 @@ roofline factors are fitted to) and the fitted factors. Then training throughput
 device (median steps/s). Files under ``--out`` (flat, 6 in all): ``summary.json`` (everything),
 ``summary.md`` (the tables) and one predicted-against-measured ``<model>.png`` per model.
 
-Each model gets ``--budget-s`` seconds: a step (but the first variant) that would start after its
-budget is spent is skipped and recorded as skipped, so the whole run keeps to about 4 x budget. Progress goes to
+Each model gets ``--budget-s`` seconds (default 90) and no step starts after ``--deadline-s`` (default
+480) of the whole run: a step (but a model's first variant) that would start later is skipped and
+recorded as skipped, and ``summary.json``/``summary.md`` are rewritten after every model, so a
+run cut short keeps what it measured. Expect 6-8 minutes on an H200. Progress goes to
 stderr, flushed.
 """
 
@@ -173,14 +175,15 @@ def _error(e: BaseException) -> dict:
 
 def run_model(name: str, make: Callable[[], tuple], devices: Any, device: torch.device, *, repeats: int,
               budget_s: float, out: Path, overhead_devices: Any, log: Callable[[str], None],
-              variants: tuple[str, ...] = VARIANTS) -> tuple[dict, list[str]]:
+              variants: tuple[str, ...] = VARIANTS, deadline: float = float("inf")) -> tuple[dict, list[str]]:
     """Every variant and the overhead of one model, each guarded; (results, markdown lines)."""
     start = time.perf_counter()
     result: dict[str, Any] = {"variants": {}, "seconds": {}}
     lines = [f"## {name}", ""]
 
-    def left() -> float:
-        return budget_s - (time.perf_counter() - start)
+    def left() -> float:  # the model's budget, or the whole run's deadline (perf_counter time), whichever is nearer
+        now = time.perf_counter()
+        return min(budget_s - (now - start), deadline - now)
 
     try:
         model, inputs, _ = make()
@@ -201,7 +204,7 @@ def run_model(name: str, make: Callable[[], tuple], devices: Any, device: torch.
         return result, [*lines, f"planning failed: {result['error']['error']}", ""]
     for variant in variants:
         if left() <= 0 and variant != variants[0]:  # the first variant always runs: every model gets one
-            result["variants"][variant] = {"skipped": f"the model's budget of {budget_s:.0f} s was spent"}
+            result["variants"][variant] = {"skipped": f"the model's budget ({budget_s:.0f} s) or the run's deadline was reached"}
             log(f"[{name}] {variant}: skipped (budget)")
             continue
         log(f"[{name}] calibrating, activation checkpointing {variant} ({left():.0f} s of budget left)")
@@ -225,7 +228,7 @@ def run_model(name: str, make: Callable[[], tuple], devices: Any, device: torch.
             torch.cuda.empty_cache()
     del model, captured
     if left() <= 0:
-        result["overhead"] = {"skipped": f"the model's budget of {budget_s:.0f} s was spent"}
+        result["overhead"] = {"skipped": f"the model's budget ({budget_s:.0f} s) or the run's deadline was reached"}
         return result, [*lines, "overhead: skipped (budget)", ""]
     log(f"[{name}] overhead")
     t0 = time.perf_counter()
@@ -250,6 +253,9 @@ def _summary_table(models: dict) -> list[str]:
     lines = ["| model | checkpointing | analytical: median abs error, tau | profiled: median abs error, tau |",
              "|---|---|---|---|"]
     for name, res in models.items():
+        if "variants" not in res:
+            why = res.get("skipped") or res.get("error", {}).get("error", "?")
+            lines.append(f"| {name} | - | {why[:80]} | |")
         for variant, doc in res.get("variants", {}).items():
             if "stages" not in doc:
                 lines.append(f"| {name} | {variant} | {doc.get('error', doc.get('skipped', '?'))[:80]} | |")
@@ -269,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models (a CPU smoke test)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=90.0, help="seconds per model (default 90)")
+    parser.add_argument("--deadline-s", type=float, default=480.0,
+                        help="no step starts after this many seconds of the whole run (default 480)")
     parser.add_argument("--models", nargs="+", help="a subset of the models (default: all)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="activation-checkpointing policies to calibrate (default: all three)")
@@ -296,9 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in _models(args.quick, device).items():
         if args.models and name not in args.models:
             continue
+        if time.perf_counter() - started > args.deadline_s:
+            summary["models"][name] = {"skipped": f"the run's deadline of {args.deadline_s:.0f} s had passed"}
+            log(f"[{name}] skipped (deadline)")
+            continue
         result, md = run_model(name, make, devices, device, repeats=args.repeats, budget_s=args.budget_s,
                                out=args.out, overhead_devices=devices if device.type == "cuda" else "4xcpu:64GB",
-                               log=log, variants=tuple(args.variants))
+                               log=log, variants=tuple(args.variants), deadline=started + args.deadline_s)
         summary["models"][name] = result
         body += md
         if device.type == "cuda":
