@@ -44,7 +44,7 @@ from fxshard.simulate import SCHEDULES, SimulationError, StageFigures, StageTimi
 
 __all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "device_capacity", "lever_choices",
            "microbatch_counts", "partition_group", "pipeline_groups", "price_levers", "price_pipeline",
-           "rank_devices", "stage_counts", "unfit"]
+           "rank_devices", "shape_bound", "stage_counts", "unfit"]
 
 MAX_MICROBATCHES = 128  # the most micro-batches the planner tries
 # How torch places a schedule's stages on ranks: one per rank ("flat"), looped (stage s on rank
@@ -304,6 +304,42 @@ def _stage_devices(group: PipelineGroup) -> tuple[tuple[int, ...], ...]:
     if group.placement == "v":  # ZBVZeroBubble: rank r holds stages r and 2 x depth - 1 - r
         return tuple(ranks[s] if s < depth else ranks[2 * depth - 1 - s] for s in range(n_stages))
     return tuple(ranks[s % depth] for s in range(n_stages))  # looped: stage s on rank s % depth
+
+
+def shape_bound(pricer: Pricer, cluster: Cluster, group: PipelineGroup, shape: Shape, opts: PlanOptions) -> float:
+    """A lower bound on the step time of ``shape`` under any partition and any levers, from
+    partition-free figures: W, one micro-batch's compute through the whole model (forward F plus
+    backward) on the group's fastest device; the stages' times t_s sum to at least W, and sends
+    and levers only add. With m micro-batches on ``depth`` ranks:
+
+    - every schedule: micro-batch 0 runs through every stage, so step >= W; the busiest rank
+      does at least m x W / depth;
+    - GPipe: the busiest stage r starts after micro-batch 0 has run the stages before it, runs
+      m forwards, then waits for micro-batch 0's backward to come back from the stages after it
+      (they run all their forwards first), runs m backwards, and micro-batch m-1's backward
+      still crosses the stages before it: step >= W + (m - 1) x t_r >= W + (m - 1) x W / depth
+      (forward only: the same with backward zero);
+    - 1F1B: the same path through the stage r of the largest forward, whose backwards may
+      overlap the wait: step >= W + (m - 1) x F / depth.
+
+    tests/test_plan_scale.py checks it against every simulated step of small searches.
+    """
+    fraction = 1.0 / (shape.replicas * shape.microbatches)
+    specs = {cluster.devices[devs[0]].spec.name: cluster.devices[devs[0]].spec for devs in rank_devices(group)}
+    costs = [pricer.costs(spec, fraction) for _, spec in sorted(specs.items())]
+    work = min(_compute_time(c, opts.training) for c in costs)
+    forward = min(c.fwd_time_s for c in costs)
+    m, depth = shape.microbatches, group.depth
+    bound = max(work, m * work / depth)
+    if shape.schedule == "gpipe" or not opts.training:
+        bound = max(bound, work + (m - 1) * work / depth)
+    elif shape.schedule == "1f1b":
+        bound = max(bound, work + (m - 1) * forward / depth)
+    return bound
+
+
+def _compute_time(costs: GraphCosts, training: bool) -> float:
+    return costs.fwd_time_s + (costs.bwd_time_s if training else 0.0)
 
 
 def unfit(group: PipelineGroup, devices: tuple[tuple[int, ...], ...], why: str, *, schedule: str | None = None,

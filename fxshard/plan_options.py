@@ -38,8 +38,10 @@ class PlanOptions:
     """What to plan for (SPEC: the keyword options of ``fxshard.plan``).
 
     ``activation_checkpointing`` ("none", "selective", "full") and ``data_parallel`` ("ddp":
-    replicas, "fsdp": shards) are the memory levers; None lets the planner choose. See
-    docs/planning.md.
+    replicas, "fsdp": shards) are the memory levers; None lets the planner choose.
+    ``exhaustive=True`` partitions and simulates every pipeline candidate, even those whose
+    lower bound shows they cannot beat the best found (a reference for the pruned search; same
+    plan, slower). See docs/planning.md.
     """
 
     training: bool = True
@@ -56,6 +58,7 @@ class PlanOptions:
     seed: int = 0
     memory_reserve: float = 0.05
     name: str | None = None
+    exhaustive: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, bool):
@@ -78,6 +81,8 @@ class PlanOptions:
         if isinstance(self.cost_model, str) and self.cost_model not in cost_models():
             raise CostModelError(f"cost_model={self.cost_model!r} is not registered; known: "
                                  f"{', '.join(cost_models())} (register your own with fxshard.register_cost_model)")
+        if not isinstance(self.exhaustive, bool):
+            raise PlanError(f"exhaustive={self.exhaustive!r}; use True (simulate every candidate) or False")
         if not 0 <= self.memory_reserve < 1:
             raise PlanError(f"memory_reserve={self.memory_reserve}; it is a fraction of each device, in [0, 1)")
 

@@ -35,6 +35,7 @@ from fxshard.candidates import (
     pipeline_groups,
     price_levers,
     rank_devices,
+    shape_bound,
     stage_counts,
     unfit,
 )
@@ -106,7 +107,8 @@ def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: P
 
 
 def _search(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> list[Priced]:
-    """Every candidate the options allow, best first (those that fit, then by step time)."""
+    """Every candidate the options allow, best first (those that fit, then by step time);
+    pipelines that cannot beat the best found are left out (``opts.exhaustive``: none are)."""
     n = cluster.num_devices
     fixed = pricer.captured.fixed_batch
     candidates: list[Priced] = []
@@ -117,7 +119,7 @@ def _search(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> 
             if 2 <= r <= n:
                 candidates += price_whole_model(pricer, cluster, r, opts)
     if opts.strategy in (None, "pipeline", "hybrid") and n > 1:
-        candidates += _pipelines(pricer, cluster, batch, opts)
+        candidates += _pipelines(pricer, cluster, batch, opts, _best_step(candidates))
     if not candidates:
         raise PlanError(f"strategy={opts.strategy!r} needs more than {n} device(s) and a batch of {batch} that "
                         f"splits; use more devices or strategy=None")
@@ -125,20 +127,40 @@ def _search(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> 
                                              STRATEGY_ORDER[c.strategy], len(c.devices) * c.replicas))
 
 
-def _pipelines(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> list[Priced]:
-    """Each pipeline group partitioned once, then each of its shapes simulated."""
-    out: list[Priced] = []
-    for group in pipeline_groups(cluster.num_devices, batch, opts, pricer.captured.fixed_batch):
+def _best_step(candidates: list[Priced]) -> float:
+    return min((c.step_time_s for c in candidates if c.fits), default=math.inf)
+
+
+def _pipelines(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions, best: float) -> list[Priced]:
+    """Each pipeline group partitioned once, then each of its shapes simulated.
+
+    Groups are searched by their shapes' lower bound (:func:`shape_bound`), most promising
+    first; a group or shape whose bound exceeds the best step time found so far (``best``:
+    the whole-model candidates') can only lose, so it is neither partitioned nor simulated
+    unless ``opts.exhaustive``. The candidates come back in the groups' own order, so ties
+    rank as an exhaustive search ranks them."""
+    groups = list(pipeline_groups(cluster.num_devices, batch, opts, pricer.captured.fixed_batch))
+    bounds = [{shape: shape_bound(pricer, cluster, group, shape, opts) for shape in group.shapes()}
+              for group in groups]
+    found: list[list[Priced]] = [[] for _ in groups]
+    for g in sorted(range(len(groups)), key=lambda g: (min(bounds[g].values(), default=math.inf), g)):
+        group = groups[g]
+        if not opts.exhaustive and min(bounds[g].values(), default=math.inf) > best:
+            continue
         try:
             stage_of, stage_devices = partition_group(pricer, cluster, group, opts)
         except PartitionerError:
             raise  # a broken plug-in partitioner, not a model that does not fit
         except PartitionError as e:
-            out.append(unfit(group, rank_devices(group), str(e)))
+            found[g].append(unfit(group, rank_devices(group), str(e)))
             continue
-        for shape in group.shapes():
-            out += price_levers(pricer, cluster, group, stage_of, stage_devices, shape, opts)
-    return out
+        for shape, bound in bounds[g].items():
+            if not opts.exhaustive and bound > best:
+                continue
+            priced = price_levers(pricer, cluster, group, stage_of, stage_devices, shape, opts)
+            found[g] += priced
+            best = min(best, _best_step(priced))
+    return [c for group_found in found for c in group_found]
 
 
 def _device_name(cluster: Cluster, d: int) -> str:

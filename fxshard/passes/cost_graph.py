@@ -45,8 +45,8 @@ from fxshard.errors import PartitionError
 from fxshard.modules import stack_paths
 from fxshard.passes.partition import Partition, partition_graph
 
-__all__ = ["StateFn", "StagePlacement", "cost_graph", "layer_label", "layer_labels", "partition_model", "placement", "stage_bytes",
-           "state_factor"]
+__all__ = ["StateFn", "StagePlacement", "cost_graph", "layer_label", "layer_labels", "partition_model", "placement",
+           "stage_bytes", "state_factor"]
 
 _SIXTEEN_BIT = ("bfloat16", "float16")
 
@@ -206,13 +206,13 @@ def placement(cluster: Cluster, k: int, *, captured: CapturedGraph | None = None
                 times[spec.name] = g.fwd_time_s + g.bwd_time_s
         speeds = [times[reference.name] / times[s.name] for s in specs]
     ref_link = cluster.intra_link
-    link = np.ones((k, k))
-    for a in range(k):
-        for b in range(k):
-            if chosen[a] == chosen[b]:
-                link[a, b] = 0.0
-            else:
-                link[a, b] = ref_link.bandwidth / cluster.link(chosen[a], chosen[b]).bandwidth
+    # cluster.link(a, b) is free on one device, intra- or inter-machine otherwise: the k x k
+    # factors from those three cases at once (k reaches the cluster's size).
+    device = np.asarray(chosen)
+    machine = np.asarray([cluster.devices[d].machine for d in chosen])
+    link = np.where(machine[:, None] == machine[None, :], ref_link.bandwidth / cluster.intra_link.bandwidth,
+                    ref_link.bandwidth / cluster.inter_link.bandwidth)
+    link[device[:, None] == device[None, :]] = 0.0
     share = {d: chosen.count(d) for d in chosen}
     limits = tuple(float(s.memory_bytes) * (1 - memory_reserve) / share[d] for s, d in zip(specs, chosen))
     return StagePlacement(devices=chosen, speeds=tuple(speeds), memory_limit=limits, link=link,
