@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import math
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
@@ -193,7 +195,7 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
                       compute=np.bincount(unit_of, weights=cols.compute, minlength=u_count),
                       memory=np.bincount(unit_of, weights=cols.memory, minlength=u_count),
                       params=np.bincount(unit_of, weights=cols.params, minlength=u_count), pin=u_pin,
-                      layer=tuple(str(cols.data[group[0]].get("layer", "") or "") for group in members),
+                      layer=_layers(cols.data, members),
                       speeds=_per_stage(speeds, k, "speeds", 1.0, allow_inf=False),
                       mem_limit=_per_stage(memory_limit, k, "memory_limit", math.inf, allow_inf=True),
                       link=_link_matrix(link, k), objective=objective, **dag)
@@ -234,19 +236,17 @@ def _node_columns(graph: nx.DiGraph, nodes: tuple) -> _Columns:
     compute, memory, params = (_column([d.get(key) for d in data], key, lambda i: f"node {nodes[i]!r}")
                                for key in ("compute", "memory", "params"))
     # The successor dicts read directly, in graph.edges order: networkx's views cost a call per edge.
-    counts, dst_list, raw_comm = [], [], []
-    for nbrs in graph._succ.values():
-        counts.append(len(nbrs))
-        dst_list.extend(map(index.__getitem__, nbrs))
-        raw_comm.extend(d.get("comm") for d in nbrs.values())
+    succ = graph._succ
+    counts = list(map(len, succ.values()))
+    dst = np.array([index[v] for nbrs in succ.values() for v in nbrs], dtype=np.int64)
+    raw_comm = [d.get("comm") for nbrs in succ.values() for d in nbrs.values()]
     src = np.repeat(np.arange(n, dtype=np.int64), counts)
-    dst = np.array(dst_list, dtype=np.int64)
     edge_comm = _column(raw_comm, "comm", lambda e: f"edge {nodes[src[e]]!r}->{nodes[dst[e]]!r}")
     comm = np.zeros(n)
     np.maximum.at(comm, src, edge_comm)  # SPEC: the same for every edge out of a node
     pins = np.zeros(n, dtype=np.int64)
-    for i, d in enumerate(data):
-        pin = d.get("pin")
+    raw_pins = [d.get("pin") for d in data]
+    for i, pin in enumerate(raw_pins if _any_set(raw_pins) else ()):
         if pin is not None:
             if pin not in ("first", "last"):
                 raise PartitionError(f"node {nodes[i]!r}: pin={pin!r}; use 'first' or 'last'")
@@ -256,6 +256,19 @@ def _node_columns(graph: nx.DiGraph, nodes: tuple) -> _Columns:
         raise PartitionError(f"the graph has a cycle ({' -> '.join(repr(u) for u, _ in cycle)}); "
                              f"a pipeline needs a DAG")
     return _Columns(data=data, compute=compute, memory=memory, params=params, comm=comm, pins=pins, src=src, dst=dst)
+
+
+def _layers(data: list[dict], members: tuple) -> tuple[str, ...]:
+    """Per unit, the ``layer`` label of its first member ("" if none)."""
+    raw = [d.get("layer") for d in data]
+    if not _any_set(raw):
+        return ("",) * len(members)
+    return tuple(str(raw[group[0]] or "") for group in members)
+
+
+def _any_set(values: list) -> bool:
+    """True if any value is not None (one C-level pass)."""
+    return any(map(operator.is_not, values, itertools.repeat(None)))
 
 
 def _unit_pins(pins: np.ndarray, unit_of: np.ndarray, members: tuple, nodes: tuple, k: int) -> np.ndarray:
@@ -311,8 +324,10 @@ def _units(data: list[dict], src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarr
     """Merge colocated nodes, then merge whatever a path between group members forces in."""
     groups: dict[Hashable, int] = {}
     label = np.arange(len(data))
-    for i, d in enumerate(data):
-        key = d.get("colocate")
+    keys = [d.get("colocate") for d in data]
+    if not _any_set(keys):
+        return label, tuple((i,) for i in range(len(data)))
+    for i, key in enumerate(keys):
         if key is not None:
             try:
                 label[i] = groups.setdefault(key, i)
