@@ -173,13 +173,13 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
 
     total = comp[-1] / problem.speeds.min() + 2 * cross.max() * max(f_link.max(), 1.0)
     hi = total * 1.000001 + 1e-12
-    if sweep(hi, False) is None:
+    guess = _equal_compute_bound(comp, cross, f_link, mem, valid, problem)
+    if (guess is None or guess >= hi) and sweep(hi, False) is None:  # a guess is a split that fits
         raise PartitionError(
             f"no split of the {n} units into {k} contiguous stages fits the memory limits "
             f"({', '.join(f'{x:.4g}' for x in problem.mem_limit)} bytes; the graph needs "
             f"{mem[-1]:.4g}); use more stages or larger devices")
     lo = float(max(comp[-1] / problem.speeds.sum(), 0.0))
-    guess = _equal_compute_bound(comp, cross, f_link, mem, valid, problem)
     if guess is not None and guess < hi:
         hi = guess * (1 + 1e-12) + 1e-300
     for _ in range(200):
