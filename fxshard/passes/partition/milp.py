@@ -2,7 +2,7 @@
 
 Where ``dp`` is exact over the contiguous splits of one topological order, this MILP ranges
 over all assignments of units to stages that keep every edge forward, honour pins and
-memory limits and leave no stage empty (the rule every other partitioner follows), under
+memory limits and leave no stage empty (as ``build_problem`` and ``dp`` require), under
 both objectives exactly as :func:`~fxshard.passes.partition.evaluate.evaluate` scores them.
 It is solved by HiGHS through :func:`scipy.optimize.milp`, within a time limit; when the
 limit stops it, the result carries the best assignment found, the proven lower bound and the
@@ -16,6 +16,8 @@ consumer c iff ``X[p, s] - X[c, s] = 1``. Communication terms are continuous aux
 bounded below by those differences (the maximum over consumers); they are minimised, so at
 an optimum the bottleneck stage pays exactly what ``evaluate`` charges. The objective is
 ``T >= every stage's cost``, with ``T`` between :func:`lower_bound` and the ``dp`` answer.
+Costs are expressed in units of that lower bound and memory in fractions of each limit, so the
+solver's absolute tolerances mean the same whether the graph counts seconds or milliseconds.
 """
 
 from __future__ import annotations
