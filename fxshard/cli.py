@@ -219,7 +219,8 @@ def _check_names(*, partitioners: Sequence[str] = (), schedule: str | None = Non
 
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"training": not args.inference, "optimizer": args.optimizer,
-                               "partitioner": args.partitioner, "cost_model": args.cost_model}
+                               "partitioner": args.partitioner, "cost_model": args.cost_model,
+                               "exhaustive": bool(getattr(args, "exhaustive", False))}
     for name in ("schedule", "microbatches", "strategy", "stages", "activation_checkpointing", "data_parallel"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
@@ -325,7 +326,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fxshard.compare import compare
     from fxshard.passes.partition import partitioners
 
-    names = args.partitioners.split(",") if args.partitioners else partitioners()
+    # milp is an exact solver with a time limit per partition: a reference to ask for by name
+    names = args.partitioners.split(",") if args.partitioners else [n for n in partitioners() if n != "milp"]
     job = _prepare(args, names)
     with _progress(f"planning {job.built.name} on {job.cluster.describe()} per strategy and partitioner"):
         rows = [r.to_dict() for r in compare(job.captured, job.cluster, job.batch, _options(job, args), names)]

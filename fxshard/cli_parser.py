@@ -74,6 +74,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-model", default="analytical", metavar="NAME",
                    help="analytical (default), profiled, or any registered cost model")
     p.add_argument("--inference", action="store_true", help="plan forward only (no gradients or optimizer)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="partition and simulate every pipeline candidate instead of skipping those whose lower "
+                        "bound cannot beat the best found (same plan, slower; a reference)")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +88,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--partitioners", metavar="A,B,C", help="comma-separated names (default: all registered)")
+    p.add_argument("--partitioners", metavar="A,B,C",
+                   help="comma-separated names (default: every registered one but the exact milp, which runs "
+                        "only when named)")
     _json_arg(p, "the rows")
 
 

@@ -173,6 +173,41 @@ def test_compare_rows_have_the_spec_fields(capsys):
     assert sum(r["best"] for r in rows) == 1
 
 
+def test_compare_runs_every_partitioner_but_milp_unless_named(capsys):
+    # milp is an exact solver with a time limit per partition: a reference, run when named.
+    from fxshard.passes.partition import partitioners
+
+    assert main(["compare", "mlp", "--devices", "2xcpu:1GB", "--json", "-"]) == 0
+    names = {r["partitioner"] for r in json.loads(capsys.readouterr().out) if r["partitioner"] is not None}
+    assert names == set(partitioners()) - {"milp"}
+    assert main(["compare", "mlp", "--devices", "2xcpu:1GB", "--partitioners", "milp", "--json", "-"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["partitioner"] for r in rows if r["partitioner"] is not None] == ["milp"]
+
+
+def test_plan_exhaustive_flag_searches_everything_and_picks_the_same_plan(capsys):
+    common = ["plan", "gpt2-tiny", "--devices", "2x4xcpu:64MB", "--batch-size", "8", "--json", "-"]
+    assert main(common) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert main([*common, "--exhaustive"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert (full["strategy"], full["stages"], full["estimate"]) == (pruned["strategy"], pruned["stages"],
+                                                                     pruned["estimate"])
+    assert len(full["alternatives"]) >= len(pruned["alternatives"])
+
+
+def test_exhaustive_flag_reaches_the_plan_options(monkeypatch, capsys):
+    import fxshard.planner
+
+    seen = []
+    real = fxshard.planner.plan_captured
+    monkeypatch.setattr(fxshard.planner, "plan_captured",
+                        lambda c, cl, b, opts: seen.append(opts) or real(c, cl, b, opts))
+    assert main(["plan", "mlp", "--devices", "2xcpu:1GB", "--exhaustive", "--json", "-"]) == 0
+    assert main(["plan", "mlp", "--devices", "2xcpu:1GB", "--json", "-"]) == 0
+    assert [o.exhaustive for o in seen] == [True, False]
+
+
 def test_compare_unknown_partitioner_is_an_error(capsys):
     # Bad usage (exit 2), as the SPEC says; this test pinned exit 1 before issue 12.
     assert main(["compare", "mlp", "--devices", "2xcpu:1GB", "--partitioners", "metis,nope"]) == 2
