@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
@@ -29,7 +28,7 @@ from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_bat
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
-from fxshard.cost_models.profiled import median_time, stopwatch
+from fxshard.cost_models.profiled import step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
@@ -45,7 +44,13 @@ __all__ = ["CalibrationReport", "StageMeasurement", "calibrate", "kendall_tau"]
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageMeasurement:
     """One stage (index -1: the whole model): measured and predicted forward + backward seconds
-    per micro-batch, and peak memory where the device reports it."""
+    per micro-batch, and peak memory where the device reports it.
+
+    ``measured_peak_bytes`` and ``predicted_peak_bytes`` are the same situation, one training
+    step of the stage alone on one micro-batch: weights, their gradients, that micro-batch's
+    saved activations and the largest transient (no optimizer state, no other micro-batch in
+    flight). ``plan_peak_bytes`` is the plan's peak for the stage, with both.
+    """
 
     index: int
     measured_fwd_s: float
@@ -56,6 +61,7 @@ class StageMeasurement:
     predicted_peak_bytes: float | None
     analytical_fwd_s: float = 0.0
     profiled_fwd_s: float | None = None
+    plan_peak_bytes: float | None = None  # the plan's peak: optimizer state, 1F1B's in-flight micro-batches
 
     @property
     def measured_s(self) -> float:
@@ -110,8 +116,9 @@ class CalibrationReport:
         ckpt = f", activation checkpointing {self.checkpointing}" if self.checkpointing != "none" else ""
         lines = [f"Calibration of {self.model} on {self.device} ({self.device_spec}){ckpt}, seconds per micro-batch "
                  f"(fwd + bwd)", "",
-                 "| stage | measured | analytical | error | profiled | error | peak memory (measured / predicted) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| stage | measured | analytical | error | profiled | error | "
+                 "step peak memory (measured / predicted) | plan's peak |",
+                 "|---|---|---|---|---|---|---|---|"]
         for s in (*self.stages, self.whole):
             name = "whole model" if s.index < 0 else str(s.index)
             a_err = (s.analytical_s - s.measured_s) / s.measured_s if s.measured_s else 0.0
@@ -120,7 +127,8 @@ class CalibrationReport:
                    if s.measured_peak_bytes is not None and s.predicted_peak_bytes is not None else "n/a on this device")
             lines.append(f"| {name} | {s.measured_s * 1e3:.3f} ms | {s.analytical_s * 1e3:.3f} ms | {a_err:+.0%} | "
                          + (f"{s.profiled_s * 1e3:.3f} ms | {p_err:+.0%}" if p_err is not None else "- | -")
-                         + f" | {mem} |")
+                         + f" | {mem} | "
+                         + (f"{s.plan_peak_bytes / 2**20:.1f} MiB |" if s.plan_peak_bytes is not None else "- |"))
         for which in ("analytical", "profiled"):
             err, tau = self.median_abs_error(which), self.tau(which)
             if err is not None:
@@ -157,59 +165,29 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
                     repeats: int) -> tuple[float, float, float | None, tuple]:
     """(forward s, backward s, peak bytes or None, outputs) of one module on one micro-batch.
 
-    Forward and backward are each timed directly (backward through a retained graph), never
-    one as the difference of two noisy timings, so neither comes out 0 or negative.
+    Timed as a training step runs (``profiled.step_times``): gradients set to None, a fresh
+    forward, then backward, each timed in the same step. On CUDA the peak is
+    ``max_memory_allocated`` over those steps above what was allocated before them, plus the
+    module's parameter bytes: its weights, gradients, one micro-batch's saved activations and
+    the transients (the previous step's gradients are freed before each step).
     """
-    def measure(fn: Callable[[], Any]) -> float:
-        return median_time(fn, device, warmup=warmup, repeats=repeats)
-
     def leaves() -> list[Any]:
         return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
                 for t in inputs]
 
-    def forward() -> tuple[Any, list[torch.Tensor]]:
-        out = module(*leaves())
-        return out, [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    fwd = measure(lambda: module(*leaves()))
-    peak = None
-    if device.type == "cuda":  # one untimed forward and backward, as training runs them
+    module.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        _, tensors = forward()
-        if tensors:
-            torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-        peak = float(torch.cuda.max_memory_allocated(device) - base)
-    _, tensors = forward()
-    bwd = 0.0  # a stage whose outputs need no gradient has no backward
-    if tensors:
-        grads = [torch.ones_like(t) for t in tensors]
-        try:
-            bwd = measure(lambda: torch.autograd.backward(tensors, grads, retain_graph=True))
-        except RuntimeError as e:
-            if "backward" not in str(e):
-                raise
-            # Selective checkpointing allows one backward per forward: a fresh forward each time.
-            bwd = _fresh_backwards(forward, device, warmup, repeats)
-    del tensors
+    fwd, bwd = step_times(module, leaves, device, warmup=warmup, repeats=repeats)
+    peak = None
+    if device.type == "cuda":
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        peak = float(torch.cuda.max_memory_allocated(device) - base + weights)
     with torch.no_grad():
         outputs = module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
-    module.zero_grad(set_to_none=True)
     return fwd, bwd, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
-
-
-def _fresh_backwards(forward: Callable[[], tuple[Any, list[torch.Tensor]]], device: torch.device, warmup: int,
-                     repeats: int) -> float:
-    """Median seconds of one backward, each after its own untimed forward."""
-    samples = []
-    for i in range(warmup + repeats):
-        _, tensors = forward()
-        grads = [torch.ones_like(t) for t in tensors]
-        elapsed = stopwatch(device)
-        torch.autograd.backward(tensors, grads)
-        if i >= warmup:
-            samples.append(elapsed())
-    return statistics.median(samples)
 
 
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
@@ -273,7 +251,8 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
             profiled_s=(profiled_stages[s].fwd_time_s + profiled_stages[s].bwd_time_s) if profiled_stages else None,
             analytical_fwd_s=pred.fwd_time_s, profiled_fwd_s=profiled_stages[s].fwd_time_s if profiled_stages else None,
             measured_peak_bytes=peak,
-            predicted_peak_bytes=pred.state_bytes + pred.activation_bytes + pred.transient_bytes))
+            predicted_peak_bytes=2.0 * pred.param_bytes + pred.activation_bytes + pred.transient_bytes,
+            plan_peak_bytes=plan.stages[s].peak_memory_bytes))
     fwd, bwd, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
     whole = StageMeasurement(
         index=-1, measured_fwd_s=fwd, measured_bwd_s=bwd,

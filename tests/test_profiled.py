@@ -102,3 +102,23 @@ def test_nodes_method_and_options():
         ProfiledCostModel(method="layers")  # type: ignore[arg-type]
     with pytest.raises(CostModelError, match="batch_fraction=2"):
         ProfiledCostModel(batch_fraction=2)
+
+
+def test_step_times_runs_fresh_training_steps():
+    """Each step: gradients None, a fresh forward, one backward (no replay through a retained graph)."""
+    from fxshard.cost_models.profiled import step_times
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    forwards, grad_was_none = [], []
+    module.register_forward_hook(lambda *_: forwards.append(1))
+    weight = module[0].weight
+    weight.register_hook(lambda g: grad_was_none.append(weight.grad is None))
+    x = torch.randn(4, 8)
+    fwd, bwd = step_times(module, lambda: [x.clone().requires_grad_()], torch.device("cpu"), warmup=1, repeats=3)
+    assert fwd > 0 and bwd > 0
+    assert len(forwards) == len(grad_was_none) >= 4 and all(grad_was_none)  # a backward per forward, onto None
+    assert weight.grad is None
+    with torch.no_grad():
+        fwd, bwd = step_times(module, lambda: [x], torch.device("cpu"), warmup=0, repeats=2)
+    assert fwd > 0 and bwd == 0.0  # nothing needs a gradient: no backward

@@ -47,7 +47,7 @@ from fxshard.modules import has_meta_state
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
 
-__all__ = ["ProfiledCostModel", "check_local", "median_time", "stopwatch"]
+__all__ = ["ProfiledCostModel", "check_local", "median_time", "step_times", "stopwatch"]
 
 _SKIP_OPS = ("placeholder", "get_attr", "output")
 
@@ -124,7 +124,8 @@ class ProfiledCostModel:
         # A graph specialised on its batch runs at the captured batch only: time that, scale linearly.
         scale = fraction if captured.fixed_batch is not None else 1.0
         inputs = _inputs(gm, dev, fraction if scale == 1.0 else 1.0)
-        self.segments = time_segments(gm, inputs, dev, lambda fn: self._time(fn, dev))
+        self.segments = time_segments(gm, inputs, dev, lambda module, make_inputs: step_times(
+            module, make_inputs, dev, warmup=self.warmup, repeats=self.repeats))
         times = [NodeTime(fwd_s=0.0, bwd_s=0.0)] * len(nodes)
         for seg in self.segments:
             members = [index[n] for n in seg.segment.nodes]
@@ -215,6 +216,64 @@ def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, rep
             batch = calls  # the calls one sample needs: later samples read the clock once per that many
         samples.append(elapsed / calls)
     return statistics.median(samples)
+
+
+def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device, *,
+               warmup: int, repeats: int, min_sample_s: float | None = None) -> tuple[float, float]:
+    """Median (forward, backward) seconds of ``module`` in a training step, as training runs it.
+
+    Each step sets the parameters' gradients to None (as ``zero_grad(set_to_none=True)``
+    does, so backward writes them rather than adding), runs a fresh forward on
+    ``make_inputs()`` and then one backward through it (ones as output gradients), timing
+    the two separately in the same step; nothing is replayed through a retained graph (which
+    selective checkpointing forbids and which times an accumulation training does not do).
+    A sample runs steps until each phase has taken ``min_sample_s`` (default: 100 ticks of
+    the clock) and counts seconds per step. Backward is 0 when no output needs a gradient.
+    The gradients are None again on return. See docs/calibration.md.
+
+    Raises:
+        CostModelError: the clock did not move (a broken or frozen clock).
+    """
+    if min_sample_s is None:
+        tick = _CUDA_EVENT_RESOLUTION_S if device.type == "cuda" else time.get_clock_info("perf_counter").resolution
+        min_sample_s = 100 * tick
+    params = list(module.parameters())
+
+    def step() -> tuple[float, float | None]:
+        for p in params:
+            p.grad = None
+        inputs = make_inputs()
+        clock = stopwatch(device)
+        out = module(*inputs)
+        fwd = clock()
+        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        if not tensors:
+            return fwd, None
+        grads = [torch.ones_like(t) for t in tensors]
+        clock = stopwatch(device)
+        torch.autograd.backward(tensors, grads)
+        return fwd, clock()
+
+    try:
+        for _ in range(warmup):
+            step()
+        fwds, bwds = [], []
+        for _ in range(repeats):
+            steps, fwd, bwd, backward = 0, 0.0, 0.0, True
+            while (fwd < min_sample_s or fwd <= 0 or (backward and (bwd < min_sample_s or bwd <= 0))) \
+                    and steps < _MAX_CALLS_PER_SAMPLE:
+                f, b = step()
+                steps, fwd, backward = steps + 1, fwd + f, b is not None
+                bwd += b or 0.0
+            if fwd <= 0 or (backward and bwd <= 0):
+                raise CostModelError(f"timing on {device}: the clock did not move in {steps:,} training steps of "
+                                     f"{type(module).__name__}; check the clock, or use cost_model='analytical'")
+            fwds.append(fwd / steps)
+            bwds.append(bwd / steps)
+    finally:
+        for p in params:
+            p.grad = None
+    return statistics.median(fwds), statistics.median(bwds)
 
 
 def stopwatch(device: torch.device) -> Callable[[], float]:

@@ -4,7 +4,8 @@ The graph is cut into segments: each numbered block (``h.3``, ``layers.17``: the
 module on a node's stack whose name ends in an index, as a ``ModuleList`` or ``Sequential``
 numbers its children) and the runs of nodes between blocks. Each segment becomes its own
 ``GraphModule`` with a private copy of its parameters (materialised when the model is on
-``meta``) and runs forward, then backward through a retained graph, on real values: the
+``meta``) and runs as a training step does (a fresh forward, then backward, gradients set to
+None before each; ``profiled.step_times``), on real values: the
 graph's inputs are random tensors of the captured shapes cut to the micro-batch, and each
 segment's inputs are the previous segments' outputs, so every shape is the one the plan runs.
 Structurally identical segments (a decoder's 80 layers) are timed once. See
@@ -167,15 +168,19 @@ def _leaves(values: Sequence[Any]) -> list[Any]:
     return [pytree.tree_map(leaf, v) for v in values]
 
 
+_StepTimer = Callable[[torch.nn.Module, Callable[[], Sequence[Any]]], tuple[float, float]]
+
+
 def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.device,
-                  timer: Callable[[Callable[[], Any]], float]) -> list[SegmentTime]:
+                  timer: _StepTimer) -> list[SegmentTime]:
     """Each segment of ``gm`` timed forward and backward on the values it receives.
 
     Args:
         gm: the captured graph (parameters real or on meta).
         inputs: one value per placeholder, on ``dev`` (random, cut to the micro-batch).
         dev: where to run.
-        timer: seconds per call of a function (warm-up, repeats, median).
+        timer: ``(module, make_inputs) -> (forward s, backward s)`` of a training step
+            (``profiled.step_times``: fresh forward and backward per step, gradients None).
 
     A segment that cannot run gets ``error`` set, and so do the segments after it that read
     its values (they have nothing to run on).
@@ -222,14 +227,5 @@ def _with_grad(value: Any, node: torch.fx.Node) -> Any:
     return pytree.tree_unflatten([mark(v, m) for v, m in zip(leaves, metas)], spec)
 
 
-def _time_one(module: torch.nn.Module, args: Sequence[Any],
-              timer: Callable[[Callable[[], Any]], float]) -> tuple[float, float]:
-    fwd = timer(lambda: module(*_leaves(args)))
-    result = module(*_leaves(args))
-    tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    bwd = 0.0
-    if tensors:
-        grads = [torch.ones_like(t) for t in tensors]
-        bwd = timer(lambda: torch.autograd.backward(tensors, grads, retain_graph=True))
-    module.zero_grad(set_to_none=True)
-    return fwd, bwd
+def _time_one(module: torch.nn.Module, args: Sequence[Any], timer: _StepTimer) -> tuple[float, float]:
+    return timer(module, lambda: _leaves(args))
