@@ -5,13 +5,19 @@ Four LLaMA-like blocks (RMSNorm, q/k/v/o, SDPA, SwiGLU), 16 wide, run as trainin
 policy), on the CPU with one thread: the difference per forward aten op is the host cost of
 checkpointing, which a GPU step pays too when its kernels are shorter (docs/calibration.md).
 
-    python benchmarks/sac_overhead.py
+    python benchmarks/sac_overhead.py [--device cuda]
+
+On CUDA the tensors are as tiny, so every step is host-bound and the times are host times
+(synchronised at the end of each phase).
 """
-import statistics, time, torch
+import argparse, statistics, time, torch
 import torch.utils.checkpoint as ckpt
 from torch.utils._python_dispatch import TorchDispatchMode
 from fxshard.runtime.checkpointing import _selective_context
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--device", default="cpu")
+dev = torch.device(parser.parse_args().device)
 torch.set_num_threads(1)
 torch.manual_seed(0)
 
@@ -38,8 +44,9 @@ class Count(TorchDispatchMode):
         Count.n += 1
         return func(*args, **(kwargs or {}))
 
-blocks = torch.nn.ModuleList(Block() for _ in range(4))
-x0 = torch.randn(2, 8, 16)
+blocks = torch.nn.ModuleList(Block() for _ in range(4)).to(dev)
+x0 = torch.randn(2, 8, 16, device=dev)
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 def run(policy):
     def f(x):
@@ -65,8 +72,8 @@ for policy in ("none", "full", "selective"):
         for p in blocks.parameters():
             p.grad = None
         x = x0.clone().requires_grad_()
-        t = time.perf_counter(); y = f(x); t1 = time.perf_counter()
-        y.sum().backward(); t2 = time.perf_counter()
+        sync(); t = time.perf_counter(); y = f(x); sync(); t1 = time.perf_counter()
+        y.sum().backward(); sync(); t2 = time.perf_counter()
         if i >= 10:
             fw.append(t1 - t); bw.append(t2 - t1)
     res[policy] = (statistics.median(fw), statistics.median(bw))
