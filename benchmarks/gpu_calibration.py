@@ -12,13 +12,17 @@ attention, the ResNet-50-like CNN, the U-Net) it plans a 4-stage pipeline (``sta
 schedule 1F1B: one stage per rank, 4 micro-batches) and runs ``fxshard.calibrate.calibrate``
 three times: activation checkpointing none, full and selective (each guarded: a failure is
 written into the results and the run goes on). Each gives per-stage forward and backward seconds
-measured on one micro-batch, peak memory per stage on CUDA (``max_memory_allocated``, reset per
-stage) and the analytical and profiled (segment-timed) predictions; the "none" variant also
+measured as a training step runs them (gradients set to None, a fresh forward then backward per
+repeat), peak memory per stage on CUDA (``max_memory_allocated`` over those steps, plus the
+weights) against the predicted peak of the same step (weights + gradients + one micro-batch's
+activations + transient) and the plan's peak (with optimizer state and 1F1B's in-flight
+micro-batches), and the analytical and profiled (segment-timed) predictions; the "none" variant also
 keeps every node's isolated forward and backward time with its FLOPs and bytes (the samples the
 roofline factors are fitted to) and the fitted factors. Then training throughput: eager against
 ``fxshard.compile(strategy="single")`` and against the local pipeline with every stage on the one
-device (median steps/s). Files under ``--out`` (flat, 6 in all): ``summary.json`` (everything),
-``summary.md`` (the tables) and one predicted-against-measured ``<model>.png`` per model.
+device (median steps/s). Files under ``--out`` (flat, at most 6): ``summary.json`` (everything,
+with the environment and the progress log), ``summary.md`` (the tables, the environment and the
+log) and one predicted-against-measured ``<model>.png`` per model.
 
 Each model gets ``--budget-s`` seconds (default 90) and no step starts after ``--deadline-s`` (default
 480) of the whole run: a step (but a model's first variant) that would start later is skipped and
@@ -33,8 +37,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -146,7 +152,8 @@ def _stage_rows(report: CalibrationReport) -> list[dict]:
             "profiled_fwd_s": s.profiled_fwd_s,
             "profiled_bwd_s": (s.profiled_s - s.profiled_fwd_s) if s.profiled_s is not None and s.profiled_fwd_s is not None
             else None,
-            "measured_peak_bytes": s.measured_peak_bytes, "predicted_peak_bytes": s.predicted_peak_bytes})
+            "measured_peak_bytes": s.measured_peak_bytes, "predicted_peak_bytes": s.predicted_peak_bytes,
+            "plan_peak_bytes": s.plan_peak_bytes})
     return rows
 
 
@@ -160,12 +167,13 @@ def _mib(x: float | None) -> str:
 
 def _stage_table(report: CalibrationReport) -> list[str]:
     lines = ["| stage | fwd measured | fwd analytical | fwd profiled | bwd measured | bwd analytical | bwd profiled "
-             "| peak MiB measured / predicted |", "|---|---|---|---|---|---|---|---|"]
+             "| step peak MiB measured / predicted | plan's peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in _stage_rows(report):
         lines.append(f"| {'whole' if r['stage'] < 0 else r['stage']} | {_ms(r['measured_fwd_s'])} | "
                      f"{_ms(r['analytical_fwd_s'])} | {_ms(r['profiled_fwd_s'])} | {_ms(r['measured_bwd_s'])} | "
                      f"{_ms(r['analytical_bwd_s'])} | {_ms(r['profiled_bwd_s'])} | "
-                     f"{_mib(r['measured_peak_bytes'])} / {_mib(r['predicted_peak_bytes'])} |")
+                     f"{_mib(r['measured_peak_bytes'])} / {_mib(r['predicted_peak_bytes'])} | "
+                     f"{_mib(r['plan_peak_bytes'])} |")
     return lines
 
 
@@ -269,6 +277,28 @@ def _summary_table(models: dict) -> list[str]:
     return lines
 
 
+def _environment(device: torch.device) -> dict:
+    """What the numbers were measured on (in the summary, so no separate environment file)."""
+    env = {"python": sys.version, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "platform": platform.platform(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}")
+        try:
+            env["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            env["nvidia_smi"] = f"not run: {e}"
+    return env
+
+
+def _appendix(summary: dict) -> list[str]:
+    env = summary["environment"]
+    return ["", "## Environment", "", *(f"- {k}: {str(v).splitlines()[0]}" for k, v in env.items()),
+            "", "## Run log", "", "```", *summary["log"], "```"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -284,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
+    progress: list[str] = []
+
     def log(text: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
+        progress.append(f"[{time.perf_counter() - started:6.1f} s] {text}")
+        print(progress[-1], file=sys.stderr, flush=True)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = fxshard.Cluster.local().devices[0].spec
@@ -295,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                      "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
                      "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                      "stages": STAGES, "microbatches": MICROBATCHES, "repeats": args.repeats,
-                     "budget_s_per_model": args.budget_s, "models": {}}
+                     "budget_s_per_model": args.budget_s, "environment": _environment(device),
+                     "log": progress, "models": {}}
     lines = [f"# Calibration and overhead on {spec.name} ({summary['gpu'] or device}), torch {torch.__version__}", "",
              f"4-stage pipeline plans (1F1B, {MICROBATCHES} micro-batches, one stage per rank), each stage timed on one "
              f"micro-batch; repeats {args.repeats}; torch threads {summary['torch_threads']}.", ""]
@@ -318,13 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         # Written after every model: a run cut short still leaves what it measured.
         summary["seconds"] = time.perf_counter() - started
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        (args.out / "summary.md").write_text("\n".join([*lines, *_summary_table(summary["models"]), "", *body]))
+        (args.out / "summary.md").write_text("\n".join([*lines, *_summary_table(summary["models"]), "", *body,
+                                                       *_appendix(summary)]))
     summary["seconds"] = time.perf_counter() - started
+    log(f"finished in {summary['seconds']:.0f} s")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    text = "\n".join([*lines, *_summary_table(summary["models"]), "", *body])
+    text = "\n".join([*lines, *_summary_table(summary["models"]), "", *body, *_appendix(summary)])
     (args.out / "summary.md").write_text(text)
     print("\n".join([*lines, *_summary_table(summary["models"])]))
-    log(f"finished in {summary['seconds']:.0f} s")
     return 0
 
 

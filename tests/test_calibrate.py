@@ -201,3 +201,5 @@ def test_gpu_calibration_script_quick_path(tmp_path):
     assert all(r["measured_bwd_s"] > 0 for r in variant["stage_rows"])
     assert "skipped" in result["overhead"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-medium.png", "summary.json", "summary.md"]
+    assert doc["environment"]["torch"] == torch.__version__ and doc["log"][-1].endswith("s")  # no separate env/log files
+    assert all("plan_peak_bytes" in r for r in variant["stage_rows"])
