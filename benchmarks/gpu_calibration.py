@@ -153,7 +153,7 @@ def _stage_rows(report: CalibrationReport) -> list[dict]:
             "profiled_bwd_s": (s.profiled_s - s.profiled_fwd_s) if s.profiled_s is not None and s.profiled_fwd_s is not None
             else None,
             "measured_peak_bytes": s.measured_peak_bytes, "predicted_peak_bytes": s.predicted_peak_bytes,
-            "plan_peak_bytes": s.plan_peak_bytes})
+            "plan_peak_bytes": s.plan_peak_bytes, "host_fwd_s": s.host_fwd_s, "host_bwd_s": s.host_bwd_s})
     return rows
 
 
@@ -167,11 +167,13 @@ def _mib(x: float | None) -> str:
 
 def _stage_table(report: CalibrationReport) -> list[str]:
     lines = ["| stage | fwd measured | fwd analytical | fwd profiled | bwd measured | bwd analytical | bwd profiled "
-             "| step peak MiB measured / predicted | plan's peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| host fwd / bwd (no sync) | step peak MiB measured / predicted | plan's peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in _stage_rows(report):
         lines.append(f"| {'whole' if r['stage'] < 0 else r['stage']} | {_ms(r['measured_fwd_s'])} | "
                      f"{_ms(r['analytical_fwd_s'])} | {_ms(r['profiled_fwd_s'])} | {_ms(r['measured_bwd_s'])} | "
                      f"{_ms(r['analytical_bwd_s'])} | {_ms(r['profiled_bwd_s'])} | "
+                     f"{_ms(r['host_fwd_s'])} / {_ms(r['host_bwd_s'])} | "
                      f"{_mib(r['measured_peak_bytes'])} / {_mib(r['predicted_peak_bytes'])} | "
                      f"{_mib(r['plan_peak_bytes'])} |")
     return lines

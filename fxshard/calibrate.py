@@ -28,7 +28,7 @@ from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_bat
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
-from fxshard.cost_models.profiled import step_times
+from fxshard.cost_models.profiled import StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
@@ -62,6 +62,9 @@ class StageMeasurement:
     analytical_fwd_s: float = 0.0
     profiled_fwd_s: float | None = None
     plan_peak_bytes: float | None = None  # the plan's peak: optimizer state, 1F1B's in-flight micro-batches
+    # Host seconds of the forward and backward calls (no sync): near the measured times on CUDA = host-bound.
+    host_fwd_s: float | None = None
+    host_bwd_s: float | None = None
 
     @property
     def measured_s(self) -> float:
@@ -162,8 +165,8 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device, warmup: int,
-                    repeats: int) -> tuple[float, float, float | None, tuple]:
-    """(forward s, backward s, peak bytes or None, outputs) of one module on one micro-batch.
+                    repeats: int) -> tuple[StepTime, float | None, tuple]:
+    """(step times, peak bytes or None, outputs) of one module on one micro-batch.
 
     Timed as a training step runs (``profiled.step_times``): gradients set to None, a fresh
     forward, then backward, each timed in the same step. On CUDA the peak is
@@ -180,14 +183,14 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    fwd, bwd = step_times(module, leaves, device, warmup=warmup, repeats=repeats)
+    times = step_times(module, leaves, device, warmup=warmup, repeats=repeats)
     peak = None
     if device.type == "cuda":
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         peak = float(torch.cuda.max_memory_allocated(device) - base + weights)
     with torch.no_grad():
         outputs = module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
-    return fwd, bwd, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+    return times, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
 
 
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
@@ -244,18 +247,19 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     values: Sequence[Any] = micro
     for s, stage in enumerate(split.stages):
         module = stage.module.to(dev)
-        fwd, bwd, peak, values = _measure_module(module, values, dev, warmup, repeats)
+        t, peak, values = _measure_module(module, values, dev, warmup, repeats)
         pred = predicted[s]
         stages.append(StageMeasurement(
-            index=s, measured_fwd_s=fwd, measured_bwd_s=bwd, analytical_s=pred.fwd_time_s + pred.bwd_time_s,
+            index=s, measured_fwd_s=t.fwd_s, measured_bwd_s=t.bwd_s, host_fwd_s=t.host_fwd_s,
+            host_bwd_s=t.host_bwd_s, analytical_s=pred.fwd_time_s + pred.bwd_time_s,
             profiled_s=(profiled_stages[s].fwd_time_s + profiled_stages[s].bwd_time_s) if profiled_stages else None,
             analytical_fwd_s=pred.fwd_time_s, profiled_fwd_s=profiled_stages[s].fwd_time_s if profiled_stages else None,
             measured_peak_bytes=peak,
             predicted_peak_bytes=2.0 * pred.param_bytes + pred.activation_bytes + pred.transient_bytes,
             plan_peak_bytes=plan.stages[s].peak_memory_bytes))
-    fwd, bwd, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
+    t, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
     whole = StageMeasurement(
-        index=-1, measured_fwd_s=fwd, measured_bwd_s=bwd,
+        index=-1, measured_fwd_s=t.fwd_s, measured_bwd_s=t.bwd_s, host_fwd_s=t.host_fwd_s, host_bwd_s=t.host_bwd_s,
         analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
         profiled_s=(measured_profile.fwd_time_s + measured_profile.bwd_time_s) if measured_profile else None,
         measured_peak_bytes=peak, predicted_peak_bytes=None, analytical_fwd_s=analytical.fwd_time_s,

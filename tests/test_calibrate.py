@@ -76,8 +76,8 @@ def test_stage_measurements_are_never_zero_on_a_coarse_clock(monkeypatch):
     monkeypatch.setattr(profiled, "time", _CoarseClock())
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
-    fwd, bwd, peak, outputs = _measure_module(module, [torch.randn(4, 8)], torch.device("cpu"), warmup=1, repeats=3)
-    assert fwd > 0 and bwd > 0 and peak is None
+    times, peak, outputs = _measure_module(module, [torch.randn(4, 8)], torch.device("cpu"), warmup=1, repeats=3)
+    assert times.fwd_s > 0 and times.bwd_s > 0 and peak is None
     assert outputs[0].shape == (4, 8) and not outputs[0].requires_grad
     assert all(p.grad is None for p in module.parameters())  # measuring leaves no gradients behind
 

@@ -115,10 +115,10 @@ def test_step_times_runs_fresh_training_steps():
     weight = module[0].weight
     weight.register_hook(lambda g: grad_was_none.append(weight.grad is None))
     x = torch.randn(4, 8)
-    fwd, bwd = step_times(module, lambda: [x.clone().requires_grad_()], torch.device("cpu"), warmup=1, repeats=3)
-    assert fwd > 0 and bwd > 0
+    t = step_times(module, lambda: [x.clone().requires_grad_()], torch.device("cpu"), warmup=1, repeats=3)
+    assert t.fwd_s > 0 and t.bwd_s > 0 and t.host_fwd_s > 0 and t.host_bwd_s > 0
     assert len(forwards) == len(grad_was_none) >= 4 and all(grad_was_none)  # a backward per forward, onto None
     assert weight.grad is None
     with torch.no_grad():
-        fwd, bwd = step_times(module, lambda: [x], torch.device("cpu"), warmup=0, repeats=2)
-    assert fwd > 0 and bwd == 0.0  # nothing needs a gradient: no backward
+        t = step_times(module, lambda: [x], torch.device("cpu"), warmup=0, repeats=2)
+    assert t.fwd_s > 0 and t.bwd_s == 0.0  # nothing needs a gradient: no backward

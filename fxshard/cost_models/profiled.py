@@ -23,6 +23,7 @@ run on random inputs get their analytical time, marked in ``NodeTime.estimated``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 import contextlib
@@ -47,7 +48,7 @@ from fxshard.modules import has_meta_state
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
 
-__all__ = ["ProfiledCostModel", "check_local", "median_time", "step_times", "stopwatch"]
+__all__ = ["ProfiledCostModel", "StepTime", "check_local", "median_time", "step_times", "stopwatch"]
 
 _SKIP_OPS = ("placeholder", "get_attr", "output")
 
@@ -218,9 +219,20 @@ def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, rep
     return statistics.median(samples)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepTime:
+    """Median seconds of a module's forward and backward in a training step (``step_times``),
+    on the device's clock and on the host's."""
+
+    fwd_s: float
+    bwd_s: float
+    host_fwd_s: float = 0.0
+    host_bwd_s: float = 0.0
+
+
 def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device, *,
-               warmup: int, repeats: int, min_sample_s: float | None = None) -> tuple[float, float]:
-    """Median (forward, backward) seconds of ``module`` in a training step, as training runs it.
+               warmup: int, repeats: int, min_sample_s: float | None = None) -> StepTime:
+    """Median forward and backward seconds of ``module`` in a training step, as training runs it.
 
     Each step sets the parameters' gradients to None (as ``zero_grad(set_to_none=True)``
     does, so backward writes them rather than adding), runs a fresh forward on
@@ -229,7 +241,10 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     selective checkpointing forbids and which times an accumulation training does not do).
     A sample runs steps until each phase has taken ``min_sample_s`` (default: 100 ticks of
     the clock) and counts seconds per step. Backward is 0 when no output needs a gradient.
-    The gradients are None again on return. See docs/calibration.md.
+    The gradients are None again on return. ``host_fwd_s``/``host_bwd_s`` are the seconds the
+    calls took on the host (``perf_counter``, no synchronisation): on CUDA, close to the device
+    time when the step is host-bound, far below it when the GPU is the bottleneck. See
+    docs/calibration.md.
 
     Raises:
         CostModelError: the clock did not move (a broken or frozen clock).
@@ -239,41 +254,48 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
         min_sample_s = 100 * tick
     params = list(module.parameters())
 
-    def step() -> tuple[float, float | None]:
+    def step() -> tuple[float, float | None, float, float]:
         for p in params:
             p.grad = None
         inputs = make_inputs()
         clock = stopwatch(device)
+        host = time.perf_counter()
         out = module(*inputs)
+        host_fwd = time.perf_counter() - host
         fwd = clock()
         tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         if not tensors:
-            return fwd, None
+            return fwd, None, host_fwd, 0.0
         grads = [torch.ones_like(t) for t in tensors]
         clock = stopwatch(device)
+        host = time.perf_counter()
         torch.autograd.backward(tensors, grads)
-        return fwd, clock()
+        host_bwd = time.perf_counter() - host
+        return fwd, clock(), host_fwd, host_bwd
 
     try:
         for _ in range(warmup):
             step()
-        fwds, bwds = [], []
+        fwds, bwds, host_fwds, host_bwds = [], [], [], []
         for _ in range(repeats):
-            steps, fwd, bwd, backward = 0, 0.0, 0.0, True
+            steps, fwd, bwd, backward, host_fwd, host_bwd = 0, 0.0, 0.0, True, 0.0, 0.0
             while (fwd < min_sample_s or fwd <= 0 or (backward and (bwd < min_sample_s or bwd <= 0))) \
                     and steps < _MAX_CALLS_PER_SAMPLE:
-                f, b = step()
+                f, b, hf, hb = step()
                 steps, fwd, backward = steps + 1, fwd + f, b is not None
-                bwd += b or 0.0
+                bwd, host_fwd, host_bwd = bwd + (b or 0.0), host_fwd + hf, host_bwd + hb
             if fwd <= 0 or (backward and bwd <= 0):
                 raise CostModelError(f"timing on {device}: the clock did not move in {steps:,} training steps of "
                                      f"{type(module).__name__}; check the clock, or use cost_model='analytical'")
             fwds.append(fwd / steps)
             bwds.append(bwd / steps)
+            host_fwds.append(host_fwd / steps)
+            host_bwds.append(host_bwd / steps)
     finally:
         for p in params:
             p.grad = None
-    return statistics.median(fwds), statistics.median(bwds)
+    return StepTime(fwd_s=statistics.median(fwds), bwd_s=statistics.median(bwds),
+                    host_fwd_s=statistics.median(host_fwds), host_bwd_s=statistics.median(host_bwds))
 
 
 def stopwatch(device: torch.device) -> Callable[[], float]:

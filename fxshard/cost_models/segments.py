@@ -168,7 +168,7 @@ def _leaves(values: Sequence[Any]) -> list[Any]:
     return [pytree.tree_map(leaf, v) for v in values]
 
 
-_StepTimer = Callable[[torch.nn.Module, Callable[[], Sequence[Any]]], tuple[float, float]]
+_StepTimer = Callable[[torch.nn.Module, Callable[[], Sequence[Any]]], Any]  # -> profiled.StepTime
 
 
 def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.device,
@@ -228,4 +228,5 @@ def _with_grad(value: Any, node: torch.fx.Node) -> Any:
 
 
 def _time_one(module: torch.nn.Module, args: Sequence[Any], timer: _StepTimer) -> tuple[float, float]:
-    return timer(module, lambda: _leaves(args))
+    t = timer(module, lambda: _leaves(args))
+    return t.fwd_s, t.bwd_s
