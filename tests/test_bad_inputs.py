@@ -78,7 +78,9 @@ def _with_plugin(name: str, fn, m):
     """Plan the MLP with a plug-in partitioner registered for this call only."""
     register_partitioner(name, fn)
     try:
-        return fxshard.plan(m[0], "2xcpu:1GB", m[1], strategy="pipeline", partitioner=name)
+        # One stage per device: the search tries the most promising shapes first (an interleaved
+        # schedule's 4 stages may come before GPipe's 2), and the message names the first one.
+        return fxshard.plan(m[0], "2xcpu:1GB", m[1], strategy="pipeline", schedule="gpipe", partitioner=name)
     finally:
         unregister_partitioner(name)
 
