@@ -28,7 +28,7 @@ from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_bat
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import FactorFit, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
-from fxshard.cost_models.profiled import StepTime, step_times
+from fxshard.cost_models.timing import StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
@@ -168,7 +168,7 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
                     repeats: int) -> tuple[StepTime, float | None, tuple]:
     """(step times, peak bytes or None, outputs) of one module on one micro-batch.
 
-    Timed as a training step runs (``profiled.step_times``): gradients set to None, a fresh
+    Timed as a training step runs (``timing.step_times``): gradients set to None, a fresh
     forward, then backward, each timed in the same step. On CUDA the peak is
     ``max_memory_allocated`` over those steps above what was allocated before them, plus the
     module's parameter bytes: its weights, gradients, one micro-batch's saved activations and

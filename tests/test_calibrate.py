@@ -56,12 +56,12 @@ class _CoarseClock:
 
 
 def test_median_time_is_never_zero_on_a_coarse_clock(monkeypatch):
-    from fxshard.cost_models import profiled
+    from fxshard.cost_models import timing
 
     clock = _CoarseClock()
-    monkeypatch.setattr(profiled, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
     calls = []
-    seconds = profiled.median_time(lambda: calls.append(1), torch.device("cpu"), warmup=0, repeats=5)
+    seconds = timing.median_time(lambda: calls.append(1), torch.device("cpu"), warmup=0, repeats=5)
     assert seconds > 0
     # Several calls shared each tick; the time per call is the tick over the calls in it.
     assert seconds < 1e-3 and len(calls) > 5
@@ -71,9 +71,9 @@ def test_stage_measurements_are_never_zero_on_a_coarse_clock(monkeypatch):
     """The flaky failure: backward was (forward+backward) - forward, 0.0 whenever the two
     medians came out equal or inverted; a coarse clock makes that happen every time."""
     from fxshard.calibrate import _measure_module
-    from fxshard.cost_models import profiled
+    from fxshard.cost_models import timing
 
-    monkeypatch.setattr(profiled, "time", _CoarseClock())
+    monkeypatch.setattr(timing, "time", _CoarseClock())
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     times, peak, outputs = _measure_module(module, [torch.randn(4, 8)], torch.device("cpu"), warmup=1, repeats=3)
@@ -83,14 +83,14 @@ def test_stage_measurements_are_never_zero_on_a_coarse_clock(monkeypatch):
 
 
 def test_a_frozen_clock_is_an_error_not_a_hang(monkeypatch):
-    from fxshard.cost_models import profiled
+    from fxshard.cost_models import timing
 
     frozen = _CoarseClock()
     frozen.perf_counter = lambda: 0.0
-    monkeypatch.setattr(profiled, "time", frozen)
-    monkeypatch.setattr(profiled, "_MAX_CALLS_PER_SAMPLE", 1000)
+    monkeypatch.setattr(timing, "time", frozen)
+    monkeypatch.setattr(timing, "_MAX_CALLS_PER_SAMPLE", 1000)
     with pytest.raises(CostModelError, match="did not move in 1,0"):
-        profiled.median_time(lambda: None, torch.device("cpu"), warmup=0, repeats=1)
+        timing.median_time(lambda: None, torch.device("cpu"), warmup=0, repeats=1)
 
 
 def test_report_forms(report, tmp_path):

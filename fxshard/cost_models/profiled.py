@@ -23,9 +23,6 @@ run on random inputs get their analytical time, marked in ``NodeTime.estimated``
 from __future__ import annotations
 
 import copy
-import dataclasses
-import statistics
-import time
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,6 +38,7 @@ from fxshard.cost_models.analysis import NodeWork, tensor_bytes
 from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
 from fxshard.cost_models.segments import SegmentTime, time_segments
+from fxshard.cost_models.timing import StepTime, median_time, step_times, stopwatch  # re-exported: the old home
 from fxshard.devices import local_gpu_spec
 from fxshard.errors import CostModelError
 from fxshard.modules import has_meta_state
@@ -177,141 +175,6 @@ class ProfiledCostModel:
 
     def _time(self, fn: Callable[[], Any], dev: torch.device) -> float:
         return median_time(fn, dev, warmup=self.warmup, repeats=self.repeats)
-
-
-# cudaEventElapsedTime resolves about 0.5 us (CUDA runtime API documentation).
-_CUDA_EVENT_RESOLUTION_S = 0.5e-6
-_MAX_CALLS_PER_SAMPLE = 1 << 20
-
-
-def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int,
-                min_sample_s: float | None = None) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` untimed calls.
-
-    CUDA events on GPUs, ``time.perf_counter`` on CPUs. Each sample calls ``fn`` back to back
-    until at least ``min_sample_s`` has passed and the clock has moved (default: 100 ticks of
-    the clock's resolution, so quantisation costs at most 1%), and counts seconds per call: a
-    call faster than the clock's tick is never timed as 0.
-
-    Raises:
-        CostModelError: the clock did not move in 2**20 calls (a broken or frozen clock).
-    """
-    if min_sample_s is None:
-        tick = _CUDA_EVENT_RESOLUTION_S if device.type == "cuda" else time.get_clock_info("perf_counter").resolution
-        min_sample_s = 100 * tick
-    for _ in range(warmup):
-        fn()
-    batch, samples = 1, []
-    for i in range(repeats):
-        calls, elapsed = 0, 0.0
-        clock = stopwatch(device)
-        while (elapsed < min_sample_s or elapsed <= 0) and calls < _MAX_CALLS_PER_SAMPLE:
-            for _ in range(batch):
-                fn()
-            calls += batch
-            elapsed = clock()
-        if elapsed <= 0:
-            raise CostModelError(f"timing on {device}: the clock did not move in {calls:,} calls of {fn!r:.60}; "
-                                 f"check the clock, or use cost_model='analytical'")
-        if i == 0:
-            batch = calls  # the calls one sample needs: later samples read the clock once per that many
-        samples.append(elapsed / calls)
-    return statistics.median(samples)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StepTime:
-    """Median seconds of a module's forward and backward in a training step (``step_times``),
-    on the device's clock and on the host's."""
-
-    fwd_s: float
-    bwd_s: float
-    host_fwd_s: float = 0.0
-    host_bwd_s: float = 0.0
-
-
-def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device, *,
-               warmup: int, repeats: int, min_sample_s: float | None = None) -> StepTime:
-    """Median forward and backward seconds of ``module`` in a training step, as training runs it.
-
-    Each step sets the parameters' gradients to None (as ``zero_grad(set_to_none=True)``
-    does, so backward writes them rather than adding), runs a fresh forward on
-    ``make_inputs()`` and then one backward through it (ones as output gradients), timing
-    the two separately in the same step; nothing is replayed through a retained graph (which
-    selective checkpointing forbids and which times an accumulation training does not do).
-    A sample runs steps until each phase has taken ``min_sample_s`` (default: 100 ticks of
-    the clock) and counts seconds per step. Backward is 0 when no output needs a gradient.
-    The gradients are None again on return. ``host_fwd_s``/``host_bwd_s`` are the seconds the
-    calls took on the host (``perf_counter``, no synchronisation): on CUDA, close to the device
-    time when the step is host-bound, far below it when the GPU is the bottleneck. See
-    docs/calibration.md.
-
-    Raises:
-        CostModelError: the clock did not move (a broken or frozen clock).
-    """
-    if min_sample_s is None:
-        tick = _CUDA_EVENT_RESOLUTION_S if device.type == "cuda" else time.get_clock_info("perf_counter").resolution
-        min_sample_s = 100 * tick
-    params = list(module.parameters())
-
-    def step() -> tuple[float, float | None, float, float]:
-        for p in params:
-            p.grad = None
-        inputs = make_inputs()
-        clock = stopwatch(device)
-        host = time.perf_counter()
-        out = module(*inputs)
-        host_fwd = time.perf_counter() - host
-        fwd = clock()
-        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        if not tensors:
-            return fwd, None, host_fwd, 0.0
-        grads = [torch.ones_like(t) for t in tensors]
-        clock = stopwatch(device)
-        host = time.perf_counter()
-        torch.autograd.backward(tensors, grads)
-        host_bwd = time.perf_counter() - host
-        return fwd, clock(), host_fwd, host_bwd
-
-    try:
-        for _ in range(warmup):
-            step()
-        fwds, bwds, host_fwds, host_bwds = [], [], [], []
-        for _ in range(repeats):
-            steps, fwd, bwd, backward, host_fwd, host_bwd = 0, 0.0, 0.0, True, 0.0, 0.0
-            while (fwd < min_sample_s or fwd <= 0 or (backward and (bwd < min_sample_s or bwd <= 0))) \
-                    and steps < _MAX_CALLS_PER_SAMPLE:
-                f, b, hf, hb = step()
-                steps, fwd, backward = steps + 1, fwd + f, b is not None
-                bwd, host_fwd, host_bwd = bwd + (b or 0.0), host_fwd + hf, host_bwd + hb
-            if fwd <= 0 or (backward and bwd <= 0):
-                raise CostModelError(f"timing on {device}: the clock did not move in {steps:,} training steps of "
-                                     f"{type(module).__name__}; check the clock, or use cost_model='analytical'")
-            fwds.append(fwd / steps)
-            bwds.append(bwd / steps)
-            host_fwds.append(host_fwd / steps)
-            host_bwds.append(host_bwd / steps)
-    finally:
-        for p in params:
-            p.grad = None
-    return StepTime(fwd_s=statistics.median(fwds), bwd_s=statistics.median(bwds),
-                    host_fwd_s=statistics.median(host_fwds), host_bwd_s=statistics.median(host_bwds))
-
-
-def stopwatch(device: torch.device) -> Callable[[], float]:
-    """Start timing now; the returned function gives the seconds since (synchronising CUDA)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-
-        def cuda_elapsed() -> float:
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-
-        return cuda_elapsed
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0
 
 
 def check_local(run_device: torch.device, spec: DeviceSpec) -> None:

@@ -1,0 +1,180 @@
+"""Timing on the local device: how the profiled cost model and calibration read the clock.
+
+CUDA events on GPUs, ``time.perf_counter`` on CPUs. A sample runs the timed call (or training
+step) back to back until the clock has moved well past its resolution and counts seconds per
+call, so nothing faster than the clock's tick is ever timed as 0; the median of the samples is
+kept. ``median_time`` times a call (a node alone, in the profiled cost model); ``step_times``
+times a module's forward and backward as a training step runs them (a segment, a calibrated
+stage). See docs/cost_models.md and docs/calibration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from fxshard.errors import CostModelError
+
+__all__ = ["StepTime", "median_time", "step_times", "stopwatch"]
+
+# cudaEventElapsedTime resolves about 0.5 us (CUDA runtime API documentation).
+_CUDA_EVENT_RESOLUTION_S = 0.5e-6
+_MAX_CALLS_PER_SAMPLE = 1 << 20
+# One training step's seconds: device forward, device backward (None: no output needs a gradient),
+# host forward, host backward.
+_StepSeconds = tuple[float, float | None, float, float]
+
+
+def _min_sample_s(device: torch.device) -> float:
+    """100 ticks of the clock ``device`` is timed with, so quantisation costs at most 1%."""
+    tick = _CUDA_EVENT_RESOLUTION_S if device.type == "cuda" else time.get_clock_info("perf_counter").resolution
+    return 100 * tick
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int,
+                min_sample_s: float | None = None) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` untimed calls.
+
+    CUDA events on GPUs, ``time.perf_counter`` on CPUs. Each sample calls ``fn`` back to back
+    until at least ``min_sample_s`` has passed and the clock has moved (default: 100 ticks of
+    the clock's resolution, so quantisation costs at most 1%), and counts seconds per call: a
+    call faster than the clock's tick is never timed as 0.
+
+    Raises:
+        CostModelError: the clock did not move in 2**20 calls (a broken or frozen clock).
+    """
+    if min_sample_s is None:
+        min_sample_s = _min_sample_s(device)
+    for _ in range(warmup):
+        fn()
+    batch, samples = 1, []
+    for i in range(repeats):
+        calls, elapsed = 0, 0.0
+        clock = stopwatch(device)
+        while (elapsed < min_sample_s or elapsed <= 0) and calls < _MAX_CALLS_PER_SAMPLE:
+            for _ in range(batch):
+                fn()
+            calls += batch
+            elapsed = clock()
+        if elapsed <= 0:
+            raise CostModelError(f"timing on {device}: the clock did not move in {calls:,} calls of {fn!r:.60}; "
+                                 f"check the clock, or use cost_model='analytical'")
+        if i == 0:
+            batch = calls  # the calls one sample needs: later samples read the clock once per that many
+        samples.append(elapsed / calls)
+    return statistics.median(samples)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepTime:
+    """Median seconds of a module's forward and backward in a training step (``step_times``),
+    on the device's clock and on the host's."""
+
+    fwd_s: float
+    bwd_s: float
+    host_fwd_s: float = 0.0
+    host_bwd_s: float = 0.0
+
+
+def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device, *,
+               warmup: int, repeats: int, min_sample_s: float | None = None) -> StepTime:
+    """Median forward and backward seconds of ``module`` in a training step, as training runs it.
+
+    Each step sets the parameters' gradients to None (as ``zero_grad(set_to_none=True)``
+    does, so backward writes them rather than adding), runs a fresh forward on
+    ``make_inputs()`` and then one backward through it (ones as output gradients), timing
+    the two separately in the same step; nothing is replayed through a retained graph (which
+    selective checkpointing forbids and which times an accumulation training does not do).
+    A sample runs steps until each phase has taken ``min_sample_s`` (default: 100 ticks of
+    the clock) and counts seconds per step. Backward is 0 when no output needs a gradient.
+    The gradients are None again on return. ``host_fwd_s``/``host_bwd_s`` are the seconds the
+    calls took on the host (``perf_counter``, no synchronisation): on CUDA, close to the device
+    time when the step is host-bound, far below it when the GPU is the bottleneck. See
+    docs/calibration.md.
+
+    Raises:
+        CostModelError: the clock did not move (a broken or frozen clock).
+    """
+    if min_sample_s is None:
+        min_sample_s = _min_sample_s(device)
+    params = list(module.parameters())
+
+    def step() -> _StepSeconds:
+        return _training_step(module, params, make_inputs, device)
+
+    try:
+        for _ in range(warmup):
+            step()
+        samples = [_step_sample(step, module, device, min_sample_s) for _ in range(repeats)]
+    finally:
+        for p in params:
+            p.grad = None
+    return StepTime(fwd_s=statistics.median([s.fwd_s for s in samples]),
+                    bwd_s=statistics.median([s.bwd_s for s in samples]),
+                    host_fwd_s=statistics.median([s.host_fwd_s for s in samples]),
+                    host_bwd_s=statistics.median([s.host_bwd_s for s in samples]))
+
+
+def _training_step(module: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                   make_inputs: Callable[[], Sequence[Any]], device: torch.device) -> _StepSeconds:
+    """One training step of ``module``: (device forward s, device backward s or None when no
+    output needs a gradient, host forward s, host backward s)."""
+    for p in params:
+        p.grad = None
+    inputs = make_inputs()
+    clock = stopwatch(device)
+    host = time.perf_counter()
+    out = module(*inputs)
+    host_fwd = time.perf_counter() - host
+    fwd = clock()
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    if not tensors:
+        return fwd, None, host_fwd, 0.0
+    grads = [torch.ones_like(t) for t in tensors]
+    clock = stopwatch(device)
+    host = time.perf_counter()
+    torch.autograd.backward(tensors, grads)
+    host_bwd = time.perf_counter() - host
+    return fwd, clock(), host_fwd, host_bwd
+
+
+def _step_sample(step: Callable[[], _StepSeconds], module: torch.nn.Module,
+                 device: torch.device, min_sample_s: float) -> StepTime:
+    """Seconds per step of one sample: steps run until forward (and backward, when there is
+    one) has taken ``min_sample_s`` and the clock has moved.
+
+    Raises:
+        CostModelError: the clock did not move in 2**20 steps.
+    """
+    steps, fwd, bwd, backward, host_fwd, host_bwd = 0, 0.0, 0.0, True, 0.0, 0.0
+    while (fwd < min_sample_s or fwd <= 0 or (backward and (bwd < min_sample_s or bwd <= 0))) \
+            and steps < _MAX_CALLS_PER_SAMPLE:
+        f, b, hf, hb = step()
+        steps, fwd, backward = steps + 1, fwd + f, b is not None
+        bwd, host_fwd, host_bwd = bwd + (b or 0.0), host_fwd + hf, host_bwd + hb
+    if fwd <= 0 or (backward and bwd <= 0):
+        raise CostModelError(f"timing on {device}: the clock did not move in {steps:,} training steps of "
+                             f"{type(module).__name__}; check the clock, or use cost_model='analytical'")
+    return StepTime(fwd_s=fwd / steps, bwd_s=bwd / steps, host_fwd_s=host_fwd / steps, host_bwd_s=host_bwd / steps)
+
+
+def stopwatch(device: torch.device) -> Callable[[], float]:
+    """Start timing now; the returned function gives the seconds since (synchronising CUDA)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+
+        def cuda_elapsed() -> float:
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return cuda_elapsed
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0
