@@ -213,11 +213,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     Raises:
         ExecutionError: a model on the meta device (nothing real to run), or an unknown policy.
     """
-    if checkpointing is not None and checkpointing not in POLICIES:
-        raise ExecutionError(f"checkpointing={checkpointing!r}: use one of {', '.join(POLICIES)}, or None for the plan's")
-    if checkpointing is not None:
-        plan = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, activation_checkpointing=checkpointing)
-                                                      for s in plan.stages))
+    plan = _under_policy(plan, checkpointing)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if has_meta_state(captured.gm):
         raise ExecutionError("calibration runs the model for real: build it on a real device, not on meta")
@@ -231,53 +227,78 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     analytical = estimate(captured, spec, works=works)
     profiler = ProfiledCostModel(device=dev, batch_fraction=fraction)
     measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
-    stage_of = plan.stage_of()
-    k = plan.num_stages
     regions = repeated_blocks(captured)
-    split = checkpoint_stages(split_graph(captured, stage_of, k), captured, plan, regions)
+    split = checkpoint_stages(split_graph(captured, plan.stage_of(), plan.num_stages), captured, plan, regions)
     policies = [s.activation_checkpointing for s in plan.stages]
-
-    def summaries(costs: Any) -> list[StageSummary]:
-        plain = summarize_stages(captured, costs, stage_of, k, training=plan.training, optimizer=plan.optimizer)
-        return [_checkpointed(costs, st, regions, p) for st, p in zip(plain, policies)]
-
-    predicted = summaries(analytical)
-    profiled_stages = summaries(measured_profile) if measured_profile is not None else None
+    predicted = _predict_stages(captured, plan, analytical, regions)
+    profiled_stages = (_predict_stages(captured, plan, measured_profile, regions) if measured_profile is not None
+                       else None)
     stages = []
     values: Sequence[Any] = micro
     for s, stage in enumerate(split.stages):
-        module = stage.module.to(dev)
-        t, peak, values = _measure_module(module, values, dev, warmup, repeats)
+        t, peak, values = _measure_module(stage.module.to(dev), values, dev, warmup, repeats)
         pred = predicted[s]
-        stages.append(StageMeasurement(
-            index=s, measured_fwd_s=t.fwd_s, measured_bwd_s=t.bwd_s, host_fwd_s=t.host_fwd_s,
-            host_bwd_s=t.host_bwd_s, analytical_s=pred.fwd_time_s + pred.bwd_time_s,
-            profiled_s=(profiled_stages[s].fwd_time_s + profiled_stages[s].bwd_time_s) if profiled_stages else None,
-            analytical_fwd_s=pred.fwd_time_s, profiled_fwd_s=profiled_stages[s].fwd_time_s if profiled_stages else None,
-            measured_peak_bytes=peak,
+        stages.append(_measurement(
+            s, t, peak, pred, profiled_stages[s] if profiled_stages else None,
             predicted_peak_bytes=2.0 * pred.param_bytes + pred.activation_bytes + pred.transient_bytes,
             plan_peak_bytes=plan.stages[s].peak_memory_bytes))
     t, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
-    whole = StageMeasurement(
-        index=-1, measured_fwd_s=t.fwd_s, measured_bwd_s=t.bwd_s, host_fwd_s=t.host_fwd_s, host_bwd_s=t.host_bwd_s,
-        analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
-        profiled_s=(measured_profile.fwd_time_s + measured_profile.bwd_time_s) if measured_profile else None,
-        measured_peak_bytes=peak, predicted_peak_bytes=None, analytical_fwd_s=analytical.fwd_time_s,
-        profiled_fwd_s=measured_profile.fwd_time_s if measured_profile else None)
-    fitted, kernels = None, ()
-    if measured_profile is not None and fit:  # the roofline is fitted to nodes timed alone, at the captured batch
-        kernels = estimate(captured, spec, cost_model=ProfiledCostModel(device=dev, method="nodes", warmup=warmup,
-                                                                        repeats=repeats, batch_fraction=1.0))
-        node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in kernels]
-        try:
-            fitted = fit_factors([c.work for c in kernels], node_times, spec)
-        except CostModelError:
-            fitted = None  # too few kernels to fit anything
-        kernels = tuple(_kernel_row(c) for c in kernels if c.fwd_time_s > 0 or c.bwd_time_s > 0)
+    whole = _measurement(-1, t, peak, analytical, measured_profile or None, predicted_peak_bytes=None)
+    fitted, kernels = _fit_kernels(captured, spec, dev, warmup, repeats) if measured_profile is not None and fit \
+        else (None, ())
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
                              microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fitted,
                              checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",
                              threads=profiler.threads_used or torch.get_num_threads(), kernels=kernels)
+
+
+def _under_policy(plan: Plan, checkpointing: str | None) -> Plan:
+    """``plan`` with every stage under the activation-checkpointing policy ``checkpointing``
+    (``plan`` itself for None).
+
+    Raises:
+        ExecutionError: an unknown policy.
+    """
+    if checkpointing is not None and checkpointing not in POLICIES:
+        raise ExecutionError(f"checkpointing={checkpointing!r}: use one of {', '.join(POLICIES)}, or None for the plan's")
+    if checkpointing is None:
+        return plan
+    return dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, activation_checkpointing=checkpointing)
+                                                  for s in plan.stages))
+
+
+def _measurement(index: int, t: StepTime, peak: float | None, analytical: Any, profiled: Any | None,
+                 **peaks: float | None) -> StageMeasurement:
+    """One stage's (or, index -1, the whole model's) measured times next to the ``analytical``
+    and ``profiled`` predictions (anything with ``fwd_time_s`` and ``bwd_time_s``; profiled may
+    be None); ``peaks``: the predicted and plan's peak bytes."""
+    return StageMeasurement(
+        index=index, measured_fwd_s=t.fwd_s, measured_bwd_s=t.bwd_s, host_fwd_s=t.host_fwd_s,
+        host_bwd_s=t.host_bwd_s, analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
+        profiled_s=(profiled.fwd_time_s + profiled.bwd_time_s) if profiled is not None else None,
+        analytical_fwd_s=analytical.fwd_time_s, profiled_fwd_s=profiled.fwd_time_s if profiled is not None else None,
+        measured_peak_bytes=peak, **peaks)
+
+
+def _fit_kernels(captured: CapturedGraph, spec: Any, dev: torch.device, warmup: int,
+                 repeats: int) -> tuple[FactorFit | None, tuple[dict, ...]]:
+    """Every node timed alone at the captured batch, and the roofline factors fitted to them
+    (None when there are too few kernels to fit): the fit and the report's kernel rows."""
+    kernels = estimate(captured, spec, cost_model=ProfiledCostModel(device=dev, method="nodes", warmup=warmup,
+                                                                    repeats=repeats, batch_fraction=1.0))
+    node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in kernels]
+    try:
+        fitted = fit_factors([c.work for c in kernels], node_times, spec)
+    except CostModelError:
+        fitted = None  # too few kernels to fit anything
+    return fitted, tuple(_kernel_row(c) for c in kernels if c.fwd_time_s > 0 or c.bwd_time_s > 0)
+
+
+def _predict_stages(captured: CapturedGraph, plan: Plan, costs: Any, regions: Sequence[Region]) -> list[StageSummary]:
+    """Each of ``plan``'s stages as ``costs`` price it, under the stage's activation-checkpointing policy."""
+    plain = summarize_stages(captured, costs, plan.stage_of(), plan.num_stages, training=plan.training,
+                             optimizer=plan.optimizer)
+    return [_checkpointed(costs, st, regions, s.activation_checkpointing) for st, s in zip(plain, plan.stages)]
 
 
 def _checkpointed(costs: Any, stage: StageSummary, regions: Sequence[Region], policy: str) -> StageSummary:
