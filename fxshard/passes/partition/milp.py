@@ -266,6 +266,62 @@ def _incumbent(problem: Problem) -> tuple[np.ndarray | None, float]:
     return (stage, value) if math.isfinite(value) else (None, math.inf)
 
 
+def _require_scipy() -> None:
+    """Fail early, before any work, if scipy (and with it HiGHS) is missing."""
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp  # noqa: F401
+        from scipy.sparse import csr_array  # noqa: F401
+    except ImportError as e:
+        raise PartitionError("the milp partitioner needs scipy (HiGHS): pip install 'scipy>=1.9'") from e
+
+
+def _run_highs(model: _Model, t: int, *, time_limit: float, mip_rel_gap: float, node_limit: int | None):
+    """Minimise the column ``t`` of ``model`` with HiGHS; returns scipy's ``OptimizeResult``."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
+
+    cost = np.zeros(len(model.lb))
+    cost[t] = 1.0
+    a = csr_array((model.vals, (model.rows, model.cols)), shape=(len(model.lo), len(model.lb)))
+    options: dict = {"time_limit": float(time_limit), "mip_rel_gap": float(mip_rel_gap), "presolve": True}
+    if node_limit is not None:
+        options["node_limit"] = int(node_limit)
+    return milp(cost, integrality=np.array(model.integer), bounds=Bounds(model.lb, model.ub),
+                constraints=LinearConstraint(a, model.lo, model.hi), options=options)
+
+
+def _decode(problem: Problem, x: _Cumulative, solution: np.ndarray) -> np.ndarray:
+    """Each unit's stage in a solution: ``k - 1`` less the number of boundaries s with X[u, s] = 1."""
+    n, k = problem.num_units, problem.k
+    xs = np.round(solution[x.start:x.start + n * (k - 1)]).reshape(n, k - 1)
+    return (k - 1 - xs.sum(axis=1)).astype(np.int64)
+
+
+def _verdict(problem: Problem, res, *, found: bool, value: float, unit: float,
+             mip_rel_gap: float) -> tuple[str, float]:
+    """The status and proven lower bound, from HiGHS's result and the best assignment's ``value``.
+
+    Args:
+        res: scipy's ``OptimizeResult`` (status 0 optimal, 1 limit reached, 2 infeasible).
+        found: whether any valid assignment is known (the solver's or ``dp``'s).
+        value: that assignment's bottleneck.
+        unit: the time unit the model's costs were divided by.
+    """
+    bound = lower_bound(problem)
+    dual = getattr(res, "mip_dual_bound", None)
+    if res.status in (0, 1) and dual is not None and math.isfinite(dual):
+        bound = max(bound, float(dual) * unit)
+    if not found:
+        return ("infeasible", math.inf) if res.status == 2 else ("time_limit", bound)
+    if res.status == 2:
+        # T <= the dp bottleneck admitted nothing (rounding at the boundary): dp is optimal
+        return "optimal", value
+    status = "optimal" if res.status == 0 else "time_limit"
+    if status == "optimal" and dual is None:
+        bound = max(bound, value * (1 - mip_rel_gap))
+    return status, min(bound, value)
+
+
 def milp_solve(problem: Problem, *, time_limit: float = 30.0, mip_rel_gap: float = 1e-6,
                node_limit: int | None = None, max_units: int = MAX_UNITS) -> MilpResult:
     """Solve the partitioning problem exactly (or until the time limit) with HiGHS.
@@ -300,11 +356,7 @@ def milp_solve(problem: Problem, *, time_limit: float = 30.0, mip_rel_gap: float
             f"the milp partitioner takes at most {max_units} units; this problem has {n}. Coarsen the graph "
             f"(colocate chains of nodes), raise max_units in milp_solve (the solve may not finish), or use "
             f"partitioner='dp' or 'metis'")
-    try:
-        from scipy.optimize import Bounds, LinearConstraint, milp
-        from scipy.sparse import csr_array
-    except ImportError as e:
-        raise PartitionError("the milp partitioner needs scipy (HiGHS): pip install 'scipy>=1.9'") from e
+    _require_scipy()
     dp_stage, dp_value = _incumbent(problem)
     if dp_stage is not None and dp_value <= lower_bound(problem) * (1 + 1e-12):
         # dp reached the lower bound: nothing to prove
@@ -312,36 +364,15 @@ def milp_solve(problem: Problem, *, time_limit: float = 30.0, mip_rel_gap: float
                           seconds=time.perf_counter() - start, variables=0, constraints=0)
     unit = _time_unit(problem)
     model, x, t = _build(problem, dp_value * (1 + 1e-9) if math.isfinite(dp_value) else math.inf, unit)
-    cost = np.zeros(len(model.lb))
-    cost[t] = 1.0
-    a = csr_array((model.vals, (model.rows, model.cols)), shape=(len(model.lo), len(model.lb)))
-    options: dict = {"time_limit": float(time_limit), "mip_rel_gap": float(mip_rel_gap), "presolve": True}
-    if node_limit is not None:
-        options["node_limit"] = int(node_limit)
-    res = milp(cost, integrality=np.array(model.integer), bounds=Bounds(model.lb, model.ub),
-               constraints=LinearConstraint(a, model.lo, model.hi), options=options)
+    res = _run_highs(model, t, time_limit=time_limit, mip_rel_gap=mip_rel_gap, node_limit=node_limit)
     stage, value, model_value = dp_stage, dp_value, math.nan
     if res.x is not None:
-        xs = np.round(res.x[x.start:x.start + n * (problem.k - 1)]).reshape(n, problem.k - 1)
-        found = (problem.k - 1 - xs.sum(axis=1)).astype(np.int64)
+        found = _decode(problem, x, res.x)
         found_value = _bottleneck_if_valid(problem, found)
         if found_value <= value:
             stage, value, model_value = found, found_value, float(res.x[t]) * unit
-    bound = lower_bound(problem)
-    dual = getattr(res, "mip_dual_bound", None)
-    if res.status in (0, 1) and dual is not None and math.isfinite(dual):
-        bound = max(bound, float(dual) * unit)
-    if stage is None:
-        status = "infeasible" if res.status == 2 else "time_limit"
-        bound = math.inf if res.status == 2 else bound
-    elif res.status == 2:
-        # T <= the dp bottleneck admitted nothing (rounding at the boundary): dp is optimal
-        status, bound = "optimal", value
-    else:
-        status = "optimal" if res.status == 0 else "time_limit"
-        if status == "optimal" and dual is None:
-            bound = max(bound, value * (1 - mip_rel_gap))
-        bound = min(bound, value)
+    status, bound = _verdict(problem, res, found=stage is not None, value=value, unit=unit,
+                             mip_rel_gap=mip_rel_gap)
     gap = math.inf if stage is None else (value - bound) / value if value > 0 else 0.0
     return MilpResult(stage=stage, objective=value, bound=bound, gap=max(gap, 0.0), status=status,
                       seconds=time.perf_counter() - start, variables=len(model.lb), constraints=len(model.lo),
