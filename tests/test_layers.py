@@ -24,7 +24,7 @@ FLOORS: dict[str, int] = {
     # 7: the library entry points (fxshard itself re-exports them)
     "fxshard": 7, "fxshard.api": 7,
     # 6: planning
-    "fxshard.planner": 6, "fxshard.refusal": 6, "fxshard.candidates": 6, "fxshard.candidates_whole": 6, "fxshard.levers": 6, "fxshard.plan_options": 6,
+    "fxshard.planner": 6, "fxshard.refusal": 6, "fxshard.candidates": 6, "fxshard.candidate_shapes": 6, "fxshard.candidates_whole": 6, "fxshard.levers": 6, "fxshard.plan_options": 6,
     "fxshard.calibrate": 6,
     # 5: execution
     "fxshard.runtime": 5, "fxshard.runtime.checkpointing": 5,
