@@ -12,7 +12,7 @@ generates orders that differ where it matters:
   mean position of their units, each label laid out as a block as far as the edges allow.
 
 Every order puts units pinned first at the start and units pinned last at the end, as
-:func:`problem._topo_order` does.
+:func:`unit_dag.topo_order` does.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ The objective is defined in :mod:`evaluate` and docs/partitioning.md.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import itertools
 import math
 import operator
@@ -23,6 +22,7 @@ import numpy as np
 
 from fxshard.devices import format_bytes
 from fxshard.errors import PartitionError
+from fxshard.passes.partition.unit_dag import convex_closure, csr, sorted_unique, successor_lists, topo_order
 
 __all__ = ["Objective", "Problem", "build_problem"]
 
@@ -191,7 +191,7 @@ def build_problem(graph: nx.DiGraph, k: int, *, memory_limit: float | Sequence[f
     dag = _unit_dag(unit_of, u_count, cols)
     _check_pins(u_pin, dag["succ_ptr"], dag["succ"], members, nodes, k)
     problem = Problem(k=k, nodes=nodes, unit_of=unit_of, members=members,
-                      order=_topo_order(u_count, dag["succ_ptr"], dag["succ"], u_pin),
+                      order=topo_order(u_count, dag["succ_ptr"], dag["succ"], u_pin),
                       compute=np.bincount(unit_of, weights=cols.compute, minlength=u_count),
                       memory=np.bincount(unit_of, weights=cols.memory, minlength=u_count),
                       params=np.bincount(unit_of, weights=cols.params, minlength=u_count), pin=u_pin,
@@ -293,19 +293,13 @@ def _unit_dag(unit_of: np.ndarray, u_count: int, cols: _Columns) -> dict[str, np
     src, dst = cols.src, cols.dst
     ua, ub = unit_of[src], unit_of[dst]
     cross = ua != ub
-    pairs = _sorted_unique(ua[cross] * u_count + ub[cross])
-    succ_ptr, succ = _csr(u_count, pairs // u_count, pairs % u_count)
-    vpairs = _sorted_unique(src[cross] * u_count + ub[cross])
+    pairs = sorted_unique(ua[cross] * u_count + ub[cross])
+    succ_ptr, succ = csr(u_count, pairs // u_count, pairs % u_count)
+    vpairs = sorted_unique(src[cross] * u_count + ub[cross])
     v_node, val_dst = vpairs // u_count, vpairs % u_count
     val_nodes, counts = np.unique(v_node, return_counts=True)
     return {"succ_ptr": succ_ptr, "succ": succ, "val_src": unit_of[val_nodes], "val_comm": cols.comm[val_nodes],
             "val_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), "val_dst": val_dst}
-
-
-def _sorted_unique(keys: np.ndarray) -> np.ndarray:
-    """np.unique by sorting: numpy's hash-based unique is several times slower on 1e5 int64 keys."""
-    keys = np.sort(keys)
-    return keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if keys.size else keys
 
 
 def _link_matrix(link: Any, k: int) -> np.ndarray:
@@ -335,7 +329,7 @@ def _units(data: list[dict], src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarr
                 raise PartitionError(f"node #{i}: colocate={key!r} is not hashable; use a string or a number") from None
     if len(groups) == 0:
         return label, tuple((i,) for i in range(len(data)))
-    closure = _convex_closure(label, src, dst)
+    closure = convex_closure(label, src, dst)
     _, unit_of = np.unique(closure, return_inverse=True)
     members: list[list[int]] = [[] for _ in range(unit_of.max() + 1)]
     for i, u in enumerate(unit_of):
@@ -351,75 +345,12 @@ def _units(data: list[dict], src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarr
     return unit_of.astype(np.int64), tuple(ordered)
 
 
-def _convex_closure(group: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Merge groups until the quotient graph is acyclic.
-
-    A path a -> w -> b between two members of one group closes a cycle in the quotient
-    graph; every node on it must share the group's stage, so each strongly connected part
-    of the quotient merges into its lowest label. The quotient of the merged groups is
-    the condensation, which is acyclic: the groups are then convex.
-    """
-    a, b = group[src], group[dst]
-    cross = a != b
-    quotient = nx.DiGraph()
-    quotient.add_nodes_from(np.unique(group).tolist())
-    quotient.add_edges_from(zip(a[cross].tolist(), b[cross].tolist()))
-    condensed = nx.condensation(quotient)
-    lowest = np.arange(len(group))
-    for c in condensed:
-        scc = condensed.nodes[c]["members"]
-        lowest[list(scc)] = min(scc)
-    return lowest[group]
-
-
-def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Successor lists (CSR, each list sorted) of edges src -> dst over n vertices."""
-    order = np.lexsort((dst, src))
-    ptr = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(ptr, src + 1, 1)
-    return np.cumsum(ptr), dst[order].astype(np.int64)
-
-
-def _successor_lists(succ_ptr: np.ndarray, succ: np.ndarray) -> list[list[int]]:
-    """The unit DAG's successor lists as Python lists (the CSR arrays, sliced once)."""
-    ptr, flat = succ_ptr.tolist(), succ.tolist()
-    return [flat[ptr[u]:ptr[u + 1]] for u in range(len(ptr) - 1)]
-
-
-def _topo_order(n: int, succ_ptr: np.ndarray, succ: np.ndarray, pin: np.ndarray) -> np.ndarray:
-    """The topological order that takes the ready vertex pinned first, else unpinned, else
-    pinned last, lowest-numbered among equals (graph order): pinned vertices sit at the ends.
-
-    Kahn's algorithm on a heap of ``rank * n + vertex``: the order networkx's
-    ``lexicographical_topological_sort`` gives with ``key=(rank, vertex)``, without building the
-    unit DAG as an ``nx.DiGraph`` first, which cost more than the sort (docs/benchmarks.md).
-    """
-    rank = np.choose(pin, [1, 0, 2])
-    src = np.repeat(np.arange(n), np.diff(succ_ptr))
-    if np.all(src < succ) and np.all(np.diff(rank) >= 0):
-        return np.arange(n, dtype=np.int64)  # graph order is already that order
-    lists = _successor_lists(succ_ptr, succ)
-    key = (rank * n + np.arange(n)).tolist()
-    indeg = np.bincount(succ, minlength=n).tolist()
-    ready = [key[u] for u in range(n) if indeg[u] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        u = heapq.heappop(ready) % n
-        order.append(u)
-        for v in lists[u]:
-            indeg[v] -= 1
-            if indeg[v] == 0:
-                heapq.heappush(ready, key[v])
-    return np.array(order, dtype=np.int64)
-
-
 def _check_pins(pin: np.ndarray, succ_ptr: np.ndarray, succ: np.ndarray, members: tuple, nodes: tuple,
                 k: int) -> None:
     """A node pinned last must not feed a node pinned first (that would need k == 1)."""
     if k == 1 or not (np.any(pin == PIN_LAST) and np.any(pin == PIN_FIRST)):
         return
-    lists = _successor_lists(succ_ptr, succ)
+    lists = successor_lists(succ_ptr, succ)
     reached = set(np.flatnonzero(pin == PIN_LAST).tolist())
     frontier = list(reached)
     while frontier:  # every unit downstream of one pinned last
