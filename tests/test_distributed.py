@@ -232,16 +232,16 @@ def _mlp_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _skewed_profiles(heavy_first: bool):
-    """The profiled cost model's real measurements, with one half of the graph 50x slower: what a
-    rank sees when its core is busy during the other half (made deterministic for the test)."""
+    """What the profiled cost model would report when a rank's core is busy during one half of the
+    graph: that half 50x slower. The base times are the analytical ones, so the skew is the only
+    difference between ranks (real measurements on a loaded machine could differ between two
+    plans on one rank and make the test flaky)."""
     import dataclasses
 
-    from fxshard.cost_models.profiled import ProfiledCostModel
-
-    measure = ProfiledCostModel.node_times
+    from fxshard.cost_models.analytical import AnalyticalCostModel
 
     def node_times(self, captured, works, device):
-        times = measure(self, captured, works, device)
+        times = AnalyticalCostModel().node_times(captured, works, device)
         half = len(times) // 2
         return [dataclasses.replace(t, fwd_s=t.fwd_s * 50, bwd_s=t.bwd_s * 50) if (i < half) == heavy_first else t
                 for i, t in enumerate(times)]
