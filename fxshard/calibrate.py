@@ -15,7 +15,9 @@ docs/calibration.md.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -24,9 +26,9 @@ import torch
 
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
-from fxshard.cost_models import NodeTime, ProfiledCostModel, estimate, scale_batch
+from fxshard.cost_models import FittedFactors, NodeTime, ProfiledCostModel, estimate, load_factors, scale_batch
 from fxshard.cost_models.analysis import analyze
-from fxshard.cost_models.analytical import FactorFit, fit_factors
+from fxshard.cost_models.analytical import AnalyticalCostModel, FactorFit, RooflineFactors, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
 from fxshard.cost_models.timing import StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
@@ -38,7 +40,7 @@ from fxshard.plan import Plan
 from fxshard.runtime.checkpointing import POLICIES, checkpoint_stages
 from fxshard.runtime.local import split_microbatches
 
-__all__ = ["CalibrationReport", "StageMeasurement", "calibrate", "kendall_tau"]
+__all__ = ["CalibrationReport", "StageMeasurement", "calibrate", "fitted_factors", "kendall_tau", "save_factors"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -195,7 +197,8 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
 
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
               warmup: int = 2, repeats: int = 5, profiled: bool = True,
-              checkpointing: str | None = None, fit: bool = True) -> CalibrationReport:
+              checkpointing: str | None = None, fit: bool = True,
+              factors: str | os.PathLike | FittedFactors | None = None) -> CalibrationReport:
     """Measure each of ``plan``'s stages on one local device and compare with predictions.
 
     Args:
@@ -209,6 +212,8 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         checkpointing: run and price every stage under this activation-checkpointing policy
             ("none", "selective", "full"); default: each stage's policy in ``plan``.
         fit: with ``profiled``, also time every node alone and fit the roofline factors.
+        factors: a factors file (or FittedFactors): the analytical predictions, and the
+            "before" of the fit, use its factors for the presets it names.
 
     Raises:
         ExecutionError: a model on the meta device (nothing real to run), or an unknown policy.
@@ -224,7 +229,8 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     micro = split_microbatches(flat, m)[0] if m > 1 else flat
     fraction = 1.0 / m
     works = scale_batch(analyze(captured), fraction) if fraction < 1 else analyze(captured)
-    analytical = estimate(captured, spec, works=works)
+    roofline = load_factors(factors).cost_model() if factors is not None else AnalyticalCostModel()
+    analytical = estimate(captured, spec, works=works, cost_model=roofline)
     profiler = ProfiledCostModel(device=dev, batch_fraction=fraction)
     measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     regions = repeated_blocks(captured)
@@ -244,12 +250,51 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
             plan_peak_bytes=plan.stages[s].peak_memory_bytes))
     t, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
     whole = _measurement(-1, t, peak, analytical, measured_profile or None, predicted_peak_bytes=None)
-    fitted, kernels = _fit_kernels(captured, spec, dev, warmup, repeats) if measured_profile is not None and fit \
-        else (None, ())
+    fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec))
+                       if measured_profile is not None and fit else (None, ()))
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
                              microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fitted,
                              checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",
                              threads=profiler.threads_used or torch.get_num_threads(), kernels=kernels)
+
+
+def fitted_factors(report: CalibrationReport) -> FittedFactors:
+    """The report's fitted roofline factors for its device preset, with their provenance: what
+    ``fxshard calibrate --save-factors`` writes and ``fxshard.plan(..., factors=)`` reads.
+
+    Raises:
+        CostModelError: the report has no fit (calibrated with ``profiled=False`` or ``fit=False``,
+            or too few kernels).
+    """
+    if report.fit is None:
+        raise CostModelError(f"the calibration of {report.model} on {report.device} fitted no roofline factors; "
+                             f"calibrate with profiled=True and fit=True (not --no-profiled), on a model with at "
+                             f"least 3 timed kernels")
+    fit = report.fit
+    provenance = {"model": report.model, "device": report.device, "torch": torch.__version__,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "kernels": fit.samples, "threads": report.threads,
+                  "median_log_error_before": fit.error_before, "median_log_error_after": fit.error_after}
+    return FittedFactors(factors={report.device_spec: fit.factors}, provenance={report.device_spec: provenance})
+
+
+def save_factors(report: CalibrationReport, path: str | os.PathLike, *, merge: bool = True) -> FittedFactors:
+    """Write the report's fitted factors to the factors file ``path`` (see :func:`fitted_factors`).
+
+    With ``merge``, an existing file keeps the presets it names that this report does not, so one
+    file can hold a calibration per device; the report's preset is replaced. Returns what was written.
+
+    Example::
+
+        report = calibrate(captured, plan, inputs)
+        save_factors(report, "factors.json")
+        fxshard.plan(model, "4xcpu:3GB", inputs, factors="factors.json")
+    """
+    fitted = fitted_factors(report)
+    if merge and os.path.exists(path):
+        fitted = FittedFactors.load(path).merged(fitted)
+    fitted.save(path)
+    return fitted
 
 
 def _under_policy(plan: Plan, checkpointing: str | None) -> Plan:
@@ -280,15 +325,15 @@ def _measurement(index: int, t: StepTime, peak: float | None, analytical: Any, p
         measured_peak_bytes=peak, **peaks)
 
 
-def _fit_kernels(captured: CapturedGraph, spec: Any, dev: torch.device, warmup: int,
-                 repeats: int) -> tuple[FactorFit | None, tuple[dict, ...]]:
+def _fit_kernels(captured: CapturedGraph, spec: Any, dev: torch.device, warmup: int, repeats: int,
+                 current: RooflineFactors) -> tuple[FactorFit | None, tuple[dict, ...]]:
     """Every node timed alone at the captured batch, and the roofline factors fitted to them
     (None when there are too few kernels to fit): the fit and the report's kernel rows."""
     kernels = estimate(captured, spec, cost_model=ProfiledCostModel(device=dev, method="nodes", warmup=warmup,
                                                                     repeats=repeats, batch_fraction=1.0))
     node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in kernels]
     try:
-        fitted = fit_factors([c.work for c in kernels], node_times, spec)
+        fitted = fit_factors([c.work for c in kernels], node_times, spec, current=current)
     except CostModelError:
         fitted = None  # too few kernels to fit anything
     return fitted, tuple(_kernel_row(c) for c in kernels if c.fwd_time_s > 0 or c.bwd_time_s > 0)

@@ -92,7 +92,7 @@ class Pricer:
         fraction *= self._scale
         key = (spec.name, fraction)
         if key not in self._cache:
-            if self.cost_model == "analytical" or fraction == 1.0:
+            if getattr(self.cost_model, "name", self.cost_model) == "analytical" or fraction == 1.0:
                 works = self.works if fraction == 1.0 else scale_batch(self.works, fraction)
                 self._cache[key] = estimate(self.captured, spec, cost_model=self.cost_model, works=works)
             else:  # measured costs: measured once at the full batch, scaled linearly

@@ -221,7 +221,8 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"training": not args.inference, "optimizer": args.optimizer,
                                "partitioner": args.partitioner, "cost_model": args.cost_model,
                                "exhaustive": bool(getattr(args, "exhaustive", False))}
-    for name in ("schedule", "microbatches", "strategy", "stages", "activation_checkpointing", "data_parallel"):
+    for name in ("schedule", "microbatches", "strategy", "stages", "activation_checkpointing", "data_parallel",
+                 "factors"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
@@ -363,11 +364,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from fxshard.calibrate import calibrate
 
+    if args.save_factors and args.no_profiled:
+        raise UsageError("--save-factors needs the fit, which times every node: drop --no-profiled")
     job = _prepare(args)
     plan, _ = _plan_job(job, args)
     with _progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
         report = calibrate(job.captured, plan, job.built.example_inputs, device=args.device, repeats=args.repeats,
-                           profiled=not args.no_profiled)
+                           profiled=not args.no_profiled, factors=args.factors)
+    if args.save_factors:
+        from fxshard.calibrate import save_factors
+
+        if report.fit is None:
+            raise UsageError("--save-factors needs fitted factors: drop --no-profiled, and use a model with at "
+                             "least 3 timed kernels")
+        save_factors(report, args.save_factors)
     if args.json:
         with _output(args.json) as f:
             f.write(report.to_json() + "\n")
@@ -384,6 +394,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _wrote("the report as JSON", args.json)
     _wrote("the report as markdown", args.md)
     _wrote("the predicted-against-measured picture", args.png)
+    _wrote(f"the fitted factors of {report.device_spec} (plan with --factors {args.save_factors})", args.save_factors)
     return 0
 
 

@@ -73,6 +73,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="optimizer state per parameter (default adam)")
     p.add_argument("--cost-model", default="analytical", metavar="NAME",
                    help="analytical (default), profiled, or any registered cost model")
+    p.add_argument("--factors", metavar="FILE",
+                   help="price the device presets FILE names with the roofline factors 'fxshard calibrate "
+                        "--save-factors FILE' fitted (the analytical cost model; other presets keep theirs)")
     p.add_argument("--inference", action="store_true", help="plan forward only (no gradients or optimizer)")
     p.add_argument("--exhaustive", action="store_true",
                    help="partition and simulate every pipeline candidate instead of skipping those whose lower "
@@ -104,6 +107,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="DEVICE", help="torch device to measure on (default: cuda if present, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs per measurement (median kept)")
     p.add_argument("--no-profiled", action="store_true", help="skip the profiled cost model (faster)")
+    p.add_argument("--save-factors", metavar="FILE",
+                   help="write the fitted roofline factors to FILE (added to FILE's other presets if it exists), "
+                        "for plan/compare/export --factors FILE")
     _json_arg(p, "the report")
     p.add_argument("--md", metavar="FILE", help="write the report as a markdown table")
     p.add_argument("--png", metavar="FILE", help="predicted against measured stage times")

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
-from fxshard.cost_models import cost_models
+from fxshard.cost_models import CostModel, FittedFactors, cost_models, load_factors
 from fxshard.errors import CostModelError, PlanError
 from fxshard.passes.partition import partitioners
 from fxshard.simulate import SCHEDULES, SimulationError, schedule_name
@@ -41,7 +41,9 @@ class PlanOptions:
     replicas, "fsdp": shards) are the memory levers; None lets the planner choose.
     ``exhaustive=True`` partitions and simulates every pipeline candidate, even those whose
     lower bound shows they cannot beat the best found (a reference for the pruned search; same
-    plan, slower). See docs/planning.md.
+    plan, slower). ``factors`` (a factors file's path, or :class:`FittedFactors`) prices the
+    presets it names with roofline factors fitted by ``fxshard calibrate --save-factors``; the
+    others keep their datasheet factors (docs/calibration.md). See docs/planning.md.
     """
 
     training: bool = True
@@ -59,6 +61,7 @@ class PlanOptions:
     memory_reserve: float = 0.05
     name: str | None = None
     exhaustive: bool = False
+    factors: Any = None  # str | os.PathLike | FittedFactors | None; read into FittedFactors
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, bool):
@@ -81,10 +84,30 @@ class PlanOptions:
         if isinstance(self.cost_model, str) and self.cost_model not in cost_models():
             raise CostModelError(f"cost_model={self.cost_model!r} is not registered; known: "
                                  f"{', '.join(cost_models())} (register your own with fxshard.register_cost_model)")
+        self._check_factors()
         if not isinstance(self.exhaustive, bool):
             raise PlanError(f"exhaustive={self.exhaustive!r}; use True (simulate every candidate) or False")
         if not 0 <= self.memory_reserve < 1:
             raise PlanError(f"memory_reserve={self.memory_reserve}; it is a fraction of each device, in [0, 1)")
+
+    def _check_factors(self) -> None:
+        if self.factors is None:
+            return
+        object.__setattr__(self, "factors", load_factors(self.factors))
+        if self.cost_model != "analytical":
+            raise PlanError(f"factors={self.factors.source or 'FittedFactors'!r} refine the analytical cost model's "
+                            f"roofline, but cost_model={self.cost_model!r} prices its own way; use "
+                            f"cost_model='analytical' with factors, or drop factors")
+
+    @property
+    def pricing_model(self) -> str | CostModel:
+        """The cost model candidates are priced with: ``cost_model``, or the analytical model
+        with ``factors`` for the presets they name."""
+        return self.factors.cost_model() if isinstance(self.factors, FittedFactors) else self.cost_model
+
+    def factors_note(self, presets: Any) -> str:
+        """What a plan's reason says of ``factors`` for a cluster of these presets ("" without)."""
+        return self.factors.describe(presets) if isinstance(self.factors, FittedFactors) else ""
 
     def _check_levers(self) -> None:
         if self.activation_checkpointing not in (None, *CHECKPOINTING):

@@ -95,7 +95,7 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
 def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanOptions) -> Plan:
     """:func:`plan` for an already captured graph."""
     check_request(captured, cluster, batch, opts)
-    pricer = Pricer(captured, opts.cost_model, batch)
+    pricer = Pricer(captured, opts.pricing_model, batch)
     ranked = _search(pricer, cluster, batch, opts)
     best = ranked[0]
     if not best.fits and all(c.refused for c in ranked):
@@ -252,6 +252,8 @@ def _reason(best: Priced, ranked: list[Priced], cluster: Cluster, batch: int, op
     runner = next((c for c in ranked[1:] if c.fits), None)
     if runner is not None:
         parts.append(f"next best: {runner.strategy} ({_describe(runner)}) at {batch / runner.step_time_s:.1f} samples/s")
+    if opts.factors is not None:  # a saved plan says how it was priced
+        parts.append(opts.factors_note(d.spec.name for d in cluster.devices))
     return "; ".join(parts)
 
 

@@ -20,12 +20,14 @@ from fxshard.cost_models.base import (
     register_cost_model,
     unregister_cost_model,
 )
+from fxshard.cost_models.factors_file import FittedFactors, load_factors
 from fxshard.cost_models.memory import TrainingMemory, bytes_per_parameter, training_memory
 from fxshard.cost_models.profiled import ProfiledCostModel
 
 __all__ = [
     "AnalyticalCostModel",
     "CostModel",
+    "FittedFactors",
     "GraphCosts",
     "NodeCost",
     "NodeTime",
@@ -39,6 +41,7 @@ __all__ = [
     "estimate",
     "factors_for",
     "get_cost_model",
+    "load_factors",
     "register_cost_model",
     "scale_batch",
     "tensor_bytes",

@@ -101,12 +101,20 @@ class AnalyticalCostModel:
 
     name = "analytical"
 
-    def __init__(self, factors: RooflineFactors | None = None) -> None:
+    def __init__(self, factors: RooflineFactors | None = None, *,
+                 by_preset: Mapping[str, RooflineFactors] | None = None) -> None:
+        """``factors`` for every device, else ``by_preset[device.name]`` (fitted factors, see
+        :mod:`fxshard.cost_models.factors_file`), else the device's own (:func:`factors_for`)."""
         self.factors = factors
+        self.by_preset = dict(by_preset or {})
+
+    def factors_of(self, device: DeviceSpec) -> RooflineFactors:
+        """The factors this model prices ``device`` with."""
+        return self.factors or self.by_preset.get(device.name) or factors_for(device)
 
     def node_times(self, captured: CapturedGraph, works: Sequence[NodeWork],
                    device: DeviceSpec) -> list[NodeTime]:
-        factors = self.factors or factors_for(device)
+        factors = self.factors_of(device)
         times = []
         for w in works:
             dtype = _dtype(w.dtype)
@@ -132,13 +140,15 @@ class FactorFit:
     error_after: float
 
 
-def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device: DeviceSpec) -> FactorFit:
+def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device: DeviceSpec, *,
+                current: RooflineFactors | None = None) -> FactorFit:
     """Fit ``matmul_eff``, ``memory_eff`` and ``launch_overhead_s`` to measured node times.
 
     Every forward and backward time of a node that runs kernels is a sample; the fit is a grid
     search minimising the median absolute log error of the roofline (robust to the few nodes
     whose timing is noise). The device's current factors are a candidate too, so the fitted
-    error never exceeds the current one. See docs/calibration.md.
+    error never exceeds the current one (``current``: the factors planning uses now, default
+    :func:`factors_for`). See docs/calibration.md.
 
     Raises:
         CostModelError: fewer than three usable samples, or ``works`` and ``measured`` differ in length.
@@ -171,7 +181,7 @@ def fit_factors(works: Sequence[NodeWork], measured: Sequence[NodeTime], device:
     a, b, o = np.meshgrid(grid, grid, overheads, indexing="ij")
     errors = error(a.ravel(), b.ravel(), o.ravel())
     best = int(np.argmin(errors))
-    current = factors_for(device)
+    current = current or factors_for(device)
     before = float(error(np.array([current.matmul_eff]), np.array([current.memory_eff]),
                          np.array([current.launch_overhead_s]))[0])
     if before <= errors[best]:  # the current factors are a candidate too: a fit is never worse than none
