@@ -18,7 +18,7 @@ from fxshard.cluster import Cluster
 from fxshard.cost_models import GraphCosts
 from fxshard.levers import Levers
 from fxshard.plan_options import PlanOptions, divisors
-from fxshard.simulate import SCHEDULES
+from fxshard.simulate import BWD_INPUT_SHARE, SCHEDULES, SPLIT_BACKWARD
 
 if TYPE_CHECKING:
     from fxshard.candidates import Pricer
@@ -145,31 +145,43 @@ def stage_devices_of(group: PipelineGroup) -> tuple[tuple[int, ...], ...]:
 def shape_bound(pricer: Pricer, cluster: Cluster, group: PipelineGroup, shape: Shape, opts: PlanOptions) -> float:
     """A lower bound on the step time of ``shape`` under any partition and any levers, from
     partition-free figures: W, one micro-batch's compute through the whole model (forward F plus
-    backward) on the group's fastest device; the stages' times t_s sum to at least W, and sends
-    and levers only add. With m micro-batches on ``depth`` ranks:
-
-    - every schedule: micro-batch 0 runs through every stage, so step >= W; the busiest rank
-      does at least m x W / depth;
-    - GPipe: the busiest stage r starts after micro-batch 0 has run the stages before it, runs
-      m forwards, then waits for micro-batch 0's backward to come back from the stages after it
-      (they run all their forwards first), runs m backwards, and micro-batch m-1's backward
-      still crosses the stages before it: step >= W + (m - 1) x t_r >= W + (m - 1) x W / depth
-      (forward only: the same with backward zero);
-    - 1F1B: the same path through the stage r of the largest forward, whose backwards may
-      overlap the wait: step >= W + (m - 1) x F / depth.
-
-    tests/test_plan_scale.py checks it against every simulated step of small searches.
+    backward B) on the group's fastest device; the stages' times sum to at least W, and sends and
+    levers only add. See :func:`step_lower_bound`; tests/test_plan_scale.py checks it against
+    every simulated step of small searches and of every schedule on equal stages.
     """
     fraction = 1.0 / (shape.replicas * shape.microbatches)
     specs = {cluster.devices[devs[0]].spec.name: cluster.devices[devs[0]].spec for devs in rank_devices(group)}
     costs = [pricer.costs(spec, fraction) for _, spec in sorted(specs.items())]
     work = min(_compute_time(c, opts.training) for c in costs)
     forward = min(c.fwd_time_s for c in costs)
-    m, depth = shape.microbatches, group.depth
-    bound = max(work, m * work / depth)
-    if shape.schedule == "gpipe" or not opts.training:
+    return step_lower_bound(shape.schedule, work=work, forward=forward, microbatches=shape.microbatches,
+                            depth=group.depth, training=opts.training)
+
+
+def step_lower_bound(schedule: str, *, work: float, forward: float, microbatches: int, depth: int,
+                     training: bool) -> float:
+    """A lower bound on a step of ``schedule`` with m = ``microbatches`` on ``depth`` ranks, when
+    one micro-batch's compute through all stages is ``work`` (W), its forward part ``forward`` (F):
+
+    - every schedule: the busiest rank does at least m x W / depth;
+    - micro-batch 0's chain: every stage's forward, then every stage's backward, so step >= W;
+      zero-bubble schedules split each backward into an input-gradient part (I, the share
+      :data:`~fxshard.simulate.BWD_INPUT_SHARE` of it) on the chain and a weight-gradient part
+      (W) they may defer, so their chain is only F + share x (W - F);
+    - GPipe: the busiest stage r starts after micro-batch 0 has run the stages before it, runs
+      m forwards, then waits for micro-batch 0's backward to come back from the stages after it
+      (they run all their forwards first), runs m backwards, and micro-batch m-1's backward
+      still crosses the stages before it: step >= W + (m - 1) x t_r >= W + (m - 1) x W / depth
+      (forward only, with one stage per rank: the same with backward zero);
+    - 1F1B: the same path through the stage r of the largest forward, whose backwards may
+      overlap the wait: step >= W + (m - 1) x F / depth.
+    """
+    m = microbatches
+    chain = forward + BWD_INPUT_SHARE * (work - forward) if training and schedule in SPLIT_BACKWARD else work
+    bound = max(chain, m * work / depth)
+    if schedule == "gpipe" or not training and SCHEDULES[schedule].stages_per_rank == 1:
         bound = max(bound, work + (m - 1) * work / depth)
-    elif shape.schedule == "1f1b":
+    elif schedule == "1f1b":
         bound = max(bound, work + (m - 1) * forward / depth)
     return bound
 

@@ -53,6 +53,9 @@ class Schedule(NamedTuple):
 
 
 # fxshard name -> the schedule
+BWD_INPUT_SHARE = 0.5  # a split backward's input-gradient part (I); the weight-gradient part (W) is the rest
+SPLIT_BACKWARD = frozenset({"interleavedzb", "zbv"})  # schedules whose orders run a backward as I and W
+
 SCHEDULES: dict[str, Schedule] = {
     "gpipe": Schedule("GPipe", 1),
     "1f1b": Schedule("1F1B", 1),
@@ -80,7 +83,7 @@ class StageTiming:
 
     fwd_s: float
     bwd_s: float
-    bwd_input_share: float = 0.5
+    bwd_input_share: float = BWD_INPUT_SHARE
     send_fwd_s: float = 0.0
     send_bwd_s: float = 0.0
     activation_bytes: float = 0.0

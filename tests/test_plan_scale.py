@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster
 from fxshard.plan_options import PlanOptions
 from fxshard.planner import plan_captured
-from fxshard.simulate import SCHEDULES, rank_actions
+from fxshard.candidate_shapes import step_lower_bound
+from fxshard.simulate import SCHEDULES, SPLIT_BACKWARD, SimulationError, StageTiming, rank_actions, simulate
 from tests.tiny_models import hf_llama
 
 
@@ -100,3 +102,38 @@ def test_recorded_orders_run_every_action_once(schedule: str) -> None:
         assert len(orders) == ranks
         forwards = sorted((s, i) for rank in orders for s, kind, i in rank if kind == "F")
         assert forwards == [(s, i) for s in range(ranks * per_rank) for i in range(microbatches)]
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_step_lower_bound_is_below_the_simulated_step_on_any_stages(schedule: str) -> None:
+    # Zero-bubble schedules defer weight gradients off micro-batch 0's chain: a bound of F + B
+    # there pruned zbv plans it should have kept (2 ranks, 1 micro-batch: 12 against 10).
+    per_rank = SCHEDULES[schedule].stages_per_rank
+    rng = random.Random(schedule)
+    checked = 0
+    for ranks in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 8):
+            for skew in (False, True):
+                n = ranks * per_rank
+                stages = [StageTiming(fwd_s=rng.uniform(0.2, 2.0) if skew else 1.0,
+                                      bwd_s=rng.uniform(0.2, 4.0) if skew else 2.0) for _ in range(n)]
+                try:
+                    step = simulate(schedule, stages, m).step_time_s
+                except SimulationError:
+                    continue  # counts this schedule refuses
+                for training in (True, False):
+                    timed = stages if training else [dataclasses.replace(t, bwd_s=0.0) for t in stages]
+                    work = sum(t.fwd_s + t.bwd_s for t in timed)
+                    forward = sum(t.fwd_s for t in timed)
+                    actual = step if training else simulate(schedule, timed, m).step_time_s
+                    bound = step_lower_bound(schedule, work=work, forward=forward, microbatches=m, depth=ranks,
+                                             training=training)
+                    assert 0 < bound <= actual * (1 + 1e-12), (schedule, ranks, m, skew, training, bound, actual)
+                    checked += 1
+    assert checked >= 20
+
+
+def test_split_backward_names_the_schedules_whose_orders_split_a_backward() -> None:
+    split = {s for s in SCHEDULES for ranks, m in ((2, 2), (2, 4))
+             if any(kind in ("I", "W") for rank in rank_actions(s, ranks, m) for _, kind, _ in rank)}
+    assert split == set(SPLIT_BACKWARD)
