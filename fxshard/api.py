@@ -39,14 +39,17 @@ def compile(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
         example_kwargs: keyword inputs of that batch.
         **options: :class:`~fxshard.planner.PlanOptions` fields (training, optimizer,
             microbatches, schedule, partitioner, cost_model, strategy, activation_checkpointing,
-            data_parallel, stages, loss_fn, seed, memory_reserve, name); the memory levers
-            ``activation_checkpointing`` ("none", "selective", "full") and ``data_parallel``
-            ("ddp", "fsdp") are the planner's to choose when left None.
+            data_parallel, stages, loss_fn, seed, memory_reserve, name, exhaustive, factors); the
+            memory levers ``activation_checkpointing`` ("none", "selective", "full") and
+            ``data_parallel`` ("ddp", "fsdp") are the planner's to choose when left None;
+            ``factors`` (a file from ``fxshard calibrate --save-factors``) prices the presets it
+            names with their fitted roofline factors (docs/calibration.md).
 
     Example::
 
         compiled = fxshard.compile(model, ["cpu", "cpu"], (x,), microbatches=4)
         sharded = fxshard.compile(model, "8xA100-80GB", (x,), data_parallel="fsdp", activation_checkpointing="full")
+        calibrated = fxshard.compile(model, "4xcpu:3GB", (x,), factors="cpu.factors.json")
         loss = compiled.step(x, target=y, loss_fn=torch.nn.functional.mse_loss)
         optimizer.step()   # an optimizer over model.parameters() keeps working
     """

@@ -21,7 +21,8 @@ __all__ = ["cli_words", "compare_table", "console", "fmt_count", "fmt_time", "le
 _FLAGS = {"optimizer": "--optimizer", "microbatches": "--microbatches", "schedule": "--schedule",
           "partitioner": "--partitioner", "cost_model": "--cost-model", "strategy": "--strategy",
           "stages": "--stages", "batch_size": "--batch-size", "seq_len": "--seq-len",
-          "activation_checkpointing": "--activation-checkpointing", "data_parallel": "--data-parallel"}
+          "activation_checkpointing": "--activation-checkpointing", "data_parallel": "--data-parallel",
+          "factors": "--factors"}
 _OPTION = re.compile(r"(?<![\w.-])(training|" + "|".join(_FLAGS) + r")(<=|>=|=)('[^']*'|\"[^\"]*\"|[\w.+-]+)?")
 
 

@@ -97,7 +97,7 @@ class PlanOptions:
         if self.cost_model != "analytical":
             raise PlanError(f"factors={self.factors.source or 'FittedFactors'!r} refine the analytical cost model's "
                             f"roofline, but cost_model={self.cost_model!r} prices its own way; use "
-                            f"cost_model='analytical' with factors, or drop factors")
+                            f"cost_model='analytical' with them, or drop factors=")
 
     @property
     def pricing_model(self) -> str | CostModel:

@@ -140,3 +140,5 @@ def test_calibrate_save_factors_then_plan_with_them(tmp_path, capsys):
     assert f"priced with fitted roofline factors from {factors} for cpu" in json.loads(plan_json.read_text())["reason"]
     assert main(["plan", "mlp", "--devices", "2xcpu:1GB", "--factors", str(tmp_path / "none.json")]) == 2
     assert "cannot read the factors file" in capsys.readouterr().err
+    assert main(["plan", "mlp", "--devices", "2xcpu:1GB", "--factors", str(factors), "--cost-model", "profiled"]) == 2
+    assert "--cost-model profiled prices its own way" in capsys.readouterr().err
