@@ -108,6 +108,8 @@ def _entry(**changes) -> dict:
     ({"fxshard_factors": 1, "devices": {"cpu": _entry(launch_overhead_s=-1)}}, "launch_overhead_s=-1"),
     ({"fxshard_factors": 1, "devices": {"cpu": {"matmul_eff": 0.5}}}, "lacks memory_eff, launch_overhead_s"),
     ({"fxshard_factors": 1, "devices": {"H100-80G": _entry()}}, "unknown device preset 'H100-80G'.*'H100-80GB'"),
+    ({"fxshard_factors": 1, "devices": {"cpu": _entry(provenance="mlp")}}, "'provenance' must be an object"),
+    ({"fxshard_factors": 1, "devices": ["cpu"]}, "'devices'.* must map preset names"),
 ])
 def test_bad_files_name_the_file_and_the_fix(tmp_path, data, match):
     path = _write(tmp_path, data)

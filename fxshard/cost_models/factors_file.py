@@ -141,7 +141,11 @@ class FittedFactors:
                                                 conv_tf32=bool(entry.get("conv_tf32", False)))
             except CostModelError as e:
                 raise CostModelError(f"device {name!r}{where}: {e}") from e
-            provenance[name] = dict(entry.get("provenance") or {})
+            prov = entry.get("provenance") or {}
+            if not isinstance(prov, Mapping):
+                raise CostModelError(f"device {name!r}{where}: 'provenance' must be an object (model, device, torch, "
+                                     f"date, ...), got {prov!r}; re-run 'fxshard calibrate ... --save-factors FILE'")
+            provenance[name] = dict(prov)
         return cls(factors=factors, provenance=provenance, source=source)
 
     @classmethod
