@@ -64,7 +64,7 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
             left out: ``plan(model, devices, example_kwargs=batch)``).
         **options: :class:`PlanOptions` fields (training, optimizer, microbatches, schedule,
             partitioner, cost_model, strategy, activation_checkpointing, data_parallel, loss_fn, seed,
-            memory_reserve, name).
+            memory_reserve, name, exhaustive, factors).
 
     Returns:
         The best :class:`Plan`, with the ranked alternatives it beat.
