@@ -195,6 +195,15 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
     return times, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
 
 
+def _one_microbatch(captured: CapturedGraph, plan: Plan, flat: list[Any]) -> tuple[list[Any], float, Any]:
+    """The first of the plan's micro-batches (replicas x micro-batches per step), its fraction of
+    the batch, and the graph's work at that fraction."""
+    m = plan.microbatches * plan.replicas
+    fraction = 1.0 / m
+    works = scale_batch(analyze(captured), fraction) if fraction < 1 else analyze(captured)
+    return (split_microbatches(flat, m)[0] if m > 1 else flat), fraction, works
+
+
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
               warmup: int = 2, repeats: int = 5, profiled: bool = True,
               checkpointing: str | None = None, fit: bool = True,
@@ -225,10 +234,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     spec = Cluster.parse([str(dev)]).devices[0].spec
     gm = captured.gm.to(dev)
     flat = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in captured.flatten_inputs(tuple(example_inputs), {})]
-    m = plan.microbatches * plan.replicas
-    micro = split_microbatches(flat, m)[0] if m > 1 else flat
-    fraction = 1.0 / m
-    works = scale_batch(analyze(captured), fraction) if fraction < 1 else analyze(captured)
+    micro, fraction, works = _one_microbatch(captured, plan, flat)
     roofline = load_factors(factors).cost_model() if factors is not None else AnalyticalCostModel()
     analytical = estimate(captured, spec, works=works, cost_model=roofline)
     profiler = ProfiledCostModel(device=dev, batch_fraction=fraction)

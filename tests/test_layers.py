@@ -32,7 +32,7 @@ FLOORS: dict[str, int] = {
     "fxshard.passes": 4, "fxshard.passes.regions": 4,
     # 3: pricing and simulation
     "fxshard.cost_models": 3, "fxshard.cost_models.checkpointing": 3,
-    "fxshard.simulate": 3, "fxshard.simulate_plan": 3, "fxshard.comm": 3,
+    "fxshard.simulate": 3, "fxshard.schedule_orders": 3, "fxshard.simulate_plan": 3, "fxshard.comm": 3,
     # 2: the model's graph and the hardware
     "fxshard.capture": 2, "fxshard.modules": 2,
     "fxshard.cluster": 2, "fxshard.cluster_parse": 2, "fxshard.devices": 2,
