@@ -41,12 +41,11 @@ import dataclasses
 
 import networkx as nx
 import numpy as np
-import pymetis
 
 from fxshard.errors import PartitionError
 from fxshard.passes.partition.dp import dp_split
 from fxshard.passes.partition.evaluate import evaluate
-from fxshard.passes.partition.metis import _quiet_stdout, _scaled, _undirected, metis_partition
+from fxshard.passes.partition.metis import metis_partition, part_graph, undirected
 from fxshard.passes.partition.problem import PIN_FIRST, PIN_LAST, Problem
 from fxshard.passes.partition.refine import priority_order, refine
 
@@ -119,22 +118,12 @@ def _machine_labels(problem: Problem, machines: tuple[range, ...], *, parts: int
     """pymetis labels (0..parts-1, parts a multiple of the machines): a minimum link-weighted cut
     balanced by each machine's speed (split evenly among a machine's parts)."""
     n = problem.num_units
-    ptr, cols, eweights = _undirected(problem)
+    ptr, cols, eweights = undirected(problem)
     # Every cut edge here crosses machines; the factor matters once inter-machine links differ.
     eweights = np.maximum(1, np.rint(eweights * _inter_factor(problem, machines))).astype(np.int64)
     eweights = np.minimum(eweights, (1 << 30) // max(1, n))  # METIS sums weights in 32-bit integers
-    ncon = 2 if problem.memory.max() > 0 else 1
-    vweights = np.stack([_scaled(problem.compute), _scaled(problem.memory)], axis=1)[:, :ncon].reshape(-1)
     share = np.repeat([problem.speeds[g].sum() for g in machines], parts // len(machines))
-    options = pymetis.Options(seed=seed, ufactor=ufactor)
-    kwargs = dict(vweights=vweights.tolist(), eweights=eweights.tolist(), tpwgts=(share / share.sum()).tolist(),
-                  options=options)
-    with _quiet_stdout():
-        if hasattr(pymetis, "CSRAdjacency"):
-            result = pymetis.part_graph(parts, pymetis.CSRAdjacency(ptr.tolist(), cols.tolist()), **kwargs)
-        else:  # pymetis before 2025.2
-            result = pymetis.part_graph(parts, xadj=ptr.tolist(), adjncy=cols.tolist(), **kwargs)
-    return np.asarray(result[1] if isinstance(result, tuple) else result.vertex_part, dtype=np.int64)
+    return part_graph(problem, parts, (ptr, cols, eweights), share / share.sum(), seed=seed, ufactor=ufactor)
 
 
 def _machine_of(problem: Problem, labels: np.ndarray, m: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from fxshard.passes.partition.orders import by_labels, depth_first, has_unique_o
 from fxshard.passes.partition.problem import Problem
 from fxshard.passes.partition.refine import refine, repair
 
-__all__ = ["metis_labels", "metis_partition"]
+__all__ = ["metis_labels", "metis_partition", "part_graph", "quiet_stdout", "undirected"]
 
 _SCALE = 1 << 20
 _REFINE_LIMIT = 3000  # units; beyond this the DP's cut points are kept as they are
@@ -55,7 +55,7 @@ def _scaled(values: np.ndarray) -> np.ndarray:
     return np.maximum(1, np.rint(values / top * _SCALE)).astype(np.int64)
 
 
-def _undirected(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def undirected(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR of the symmetric unit graph, with communication as integer edge weights."""
     n = problem.num_units
     vid = np.repeat(np.arange(problem.val_src.size), np.diff(problem.val_ptr))
@@ -78,16 +78,22 @@ def metis_labels(problem: Problem, parts: int, *, seed: int = 0) -> np.ndarray:
     n = problem.num_units
     if parts <= 1 or n < 2 * parts:  # METIS needs a few vertices per part to bisect at all
         return (np.arange(n) * max(parts, 1)) // max(n, 1)
-    ptr, cols, eweights = _undirected(problem)
-    ncon = 2 if problem.memory.max() > 0 else 1
-    vweights = np.stack([_scaled(problem.compute), _scaled(problem.memory)], axis=1)[:, :ncon].reshape(-1)
     share = np.repeat(problem.speeds / problem.speeds.sum(), max(1, parts // problem.k))
     share = np.resize(share, parts)
-    share = share / share.sum()
-    tpwgts = share.tolist()
-    options = pymetis.Options(seed=seed, ufactor=30)
-    kwargs = dict(vweights=vweights.tolist(), eweights=eweights.tolist(), tpwgts=tpwgts, options=options)
-    with _quiet_stdout():  # METIS prints its warnings from C straight to file descriptor 1
+    return part_graph(problem, parts, undirected(problem), share / share.sum(), seed=seed, ufactor=30)
+
+
+def part_graph(problem: Problem, parts: int, graph: tuple[np.ndarray, np.ndarray, np.ndarray],
+               tpwgts: np.ndarray, *, seed: int, ufactor: int) -> np.ndarray:
+    """pymetis k-way labels (0..parts-1) of ``graph`` (CSR pointers, columns, integer edge
+    weights, as :func:`undirected` builds it), balancing the units' compute and memory (two
+    constraints when any unit has memory) to the target shares ``tpwgts``."""
+    ptr, cols, eweights = graph
+    ncon = 2 if problem.memory.max() > 0 else 1
+    vweights = np.stack([_scaled(problem.compute), _scaled(problem.memory)], axis=1)[:, :ncon].reshape(-1)
+    options = pymetis.Options(seed=seed, ufactor=ufactor)
+    kwargs = dict(vweights=vweights.tolist(), eweights=eweights.tolist(), tpwgts=tpwgts.tolist(), options=options)
+    with quiet_stdout():  # METIS prints its warnings from C straight to file descriptor 1
         if hasattr(pymetis, "CSRAdjacency"):
             result = pymetis.part_graph(parts, pymetis.CSRAdjacency(ptr.tolist(), cols.tolist()), **kwargs)
         else:  # pymetis before 2025.2
@@ -96,7 +102,7 @@ def metis_labels(problem: Problem, parts: int, *, seed: int = 0) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
+def quiet_stdout() -> Iterator[None]:
     """Silence C-level writes to file descriptor 1 (they would corrupt ``--json -`` output)."""
     fd = 1
     with contextlib.suppress(Exception):
