@@ -152,7 +152,7 @@ def test_time_limit_reports_the_gap():
 def test_public_instance_bert24():
     inst = load_tarnawski(DATA / "bert24_inference.json")
     problem = build_problem(inst.graph, inst.k, memory_limit=inst.memory_limit, objective="direct")
-    result = milp_solve(problem)
+    result = milp_solve(problem, time_limit=600)  # proven in about 1 s; the limit only guards a busy machine
     assert result.status == "optimal"
     assert result.objective == pytest.approx(17.790, abs=1e-3)  # the README's optimum
 
@@ -169,7 +169,7 @@ def test_public_instance_gnmt_in_any_time_unit(factor):
     for _, _, d in g.edges(data=True):
         d["comm"] *= factor
     problem = build_problem(g, inst.k, memory_limit=inst.memory_limit / factor, objective="direct")
-    result = milp_solve(problem)
+    result = milp_solve(problem, time_limit=600)  # proven in about 1 s; the limit only guards a busy machine
     assert result.status == "optimal"
     assert result.objective == pytest.approx(32.9107 * factor, rel=1e-5)
     assert result.objective < partition_problem(problem, "dp").bottleneck
