@@ -1,0 +1,198 @@
+"""One rank of a whole-plan calibration under torchrun (:func:`fxshard.calibrate_dist.run_plan`).
+
+Run as ``python -m torch.distributed.run --nproc-per-node WORLD ... -m fxshard.calibrate_dist_worker
+JOB_DIR``: reads ``plan.json`` and ``job.json`` from ``JOB_DIR``, builds the model on the meta
+device (so this rank materialises only its own stages), trains ``warmup`` then ``steps`` steps
+of the plan with its optimizer, and writes ``rank<R>.json`` (or ``rank<R>.error``) back. What is
+measured is described in docs/calibration.md ("A whole plan under torchrun").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fxshard
+from fxshard import zoo
+from fxshard.cluster import Cluster
+from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold
+from fxshard.plan import Plan
+from fxshard.runtime.distributed import init_process_group_from_env
+
+__all__ = ["main", "real_inputs"]
+
+
+def real_inputs(model: torch.nn.Module, inputs: tuple, *, seed: int = 0) -> tuple:
+    """CPU tensors shaped like the (meta) ``inputs``: random floats, and token ids below the
+    model's first embedding's size (zeros where it has none)."""
+    vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), 1)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            out.append(x)
+        elif x.is_floating_point():
+            out.append(torch.randn(x.shape, generator=gen).to(x.dtype))
+        else:
+            out.append(torch.randint(0, vocab, x.shape, generator=gen, dtype=x.dtype))
+    return tuple(out)
+
+
+def _lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    logits = output[0] if isinstance(output, (tuple, list)) else output
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+
+def _mse_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    return F.mse_loss(out.float(), target)
+
+
+def objective(model: torch.nn.Module, inputs: tuple) -> tuple[Callable, torch.Tensor]:
+    """The model's natural training loss and a target for it: next-token cross entropy for a
+    model from (batch, seq) token ids to (batch, seq, vocab) logits, else MSE of the first
+    output against zeros (the output's shape from a forward on the meta device)."""
+    with torch.no_grad():
+        out = model(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    tokens = inputs[0] if inputs else None
+    if (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
+            and out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape)):
+        return _lm_loss, torch.roll(tokens, shifts=-1, dims=1)
+    return _mse_loss, torch.zeros(out.shape, dtype=torch.float32)
+
+
+class _StageClock:
+    """Wraps one ``PipelineStage``'s compute calls (instance attributes, so torch's schedule
+    calls the wrappers): wall and thread CPU seconds per step, and, while ``count`` is set,
+    autograd's saved bytes of each micro-batch's forward."""
+
+    def __init__(self, stage: Any, params: list[torch.Tensor]) -> None:
+        self.index = stage.stage_index
+        self.params = params
+        self.count = False
+        self.saved: dict[int, int] = {}
+        self.reset()
+        for name, kind in (("forward_one_chunk", "fwd"), ("backward_one_chunk", "bwd"),
+                           ("backward_weight_one_chunk", "bwd")):
+            setattr(stage, name, self._wrap(getattr(stage, name), kind))
+
+    def reset(self) -> None:
+        self.wall = {"fwd": 0.0, "bwd": 0.0}
+        self.cpu = {"fwd": 0.0, "bwd": 0.0}
+
+    def _wrap(self, call: Callable, kind: str) -> Callable:
+        def timed(chunk: int, *args: Any, **kwargs: Any) -> Any:
+            counter = SavedTensors(exclude=self.params) if self.count and kind == "fwd" else None
+            c0, t0 = time.thread_time(), time.perf_counter()
+            if counter is not None:
+                with counter.counting():
+                    out = call(chunk, *args, **kwargs)
+                self.saved[chunk] = counter.bytes
+            else:
+                out = call(chunk, *args, **kwargs)
+            self.wall[kind] += time.perf_counter() - t0
+            self.cpu[kind] += time.thread_time() - c0
+            return out
+
+        return timed
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-4)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4)
+    return None  # "none": gradients only
+
+
+def run(job: dict, plan: Plan) -> dict:
+    """This rank's measurements of ``job`` (see :func:`fxshard.calibrate_dist.run_plan`)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kwargs = dict(job.get("model_kwargs") or {})
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    zm = zoo.resolve(job["model"], batch_size=job.get("batch_size"), seq_len=job.get("seq_len"), **kwargs)
+    model = zm.model.to("meta")  # a zoo model comes on meta already; a factory's weights are freed here
+    inputs = real_inputs(model, zm.example_inputs, seed=kwargs.get("seed", 0))
+    loss_fn, target = objective(model, inputs)
+    probe = ResidentPeak()
+    probe.start()
+    compiled = fxshard.CompiledModel(model, Cluster.from_dict(plan.cluster), inputs, plan=plan, loss_fn=loss_fn)
+    params = list(compiled.parameters())
+    optimizer = _optimizer(plan.optimizer, params)
+    # The rank's torch PipelineStage objects: CompiledModel keeps its execution private, and the
+    # stage calls are timed where torch's schedule makes them.
+    clocks = [_StageClock(s, params) for s in compiled._execution.local.stages]
+    steps, warmup = job["steps"], job["warmup"]
+    step_s: list[float] = []
+    per_stage: dict[int, dict[str, list[float]]] = {c.index: {"fwd": [], "bwd": [], "fwd_cpu": [], "bwd_cpu": []}
+                                                    for c in clocks}
+    for i in range(warmup + steps):
+        for c in clocks:
+            c.reset()
+            c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
+        dist.barrier()
+        t0 = time.perf_counter()
+        compiled.step(*inputs, target=target)
+        if optimizer is not None:
+            optimizer.step()
+        for p in params:
+            p.grad = None  # optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            step_s.append(elapsed)
+            for c in clocks:
+                rows = per_stage[c.index]
+                m = plan.microbatches
+                rows["fwd"].append(c.wall["fwd"] / m)
+                rows["bwd"].append(c.wall["bwd"] / m)
+                rows["fwd_cpu"].append(c.cpu["fwd"] / m)
+                rows["bwd_cpu"].append(c.cpu["bwd"] / m)
+    dist.barrier()
+    peak = probe.peak_bytes()
+    stages = [{"index": c.index, "rank": rank,
+               **{k: statistics.median(v) for k, v in per_stage[c.index].items()},
+               "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
+    return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": step_s,
+            "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
+            "param_bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one rank: ``JOB_DIR`` holds ``job.json`` and ``plan.json``."""
+    job_dir = Path((argv if argv is not None else sys.argv[1:])[0])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        job = json.loads((job_dir / "job.json").read_text())
+        plan = Plan.from_json((job_dir / "plan.json").read_text())
+        torch.set_num_threads(job["threads"])
+        pin_mmap_threshold()
+        init_process_group_from_env(timeout_s=job["timeout_s"])
+        result = run(job, plan)
+        (job_dir / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+    except BaseException:
+        (job_dir / f"rank{rank}.error").write_text(traceback.format_exc())
+        sys.stderr.write(traceback.format_exc())
+        sys.stderr.flush()
+        os._exit(1)
+    # Leave without interpreter finalisation: gloo ranks have aborted there (docs/runtime.md).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
