@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -30,6 +31,7 @@ from fxshard.cost_models import FittedFactors, NodeTime, ProfiledCostModel, esti
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import AnalyticalCostModel, FactorFit, RooflineFactors, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
+from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold
 from fxshard.cost_models.timing import StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
@@ -46,12 +48,14 @@ __all__ = ["CalibrationReport", "StageMeasurement", "calibrate", "fitted_factors
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageMeasurement:
     """One stage (index -1: the whole model): measured and predicted forward + backward seconds
-    per micro-batch, and peak memory where the device reports it.
+    per micro-batch, peak memory, and the activations saved for backward.
 
     ``measured_peak_bytes`` and ``predicted_peak_bytes`` are the same situation, one training
     step of the stage alone on one micro-batch: weights, their gradients, that micro-batch's
     saved activations and the largest transient (no optimizer state, no other micro-batch in
     flight). ``plan_peak_bytes`` is the plan's peak for the stage, with both.
+    ``measured_saved_bytes`` (what autograd saved in one forward, ``host_memory.SavedTensors``)
+    is the measured side of ``predicted_activation_bytes``.
     """
 
     index: int
@@ -67,6 +71,12 @@ class StageMeasurement:
     # Host seconds of the forward and backward calls (no sync): near the measured times on CUDA = host-bound.
     host_fwd_s: float | None = None
     host_bwd_s: float | None = None
+    # CPU seconds of the calling thread: on the CPU with one thread, measured / CPU >> 1 = a loaded machine.
+    cpu_fwd_s: float | None = None
+    cpu_bwd_s: float | None = None
+    # Autograd's saved bytes of one micro-batch's forward (parameters excluded), and the prediction.
+    measured_saved_bytes: float | None = None
+    predicted_activation_bytes: float | None = None
 
     @property
     def measured_s(self) -> float:
@@ -86,6 +96,7 @@ class CalibrationReport:
     fit: FactorFit | None = None  # roofline factors fitted to the profiled node times
     checkpointing: str = "none"  # the activation-checkpointing policy every stage ran under
     threads: int = 0  # torch CPU threads the measurements ran with
+    memory: str = ""  # how measured_peak_bytes was measured ("" where it was not)
     kernels: tuple[dict, ...] = ()  # every node timed alone at the captured batch: the fit's samples
 
     def errors(self, which: str = "analytical") -> list[float]:
@@ -107,8 +118,18 @@ class CalibrationReport:
             return None
         return kendall_tau(predicted, [s.measured_s for s in self.stages])
 
+    def memory_errors(self) -> list[float]:
+        """Relative error of the predicted step peak per stage, where both are known."""
+        return [(s.predicted_peak_bytes - s.measured_peak_bytes) / s.measured_peak_bytes for s in self.stages
+                if s.measured_peak_bytes and s.predicted_peak_bytes is not None]
+
+    def median_abs_memory_error(self) -> float | None:
+        errors = [abs(e) for e in self.memory_errors()]
+        return statistics.median(errors) if errors else None
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        data["median_abs_error_memory"] = self.median_abs_memory_error()
         for which in ("analytical", "profiled"):
             data[f"median_abs_error_{which}"] = self.median_abs_error(which)
             data[f"kendall_tau_{which}"] = self.tau(which)
@@ -119,26 +140,31 @@ class CalibrationReport:
 
     def to_markdown(self) -> str:
         ckpt = f", activation checkpointing {self.checkpointing}" if self.checkpointing != "none" else ""
-        lines = [f"Calibration of {self.model} on {self.device} ({self.device_spec}){ckpt}, seconds per micro-batch "
-                 f"(fwd + bwd)", "",
+        lines = [f"Calibration of {self.model} on {self.device} ({self.device_spec}){ckpt}, {self.threads} "
+                 f"thread(s), seconds per micro-batch (fwd + bwd)", "",
                  "| stage | measured | analytical | error | profiled | error | "
-                 "step peak memory (measured / predicted) | plan's peak |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "step peak memory (measured / predicted) | saved activations (measured / predicted) | plan's peak |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for s in (*self.stages, self.whole):
             name = "whole model" if s.index < 0 else str(s.index)
             a_err = (s.analytical_s - s.measured_s) / s.measured_s if s.measured_s else 0.0
             p_err = (s.profiled_s - s.measured_s) / s.measured_s if s.profiled_s and s.measured_s else None
             mem = (f"{s.measured_peak_bytes / 2**20:.1f} / {s.predicted_peak_bytes / 2**20:.1f} MiB"
                    if s.measured_peak_bytes is not None and s.predicted_peak_bytes is not None else "n/a on this device")
+            saved = (f"{s.measured_saved_bytes / 2**20:.2f} / {s.predicted_activation_bytes / 2**20:.2f} MiB"
+                     if s.measured_saved_bytes is not None and s.predicted_activation_bytes is not None else "-")
             lines.append(f"| {name} | {s.measured_s * 1e3:.3f} ms | {s.analytical_s * 1e3:.3f} ms | {a_err:+.0%} | "
                          + (f"{s.profiled_s * 1e3:.3f} ms | {p_err:+.0%}" if p_err is not None else "- | -")
-                         + f" | {mem} | "
+                         + f" | {mem} | {saved} | "
                          + (f"{s.plan_peak_bytes / 2**20:.1f} MiB |" if s.plan_peak_bytes is not None else "- |"))
         for which in ("analytical", "profiled"):
             err, tau = self.median_abs_error(which), self.tau(which)
             if err is not None:
                 lines.append(f"\n{which}: median |error| {err:.1%}"
                              + (f", Kendall tau {tau:.2f}" if tau is not None else ""))
+        mem_err = self.median_abs_memory_error()
+        if mem_err is not None:
+            lines.append(f"\nstep peak memory ({self.memory}): median |error| {mem_err:.1%}")
         if self.fit is not None:
             f = self.fit.factors
             lines.append(f"\nroofline factors fitted to {self.fit.samples} measured kernels of {self.device_spec}: "
@@ -166,48 +192,81 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return score / (n * (n - 1) / 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One module measured on one micro-batch (``_measure_module``)."""
+
+    times: StepTime
+    peak_bytes: float | None  # step peak: weights + gradients + saved activations + transients
+    saved_bytes: int  # autograd's saved bytes of one forward, parameters and buffers excluded
+    outputs: tuple  # the forward's outputs, detached: the next stage's inputs
+
+
 def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device, warmup: int,
-                    repeats: int) -> tuple[StepTime, float | None, tuple]:
-    """(step times, peak bytes or None, outputs) of one module on one micro-batch.
+                    repeats: int) -> _Run:
+    """Times, step peak memory and saved bytes of one module on one micro-batch.
 
     Timed as a training step runs (``timing.step_times``): gradients set to None, a fresh
-    forward, then backward, each timed in the same step. On CUDA the peak is
-    ``max_memory_allocated`` over those steps above what was allocated before them, plus the
-    module's parameter bytes: its weights, gradients, one micro-batch's saved activations and
-    the transients (the previous step's gradients are freed before each step).
+    forward, then backward, each timed in the same step. The peak is taken over the timed
+    steps, above what was allocated before them (gradients None), plus the module's parameter
+    bytes: its weights, gradients, one micro-batch's saved activations and the transients (the
+    previous step's gradients are freed before each step). On CUDA that is
+    ``max_memory_allocated``; on the CPU the resident set's high-water mark
+    (``host_memory.ResidentPeak``, with glibc's mmap threshold pinned so freed tensors leave
+    the resident set), None where the system cannot reset it. A last forward counts what
+    autograd saves (``host_memory.SavedTensors``) and gives the outputs.
     """
     def leaves() -> list[Any]:
         return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
                 for t in inputs]
 
     module.zero_grad(set_to_none=True)
+    probe = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = step_times(module, leaves, device, warmup=warmup, repeats=repeats)
+    elif device.type == "cpu" and ResidentPeak.available():
+        _pin_mmap_threshold()
+        probe = ResidentPeak()
+    times = step_times(module, leaves, device, warmup=warmup, repeats=repeats,
+                       on_timed=probe.start if probe is not None else None)
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
     peak = None
     if device.type == "cuda":
-        weights = sum(p.numel() * p.element_size() for p in module.parameters())
         peak = float(torch.cuda.max_memory_allocated(device) - base + weights)
-    with torch.no_grad():
-        outputs = module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
-    return times, peak, tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+    elif probe is not None:
+        peak = float(probe.peak_bytes() + weights)
+    saved = SavedTensors(exclude=[*module.parameters(), *module.buffers()])
+    with saved.counting():
+        outputs = module(*leaves())
+    module.zero_grad(set_to_none=True)
+    outputs = tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+    return _Run(times=times, peak_bytes=peak, saved_bytes=saved.bytes,
+                outputs=tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in outputs))
+
+
+@functools.cache
+def _pin_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold once per process (``host_memory.pin_mmap_threshold``)."""
+    return pin_mmap_threshold()
 
 
 def _one_microbatch(captured: CapturedGraph, plan: Plan, flat: list[Any]) -> tuple[list[Any], float, Any]:
     """The first of the plan's micro-batches (replicas x micro-batches per step), its fraction of
-    the batch, and the graph's work at that fraction."""
+    the batch, and the graph's work at that fraction. The micro-batch is a copy, not a view of
+    the batch, as a rank receives it: a saved view would count the whole batch's storage."""
     m = plan.microbatches * plan.replicas
     fraction = 1.0 / m
     works = scale_batch(analyze(captured), fraction) if fraction < 1 else analyze(captured)
-    return (split_microbatches(flat, m)[0] if m > 1 else flat), fraction, works
+    micro = split_microbatches(flat, m)[0] if m > 1 else flat
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in micro], fraction, works
 
 
 def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None = None,
               warmup: int = 2, repeats: int = 5, profiled: bool = True,
               checkpointing: str | None = None, fit: bool = True,
-              factors: str | os.PathLike | FittedFactors | None = None) -> CalibrationReport:
+              factors: str | os.PathLike | FittedFactors | None = None, threads: int | None = None) -> CalibrationReport:
     """Measure each of ``plan``'s stages on one local device and compare with predictions.
 
     Args:
@@ -223,10 +282,35 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
         fit: with ``profiled``, also time every node alone and fit the roofline factors.
         factors: a factors file (or FittedFactors): the analytical predictions, and the
             "before" of the fit, use its factors for the presets it names.
+        threads: torch CPU threads to measure and profile with (the previous count is restored
+            after); default: the current count. One thread gives steady CPU timings.
 
     Raises:
-        ExecutionError: a model on the meta device (nothing real to run), or an unknown policy.
+        ExecutionError: a model on the meta device (nothing real to run), an unknown policy,
+            or ``threads`` < 1.
+
+    Example::
+
+        report = calibrate(capture(model, inputs), plan, inputs, threads=1)
+        print(report.to_markdown())
     """
+    if threads is not None and threads < 1:
+        raise ExecutionError(f"threads={threads}: need at least 1 torch thread, or None for the current count "
+                             f"({torch.get_num_threads()})")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _calibrate(captured, plan, example_inputs, device=device, warmup=warmup, repeats=repeats,
+                          profiled=profiled, checkpointing=checkpointing, fit=fit, factors=factors)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, device: str | torch.device | None,
+               warmup: int, repeats: int, profiled: bool, checkpointing: str | None, fit: bool,
+               factors: str | os.PathLike | FittedFactors | None) -> CalibrationReport:
+    """:func:`calibrate` under the torch thread count it set."""
     plan = _under_policy(plan, checkpointing)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if has_meta_state(captured.gm):
@@ -237,7 +321,7 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     micro, fraction, works = _one_microbatch(captured, plan, flat)
     roofline = load_factors(factors).cost_model() if factors is not None else AnalyticalCostModel()
     analytical = estimate(captured, spec, works=works, cost_model=roofline)
-    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction)
+    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads())
     measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     regions = repeated_blocks(captured)
     split = checkpoint_stages(split_graph(captured, plan.stage_of(), plan.num_stages), captured, plan, regions)
@@ -248,20 +332,24 @@ def calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, dev
     stages = []
     values: Sequence[Any] = micro
     for s, stage in enumerate(split.stages):
-        t, peak, values = _measure_module(stage.module.to(dev), values, dev, warmup, repeats)
+        run = _measure_module(stage.module.to(dev), values, dev, warmup, repeats)
+        values = run.outputs
         pred = predicted[s]
         stages.append(_measurement(
-            s, t, peak, pred, profiled_stages[s] if profiled_stages else None,
+            s, run, pred, profiled_stages[s] if profiled_stages else None,
             predicted_peak_bytes=2.0 * pred.param_bytes + pred.activation_bytes + pred.transient_bytes,
-            plan_peak_bytes=plan.stages[s].peak_memory_bytes))
-    t, peak, _ = _measure_module(gm, micro, dev, warmup, repeats)
-    whole = _measurement(-1, t, peak, analytical, measured_profile or None, predicted_peak_bytes=None)
+            plan_peak_bytes=plan.stages[s].peak_memory_bytes, predicted_activation_bytes=pred.activation_bytes))
+    one = summarize_stages(captured, analytical, {n.name: 0 for n in captured.gm.graph.nodes}, 1,
+                           training=plan.training, optimizer=plan.optimizer)[0]
+    whole = _measurement(-1, _measure_module(gm, micro, dev, warmup, repeats), analytical,
+                         measured_profile or None, predicted_activation_bytes=one.activation_bytes,
+                         predicted_peak_bytes=2.0 * one.param_bytes + one.activation_bytes + one.transient_bytes)
     fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec))
                        if measured_profile is not None and fit else (None, ()))
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
                              microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fitted,
                              checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",
-                             threads=profiler.threads_used or torch.get_num_threads(), kernels=kernels)
+                             threads=torch.get_num_threads(), kernels=kernels, memory=_memory_method(dev))
 
 
 def fitted_factors(report: CalibrationReport) -> FittedFactors:
@@ -318,17 +406,26 @@ def _under_policy(plan: Plan, checkpointing: str | None) -> Plan:
                                                   for s in plan.stages))
 
 
-def _measurement(index: int, t: StepTime, peak: float | None, analytical: Any, profiled: Any | None,
-                 **peaks: float | None) -> StageMeasurement:
-    """One stage's (or, index -1, the whole model's) measured times next to the ``analytical``
+def _memory_method(dev: torch.device) -> str:
+    """How ``_measure_module`` measures the step peak on ``dev`` ("" where it cannot)."""
+    if dev.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "resident-set high-water mark (VmHWM)" if dev.type == "cpu" and ResidentPeak.available() else ""
+
+
+def _measurement(index: int, run: _Run, analytical: Any, profiled: Any | None,
+                 **predicted: float | None) -> StageMeasurement:
+    """One stage's (or, index -1, the whole model's) measurements next to the ``analytical``
     and ``profiled`` predictions (anything with ``fwd_time_s`` and ``bwd_time_s``; profiled may
-    be None); ``peaks``: the predicted and plan's peak bytes."""
+    be None); ``predicted``: the predicted and plan's peak bytes, the predicted activations."""
+    t = run.times
     return StageMeasurement(
         index=index, measured_fwd_s=t.fwd_s, measured_bwd_s=t.bwd_s, host_fwd_s=t.host_fwd_s,
-        host_bwd_s=t.host_bwd_s, analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
+        host_bwd_s=t.host_bwd_s, cpu_fwd_s=t.cpu_fwd_s, cpu_bwd_s=t.cpu_bwd_s,
+        analytical_s=analytical.fwd_time_s + analytical.bwd_time_s,
         profiled_s=(profiled.fwd_time_s + profiled.bwd_time_s) if profiled is not None else None,
         analytical_fwd_s=analytical.fwd_time_s, profiled_fwd_s=profiled.fwd_time_s if profiled is not None else None,
-        measured_peak_bytes=peak, **peaks)
+        measured_peak_bytes=run.peak_bytes, measured_saved_bytes=float(run.saved_bytes), **predicted)
 
 
 def _fit_kernels(captured: CapturedGraph, spec: Any, dev: torch.device, warmup: int, repeats: int,

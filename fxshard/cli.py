@@ -370,7 +370,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plan, _ = _plan_job(job, args)
     with _progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
         report = calibrate(job.captured, plan, job.built.example_inputs, device=args.device, repeats=args.repeats,
-                           profiled=not args.no_profiled, factors=args.factors)
+                           profiled=not args.no_profiled, factors=args.factors, threads=args.threads)
     if args.save_factors:
         from fxshard.calibrate import save_factors
 

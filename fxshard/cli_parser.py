@@ -107,6 +107,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="DEVICE", help="torch device to measure on (default: cuda if present, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs per measurement (median kept)")
     p.add_argument("--no-profiled", action="store_true", help="skip the profiled cost model (faster)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads to measure and profile with (default: the current count; 1 is steadiest)")
     p.add_argument("--save-factors", metavar="FILE",
                    help="write the fitted roofline factors to FILE (added to FILE's other presets if it exists), "
                         "for plan/compare/export --factors FILE")

@@ -33,8 +33,10 @@ def test_every_stage_is_measured_and_predicted(report):
     for stage in (*rep.stages, rep.whole):
         assert stage.measured_fwd_s > 0 and stage.measured_bwd_s > 0  # every gpt2 stage holds weights
         assert stage.analytical_s > 0 and stage.profiled_s > 0
-        # The CPU reports no peak; CUDA does (calibrate runs on CUDA when the machine has it).
-        assert (stage.measured_peak_bytes is None) == (rep.device == "cpu")
+        # CUDA's allocator and, on the CPU, the resident set's high-water mark give a peak.
+        if rep.memory:
+            assert stage.measured_peak_bytes is not None and stage.measured_peak_bytes > 0
+        assert stage.measured_saved_bytes > 0 and stage.predicted_activation_bytes > 0
     assert all(s.predicted_peak_bytes > 0 for s in rep.stages)
     assert rep.microbatch_fraction == pytest.approx(1 / plan.microbatches)
 
@@ -46,6 +48,7 @@ class _CoarseClock:
     would put every tick between two steps, never inside a forward or a backward.)"""
 
     get_clock_info = staticmethod(time.get_clock_info)
+    thread_time = staticmethod(time.thread_time)
 
     def __init__(self) -> None:
         self.reads = 0
@@ -76,9 +79,9 @@ def test_stage_measurements_are_never_zero_on_a_coarse_clock(monkeypatch):
     monkeypatch.setattr(timing, "time", _CoarseClock())
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
-    times, peak, outputs = _measure_module(module, [torch.randn(4, 8)], torch.device("cpu"), warmup=1, repeats=3)
-    assert times.fwd_s > 0 and times.bwd_s > 0 and peak is None
-    assert outputs[0].shape == (4, 8) and not outputs[0].requires_grad
+    run = _measure_module(module, [torch.randn(4, 8)], torch.device("cpu"), warmup=1, repeats=3)
+    assert run.times.fwd_s > 0 and run.times.bwd_s > 0
+    assert run.outputs[0].shape == (4, 8) and not run.outputs[0].requires_grad
     assert all(p.grad is None for p in module.parameters())  # measuring leaves no gradients behind
 
 
@@ -122,9 +125,10 @@ def test_meta_models_cannot_be_calibrated():
 
 def test_calibrate_command(tmp_path, capsys):
     assert main(["calibrate", "mlp", "--devices", "2xcpu:1GB", "--batch-size", "8", "--strategy", "pipeline",
-                 "--no-profiled", "--repeats", "2", "--json", "-"]) == 0
+                 "--no-profiled", "--repeats", "2", "--threads", "1", "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["stages"]) >= 2 and doc["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert doc["threads"] == 1
 
 
 def test_fitted_factors_lower_the_error_on_the_measured_kernels(report):
@@ -204,3 +208,51 @@ def test_gpu_calibration_script_quick_path(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-medium.png", "summary.json", "summary.md"]
     assert doc["environment"]["torch"] == torch.__version__ and doc["log"][-1].endswith("s")  # no separate env/log files
     assert all("plan_peak_bytes" in r for r in variant["stage_rows"])
+
+
+def test_cpu_step_memory_and_saved_activations_of_an_mlp():
+    """On the CPU the step peak is measured (resident-set high-water mark) and holds at least
+    the weights; autograd's saved bytes are what can be counted by hand: each Linear saves its
+    input, each Tanh its output (the next Linear's input, the same tensor), parameters excluded."""
+    from fxshard.calibrate import _measure_module
+    from fxshard.cost_models.host_memory import ResidentPeak
+
+    torch.manual_seed(0)
+    width, batch, layers = 256, 64, 3
+    module = torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(width, width), torch.nn.Tanh())])
+    run = _measure_module(module, [torch.randn(batch, width)], torch.device("cpu"), warmup=1, repeats=2)
+    activation = batch * width * 4
+    # Saved: the input, then each Tanh's output (the last one too: Tanh's backward needs it).
+    assert run.saved_bytes == activation * (layers + 1)
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    if ResidentPeak.available():
+        assert run.peak_bytes >= weights
+
+
+def test_saved_bytes_match_the_predicted_activations():
+    """The measured saved bytes of each stage equal the analysis' activation bytes (within 5%)
+    on an MLP whose tensors are all above the pinned mmap threshold, and so is the peak (25%)."""
+    torch.manual_seed(0)
+    z = build("mlp", batch_size=64)
+    plan = fxshard.plan(z.model, "2xcpu:1GB", z.example_inputs, strategy="pipeline", schedule="gpipe",
+                        microbatches=2)
+    rep = calibrate(capture(z.model, z.example_inputs), plan, z.example_inputs, repeats=1, warmup=1,
+                    profiled=False, threads=1)
+    assert rep.threads == 1 and "1 thread(s)" in rep.to_markdown()
+    for s in (*rep.stages, rep.whole):
+        assert s.measured_saved_bytes == pytest.approx(s.predicted_activation_bytes, rel=0.05)
+        if rep.memory:
+            assert s.measured_peak_bytes == pytest.approx(s.predicted_peak_bytes, rel=0.25)
+    doc = json.loads(rep.to_json())
+    assert doc["stages"][0]["measured_saved_bytes"] > 0 and doc["threads"] == 1
+
+
+def test_threads_are_set_for_the_measurement_and_restored():
+    before = torch.get_num_threads()
+    z = build("mlp", batch_size=8)
+    plan = fxshard.plan(z.model, "2xcpu:1GB", z.example_inputs, strategy="pipeline")
+    rep = calibrate(capture(z.model, z.example_inputs), plan, z.example_inputs, repeats=1, warmup=0,
+                    profiled=False, threads=1)
+    assert rep.threads == 1 and torch.get_num_threads() == before
+    with pytest.raises(ExecutionError, match="threads=0"):
+        calibrate(capture(z.model, z.example_inputs), plan, z.example_inputs, threads=0)

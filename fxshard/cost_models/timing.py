@@ -27,8 +27,8 @@ __all__ = ["StepTime", "median_time", "step_times", "stopwatch"]
 _CUDA_EVENT_RESOLUTION_S = 0.5e-6
 _MAX_CALLS_PER_SAMPLE = 1 << 20
 # One training step's seconds: device forward, device backward (None: no output needs a gradient),
-# host forward, host backward.
-_StepSeconds = tuple[float, float | None, float, float]
+# host forward, host backward, calling thread's CPU forward, CPU backward.
+_StepSeconds = tuple[float, float | None, float, float, float, float]
 
 
 def _min_sample_s(device: torch.device) -> float:
@@ -80,10 +80,15 @@ class StepTime:
     bwd_s: float
     host_fwd_s: float = 0.0
     host_bwd_s: float = 0.0
+    # CPU seconds of the calling thread (``time.thread_time``): on a CPU run with one torch thread,
+    # wall / CPU well above 1 means the core was shared (the machine was loaded).
+    cpu_fwd_s: float = 0.0
+    cpu_bwd_s: float = 0.0
 
 
 def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device, *,
-               warmup: int, repeats: int, min_sample_s: float | None = None) -> StepTime:
+               warmup: int, repeats: int, min_sample_s: float | None = None,
+               on_timed: Callable[[], None] | None = None) -> StepTime:
     """Median forward and backward seconds of ``module`` in a training step, as training runs it.
 
     Each step sets the parameters' gradients to None (as ``zero_grad(set_to_none=True)``
@@ -95,8 +100,10 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     the clock) and counts seconds per step. Backward is 0 when no output needs a gradient.
     The gradients are None again on return. ``host_fwd_s``/``host_bwd_s`` are the seconds the
     calls took on the host (``perf_counter``, no synchronisation): on CUDA, close to the device
-    time when the step is host-bound, far below it when the GPU is the bottleneck. See
-    docs/calibration.md.
+    time when the step is host-bound, far below it when the GPU is the bottleneck;
+    ``cpu_fwd_s``/``cpu_bwd_s`` the calling thread's CPU seconds (``time.thread_time``).
+    ``on_timed`` is called once after the warm-up steps, with the gradients None again, before
+    the first timed step (where a memory probe starts). See docs/calibration.md.
 
     Raises:
         CostModelError: the clock did not move (a broken or frozen clock).
@@ -111,6 +118,10 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     try:
         for _ in range(warmup):
             step()
+        if on_timed is not None:
+            for p in params:
+                p.grad = None
+            on_timed()
         samples = [_step_sample(step, module, device, min_sample_s) for _ in range(repeats)]
     finally:
         for p in params:
@@ -118,30 +129,32 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     return StepTime(fwd_s=statistics.median([s.fwd_s for s in samples]),
                     bwd_s=statistics.median([s.bwd_s for s in samples]),
                     host_fwd_s=statistics.median([s.host_fwd_s for s in samples]),
-                    host_bwd_s=statistics.median([s.host_bwd_s for s in samples]))
+                    host_bwd_s=statistics.median([s.host_bwd_s for s in samples]),
+                    cpu_fwd_s=statistics.median([s.cpu_fwd_s for s in samples]),
+                    cpu_bwd_s=statistics.median([s.cpu_bwd_s for s in samples]))
 
 
 def _training_step(module: torch.nn.Module, params: Sequence[torch.nn.Parameter],
                    make_inputs: Callable[[], Sequence[Any]], device: torch.device) -> _StepSeconds:
     """One training step of ``module``: (device forward s, device backward s or None when no
-    output needs a gradient, host forward s, host backward s)."""
+    output needs a gradient, host forward s, host backward s, thread CPU forward s, backward s)."""
     for p in params:
         p.grad = None
     inputs = make_inputs()
     clock = stopwatch(device)
-    host = time.perf_counter()
+    host, cpu = time.perf_counter(), time.thread_time()
     out = module(*inputs)
-    host_fwd = time.perf_counter() - host
+    host_fwd, cpu_fwd = time.perf_counter() - host, time.thread_time() - cpu
     fwd = clock()
     tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     if not tensors:
-        return fwd, None, host_fwd, 0.0
+        return fwd, None, host_fwd, 0.0, cpu_fwd, 0.0
     grads = [torch.ones_like(t) for t in tensors]
     clock = stopwatch(device)
-    host = time.perf_counter()
+    host, cpu = time.perf_counter(), time.thread_time()
     torch.autograd.backward(tensors, grads)
-    host_bwd = time.perf_counter() - host
-    return fwd, clock(), host_fwd, host_bwd
+    host_bwd, cpu_bwd = time.perf_counter() - host, time.thread_time() - cpu
+    return fwd, clock(), host_fwd, host_bwd, cpu_fwd, cpu_bwd
 
 
 def _step_sample(step: Callable[[], _StepSeconds], module: torch.nn.Module,
@@ -152,16 +165,18 @@ def _step_sample(step: Callable[[], _StepSeconds], module: torch.nn.Module,
     Raises:
         CostModelError: the clock did not move in 2**20 steps.
     """
-    steps, fwd, bwd, backward, host_fwd, host_bwd = 0, 0.0, 0.0, True, 0.0, 0.0
+    steps, fwd, bwd, backward, host_fwd, host_bwd, cpu_fwd, cpu_bwd = 0, 0.0, 0.0, True, 0.0, 0.0, 0.0, 0.0
     while (fwd < min_sample_s or fwd <= 0 or (backward and (bwd < min_sample_s or bwd <= 0))) \
             and steps < _MAX_CALLS_PER_SAMPLE:
-        f, b, hf, hb = step()
+        f, b, hf, hb, cf, cb = step()
         steps, fwd, backward = steps + 1, fwd + f, b is not None
         bwd, host_fwd, host_bwd = bwd + (b or 0.0), host_fwd + hf, host_bwd + hb
+        cpu_fwd, cpu_bwd = cpu_fwd + cf, cpu_bwd + cb
     if fwd <= 0 or (backward and bwd <= 0):
         raise CostModelError(f"timing on {device}: the clock did not move in {steps:,} training steps of "
                              f"{type(module).__name__}; check the clock, or use cost_model='analytical'")
-    return StepTime(fwd_s=fwd / steps, bwd_s=bwd / steps, host_fwd_s=host_fwd / steps, host_bwd_s=host_bwd / steps)
+    return StepTime(fwd_s=fwd / steps, bwd_s=bwd / steps, host_fwd_s=host_fwd / steps, host_bwd_s=host_bwd / steps,
+                    cpu_fwd_s=cpu_fwd / steps, cpu_bwd_s=cpu_bwd / steps)
 
 
 def stopwatch(device: torch.device) -> Callable[[], float]:
