@@ -23,10 +23,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fxshard.calibrate_dist_report import DistCalibrationReport, DistRankRow, DistStageRow
+from fxshard.capture import CapturedGraph
+from fxshard.cluster import Cluster
+from fxshard.cost_models import estimate, scale_batch
+from fxshard.cost_models.analysis import analyze
 from fxshard.errors import ExecutionError
+from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
 
-__all__ = ["ExecutionError", "PlanRun", "RankRun", "StageRun", "run_plan"]
+__all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow", "PlanRun", "RankRun", "StageRun", "calibrate_plan",
+           "capture_model", "compare_run", "reprice", "run_plan", "world_of"]
 
 _TAIL = 3000  # characters of a failing rank's error quoted
 
@@ -80,6 +87,7 @@ class PlanRun:
     steps_s: tuple[float, ...]
     stages: tuple[StageRun, ...]
     ranks: tuple[RankRun, ...]
+    load_average: float | None = None  # the machine's 1-minute load average before the launch
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(dataclasses.replace(self, plan=None))
@@ -93,7 +101,7 @@ class PlanRun:
                    stages=tuple(StageRun(**{**s, "saved_bytes_per_microbatch": tuple(s["saved_bytes_per_microbatch"])})
                                 for s in data["stages"]),
                    ranks=tuple(RankRun(**{**r, "stages": tuple(r["stages"]), "steps_s": tuple(r["steps_s"])})
-                               for r in data["ranks"]))
+                               for r in data["ranks"]), load_average=data.get("load_average"))
 
 
 def _free_port() -> int:
@@ -154,9 +162,10 @@ def run_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                "-m", "fxshard.calibrate_dist_worker", str(out)]
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         _launch(cmd, out, world, timeout_s)
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    return _plan_run(plan, world, threads, results)
+    return dataclasses.replace(_plan_run(plan, world, threads, results), load_average=load)
 
 
 def _launch(cmd: list[str], out: Path, world: int, timeout_s: float) -> None:
@@ -202,3 +211,168 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
                           steps_s=tuple(r["steps_s"])) for r in sorted(results, key=lambda r: r["rank"]))
     return PlanRun(plan=plan, world=world, threads=threads, step_s=statistics.median(steps), steps_s=steps,
                    stages=stage_runs, ranks=ranks)
+
+
+# -- predictions -----------------------------------------------------------------------------
+
+
+def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any) -> tuple[Plan, tuple[StageSummary, ...]]:
+    """:func:`reprice`, with the stage summaries (activation bytes per micro-batch) it priced."""
+    from fxshard.candidate_shapes import PipelineGroup, Shape
+    from fxshard.candidates import Pricer, price_pipeline
+    from fxshard.levers import Levers
+    from fxshard.plan_options import PlanOptions
+    from fxshard.simulate_plan import simulate_plan
+
+    if plan.strategy not in ("pipeline", "hybrid"):
+        raise ExecutionError(f"reprice prices pipeline stages; this is a {plan.strategy} plan")
+    cluster = Cluster.from_dict(plan.cluster)
+    fraction = 1.0 / (plan.replicas * plan.microbatches)
+    # As the planner prices a shape (candidates._pipeline_figures), at the plan's micro-batch.
+    works = analyze(captured)
+    works = scale_batch(works, fraction) if fraction < 1 else works
+    by_spec: dict[str, Any] = {}
+    stage_devices = tuple(s.device_indices for s in plan.stages)
+    specs = [cluster.devices[devs[0]].spec for devs in stage_devices]
+    for spec in specs:
+        if spec.name not in by_spec:
+            by_spec[spec.name] = estimate(captured, spec, cost_model=cost_model, works=works)
+    per_stage = [by_spec[spec.name] for spec in specs]
+    stage_of, n = plan.stage_of(), plan.num_stages
+    plain = tuple(summarize_stages(captured, per_stage[0], stage_of, n, training=plan.training,
+                                   optimizer=plan.optimizer, stage_costs=per_stage))
+    depth = len({devs[0] for devs in stage_devices})
+    policies = {s.activation_checkpointing for s in plan.stages}
+    levers = Levers(data_parallel=plan.data_parallel if plan.replicas > 1 else None,
+                    checkpointing=policies.pop() if len(policies) == 1 else "none",
+                    reshard_after_forward=plan.reshard_after_forward)
+    shape = Shape(strategy=plan.strategy, replicas=plan.replicas, depth=depth, stages_per_device=n // depth,
+                  schedule=plan.schedule, microbatches=plan.microbatches, levers=levers)
+    group = PipelineGroup(depth=depth, replicas=plan.replicas, placement="flat", schedules=(plan.schedule,),
+                          microbatches=((plan.microbatches,),))
+    opts = PlanOptions(training=plan.training, optimizer=plan.optimizer)
+    priced = price_pipeline(Pricer(captured, cost_model, plan.batch_size), cluster, group, stage_of, stage_devices,
+                            shape, opts, plain=(per_stage, plain))
+    if priced.refused or not priced.stages:
+        raise ExecutionError(f"the plan's schedule cannot be priced: {priced.note}")
+    stages = tuple(dataclasses.replace(s, fwd_time_s=st.fwd_time_s, bwd_time_s=st.bwd_time_s, flops=st.fwd_flops,
+                                       param_bytes=st.param_bytes, peak_memory_bytes=float(peak),
+                                       send_bytes=st.send_bytes)
+                   for s, st, peak in zip(plan.stages, priced.stages, priced.peak))
+    out = dataclasses.replace(plan, stages=stages)
+    sim = simulate_plan(out)
+    step = sim.step_time_s
+    out = dataclasses.replace(out, estimate=dataclasses.replace(
+        plan.estimate, step_time_s=step, bubble_fraction=sim.bubble_fraction,
+        samples_per_s=plan.batch_size / step if step > 0 else 0.0))
+    return out, priced.stages
+
+
+def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any) -> Plan:
+    """``plan`` (its split, schedule, micro-batches and levers) priced by ``cost_model``.
+
+    Every stage's forward and backward seconds and memory are priced as the planner prices a
+    pipeline (:func:`fxshard.candidates.price_pipeline`: the stage summaries at the plan's
+    micro-batch, its levers, the schedule's in-flight activations in the peak), and the
+    estimate's step time is :func:`fxshard.simulate_plan.simulate_plan` of the result. Priced
+    with the cost model the plan was made with, the figures are the plan's own.
+
+    Args:
+        captured: the model's captured graph (real weights for a measuring cost model).
+        plan: a ``pipeline`` or ``hybrid`` plan of it.
+        cost_model: a registered name or a cost model, e.g.
+            ``ProfiledCostModel(threads=1, batch_fraction=1 / plan.microbatches)``.
+
+    Raises:
+        ExecutionError: another strategy, or a schedule the plan's counts cannot run.
+    """
+    return _priced(captured, plan, cost_model)[0]
+
+
+def calibrate_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: int | None = None,
+                   steps: int = 5, warmup: int = 2, threads: int = 1, profiled: bool = True,
+                   timeout_s: float = 600.0, model_kwargs: dict | None = None) -> DistCalibrationReport:
+    """Run ``plan`` under torchrun (:func:`run_plan`) and hold it against its predictions
+    (:func:`compare_run`, on the model built for real in this process).
+
+    Example::
+
+        report = calibrate_plan("gpt2", plan, batch_size=4, seq_len=256)
+        print(report.to_markdown())
+    """
+    run = run_plan(model, plan, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, threads=threads,
+                   timeout_s=timeout_s, model_kwargs=model_kwargs)
+    captured = capture_model(model, plan, batch_size=batch_size, seq_len=seq_len, model_kwargs=model_kwargs)
+    return compare_run(run, captured, model=model, profiled=profiled)
+
+
+def capture_model(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: int | None = None,
+                  model_kwargs: dict | None = None) -> CapturedGraph:
+    """``model`` built for real on the CPU (:func:`fxshard.zoo.resolve`) and captured.
+
+    Raises:
+        ExecutionError: it is not the model ``plan`` was made for (another batch or length).
+    """
+    from fxshard import zoo
+    from fxshard.capture import capture
+
+    kwargs = dict(model_kwargs or {})
+    if isinstance(kwargs.get("dtype"), str):
+        import torch
+
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    if batch_size is None and ":" not in model:
+        batch_size = plan.batch_size
+    zm = zoo.resolve(model, batch_size=batch_size, seq_len=seq_len, **kwargs)
+    captured = capture(zm.model, zm.example_inputs, example_kwargs=zm.example_kwargs or None)
+    if captured.fingerprint() != plan.model.fingerprint:
+        raise ExecutionError(f"{model} (batch {batch_size}, seq_len {seq_len}) is not the model the plan was made for "
+                             f"(fingerprint {captured.fingerprint()} against the plan's {plan.model.fingerprint}); "
+                             f"pass the batch_size and seq_len the plan was made at")
+    return captured
+
+
+def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = None,
+                profiled: bool = True) -> DistCalibrationReport:
+    """``run`` held against the predictions for its plan.
+
+    ``analytical`` re-prices the plan's split with the analytical cost model, ``profiled`` with
+    ``ProfiledCostModel(threads=run.threads)`` measured in this process at the plan's micro-batch
+    (:func:`reprice`): each stage's fwd and bwd, and the step as
+    :func:`fxshard.simulate_plan.simulate_plan` gives it. Memory: each rank's measured peak above
+    its baseline against the sum of the plan's ``peak_memory_bytes`` over its stages (what the
+    planner believes), and each stage's autograd saved bytes per micro-batch against the
+    predicted activation bytes per micro-batch.
+
+    Args:
+        run: from :func:`run_plan`.
+        captured: the plan's model captured with real weights (:func:`capture_model`).
+        model: the name the report gives (default: the plan's).
+        profiled: also price with the profiled cost model (measures: slower).
+    """
+    from fxshard.cost_models import ProfiledCostModel
+
+    plan = run.plan
+    analytical, summaries = _priced(captured, plan, "analytical")
+    prof = None
+    if profiled:
+        fraction = 1.0 / (plan.replicas * plan.microbatches)
+        prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction))
+    stages = tuple(DistStageRow(index=m.index, rank=m.rank, measured_fwd_s=m.fwd_s, measured_bwd_s=m.bwd_s,
+                                fwd_cpu_s=m.fwd_cpu_s, bwd_cpu_s=m.bwd_cpu_s,
+                                analytical_fwd_s=analytical.stages[m.index].fwd_time_s,
+                                analytical_bwd_s=analytical.stages[m.index].bwd_time_s,
+                                profiled_fwd_s=prof.stages[m.index].fwd_time_s if prof else None,
+                                profiled_bwd_s=prof.stages[m.index].bwd_time_s if prof else None,
+                                saved_bytes=m.saved_bytes,
+                                predicted_activation_bytes=summaries[m.index].activation_bytes)
+                   for m in run.stages)
+    ranks = tuple(DistRankRow(rank=r.rank, stages=r.stages, measured_peak_bytes=r.peak_bytes,
+                              predicted_peak_bytes=sum(plan.stages[i].peak_memory_bytes for i in r.stages),
+                              param_bytes=r.param_bytes, baseline_bytes=r.baseline_bytes) for r in run.ranks)
+    return DistCalibrationReport(model=model or plan.model.name, world=run.world, threads=run.threads,
+                                 schedule=plan.schedule, microbatches=plan.microbatches, batch_size=plan.batch_size,
+                                 steps=len(run.steps_s), stages=stages, ranks=ranks, measured_step_s=run.step_s,
+                                 steps_s=run.steps_s, analytical_step_s=analytical.estimate.step_time_s,
+                                 profiled_step_s=prof.estimate.step_time_s if prof else None,
+                                 load_average=run.load_average)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 import fxshard
 from fxshard import zoo
-from fxshard.calibrate_dist import PlanRun, run_plan
+from fxshard.calibrate_dist import (
+    DistCalibrationReport,
+    PlanRun,
+    capture_model,
+    compare_run,
+    reprice,
+    run_plan,
+)
+from fxshard.cost_models import ProfiledCostModel
 from fxshard.errors import ExecutionError
 
 MODEL, BATCH = "gpt2-tiny", 4
@@ -56,3 +67,59 @@ def test_a_failing_rank_is_reported_with_its_error(plan):
 def test_bad_arguments_are_refused_before_launching(plan):
     with pytest.raises(ExecutionError, match="warmup=0"):
         run_plan(MODEL, plan, warmup=0)
+
+
+@pytest.fixture(scope="module")
+def captured(plan):
+    return capture_model(MODEL, plan)
+
+
+@pytest.fixture(scope="module")
+def report(run, captured) -> DistCalibrationReport:
+    return compare_run(run, captured, model=MODEL)
+
+
+def test_the_report_has_every_row(plan, run, report):
+    assert [s.index for s in report.stages] == [0, 1] and [r.rank for r in report.ranks] == [0, 1]
+    for s, m in zip(report.stages, run.stages):
+        assert s.measured_s == m.fwd_s + m.bwd_s
+        assert s.analytical_fwd_s == plan.stages[s.index].fwd_time_s  # the plan was priced analytically
+        assert s.profiled_fwd_s > 0 and s.profiled_bwd_s > 0
+        # autograd's saved bytes are what the planner counts as a micro-batch's activations
+        assert s.saved_bytes == pytest.approx(s.predicted_activation_bytes, rel=0.1)
+    for r in report.ranks:
+        assert r.predicted_peak_bytes == plan.stages[r.rank].peak_memory_bytes
+    assert report.analytical_step_s == pytest.approx(plan.estimate.step_time_s)
+    assert len(report.errors("analytical")) == len(report.errors("profiled")) == 2
+    assert report.tau("profiled") in (-1.0, 0.0, 1.0)
+    assert len(report.memory_errors()) == 2 and report.step_error("profiled") is not None
+    text = report.to_markdown()
+    assert "| 0 | 0 |" in text and "whole step" in text and "median |error|" in text
+
+
+def test_the_report_round_trips_through_json(report):
+    back = DistCalibrationReport.from_dict(json.loads(report.to_json()))
+    assert back == report
+    assert back.to_dict()["median_abs_error_profiled"] == report.median_abs_error("profiled")
+
+
+def test_reprice_with_the_plans_own_cost_model_returns_its_figures(plan, captured):
+    same = reprice(captured, plan, "analytical")
+    for a, b in zip(plan.stages, same.stages):
+        for field in ("fwd_time_s", "bwd_time_s", "peak_memory_bytes", "send_bytes", "param_bytes", "flops"):
+            assert math.isclose(getattr(a, field), getattr(b, field), rel_tol=1e-9), field
+        assert (a.nodes, a.device_indices) == (b.nodes, b.device_indices)
+    assert math.isclose(same.estimate.step_time_s, plan.estimate.step_time_s, rel_tol=1e-9)
+
+
+def test_reprice_with_another_cost_model_changes_the_times_not_the_split(plan, captured):
+    other = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=1, batch_fraction=1 / plan.microbatches))
+    assert [s.nodes for s in other.stages] == [s.nodes for s in plan.stages]
+    assert [s.fwd_time_s for s in other.stages] != [s.fwd_time_s for s in plan.stages]
+    assert other.estimate.step_time_s != plan.estimate.step_time_s
+    assert [s.peak_memory_bytes for s in other.stages] == pytest.approx([s.peak_memory_bytes for s in plan.stages])
+
+
+def test_a_plan_for_another_batch_is_refused(plan):
+    with pytest.raises(ExecutionError, match="fingerprint"):
+        capture_model(MODEL, plan, batch_size=BATCH * 2)

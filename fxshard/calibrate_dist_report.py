@@ -1,0 +1,171 @@
+"""The report of a whole-plan calibration under torchrun: measured against predicted, per stage,
+for the step and per rank (built by :func:`fxshard.calibrate_dist.compare_run`). See
+docs/calibration.md ("A whole plan under torchrun").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+
+from fxshard.calibrate import kendall_tau
+
+__all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistStageRow:
+    """One stage: measured seconds per micro-batch against each pricing's, and autograd's
+    measured saved bytes per micro-batch against the predicted activation bytes."""
+
+    index: int
+    rank: int
+    measured_fwd_s: float
+    measured_bwd_s: float
+    fwd_cpu_s: float
+    bwd_cpu_s: float
+    analytical_fwd_s: float
+    analytical_bwd_s: float
+    profiled_fwd_s: float | None
+    profiled_bwd_s: float | None
+    saved_bytes: int
+    predicted_activation_bytes: float
+
+    @property
+    def measured_s(self) -> float:
+        return self.measured_fwd_s + self.measured_bwd_s
+
+    def predicted_s(self, which: str) -> float | None:
+        if which == "analytical":
+            return self.analytical_fwd_s + self.analytical_bwd_s
+        return None if self.profiled_fwd_s is None else self.profiled_fwd_s + (self.profiled_bwd_s or 0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistRankRow:
+    """One rank: its measured resident-set peak above its baseline against the planner's peak
+    for its stages (the sum of their ``peak_memory_bytes``)."""
+
+    rank: int
+    stages: tuple[int, ...]
+    measured_peak_bytes: int
+    predicted_peak_bytes: float
+    param_bytes: int
+    baseline_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistCalibrationReport:
+    """A plan run under torchrun against its predictions (see :func:`calibrate_plan`)."""
+
+    model: str
+    world: int
+    threads: int
+    schedule: str | None
+    microbatches: int
+    batch_size: int
+    steps: int
+    stages: tuple[DistStageRow, ...]
+    ranks: tuple[DistRankRow, ...]
+    measured_step_s: float
+    steps_s: tuple[float, ...]
+    analytical_step_s: float
+    profiled_step_s: float | None
+    load_average: float | None = None  # the machine's 1-minute load average before the run
+
+    def errors(self, which: str = "profiled") -> list[float]:
+        """Relative error of each stage's fwd + bwd, (predicted - measured) / measured."""
+        pairs = [(s.predicted_s(which), s.measured_s) for s in self.stages]
+        return [(p - m) / m for p, m in pairs if p is not None and m > 0]
+
+    def median_abs_error(self, which: str = "profiled") -> float | None:
+        errors = [abs(e) for e in self.errors(which)]
+        return statistics.median(errors) if errors else None
+
+    def tau(self, which: str = "profiled") -> float | None:
+        """Kendall's tau between predicted and measured stage times (None under 2 stages)."""
+        predicted = [s.predicted_s(which) for s in self.stages]
+        if len(predicted) < 2 or any(p is None for p in predicted):
+            return None
+        return kendall_tau(predicted, [s.measured_s for s in self.stages])
+
+    def step_error(self, which: str = "profiled") -> float | None:
+        predicted = self.analytical_step_s if which == "analytical" else self.profiled_step_s
+        if predicted is None or self.measured_step_s <= 0:
+            return None
+        return (predicted - self.measured_step_s) / self.measured_step_s
+
+    def memory_errors(self) -> list[float]:
+        """Relative error of each rank's predicted peak against its measured one."""
+        return [(r.predicted_peak_bytes - r.measured_peak_bytes) / r.measured_peak_bytes
+                for r in self.ranks if r.measured_peak_bytes > 0]
+
+    def median_abs_memory_error(self) -> float | None:
+        errors = [abs(e) for e in self.memory_errors()]
+        return statistics.median(errors) if errors else None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for which in ("analytical", "profiled"):
+            data[f"median_abs_error_{which}"] = self.median_abs_error(which)
+            data[f"kendall_tau_{which}"] = self.tau(which)
+            data[f"step_error_{which}"] = self.step_error(which)
+        data["median_abs_memory_error"] = self.median_abs_memory_error()
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DistCalibrationReport:
+        """The report :meth:`to_dict` wrote (the derived errors are recomputed, not read)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in fields}
+        kept["stages"] = tuple(DistStageRow(**s) for s in data["stages"])
+        kept["ranks"] = tuple(DistRankRow(**{**r, "stages": tuple(r["stages"])}) for r in data["ranks"])
+        kept["steps_s"] = tuple(data["steps_s"])
+        return cls(**kept)
+
+    def to_markdown(self) -> str:
+        ms, mib = 1e3, 2.0**20
+        load = f", load average {self.load_average:.1f}" if self.load_average is not None else ""
+        lines = [f"Calibration of {self.model} under torchrun: {self.schedule}, {self.microbatches} micro-batches of "
+                 f"a batch of {self.batch_size}, {self.world} gloo ranks x {self.threads} thread(s), median of "
+                 f"{self.steps} timed steps{load}. Stage times per micro-batch, fwd / bwd.", "",
+                 "| stage | rank | measured | wall / cpu | analytical | error | profiled | error | "
+                 "saved per micro-batch (measured / predicted) |", "|---|---|---|---|---|---|---|---|---|"]
+        for s in self.stages:
+            cpu = s.fwd_cpu_s + s.bwd_cpu_s
+            a, p = s.predicted_s("analytical"), s.predicted_s("profiled")
+            prof = (f"{s.profiled_fwd_s * ms:.2f} / {s.profiled_bwd_s * ms:.2f} ms | "
+                    f"{(p - s.measured_s) / s.measured_s:+.0%}" if p is not None and s.measured_s > 0 else "- | -")
+            lines.append(f"| {s.index} | {s.rank} | {s.measured_fwd_s * ms:.2f} / {s.measured_bwd_s * ms:.2f} ms | "
+                         f"{s.measured_s / cpu if cpu > 0 else float('nan'):.2f} | "
+                         f"{s.analytical_fwd_s * ms:.2f} / {s.analytical_bwd_s * ms:.2f} ms | "
+                         f"{(a - s.measured_s) / s.measured_s if s.measured_s else 0:+.0%} | {prof} | "
+                         f"{s.saved_bytes / mib:.2f} / {s.predicted_activation_bytes / mib:.2f} MiB |")
+        lines += ["", "| step | measured | analytical | error | profiled | error |", "|---|---|---|---|---|---|"]
+        a_err, p_err = self.step_error("analytical"), self.step_error("profiled")
+        lines.append(f"| whole step | {self.measured_step_s * ms:.1f} ms | {self.analytical_step_s * ms:.1f} ms | "
+                     f"{a_err:+.0%} | " + (f"{self.profiled_step_s * ms:.1f} ms | {p_err:+.0%} |"
+                                           if self.profiled_step_s is not None and p_err is not None else "- | - |"))
+        lines += ["", "| rank | stages | peak above baseline (measured) | planner's peak | error | parameters |",
+                  "|---|---|---|---|---|---|"]
+        for r in self.ranks:
+            err = ((r.predicted_peak_bytes - r.measured_peak_bytes) / r.measured_peak_bytes
+                   if r.measured_peak_bytes > 0 else None)
+            lines.append(f"| {r.rank} | {', '.join(map(str, r.stages))} | {r.measured_peak_bytes / mib:.1f} MiB | "
+                         f"{r.predicted_peak_bytes / mib:.1f} MiB | " + (f"{err:+.0%}" if err is not None else "-")
+                         + f" | {r.param_bytes / mib:.1f} MiB |")
+        lines.append("")
+        for which in ("analytical", "profiled"):
+            err, tau, step = self.median_abs_error(which), self.tau(which), self.step_error(which)
+            if err is not None:
+                lines.append(f"{which}: stage median |error| {err:.1%}"
+                             + (f", Kendall tau {tau:.2f}" if tau is not None else "")
+                             + (f", step error {step:+.1%}" if step is not None else ""))
+        mem = self.median_abs_memory_error()
+        if mem is not None:
+            lines.append(f"peak memory per rank: median |error| {mem:.1%}")
+        return "\n".join(lines)
