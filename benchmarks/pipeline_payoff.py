@@ -1,0 +1,207 @@
+"""The payoff of automation, and the torchrun pipeline's runtime overhead (CPU, gloo).
+
+    python benchmarks/pipeline_payoff.py [--quick] [--ranks 2 4] [--models gpt2 llama resnet]
+                                         [--steps 5] [--warmup 2] [--schedule 1f1b] [--microbatches 4]
+                                         [--md F] [--json F]
+
+For each model and rank count, one gloo job (one torch thread per rank) runs, interleaved after
+warmup, each side's training step (forward + backward + optimizer step):
+
+- **fxshard**: ``fxshard.plan(..., strategy="pipeline", stages=N)`` with the default
+  partitioner, run by ``fxshard.CompiledModel(..., plan=plan)``;
+- **upstream**: ``torch.distributed.pipelining.pipeline()`` split at equal block counts
+  (``SplitPoint.BEGINNING`` at ``h.4`` for 8 blocks on 2 ranks), ``pipe.build_stage``;
+- **hand** (GPT-2 and LLaMA): a hand-written ``PipelineStage`` per rank, built from the model's
+  own submodules with fxshard's split translated to pieces (embedding, blocks, norm, head),
+  next to fxshard running that very split (``fxshard-same``) when its own split cuts inside a
+  piece.
+
+All sides use the same schedule class, micro-batches, loss and Adam; a tied embedding and head
+held by two ranks has its gradient summed over them on every side (fxshard does it itself; a
+correct upstream or hand-written pipeline must add it). fxshard's predicted step time is given
+for its own plan and for the equal split (a plan from that explicit assignment, through a
+registered partitioner), so the table shows whether fxshard predicted the gap it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _payoff_worker as w  # noqa: E402
+from _suite import machine  # noqa: E402
+
+import fxshard  # noqa: E402
+from fxshard.capture import capture  # noqa: E402
+
+_SPLIT_NAME = "_payoff_explicit_split"
+
+
+def explicit_plan(model, x, devices: str, node_stage: dict[str, int], **options) -> fxshard.Plan:
+    """fxshard's plan for a given node -> stage assignment (a partitioner that returns it)."""
+    fxshard.register_partitioner(_SPLIT_NAME, lambda problem, seed=0: {n: node_stage[n] for n in problem.nodes})
+    try:
+        return fxshard.plan(model, devices, (x,), partitioner=_SPLIT_NAME, **options)
+    finally:
+        fxshard.unregister_partitioner(_SPLIT_NAME)
+
+
+def translate(plan: fxshard.Plan, pieces: dict[str, str], order: list[str]) -> tuple[list[str] | None, bool]:
+    """fxshard's split in pieces: the pieces stages 1.. begin at (None if it has fewer pieces than
+    stages), and whether every piece lies wholly in one stage."""
+    stage_of = plan.stage_of()
+    votes: dict[str, list[int]] = {p: [] for p in order}
+    for node, piece in pieces.items():
+        votes[piece].append(stage_of[node])
+    aligned = all(len(set(v)) == 1 for v in votes.values())
+    staged, top = {}, 0
+    for p in order:  # majority stage, kept monotone
+        v = votes[p]
+        top = max(top, max(set(v), key=lambda s: (v.count(s), -s)))
+        staged[p] = top
+    starts = [next(p for p in order if staged[p] == s) for s in range(1, plan.num_stages)
+              if any(staged[p] == s for p in order)]
+    return (starts if len(starts) == plan.num_stages - 1 else None), aligned
+
+
+def split_text(order: list[str], starts: list[str]) -> str:
+    stage = w.stage_of_pieces(order, starts)
+    parts = []
+    for s in range(len(starts) + 1):
+        mine = [p for p in order if stage[p] == s]
+        parts.append(mine[0] if len(mine) == 1 else f"{mine[0]}..{mine[-1]}")
+    return " \\| ".join(parts)
+
+
+def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
+    mc = w.case(name, args.quick)
+    model, x, _ = mc.build()
+    devices = f"{world}xcpu:16GB"
+    options = dict(strategy="pipeline", stages=world, schedule=args.schedule, microbatches=args.microbatches,
+                   activation_checkpointing="none")
+    captured = capture(model, (x,))
+    pieces = w.pieces_of(captured.gm, mc)
+    order = w.piece_order(pieces)
+    fx_plan = fxshard.plan(model, devices, (x,), **options)
+    equal = w.equal_split(order, mc.blocks, world)
+    by_piece = w.stage_of_pieces(order, equal)
+    eq_plan = explicit_plan(model, x, devices, {n: by_piece[p] for n, p in pieces.items()}, **options)
+    fx_starts, aligned = translate(fx_plan, pieces, order)
+    sides: list[tuple[str, str, object]] = [("fxshard", "fxshard", fx_plan.to_json()), ("upstream", "upstream", equal)]
+    same_plan = fx_plan
+    if mc.hand and fx_starts is not None and not args.no_hand:
+        if not aligned:
+            by_piece = w.stage_of_pieces(order, fx_starts)
+            same_plan = explicit_plan(model, x, devices, {n: by_piece[p] for n, p in pieces.items()}, **options)
+            sides.append(("fxshard-same", "fxshard", same_plan.to_json()))
+        sides.append(("hand", "hand", (tuple(order), tuple(fx_starts))))
+    job = w.Job(model=name, quick=args.quick, world=world, schedule=args.schedule, microbatches=args.microbatches,
+                steps=args.steps, warmup=args.warmup, devices=devices, sides=tuple(sides))
+    ranks = w.run_job(job, timeout_s=args.timeout)
+    measured = {}
+    for label, _, _ in sides:
+        walls = [max(r[label]["wall"][i] for r in ranks) for i in range(args.steps)]
+        busy = max(sum(r[label]["cpu"]) / sum(r[label]["wall"]) for r in ranks)
+        measured[label] = {"step_s": w.median(walls), "steps_s": walls, "busiest_cpu_per_wall": busy}
+    return {
+        "model": name, "ranks": world, "oversubscribed": world > _cores(), "schedule": args.schedule,
+        "microbatches": args.microbatches, "batch": int(x.shape[0]),
+        "params": sum(p.numel() for p in model.parameters()),
+        "fxshard_split": _plan_text(fx_plan, order, fx_starts, aligned), "equal_split": split_text(order, equal),
+        "hand_split": split_text(order, fx_starts) if fx_starts else None, "fxshard_split_aligned": aligned,
+        "predicted": {"fxshard": fx_plan.estimate.step_time_s, "upstream": eq_plan.estimate.step_time_s,
+                      "fxshard-same": same_plan.estimate.step_time_s},
+        "measured": measured,
+    }
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _plan_text(plan: fxshard.Plan, order: list[str], starts: list[str] | None, aligned: bool) -> str:
+    if starts is not None and aligned:
+        return split_text(order, starts)
+    sizes = "/".join(str(len(s.nodes)) for s in plan.stages)
+    near = f", ~ {split_text(order, starts)}" if starts else ""
+    return f"nodes {sizes}{near}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+def tables(rows: list[dict], args: argparse.Namespace) -> str:
+    out = [f"Machine: {machine()}; one torch thread per rank, gloo; schedule {args.schedule}, "
+           f"{args.microbatches} micro-batches, Adam; median of {args.steps} interleaved steps after "
+           f"{args.warmup} warmup steps each (step = forward + backward + optimizer step, the slowest rank, "
+           f"between barriers).", "",
+           "### fxshard's plan against upstream `pipeline()` split at equal block counts", "",
+           "| model | ranks | fxshard split | equal split | fxshard (s) | upstream (s) | ratio | "
+           "predicted fxshard (s) | predicted equal (s) | predicted ratio | busiest rank cpu/wall fx, up |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        over = " (oversubscribed)" if r["oversubscribed"] else ""
+        out.append(f"| {r['model']} | {r['ranks']}{over} | {r['fxshard_split']} | {r['equal_split']} | "
+                   f"{m['fxshard']['step_s']:.3f} | {m['upstream']['step_s']:.3f} | "
+                   f"**{_ratio(m['fxshard']['step_s'], m['upstream']['step_s']):.2f}** | {p['fxshard']:.3f} | "
+                   f"{p['upstream']:.3f} | {_ratio(p['fxshard'], p['upstream']):.2f} | "
+                   f"{m['fxshard']['busiest_cpu_per_wall']:.2f}, {m['upstream']['busiest_cpu_per_wall']:.2f} |")
+    hand = [r for r in rows if "hand" in r["measured"]]
+    if hand:
+        out += ["", "### fxshard's torchrun pipeline against a hand-written `PipelineStage` pipeline, same split", "",
+                "| model | ranks | split | fxshard (s) | hand-written (s) | throughput fxshard / hand | "
+                "busiest rank cpu/wall fx, hand |", "|---|---|---|---|---|---|---|"]
+        for r in hand:
+            m = r["measured"]
+            fx = m.get("fxshard-same", m["fxshard"])
+            out.append(f"| {r['model']} | {r['ranks']} | {r['hand_split']} | {fx['step_s']:.3f} | "
+                       f"{m['hand']['step_s']:.3f} | **{_ratio(m['hand']['step_s'], fx['step_s']):.3f}** | "
+                       f"{fx['busiest_cpu_per_wall']:.2f}, {m['hand']['busiest_cpu_per_wall']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models, 2 ranks, 2 steps (the test's run)")
+    ap.add_argument("--ranks", type=int, nargs="+")
+    ap.add_argument("--models", nargs="+", choices=w.MODELS)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--schedule", default="1f1b")
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--no-hand", action="store_true", help="leave out the hand-written pipelines")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per job before its ranks are killed")
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    args.ranks = args.ranks or ([2] if args.quick else [2, 4])
+    args.models = args.models or list(w.MODELS)
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    rows = []
+    for name in args.models:
+        for world in args.ranks:
+            rows.append(run_model(name, world, args))
+            print(f"{name} on {world} ranks: " + ", ".join(f"{k} {v['step_s']:.3f} s"
+                                                          for k, v in rows[-1]["measured"].items()), flush=True)
+    text = tables(rows, args)
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
