@@ -32,7 +32,7 @@ from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import AnalyticalCostModel, FactorFit, RooflineFactors, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
 from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold
-from fxshard.cost_models.timing import StepTime, step_times
+from fxshard.cost_models.timing import Clock, StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
@@ -82,6 +82,11 @@ class StageMeasurement:
     def measured_s(self) -> float:
         return self.measured_fwd_s + self.measured_bwd_s
 
+    @property
+    def measured_cpu_s(self) -> float | None:
+        """The thread's CPU seconds of forward + backward (None where not recorded)."""
+        return self.cpu_fwd_s + self.cpu_bwd_s if self.cpu_fwd_s is not None and self.cpu_bwd_s is not None else None
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibrationReport:
@@ -97,19 +102,22 @@ class CalibrationReport:
     checkpointing: str = "none"  # the activation-checkpointing policy every stage ran under
     threads: int = 0  # torch CPU threads the measurements ran with
     memory: str = ""  # how measured_peak_bytes was measured ("" where it was not)
+    profile_clock: str = "wall"  # the profiled model's clock: "cpu" (thread CPU time) with one CPU thread
     kernels: tuple[dict, ...] = ()  # every node timed alone at the captured batch: the fit's samples
 
-    def errors(self, which: str = "analytical") -> list[float]:
-        """Relative error per stage, (predicted - measured) / measured."""
+    def errors(self, which: str = "analytical", clock: str = "wall") -> list[float]:
+        """Relative error per stage, (predicted - measured) / measured; ``clock="cpu"``: against
+        the thread's CPU seconds (on a loaded CPU with one thread, the compute without the waits)."""
         out = []
         for s in self.stages:
             predicted = s.analytical_s if which == "analytical" else s.profiled_s
-            if predicted is not None and s.measured_s > 0:
-                out.append((predicted - s.measured_s) / s.measured_s)
+            measured = s.measured_cpu_s if clock == "cpu" else s.measured_s
+            if predicted is not None and measured:
+                out.append((predicted - measured) / measured)
         return out
 
-    def median_abs_error(self, which: str = "analytical") -> float | None:
-        errors = [abs(e) for e in self.errors(which)]
+    def median_abs_error(self, which: str = "analytical", clock: str = "wall") -> float | None:
+        errors = [abs(e) for e in self.errors(which, clock)]
         return statistics.median(errors) if errors else None
 
     def tau(self, which: str = "analytical") -> float | None:
@@ -130,6 +138,9 @@ class CalibrationReport:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["median_abs_error_memory"] = self.median_abs_memory_error()
+        if self.device == "cpu":
+            for which in ("analytical", "profiled"):
+                data[f"median_abs_error_{which}_cpu_time"] = self.median_abs_error(which, "cpu")
         for which in ("analytical", "profiled"):
             data[f"median_abs_error_{which}"] = self.median_abs_error(which)
             data[f"kendall_tau_{which}"] = self.tau(which)
@@ -162,6 +173,14 @@ class CalibrationReport:
             if err is not None:
                 lines.append(f"\n{which}: median |error| {err:.1%}"
                              + (f", Kendall tau {tau:.2f}" if tau is not None else ""))
+        if self.device == "cpu":
+            cpu = {w: self.median_abs_error(w, "cpu") for w in ("analytical", "profiled")}
+            walls = [s.measured_s / s.measured_cpu_s for s in self.stages if s.measured_cpu_s]
+            if cpu["analytical"] is not None and walls:
+                lines.append(f"\nagainst the thread's CPU time (wall / CPU {min(walls):.2f}-{max(walls):.2f}; the "
+                             f"profiled model timed {self.profile_clock} time): median |error| analytical "
+                             f"{cpu['analytical']:.1%}"
+                             + (f", profiled {cpu['profiled']:.1%}" if cpu["profiled"] is not None else ""))
         mem_err = self.median_abs_memory_error()
         if mem_err is not None:
             lines.append(f"\nstep peak memory ({self.memory}): median |error| {mem_err:.1%}")
@@ -321,7 +340,10 @@ def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, de
     micro, fraction, works = _one_microbatch(captured, plan, flat)
     roofline = load_factors(factors).cost_model() if factors is not None else AnalyticalCostModel()
     analytical = estimate(captured, spec, works=works, cost_model=roofline)
-    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads())
+    # With one CPU thread all of a step's work runs on this thread: its CPU time is the compute,
+    # without the waits for a core that a loaded machine adds to the wall time.
+    clock = "cpu" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads(), clock=clock)
     measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     regions = repeated_blocks(captured)
     split = checkpoint_stages(split_graph(captured, plan.stage_of(), plan.num_stages), captured, plan, regions)
@@ -344,12 +366,13 @@ def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, de
     whole = _measurement(-1, _measure_module(gm, micro, dev, warmup, repeats), analytical,
                          measured_profile or None, predicted_activation_bytes=one.activation_bytes,
                          predicted_peak_bytes=2.0 * one.param_bytes + one.activation_bytes + one.transient_bytes)
-    fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec))
+    fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec), clock)
                        if measured_profile is not None and fit else (None, ()))
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
                              microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fitted,
                              checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",
-                             threads=torch.get_num_threads(), kernels=kernels, memory=_memory_method(dev))
+                             threads=torch.get_num_threads(), kernels=kernels, memory=_memory_method(dev),
+                             profile_clock=clock)
 
 
 def fitted_factors(report: CalibrationReport) -> FittedFactors:
@@ -429,11 +452,11 @@ def _measurement(index: int, run: _Run, analytical: Any, profiled: Any | None,
 
 
 def _fit_kernels(captured: CapturedGraph, spec: Any, dev: torch.device, warmup: int, repeats: int,
-                 current: RooflineFactors) -> tuple[FactorFit | None, tuple[dict, ...]]:
+                 current: RooflineFactors, clock: Clock = "wall") -> tuple[FactorFit | None, tuple[dict, ...]]:
     """Every node timed alone at the captured batch, and the roofline factors fitted to them
     (None when there are too few kernels to fit): the fit and the report's kernel rows."""
     kernels = estimate(captured, spec, cost_model=ProfiledCostModel(device=dev, method="nodes", warmup=warmup,
-                                                                    repeats=repeats, batch_fraction=1.0))
+                                                                    repeats=repeats, batch_fraction=1.0, clock=clock))
     node_times = [NodeTime(fwd_s=c.fwd_time_s, bwd_s=c.bwd_time_s) for c in kernels]
     try:
         fitted = fit_factors([c.work for c in kernels], node_times, spec, current=current)

@@ -122,3 +122,26 @@ def test_step_times_runs_fresh_training_steps():
     with torch.no_grad():
         t = step_times(module, lambda: [x], torch.device("cpu"), warmup=0, repeats=2)
     assert t.fwd_s > 0 and t.bwd_s == 0.0  # nothing needs a gradient: no backward
+
+
+def test_cpu_clock_counts_the_threads_cpu_time():
+    """clock="cpu": the calling thread's CPU seconds (what one thread computes, not what it
+    waited for a core); a sleep in the forward costs wall time, not CPU time (no speed asserted:
+    the sleep only adds to wall, so CPU time below wall holds however loaded the machine is)."""
+    import time
+
+    from fxshard.cost_models.timing import step_times
+
+    class Sleepy(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.01)
+            return super().forward(x)
+
+    module, x = Sleepy(8, 8), torch.randn(4, 8)
+    t = step_times(module, lambda: [x], torch.device("cpu"), warmup=0, repeats=2, clock="cpu")
+    assert 0 < t.fwd_s < 0.01 <= t.host_fwd_s and 0 < t.cpu_fwd_s < 0.01 and t.bwd_s > 0
+    profiler = ProfiledCostModel(warmup=0, repeats=1, threads=1, clock="cpu")
+    captured = capture(nn.Sequential(nn.Linear(16, 16), nn.ReLU()), (torch.randn(8, 16),))
+    assert estimate(captured, CPU, cost_model=profiler).fwd_time_s > 0 and profiler.clock == "cpu"
+    with pytest.raises(CostModelError, match="clock='gpu'"):
+        ProfiledCostModel(clock="gpu")  # type: ignore[arg-type]

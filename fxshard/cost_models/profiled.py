@@ -38,7 +38,7 @@ from fxshard.cost_models.analysis import NodeWork, tensor_bytes
 from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
 from fxshard.cost_models.segments import SegmentTime, time_segments
-from fxshard.cost_models.timing import StepTime, median_time, step_times, stopwatch  # re-exported: the old home
+from fxshard.cost_models.timing import Clock, StepTime, median_time, step_times, stopwatch  # re-exported: the old home
 from fxshard.devices import local_gpu_spec
 from fxshard.errors import CostModelError
 from fxshard.modules import has_meta_state
@@ -46,7 +46,7 @@ from fxshard.modules import has_meta_state
 if TYPE_CHECKING:
     from fxshard.cluster import DeviceSpec
 
-__all__ = ["ProfiledCostModel", "StepTime", "check_local", "median_time", "step_times", "stopwatch"]
+__all__ = ["Clock", "ProfiledCostModel", "StepTime", "check_local", "median_time", "step_times", "stopwatch"]
 
 _SKIP_OPS = ("placeholder", "get_attr", "output")
 
@@ -64,13 +64,15 @@ class ProfiledCostModel:
         batch_fraction: the micro-batch over the captured batch; default: read from the
             ``works`` it is given (``scale_batch`` scales the inputs' bytes by it).
         threads: torch CPU threads to measure with (default: the current count).
+        clock: on the CPU, ``"wall"`` (``perf_counter``) or ``"cpu"`` (the calling thread's CPU
+            time: with one thread, the compute a step needs, steady on a shared machine).
     """
 
     name = "profiled"
 
     def __init__(self, *, device: str | torch.device | None = None, warmup: int = 2, repeats: int = 5,
                  method: Literal["segments", "nodes"] = "segments", batch_fraction: float | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, clock: Clock = "wall") -> None:
         if warmup < 0 or repeats < 1:
             raise CostModelError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0 and repeats >= 1")
         if method not in ("segments", "nodes"):
@@ -79,6 +81,9 @@ class ProfiledCostModel:
             raise CostModelError(f"batch_fraction={batch_fraction}: must be in (0, 1] (micro-batch over batch)")
         if threads is not None and threads < 1:
             raise CostModelError(f"threads={threads}: need at least 1, or None for the current count")
+        if clock not in ("wall", "cpu"):
+            raise CostModelError(f"clock={clock!r}: use 'wall' (perf_counter) or 'cpu' (the thread's CPU time)")
+        self.clock: Clock = clock
         self.device = torch.device(device) if device is not None else None
         self.warmup = warmup
         self.repeats = repeats
@@ -124,7 +129,7 @@ class ProfiledCostModel:
         scale = fraction if captured.fixed_batch is not None else 1.0
         inputs = _inputs(gm, dev, fraction if scale == 1.0 else 1.0)
         self.segments = time_segments(gm, inputs, dev, lambda module, make_inputs: step_times(
-            module, make_inputs, dev, warmup=self.warmup, repeats=self.repeats))
+            module, make_inputs, dev, warmup=self.warmup, repeats=self.repeats, clock=self.clock))
         times = [NodeTime(fwd_s=0.0, bwd_s=0.0)] * len(nodes)
         for seg in self.segments:
             members = [index[n] for n in seg.segment.nodes]
@@ -174,7 +179,7 @@ class ProfiledCostModel:
         return NodeTime(fwd_s=fwd_s, bwd_s=bwd_s)
 
     def _time(self, fn: Callable[[], Any], dev: torch.device) -> float:
-        return median_time(fn, dev, warmup=self.warmup, repeats=self.repeats)
+        return median_time(fn, dev, warmup=self.warmup, repeats=self.repeats, clock=self.clock)
 
 
 def check_local(run_device: torch.device, spec: DeviceSpec) -> None:

@@ -1,6 +1,9 @@
 """Timing on the local device: how the profiled cost model and calibration read the clock.
 
-CUDA events on GPUs, ``time.perf_counter`` on CPUs. A sample runs the timed call (or training
+CUDA events on GPUs, ``time.perf_counter`` on CPUs, or there, with ``clock="cpu"``, the calling
+thread's CPU time (``time.thread_time``): with one torch thread all of a step's CPU work runs on
+the calling thread (intra-op work inline, autograd's CPU backward on the caller), so its CPU time
+is the compute the step needs, without the time it waited for a core on a shared machine. A sample runs the timed call (or training
 step) back to back until the clock has moved well past its resolution and counts seconds per
 call, so nothing faster than the clock's tick is ever timed as 0; the median of the samples is
 kept. ``median_time`` times a call (a node alone, in the profiled cost model); ``step_times``
@@ -14,14 +17,16 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.utils._pytree as pytree
 
 from fxshard.errors import CostModelError
 
-__all__ = ["StepTime", "median_time", "step_times", "stopwatch"]
+__all__ = ["Clock", "StepTime", "median_time", "step_times", "stopwatch"]
+
+Clock = Literal["wall", "cpu"]  # on the CPU: perf_counter, or the calling thread's CPU time
 
 # cudaEventElapsedTime resolves about 0.5 us (CUDA runtime API documentation).
 _CUDA_EVENT_RESOLUTION_S = 0.5e-6
@@ -31,37 +36,39 @@ _MAX_CALLS_PER_SAMPLE = 1 << 20
 _StepSeconds = tuple[float, float | None, float, float, float, float]
 
 
-def _min_sample_s(device: torch.device) -> float:
+def _min_sample_s(device: torch.device, clock: Clock = "wall") -> float:
     """100 ticks of the clock ``device`` is timed with, so quantisation costs at most 1%."""
-    tick = _CUDA_EVENT_RESOLUTION_S if device.type == "cuda" else time.get_clock_info("perf_counter").resolution
-    return 100 * tick
+    if device.type == "cuda":
+        return 100 * _CUDA_EVENT_RESOLUTION_S
+    return 100 * time.get_clock_info("thread_time" if clock == "cpu" else "perf_counter").resolution
 
 
 def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int,
-                min_sample_s: float | None = None) -> float:
+                min_sample_s: float | None = None, clock: Clock = "wall") -> float:
     """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` untimed calls.
 
     CUDA events on GPUs, ``time.perf_counter`` on CPUs. Each sample calls ``fn`` back to back
     until at least ``min_sample_s`` has passed and the clock has moved (default: 100 ticks of
     the clock's resolution, so quantisation costs at most 1%), and counts seconds per call: a
-    call faster than the clock's tick is never timed as 0.
+    call faster than the clock's tick is never timed as 0. ``clock="cpu"``: on the CPU, the
+    calling thread's CPU time.
 
     Raises:
         CostModelError: the clock did not move in 2**20 calls (a broken or frozen clock).
     """
     if min_sample_s is None:
-        min_sample_s = _min_sample_s(device)
+        min_sample_s = _min_sample_s(device, clock)
     for _ in range(warmup):
         fn()
     batch, samples = 1, []
     for i in range(repeats):
         calls, elapsed = 0, 0.0
-        clock = stopwatch(device)
+        watch = stopwatch(device, clock)
         while (elapsed < min_sample_s or elapsed <= 0) and calls < _MAX_CALLS_PER_SAMPLE:
             for _ in range(batch):
                 fn()
             calls += batch
-            elapsed = clock()
+            elapsed = watch()
         if elapsed <= 0:
             raise CostModelError(f"timing on {device}: the clock did not move in {calls:,} calls of {fn!r:.60}; "
                                  f"check the clock, or use cost_model='analytical'")
@@ -88,7 +95,7 @@ class StepTime:
 
 def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device, *,
                warmup: int, repeats: int, min_sample_s: float | None = None,
-               on_timed: Callable[[], None] | None = None) -> StepTime:
+               on_timed: Callable[[], None] | None = None, clock: Clock = "wall") -> StepTime:
     """Median forward and backward seconds of ``module`` in a training step, as training runs it.
 
     Each step sets the parameters' gradients to None (as ``zero_grad(set_to_none=True)``
@@ -103,17 +110,19 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     time when the step is host-bound, far below it when the GPU is the bottleneck;
     ``cpu_fwd_s``/``cpu_bwd_s`` the calling thread's CPU seconds (``time.thread_time``).
     ``on_timed`` is called once after the warm-up steps, with the gradients None again, before
-    the first timed step (where a memory probe starts). See docs/calibration.md.
+    the first timed step (where a memory probe starts). ``clock="cpu"``: ``fwd_s``/``bwd_s``
+    are the thread's CPU seconds on the CPU too (steady on a loaded machine with one torch
+    thread). See docs/calibration.md.
 
     Raises:
         CostModelError: the clock did not move (a broken or frozen clock).
     """
     if min_sample_s is None:
-        min_sample_s = _min_sample_s(device)
+        min_sample_s = _min_sample_s(device, clock)
     params = list(module.parameters())
 
     def step() -> _StepSeconds:
-        return _training_step(module, params, make_inputs, device)
+        return _training_step(module, params, make_inputs, device, clock)
 
     try:
         for _ in range(warmup):
@@ -135,26 +144,26 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
 
 
 def _training_step(module: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-                   make_inputs: Callable[[], Sequence[Any]], device: torch.device) -> _StepSeconds:
+                   make_inputs: Callable[[], Sequence[Any]], device: torch.device, clock: Clock) -> _StepSeconds:
     """One training step of ``module``: (device forward s, device backward s or None when no
     output needs a gradient, host forward s, host backward s, thread CPU forward s, backward s)."""
     for p in params:
         p.grad = None
     inputs = make_inputs()
-    clock = stopwatch(device)
+    watch = stopwatch(device, clock)
     host, cpu = time.perf_counter(), time.thread_time()
     out = module(*inputs)
     host_fwd, cpu_fwd = time.perf_counter() - host, time.thread_time() - cpu
-    fwd = clock()
+    fwd = watch()
     tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     if not tensors:
         return fwd, None, host_fwd, 0.0, cpu_fwd, 0.0
     grads = [torch.ones_like(t) for t in tensors]
-    clock = stopwatch(device)
+    watch = stopwatch(device, clock)
     host, cpu = time.perf_counter(), time.thread_time()
     torch.autograd.backward(tensors, grads)
     host_bwd, cpu_bwd = time.perf_counter() - host, time.thread_time() - cpu
-    return fwd, clock(), host_fwd, host_bwd, cpu_fwd, cpu_bwd
+    return fwd, watch(), host_fwd, host_bwd, cpu_fwd, cpu_bwd
 
 
 def _step_sample(step: Callable[[], _StepSeconds], module: torch.nn.Module,
@@ -179,8 +188,9 @@ def _step_sample(step: Callable[[], _StepSeconds], module: torch.nn.Module,
                     cpu_fwd_s=cpu_fwd / steps, cpu_bwd_s=cpu_bwd / steps)
 
 
-def stopwatch(device: torch.device) -> Callable[[], float]:
-    """Start timing now; the returned function gives the seconds since (synchronising CUDA)."""
+def stopwatch(device: torch.device, clock: Clock = "wall") -> Callable[[], float]:
+    """Start timing now; the returned function gives the seconds since (synchronising CUDA).
+    On the CPU, ``clock="cpu"`` counts the calling thread's CPU seconds instead of wall seconds."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -191,5 +201,6 @@ def stopwatch(device: torch.device) -> Callable[[], float]:
             return start.elapsed_time(end) / 1e3
 
         return cuda_elapsed
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0
+    read = time.thread_time if clock == "cpu" else time.perf_counter
+    t0 = read()
+    return lambda: read() - t0
