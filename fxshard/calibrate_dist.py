@@ -28,12 +28,12 @@ from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
 from fxshard.cost_models import estimate, scale_batch
 from fxshard.cost_models.analysis import analyze
-from fxshard.errors import ExecutionError
+from fxshard.errors import ExecutionError, UsageError
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
 
 __all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow", "PlanRun", "RankRun", "StageRun", "calibrate_plan",
-           "capture_model", "compare_run", "reprice", "run_plan", "world_of"]
+           "capture_model", "check_ranks", "compare_run", "reprice", "run_plan", "world_of"]
 
 _TAIL = 3000  # characters of a failing rank's error quoted
 
@@ -113,6 +113,25 @@ def _free_port() -> int:
 def world_of(plan: Plan) -> int:
     """The number of processes ``plan`` runs on: one per device it uses."""
     return len({d for s in plan.stages for d in s.device_indices})
+
+
+def check_ranks(plan: Plan, ranks: int, *, save_factors: str | None = None, png: str | None = None,
+                device: str | None = None) -> None:
+    """Refuse ``fxshard calibrate --ranks`` where it cannot run ``plan``: another number of
+    ranks than the plan's devices, a plan that is not a pipeline, or an in-process-only option.
+
+    Raises:
+        UsageError: naming both numbers, or the option, and the fix.
+    """
+    world = world_of(plan)
+    if ranks != world:
+        raise UsageError(f"--ranks {ranks}, but the plan runs on {world} device(s) ({plan.strategy}, "
+                         f"{plan.num_stages} stage(s)): pass --ranks {world}, or --devices with {ranks} devices")
+    if plan.strategy != "pipeline":
+        raise UsageError(f"--ranks runs pipeline plans; the planner chose {plan.strategy}: add --strategy pipeline")
+    for flag, value in (("--save-factors", save_factors), ("--png", png), ("--device", device)):
+        if value:
+            raise UsageError(f"{flag} belongs to the in-process calibration; drop it or drop --ranks")
 
 
 def run_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: int | None = None,

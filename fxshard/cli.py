@@ -368,6 +368,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError("--save-factors needs the fit, which times every node: drop --no-profiled")
     job = _prepare(args)
     plan, _ = _plan_job(job, args)
+    if args.ranks is not None:
+        return _calibrate_ranks(args, job, plan)
     with _progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
         report = calibrate(job.captured, plan, job.built.example_inputs, device=args.device, repeats=args.repeats,
                            profiled=not args.no_profiled, factors=args.factors, threads=args.threads)
@@ -397,6 +399,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _wrote(f"the fitted factors of {report.device_spec} (plan with --factors {args.save_factors})", args.save_factors)
     return 0
 
+
+def _calibrate_ranks(args: argparse.Namespace, job: _Job, plan: Any) -> int:
+    """``calibrate --ranks N``: the whole plan under torchrun, against its predictions."""
+    from fxshard.calibrate_dist import check_ranks, compare_run, run_plan
+
+    check_ranks(plan, args.ranks, save_factors=args.save_factors, png=args.png, device=args.device)
+    with _progress(f"running {plan.model.name}'s plan on {args.ranks} ranks under torchrun"):
+        run = run_plan(args.model, plan, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                       warmup=args.warmup, threads=args.threads or 1)
+        report = compare_run(run, job.captured, model=job.built.name, profiled=not args.no_profiled)
+    for dest, text in ((args.json, report.to_json()), (args.md, report.to_markdown())):
+        if dest:
+            with _output(dest) as f:
+                f.write(text + "\n")
+    if args.json != "-":
+        console().print(report.to_markdown())
+    _wrote("the report as JSON", args.json)
+    _wrote("the report as markdown", args.md)
+    return 0
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path

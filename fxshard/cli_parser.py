@@ -109,6 +109,11 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profiled", action="store_true", help="skip the profiled cost model (faster)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads to measure and profile with (default: the current count; 1 is steadiest)")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="run the whole plan under torchrun on N gloo ranks of this machine (N = the plan's devices) "
+                        "and compare its stages, step and per-rank peak memory with the predictions")
+    p.add_argument("--steps", type=int, default=5, metavar="N", help="with --ranks: timed training steps (median kept)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="with --ranks: untimed steps first (at least 1)")
     p.add_argument("--save-factors", metavar="FILE",
                    help="write the fitted roofline factors to FILE (added to FILE's other presets if it exists), "
                         "for plan/compare/export --factors FILE")

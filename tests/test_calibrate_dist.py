@@ -123,3 +123,20 @@ def test_reprice_with_another_cost_model_changes_the_times_not_the_split(plan, c
 def test_a_plan_for_another_batch_is_refused(plan):
     with pytest.raises(ExecutionError, match="fingerprint"):
         capture_model(MODEL, plan, batch_size=BATCH * 2)
+
+
+def test_cli_refuses_ranks_that_are_not_the_plans_devices(capsys):
+    from fxshard.cli import main
+
+    assert main(["calibrate", MODEL, "--devices", "2xcpu:1GB", "--batch-size", str(BATCH), "--strategy", "pipeline",
+                 "--ranks", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--ranks 3" in err and "2 device(s)" in err and "--ranks 2" in err
+
+
+def test_cli_refuses_in_process_options_with_ranks(capsys):
+    from fxshard.cli import main
+
+    assert main(["calibrate", MODEL, "--devices", "2xcpu:1GB", "--batch-size", str(BATCH), "--strategy", "pipeline",
+                 "--ranks", "2", "--png", "x.png"]) == 2
+    assert "--png" in capsys.readouterr().err
