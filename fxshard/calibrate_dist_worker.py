@@ -110,6 +110,8 @@ class _StageClock:
 
 
 def _optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    if not params:
+        return None  # a rank whose stages hold no parameters (torch's optimizers refuse an empty list)
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-4)
     if name == "sgd":
