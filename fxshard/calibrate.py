@@ -14,13 +14,15 @@ docs/calibration.md.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import functools
 import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -211,6 +213,11 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return score / (n * (n - 1) / 2)
 
 
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems: where its dynamic mmap threshold ends in a
+# process that has freed a block that large (every training step of a model with a 32 MiB tensor).
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """One module measured on one micro-batch (``_measure_module``)."""
@@ -221,54 +228,131 @@ class _Run:
     outputs: tuple  # the forward's outputs, detached: the next stage's inputs
 
 
+def _leaves(inputs: Sequence[Any]) -> list[Any]:
+    return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
 def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torch.device, warmup: int,
                     repeats: int) -> _Run:
-    """Times, step peak memory and saved bytes of one module on one micro-batch.
+    """Times, step peak memory (CUDA) and saved bytes of one module on one micro-batch.
 
     Timed as a training step runs (``timing.step_times``): gradients set to None, a fresh
-    forward, then backward, each timed in the same step. The peak is taken over the timed
-    steps, above what was allocated before them (gradients None), plus the module's parameter
-    bytes: its weights, gradients, one micro-batch's saved activations and the transients (the
-    previous step's gradients are freed before each step). On CUDA that is
-    ``max_memory_allocated``; on the CPU the resident set's high-water mark
-    (``host_memory.ResidentPeak``, with glibc's mmap threshold pinned so freed tensors leave
-    the resident set), None where the system cannot reset it. A last forward counts what
+    forward, then backward, each timed in the same step. On CUDA the peak is
+    ``max_memory_allocated`` over those steps above what was allocated before them, plus the
+    module's parameter bytes: its weights, gradients, one micro-batch's saved activations and
+    the transients (the previous step's gradients are freed before each step); on the CPU it is
+    measured apart, after every timing (:func:`_cpu_step_peaks`). A last forward counts what
     autograd saves (``host_memory.SavedTensors``) and gives the outputs.
     """
-    def leaves() -> list[Any]:
-        return [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-                for t in inputs]
-
     module.zero_grad(set_to_none=True)
-    probe = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    elif device.type == "cpu" and ResidentPeak.available():
-        _pin_mmap_threshold()
-        probe = ResidentPeak()
-    times = step_times(module, leaves, device, warmup=warmup, repeats=repeats,
-                       on_timed=probe.start if probe is not None else None)
-    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    times = step_times(module, lambda: _leaves(inputs), device, warmup=warmup, repeats=repeats)
     peak = None
     if device.type == "cuda":
-        peak = float(torch.cuda.max_memory_allocated(device) - base + weights)
-    elif probe is not None:
-        peak = float(probe.peak_bytes() + weights)
+        peak = float(torch.cuda.max_memory_allocated(device) - base + _param_bytes(module))
     saved = SavedTensors(exclude=[*module.parameters(), *module.buffers()])
     with saved.counting():
-        outputs = module(*leaves())
+        outputs = module(*_leaves(inputs))
     module.zero_grad(set_to_none=True)
     outputs = tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
     return _Run(times=times, peak_bytes=peak, saved_bytes=saved.bytes,
                 outputs=tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in outputs))
 
 
+def _step_peak_bytes(captured: CapturedGraph, costs: Any, stage: StageSummary) -> float:
+    """The predicted peak of one training step of ``stage`` on one micro-batch: its weights,
+    plus the most gradients and saved activations alive at once, plus the largest transient.
+
+    Backward runs the nodes in reverse: a node's parameter gradients are written when its
+    backward runs (a ``get_attr``'s at its last user's), and a saved activation is freed after
+    the backward of the first node, in forward order, that saved it. So the gradients of the
+    last nodes and the activations of the first are never all alive together, and weights +
+    gradients + activations (what the plan's peak adds up, right when other micro-batches'
+    activations are in flight while gradients accumulate) overstates one micro-batch's step by up
+    to the smaller of the two. The forward's end (every activation saved, no gradient yet) is
+    the first candidate.
+    """
+    names = list(stage.nodes)
+    position = {name: i for i, name in enumerate(names)}
+    graph = {n.name: n for n in captured.gm.graph.nodes}
+    grads_at, freed_at = [0.0] * len(names), [0.0] * len(names)
+    seen: set[str] = set()
+    first_saver: dict[str, int] = {}
+    for i, name in enumerate(names):
+        work = costs[name].work
+        freed_at[i] += work.saved_bytes
+        for value in work.saved_values:
+            first_saver.setdefault(costs.storage_owner(value), i)
+        at = i
+        if work.op == "get_attr":
+            at = max((position[u.name] for u in graph[name].users if u.name in position), default=i)
+        for param, size in zip(work.params, work.param_sizes):
+            if param not in seen:
+                seen.add(param)
+                grads_at[at] += size
+    for owner, i in first_saver.items():
+        freed_at[i] += costs[owner].work.output_bytes
+    alive, grads = sum(freed_at), 0.0
+    peak = alive
+    for i in reversed(range(len(names))):
+        grads += grads_at[i]
+        peak = max(peak, grads + alive)
+        alive -= freed_at[i]
+    return stage.param_bytes + peak + stage.transient_bytes
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @functools.cache
-def _pin_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold once per process (``host_memory.pin_mmap_threshold``)."""
-    return pin_mmap_threshold()
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _cpu_step_peaks(runs: Sequence[tuple[torch.nn.Module, Sequence[Any]]]) -> list[float] | None:
+    """The step peak of each (module, micro-batch inputs) on the CPU, or None where the system
+    cannot reset the resident set's high-water mark (``host_memory.ResidentPeak``).
+
+    One training step each, gradients None before it: the high-water mark above the resident
+    set at its start, plus the module's parameter bytes. glibc's mmap threshold is pinned for
+    these steps, so every freed tensor leaves the resident set; that costs page faults (GPT-2's
+    backward measured 15-20% slower pinned, on one thread), so the steps run after all timing,
+    and the threshold is then left at glibc's dynamic maximum (32 MiB), where a training
+    process's own threshold ends. malloc serves a request from its free lists before it maps
+    anything, so the heap's free pages (the timed steps' tensors) are given back
+    (``malloc_trim``) before each step: a tensor that reuses them faults them in again, and counts.
+    See docs/calibration.md.
+    """
+    if not ResidentPeak.available():
+        return None
+    pin_mmap_threshold()
+    try:
+        peaks = []
+        for module, inputs in runs:
+            probe = ResidentPeak()
+            module.zero_grad(set_to_none=True)
+            step_times(module, lambda: _leaves(inputs), torch.device("cpu"), warmup=0, repeats=1,
+                       on_timed=lambda: (_trim_heap(), probe.start()))
+            peaks.append(float(probe.peak_bytes() + _param_bytes(module)))
+            module.zero_grad(set_to_none=True)
+        return peaks
+    finally:
+        pin_mmap_threshold(_GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def _one_microbatch(captured: CapturedGraph, plan: Plan, flat: list[Any]) -> tuple[list[Any], float, Any]:
@@ -351,23 +435,32 @@ def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, de
     predicted = _predict_stages(captured, plan, analytical, regions)
     profiled_stages = (_predict_stages(captured, plan, measured_profile, regions) if measured_profile is not None
                        else None)
-    stages = []
+    modules: list[tuple[torch.nn.Module, Sequence[Any]]] = []  # each stage and the whole model, with its inputs
+    runs = []
     values: Sequence[Any] = micro
-    for s, stage in enumerate(split.stages):
-        run = _measure_module(stage.module.to(dev), values, dev, warmup, repeats)
-        values = run.outputs
+    for stage in split.stages:
+        modules.append((stage.module.to(dev), values))
+        runs.append(_measure_module(*modules[-1], dev, warmup, repeats))
+        values = runs[-1].outputs
+    modules.append((gm, micro))
+    runs.append(_measure_module(gm, micro, dev, warmup, repeats))
+    fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec), clock)
+                       if measured_profile is not None and fit else (None, ()))
+    peaks = _cpu_step_peaks(modules) if dev.type == "cpu" else None  # after every timing: it pins the allocator
+    if peaks is not None:
+        runs = [dataclasses.replace(r, peak_bytes=p) for r, p in zip(runs, peaks)]
+    stages = []
+    for s, run in enumerate(runs[:-1]):
         pred = predicted[s]
         stages.append(_measurement(
             s, run, pred, profiled_stages[s] if profiled_stages else None,
-            predicted_peak_bytes=2.0 * pred.param_bytes + pred.activation_bytes + pred.transient_bytes,
+            predicted_peak_bytes=_step_peak_bytes(captured, analytical, pred),
             plan_peak_bytes=plan.stages[s].peak_memory_bytes, predicted_activation_bytes=pred.activation_bytes))
     one = summarize_stages(captured, analytical, {n.name: 0 for n in captured.gm.graph.nodes}, 1,
                            training=plan.training, optimizer=plan.optimizer)[0]
-    whole = _measurement(-1, _measure_module(gm, micro, dev, warmup, repeats), analytical,
-                         measured_profile or None, predicted_activation_bytes=one.activation_bytes,
-                         predicted_peak_bytes=2.0 * one.param_bytes + one.activation_bytes + one.transient_bytes)
-    fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec), clock)
-                       if measured_profile is not None and fit else (None, ()))
+    whole = _measurement(-1, runs[-1], analytical, measured_profile or None,
+                         predicted_activation_bytes=one.activation_bytes,
+                         predicted_peak_bytes=_step_peak_bytes(captured, analytical, one))
     return CalibrationReport(model=plan.model.name, device=str(dev), device_spec=spec.name,
                              microbatch_fraction=fraction, stages=tuple(stages), whole=whole, fit=fitted,
                              checkpointing=policies[0] if len(set(policies)) == 1 else "per stage",

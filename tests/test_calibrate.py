@@ -214,19 +214,23 @@ def test_cpu_step_memory_and_saved_activations_of_an_mlp():
     """On the CPU the step peak is measured (resident-set high-water mark) and holds at least
     the weights; autograd's saved bytes are what can be counted by hand: each Linear saves its
     input, each Tanh its output (the next Linear's input, the same tensor), parameters excluded."""
-    from fxshard.calibrate import _measure_module
+    from fxshard.calibrate import _cpu_step_peaks, _measure_module
     from fxshard.cost_models.host_memory import ResidentPeak
 
     torch.manual_seed(0)
     width, batch, layers = 256, 64, 3
     module = torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(width, width), torch.nn.Tanh())])
-    run = _measure_module(module, [torch.randn(batch, width)], torch.device("cpu"), warmup=1, repeats=2)
+    x = torch.randn(batch, width)
+    run = _measure_module(module, [x], torch.device("cpu"), warmup=1, repeats=2)
     activation = batch * width * 4
     # Saved: the input, then each Tanh's output (the last one too: Tanh's backward needs it).
     assert run.saved_bytes == activation * (layers + 1)
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    if ResidentPeak.available():
-        assert run.peak_bytes >= weights
+    peaks = _cpu_step_peaks([(module, [x])])
+    assert (peaks is None) == (not ResidentPeak.available())
+    if peaks is not None:
+        assert peaks[0] >= weights
+    assert all(p.grad is None for p in module.parameters())
 
 
 def test_saved_bytes_match_the_predicted_activations():
