@@ -370,13 +370,22 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
         profiled: also price with the profiled cost model (measures: slower).
     """
     from fxshard.cost_models import ProfiledCostModel
+    from fxshard.simulate_plan import simulate_plan
 
     plan = run.plan
     analytical, summaries = _priced(captured, plan, "analytical")
     prof = None
+    # One torch thread per rank runs the stage in the calling thread: its CPU time is the compute,
+    # without the waits for a core of a loaded machine (cost_models/timing.py, clock="cpu").
+    clock = "cpu" if run.threads == 1 else "wall"
     if profiled:
         fraction = 1.0 / (plan.replicas * plan.microbatches)
-        prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction))
+        prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction,
+                                                         clock=clock))
+    measured = {m.index: m for m in run.stages}
+    as_run = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, fwd_time_s=measured[s.index].fwd_s,
+                                                                        bwd_time_s=measured[s.index].bwd_s)
+                                                    for s in plan.stages))
     stages = tuple(DistStageRow(index=m.index, rank=m.rank, measured_fwd_s=m.fwd_s, measured_bwd_s=m.bwd_s,
                                 fwd_cpu_s=m.fwd_cpu_s, bwd_cpu_s=m.bwd_cpu_s,
                                 analytical_fwd_s=analytical.stages[m.index].fwd_time_s,
@@ -394,4 +403,5 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
                                  steps=len(run.steps_s), stages=stages, ranks=ranks, measured_step_s=run.step_s,
                                  steps_s=run.steps_s, analytical_step_s=analytical.estimate.step_time_s,
                                  profiled_step_s=prof.estimate.step_time_s if prof else None,
-                                 load_average=run.load_average)
+                                 load_average=run.load_average, profile_clock=clock,
+                                 simulated_measured_step_s=simulate_plan(as_run).step_time_s)

@@ -36,6 +36,14 @@ class DistStageRow:
     def measured_s(self) -> float:
         return self.measured_fwd_s + self.measured_bwd_s
 
+    @property
+    def measured_cpu_s(self) -> float:
+        return self.fwd_cpu_s + self.bwd_cpu_s
+
+    def measured(self, clock: str = "wall") -> float:
+        """fwd + bwd seconds by the wall clock, or (``clock="cpu"``) in the rank's thread CPU time."""
+        return self.measured_cpu_s if clock == "cpu" else self.measured_s
+
     def predicted_s(self, which: str) -> float | None:
         if which == "analytical":
             return self.analytical_fwd_s + self.analytical_bwd_s
@@ -73,22 +81,27 @@ class DistCalibrationReport:
     analytical_step_s: float
     profiled_step_s: float | None
     load_average: float | None = None  # the machine's 1-minute load average before the run
+    profile_clock: str = "wall"  # the profiled model's clock: "cpu" (thread CPU time) when the ranks ran 1 thread
+    # The plan simulated with the measured stage times (wall) instead of predicted ones: the
+    # simulator's share of the step error (communication, optimizer step and schedule overheads).
+    simulated_measured_step_s: float | None = None
 
-    def errors(self, which: str = "profiled") -> list[float]:
-        """Relative error of each stage's fwd + bwd, (predicted - measured) / measured."""
-        pairs = [(s.predicted_s(which), s.measured_s) for s in self.stages]
+    def errors(self, which: str = "profiled", clock: str = "wall") -> list[float]:
+        """Relative error of each stage's fwd + bwd, (predicted - measured) / measured, against
+        the measured wall time or (``clock="cpu"``) the rank's thread CPU time."""
+        pairs = [(s.predicted_s(which), s.measured(clock)) for s in self.stages]
         return [(p - m) / m for p, m in pairs if p is not None and m > 0]
 
-    def median_abs_error(self, which: str = "profiled") -> float | None:
-        errors = [abs(e) for e in self.errors(which)]
+    def median_abs_error(self, which: str = "profiled", clock: str = "wall") -> float | None:
+        errors = [abs(e) for e in self.errors(which, clock)]
         return statistics.median(errors) if errors else None
 
-    def tau(self, which: str = "profiled") -> float | None:
+    def tau(self, which: str = "profiled", clock: str = "wall") -> float | None:
         """Kendall's tau between predicted and measured stage times (None under 2 stages)."""
         predicted = [s.predicted_s(which) for s in self.stages]
         if len(predicted) < 2 or any(p is None for p in predicted):
             return None
-        return kendall_tau(predicted, [s.measured_s for s in self.stages])
+        return kendall_tau(predicted, [s.measured(clock) for s in self.stages])
 
     def step_error(self, which: str = "profiled") -> float | None:
         predicted = self.analytical_step_s if which == "analytical" else self.profiled_step_s
@@ -109,6 +122,7 @@ class DistCalibrationReport:
         data = dataclasses.asdict(self)
         for which in ("analytical", "profiled"):
             data[f"median_abs_error_{which}"] = self.median_abs_error(which)
+            data[f"median_abs_error_{which}_cpu"] = self.median_abs_error(which, "cpu")
             data[f"kendall_tau_{which}"] = self.tau(which)
             data[f"step_error_{which}"] = self.step_error(which)
         data["median_abs_memory_error"] = self.median_abs_memory_error()
@@ -132,37 +146,45 @@ class DistCalibrationReport:
         load = f", load average {self.load_average:.1f}" if self.load_average is not None else ""
         lines = [f"Calibration of {self.model} under torchrun: {self.schedule}, {self.microbatches} micro-batches of "
                  f"a batch of {self.batch_size}, {self.world} gloo ranks x {self.threads} thread(s), median of "
-                 f"{self.steps} timed steps{load}. Stage times per micro-batch, fwd / bwd.", "",
-                 "| stage | rank | measured | wall / cpu | analytical | error | profiled | error | "
-                 "saved per micro-batch (measured / predicted) |", "|---|---|---|---|---|---|---|---|---|"]
+                 f"{self.steps} timed steps{load}. Stage times per micro-batch, fwd / bwd; the profiled model "
+                 f"timed {self.profile_clock} time; errors against the measured wall time and (cpu) the rank "
+                 f"thread's CPU time.", "",
+                 "| stage | rank | measured (wall) | measured (cpu) | analytical | error | profiled | error | "
+                 "error (cpu) | saved per micro-batch (measured / predicted) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def err(p: float | None, m: float) -> str:
+            return f"{(p - m) / m:+.0%}" if p is not None and m > 0 else "-"
+
         for s in self.stages:
-            cpu = s.fwd_cpu_s + s.bwd_cpu_s
-            a, p = s.predicted_s("analytical"), s.predicted_s("profiled")
-            prof = (f"{s.profiled_fwd_s * ms:.2f} / {s.profiled_bwd_s * ms:.2f} ms | "
-                    f"{(p - s.measured_s) / s.measured_s:+.0%}" if p is not None and s.measured_s > 0 else "- | -")
+            p = s.predicted_s("profiled")
+            prof = f"{s.profiled_fwd_s * ms:.2f} / {s.profiled_bwd_s * ms:.2f} ms" if p is not None else "-"
             lines.append(f"| {s.index} | {s.rank} | {s.measured_fwd_s * ms:.2f} / {s.measured_bwd_s * ms:.2f} ms | "
-                         f"{s.measured_s / cpu if cpu > 0 else float('nan'):.2f} | "
+                         f"{s.fwd_cpu_s * ms:.2f} / {s.bwd_cpu_s * ms:.2f} ms | "
                          f"{s.analytical_fwd_s * ms:.2f} / {s.analytical_bwd_s * ms:.2f} ms | "
-                         f"{(a - s.measured_s) / s.measured_s if s.measured_s else 0:+.0%} | {prof} | "
+                         f"{err(s.predicted_s('analytical'), s.measured_s)} | {prof} | {err(p, s.measured_s)} | "
+                         f"{err(p, s.measured_cpu_s)} | "
                          f"{s.saved_bytes / mib:.2f} / {s.predicted_activation_bytes / mib:.2f} MiB |")
-        lines += ["", "| step | measured | analytical | error | profiled | error |", "|---|---|---|---|---|---|"]
-        a_err, p_err = self.step_error("analytical"), self.step_error("profiled")
+        lines += ["", "| step | measured | analytical | error | profiled | error | simulated from measured stages |",
+                  "|---|---|---|---|---|---|---|"]
+        sim = self.simulated_measured_step_s
         lines.append(f"| whole step | {self.measured_step_s * ms:.1f} ms | {self.analytical_step_s * ms:.1f} ms | "
-                     f"{a_err:+.0%} | " + (f"{self.profiled_step_s * ms:.1f} ms | {p_err:+.0%} |"
-                                           if self.profiled_step_s is not None and p_err is not None else "- | - |"))
+                     f"{err(self.analytical_step_s, self.measured_step_s)} | "
+                     + (f"{self.profiled_step_s * ms:.1f} ms" if self.profiled_step_s is not None else "-")
+                     + f" | {err(self.profiled_step_s, self.measured_step_s)} | "
+                     + (f"{sim * ms:.1f} ms ({err(sim, self.measured_step_s)}) |" if sim is not None else "- |"))
         lines += ["", "| rank | stages | peak above baseline (measured) | planner's peak | error | parameters |",
                   "|---|---|---|---|---|---|"]
         for r in self.ranks:
-            err = ((r.predicted_peak_bytes - r.measured_peak_bytes) / r.measured_peak_bytes
-                   if r.measured_peak_bytes > 0 else None)
+            error = err(r.predicted_peak_bytes, r.measured_peak_bytes)
             lines.append(f"| {r.rank} | {', '.join(map(str, r.stages))} | {r.measured_peak_bytes / mib:.1f} MiB | "
-                         f"{r.predicted_peak_bytes / mib:.1f} MiB | " + (f"{err:+.0%}" if err is not None else "-")
-                         + f" | {r.param_bytes / mib:.1f} MiB |")
+                         f"{r.predicted_peak_bytes / mib:.1f} MiB | {error} | {r.param_bytes / mib:.1f} MiB |")
         lines.append("")
         for which in ("analytical", "profiled"):
-            err, tau, step = self.median_abs_error(which), self.tau(which), self.step_error(which)
-            if err is not None:
-                lines.append(f"{which}: stage median |error| {err:.1%}"
+            wall, cpu, tau, step = (self.median_abs_error(which), self.median_abs_error(which, "cpu"), self.tau(which),
+                                    self.step_error(which))
+            if wall is not None:
+                lines.append(f"{which}: stage median |error| {wall:.1%} (wall), {cpu:.1%} (cpu)"
                              + (f", Kendall tau {tau:.2f}" if tau is not None else "")
                              + (f", step error {step:+.1%}" if step is not None else ""))
         mem = self.median_abs_memory_error()

@@ -93,6 +93,8 @@ def test_the_report_has_every_row(plan, run, report):
     assert len(report.errors("analytical")) == len(report.errors("profiled")) == 2
     assert report.tau("profiled") in (-1.0, 0.0, 1.0)
     assert len(report.memory_errors()) == 2 and report.step_error("profiled") is not None
+    assert report.profile_clock == "cpu"  # one thread per rank: the profiled model times thread CPU time
+    assert len(report.errors("profiled", "cpu")) == 2 and report.simulated_measured_step_s > 0
     text = report.to_markdown()
     assert "| 0 | 0 |" in text and "whole step" in text and "median |error|" in text
 
