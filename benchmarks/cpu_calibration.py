@@ -111,8 +111,70 @@ def pipeline_plan(ref: str, ranks: int) -> object:
                         schedule="1f1b", microbatches=microbatches)
 
 
-def summary(name: str, report: object) -> dict:
-    """One row of the summary table from a :class:`fxshard.calibrate_dist.DistCalibrationReport`."""
+def step_from_measured_stages(plan: object, report: object) -> float:
+    """The plan's step simulated (:func:`fxshard.simulate_plan.simulate_plan`) over the *measured* stage times:
+    its gap to the measured step is what the simulator leaves out (optimizer step, the loss, gradient
+    all-reduce of tied weights, the schedule's own overhead), whatever the stage predictions."""
+    import dataclasses
+
+    from fxshard.simulate_plan import simulate_plan
+
+    measured = {s.index: s for s in report.stages}
+    stages = tuple(dataclasses.replace(st, fwd_time_s=measured[st.index].measured_fwd_s,
+                                       bwd_time_s=measured[st.index].measured_bwd_s) for st in plan.stages)
+    return simulate_plan(dataclasses.replace(plan, stages=stages)).step_time_s
+
+
+def cpu_clock_stage_errors(ref: str, plan: object, report: object) -> list[float]:
+    """Per stage, (predicted - measured) / measured in the thread's CPU seconds: the profiled model timed with
+    ``clock="cpu"`` against each stage's measured thread CPU time, so neither side counts the waits for a core
+    that a loaded machine adds to wall time."""
+    from fxshard.calibrate_dist import capture_model, reprice
+    from fxshard.cost_models import ProfiledCostModel
+
+    captured = capture_model(ref, plan)
+    fraction = 1.0 / (plan.replicas * plan.microbatches)
+    priced = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock="cpu"))
+    errors = []
+    for s in report.stages:
+        cpu = s.fwd_cpu_s + s.bwd_cpu_s
+        predicted = priced.stages[s.index].fwd_time_s + priced.stages[s.index].bwd_time_s
+        if cpu > 0:
+            errors.append((predicted - cpu) / cpu)
+    return errors
+
+
+def adam_step_s(ref: str, param_bytes: list[int], *, repeats: int = 3) -> float:
+    """Seconds of ``torch.optim.Adam.step`` on one thread for the slowest rank, from the model's whole
+    parameter set timed here (thread CPU time, so other processes' load does not count) and scaled by
+    each rank's parameter bytes (the step is memory-bound: linear in the bytes)."""
+    import time
+
+    from fxshard import zoo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params = [p for p in zoo.resolve(ref).model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer = torch.optim.Adam(params, lr=1e-4)
+        optimizer.step()  # the first step allocates the moments
+        times = []
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            optimizer.step()
+            times.append(time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    total = sum(p.numel() * p.element_size() for p in params)
+    return min(times) / total * max(param_bytes)
+
+
+def summary(name: str, report: object, plan: object = None, adam_s: float | None = None,
+            cpu_errors: list[float] | None = None) -> dict:
+    """One row of the summary table from a :class:`fxshard.calibrate_dist.DistCalibrationReport` (and the plan
+    it ran, for the step simulated from the measured stage times)."""
     import os
     import statistics
 
@@ -128,9 +190,13 @@ def summary(name: str, report: object) -> dict:
         "stage_error_analytical": report.median_abs_error("analytical"),
         "stage_error_profiled": report.median_abs_error("profiled"),
         "stage_tau_profiled": report.tau("profiled"),
+        "stage_error_profiled_cpu_clock": statistics.median(abs(e) for e in cpu_errors) if cpu_errors else None,
+        "stage_errors_profiled_cpu_clock": cpu_errors,
         "measured_step_s": report.measured_step_s,
         "analytical_step_s": report.analytical_step_s, "step_error_analytical": report.step_error("analytical"),
         "profiled_step_s": report.profiled_step_s, "step_error_profiled": report.step_error("profiled"),
+        "step_from_measured_stages_s": step_from_measured_stages(plan, report) if plan is not None else None,
+        "adam_step_s": adam_s,
         "memory_error_median": report.median_abs_memory_error(),
         "memory_error_worst": max(mem, key=abs) if mem else None,
         "measured_peak_mib": [r.measured_peak_bytes / 2**20 for r in report.ranks],
@@ -146,15 +212,28 @@ def _pct(x: float | None, signed: bool = False) -> str:
     return (f"{x:+.0%}" if signed else f"{x:.0%}") + mark
 
 
+def _gist(error: Exception) -> str:
+    """A failure in one line: the first line of the message and the last (a failing rank's own error)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("Command:")]
+    gist = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return gist[:400].replace("|", "/")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.0f} ms"
+
+
 def summary_markdown(rows: list[dict]) -> str:
     """The summary table: one row per model and rank count (✗: over the 15% target)."""
     lines = ["| model | ranks | plan | load (wall/cpu) | stage err analytical | stage err profiled | "
-             "step measured | step err analytical | step err profiled | memory err per rank (median, worst) | "
+             "stage err profiled, CPU clocks | "
+             "step measured | step err analytical | step err profiled | step simulated from measured stages | "
+             "Adam step (slowest rank) | memory err per rank (median, worst) | "
              "peak per rank measured / predicted (MiB) | saved / predicted activations |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['ranks']} | failed: {r['error']} |" + " - |" * 9)
+            lines.append(f"| {r['model']} | {r['ranks']} | failed: {r['error']} |" + " - |" * 12)
             continue
         ranks = f"{r['ranks']}" + (f" (on {r['cores']} cores)" if r["oversubscribed"] else "")
         load = "-" if r["wall_over_cpu"] is None else f"{r['wall_over_cpu']:.2f}"
@@ -162,8 +241,10 @@ def summary_markdown(rows: list[dict]) -> str:
         saved = "-" if r["saved_over_predicted_activations"] is None else f"{r['saved_over_predicted_activations']:.2f}"
         lines.append(f"| {r['model']} | {ranks} | {r['schedule']} x{r['microbatches']} mb of {r['batch_size']} | "
                      f"{load} | {_pct(r['stage_error_analytical'])} | {_pct(r['stage_error_profiled'])} | "
+                     f"{_pct(r['stage_error_profiled_cpu_clock'])} | "
                      f"{r['measured_step_s'] * 1e3:.0f} ms | {_pct(r['step_error_analytical'], True)} | "
-                     f"{_pct(r['step_error_profiled'], True)} | {_pct(r['memory_error_median'])}, "
+                     f"{_pct(r['step_error_profiled'], True)} | {_ms(r['step_from_measured_stages_s'])} | "
+                     f"{_ms(r['adam_step_s'])} | {_pct(r['memory_error_median'])}, "
                      f"{_pct(r['memory_error_worst'], True)} | {peaks} | {saved} |")
     return "\n".join(lines) + "\n"
 
@@ -186,10 +267,12 @@ def run(models: list[str], ranks: list[int], *, quick: bool, steps: int, warmup:
                 plan = pipeline_plan(ref, n)
                 report = calibrate_plan(ref, plan, steps=steps, warmup=warmup, threads=1, profiled=profiled)
             except FxshardError as e:
-                rows.append({"model": name, "ranks": n, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+                rows.append({"model": name, "ranks": n, "error": f"{type(e).__name__}: {_gist(e)}"})
                 print(f"{name} on {n} ranks failed: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 continue
-            rows.append(summary(name, report))
+            cpu_errors = cpu_clock_stage_errors(ref, plan, report) if profiled else None
+            rows.append(summary(name, report, plan, adam_step_s(ref, [r.param_bytes for r in report.ranks]),
+                                cpu_errors))
             reports.append({"model": name, "ranks": n, "report": report.to_dict(), "markdown": report.to_markdown()})
             print(f"{name} on {n} ranks: {time.perf_counter() - t0:.0f} s\n{report.to_markdown()}\n",
                   file=sys.stderr, flush=True)

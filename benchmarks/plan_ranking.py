@@ -116,6 +116,13 @@ def _shape(plan: Any) -> str:
     return f"{plan.num_stages} stages, {plan.schedule}, {plan.microbatches} mb; {cuts}"
 
 
+def _gist(error: Exception) -> str:
+    """A failure in one line: the first line of the message and the last (a failing rank's own error)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.startswith("Command:")]
+    gist = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return gist[:400].replace("|", "/")
+
+
 def _load(run: Any) -> float | None:
     wall = sum(s.fwd_s + s.bwd_s for s in run.stages)
     cpu = sum(s.fwd_cpu_s + s.bwd_cpu_s for s in run.stages)
@@ -175,7 +182,7 @@ def measure(model_ref: str, plans: Sequence[Any], *, rounds: int, steps: int, wa
             try:
                 run = run_plan(model_ref, plans[i], steps=steps, warmup=warmup, threads=1, timeout_s=timeout_s)
             except FxshardError as e:
-                results[i] = (results[i][0], results[i][1], f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                results[i] = (results[i][0], results[i][1], f"{type(e).__name__}: {_gist(e)}")
                 print(f"  round {r}: plan {i} failed: {results[i][2]}", file=sys.stderr, flush=True)
                 continue
             results[i][0].append(run.step_s)
