@@ -62,7 +62,9 @@ class StageRun:
 @dataclasses.dataclass(frozen=True)
 class RankRun:
     """One rank: its stages, and the resident-set peak above the baseline taken before it built
-    them (model on meta), over the warm-up and timed steps with the optimizer."""
+    them (model on meta), over one training step with the optimizer run after the timed ones with
+    glibc's mmap threshold pinned (weights, gradients, optimizer state, in-flight activations,
+    transients, communication buffers)."""
 
     rank: int
     stages: tuple[int, ...]

@@ -9,6 +9,8 @@ measured is described in docs/calibration.md ("A whole plan under torchrun").
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -119,6 +121,26 @@ def _optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optim
     return None  # "none": gradients only
 
 
+def _train_step(compiled: Any, inputs: tuple, target: torch.Tensor, optimizer: torch.optim.Optimizer | None,
+                params: list[torch.nn.Parameter]) -> None:
+    """One training step as a training loop runs it: the pipeline, the optimizer, gradients to None."""
+    compiled.step(*inputs, target=target)
+    if optimizer is not None:
+        optimizer.step()
+    for p in params:
+        p.grad = None  # optimizer.zero_grad(set_to_none=True)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere)."""
+    name = ctypes.util.find_library("c")
+    try:
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def run(job: dict, plan: Plan) -> dict:
     """This rank's measurements of ``job`` (see :func:`fxshard.calibrate_dist.run_plan`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -147,11 +169,7 @@ def run(job: dict, plan: Plan) -> dict:
             c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
         dist.barrier()
         t0 = time.perf_counter()
-        compiled.step(*inputs, target=target)
-        if optimizer is not None:
-            optimizer.step()
-        for p in params:
-            p.grad = None  # optimizer.zero_grad(set_to_none=True)
+        _train_step(compiled, inputs, target, optimizer, params)
         elapsed = time.perf_counter() - t0
         if i >= warmup:
             step_s.append(elapsed)
@@ -162,8 +180,17 @@ def run(job: dict, plan: Plan) -> dict:
                 rows["bwd"].append(c.wall["bwd"] / m)
                 rows["fwd_cpu"].append(c.cpu["fwd"] / m)
                 rows["bwd_cpu"].append(c.cpu["bwd"] / m)
+    # Memory: one more step with glibc's mmap threshold pinned, so every freed tensor leaves the
+    # resident set, and the heap's free pages handed back first. Pinned only now: its page faults
+    # slowed GPT-2's backward 15-20% (docs/calibration.md), so the timed steps run unpinned.
+    pin_mmap_threshold()
+    _trim_heap()
     dist.barrier()
-    peak = probe.peak_bytes()
+    memory = ResidentPeak()
+    memory.start()
+    _train_step(compiled, inputs, target, optimizer, params)
+    dist.barrier()
+    peak = memory.peak_bytes() + memory.baseline_bytes - probe.baseline_bytes
     stages = [{"index": c.index, "rank": rank,
                **{k: statistics.median(v) for k, v in per_stage[c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
@@ -180,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads((job_dir / "job.json").read_text())
         plan = Plan.from_json((job_dir / "plan.json").read_text())
         torch.set_num_threads(job["threads"])
-        pin_mmap_threshold()
         init_process_group_from_env(timeout_s=job["timeout_s"])
         result = run(job, plan)
         (job_dir / f"rank{rank}.json").write_text(json.dumps(result))
