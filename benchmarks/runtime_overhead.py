@@ -33,7 +33,7 @@ import fxshard
 from fxshard.models.language import GPT2, GPT2Config, Llama, LlamaConfig
 from fxshard.models.vision import ResNet, ResNetConfig, UNet, UNetConfig
 
-__all__ = ["MODELS", "Row", "main", "measure"]
+__all__ = ["MODELS", "Row", "gpt2_cpu", "llama_cpu", "main", "measure", "resnet_cpu", "unet_cpu"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -90,6 +90,20 @@ QUICK: dict[str, Workload] = {
 }
 
 
+def _factory(name: str) -> Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor]]]:
+    def build() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+        torch.manual_seed(0)
+        work = MODELS[name]
+        return work.build(), (work.inputs()[0],)
+
+    build.__doc__ = f"{MODELS[name].description}: a factory for 'fxshard calibrate FILE:{name}_cpu'."
+    return build
+
+
+# The same CPU sizes as factories: fxshard calibrate benchmarks/runtime_overhead.py:llama_cpu ...
+gpt2_cpu, llama_cpu, resnet_cpu, unet_cpu = (_factory(n) for n in ("gpt2", "llama", "resnet", "unet"))
+
+
 @dataclass(frozen=True)
 class Row:
     """One model's medians: seconds per training step, wall and thread CPU, eager and compiled."""
@@ -103,6 +117,7 @@ class Row:
     eager_cpu_s: float
     compiled_cpu_s: float
     ratio: float  # compiled throughput / eager throughput, from the medians
+    cpu_ratio: float  # the same from the thread's CPU seconds (steadier on a shared machine)
     paired_ratio: float  # median over rounds of eager / compiled
     compile_s: float  # capture + plan + bind, once
 
@@ -152,19 +167,40 @@ def measure(name: str, work: Workload, *, rounds: int, warmup: int) -> Row:
                eager_cpu_s=statistics.median(c for _, c in e_runs),
                compiled_cpu_s=statistics.median(c for _, c in c_runs),
                ratio=eager_s / compiled_s,
+               cpu_ratio=statistics.median(c for _, c in e_runs) / statistics.median(c for _, c in c_runs),
                paired_ratio=statistics.median(e[0] / c[0] for e, c in zip(e_runs, c_runs)),
                compile_s=compile_s)
 
 
-def to_markdown(rows: Sequence[Row], command: str) -> str:
+def fixed_overhead_s(steps: int) -> tuple[float, float]:
+    """Median seconds of a training step of a 4 x 4 Linear, eager and compiled, interleaved: the
+    compute is ~0, so the difference is what ``CompiledModel.step`` adds per step."""
+    torch.manual_seed(0)
+    eager, x, target = torch.nn.Linear(4, 4), torch.randn(2, 4), torch.randn(2, 4)
+    compiled = fxshard.compile(copy.deepcopy(eager), "1xcpu:1GB", (x,), strategy="single", microbatches=1)
+    runs: tuple[list[float], list[float]] = ([], [])
+    for i in range(2 * steps):
+        start = time.perf_counter()
+        if i % 2:
+            compiled.step(x, target=target, loss_fn=F.mse_loss)
+        else:
+            F.mse_loss(eager(x), target).backward()
+        runs[i % 2].append(time.perf_counter() - start)
+    return statistics.median(runs[0]), statistics.median(runs[1])
+
+
+def to_markdown(rows: Sequence[Row], command: str, fixed: tuple[float, float]) -> str:
     lines = [f"`{command}` (torch {torch.__version__}, {platform.machine()}, 1 torch thread)", "",
              "| model | eager step | compiled step | throughput ratio (medians) | paired ratio | "
-             "wall / CPU eager, compiled | compile (once) |",
-             "|---|---|---|---|---|---|---|"]
+             "CPU-time ratio | wall / CPU eager, compiled | compile (once) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.model}: {r.description} | {r.eager_s * 1e3:.1f} ms | {r.compiled_s * 1e3:.1f} ms | "
-                     f"{r.ratio:.3f}x | {r.paired_ratio:.3f}x | {r.eager_s / max(r.eager_cpu_s, 1e-9):.2f}, "
+                     f"{r.ratio:.3f}x | {r.paired_ratio:.3f}x | {r.cpu_ratio:.3f}x | "
+                     f"{r.eager_s / max(r.eager_cpu_s, 1e-9):.2f}, "
                      f"{r.compiled_s / max(r.compiled_cpu_s, 1e-9):.2f} | {r.compile_s:.1f} s |")
+    lines.append(f"\nFixed cost per step (a 4 x 4 Linear, compute ~0): eager {fixed[0] * 1e6:.0f} us, compiled "
+                 f"{fixed[1] * 1e6:.0f} us, so `CompiledModel.step` adds {(fixed[1] - fixed[0]) * 1e6:.0f} us")
     return "\n".join(lines)
 
 
@@ -185,16 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         rows = [measure(name, table[name], rounds=rounds, warmup=warmup) for name in args.models]
+        fixed = fixed_overhead_s(20 if args.quick else 500)
     finally:
         torch.set_num_threads(before)
     command = "python benchmarks/runtime_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = to_markdown(rows, command.strip())
+    text = to_markdown(rows, command.strip(), fixed)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": 1, "rows": [r.to_dict() for r in rows]}, f, indent=2)
+            json.dump({"torch": torch.__version__, "threads": 1, "rows": [r.to_dict() for r in rows],
+                       "fixed_step_s": {"eager": fixed[0], "compiled": fixed[1]}}, f, indent=2)
     print(text)
     return 0
 

@@ -29,6 +29,7 @@ def test_quick_mode_writes_one_row_per_model(tmp_path):
     assert [r["model"] for r in doc["rows"]] == ["gpt2"] and doc["threads"] == 1
     for row in doc["rows"]:
         assert row["rounds"] == 2 and row["microbatches"] == 1
-        assert row["eager_s"] > 0 and row["compiled_s"] > 0 and row["ratio"] > 0
+        assert row["eager_s"] > 0 and row["compiled_s"] > 0 and row["ratio"] > 0 and row["cpu_ratio"] > 0
+    assert doc["fixed_step_s"]["compiled"] > 0
     assert "throughput ratio" in (tmp_path / "o.md").read_text()
     assert torch.get_num_threads() == threads  # the thread count is restored
