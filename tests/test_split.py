@@ -316,6 +316,25 @@ def test_no_view_is_sent_as_a_plain_tensor(captured_models):
                         assert not v._is_view(), f"{name}: stage {stage.index} sends {out_name} as a view"
 
 
+def test_every_sent_tensor_is_contiguous(captured_models):
+    """gloo sends and receives only contiguous tensors, and torch's receiving buffer takes the
+    sent tensor's strides: a cut right after a transpose (LLaMA's k after RoPE on 4 ranks) sent
+    a non-contiguous clone, and the next rank's receive failed."""
+    for name in ("gpt2-tiny", "llama-tiny"):
+        _model, args, captured = captured_models[name]
+        names = compute_nodes(captured)
+        after = [i + 1 for i, n in enumerate(names[:-1]) if "transpose" in n or "permute" in n]
+        assert after, f"{name} has no transpose to cut after"
+        for cut in after:
+            stage_of = {n: int(i >= cut) for i, n in enumerate(names)}
+            for copy in (False, True):
+                split = split_graph(captured, stage_of, 2, copy_outputs=copy)
+                with torch.no_grad():
+                    outputs = split.stages[0].module(*captured.flatten_inputs(args, {}))
+                for out_name, v in zip(split.stages[0].outputs, outputs):
+                    assert v.is_contiguous(), f"{name}: cut at {names[cut]!r} sends {out_name} non-contiguous"
+
+
 # ---------------------------------------------------------------------------------------
 # Invalid assignments
 # ---------------------------------------------------------------------------------------

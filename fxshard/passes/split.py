@@ -232,11 +232,14 @@ class _StageBuilder:
         for node in crossing:
             spec, leaves = _flatten_value(node.meta.get("val"))
             if _is_plain_tensor(spec, leaves):
-                value = self.arg(node)
-                if copy_outputs or getattr(node.meta.get("val"), "_base", None) is not None:
+                value, val = self.arg(node), node.meta.get("val")
+                if copy_outputs or getattr(val, "_base", None) is not None or not _contiguous(val):
                     # A view cannot be sent as is: pipelining detaches stage outputs in place
-                    # after backward, which a view forbids. Send a copy.
-                    value = g.call_method("clone", (value,))
+                    # after backward, which a view forbids. Send a copy, a contiguous one:
+                    # gloo sends and receives only contiguous tensors, and torch makes the
+                    # receiving buffer with the sent tensor's strides (a transposed view's
+                    # clone failed "input tensor has to be contiguous").
+                    value = g.call_method("clone", (value,), {"memory_format": torch.contiguous_format})
                 sent.append(value)
                 continue
             name = f"_fxshard_unpack_{node.name}"
@@ -244,13 +247,22 @@ class _StageBuilder:
             packed = g.call_module(name, (self.arg(node),))
             count = sum(leaf.kind != "const" for leaf in leaves)
             items = [g.call_function(operator.getitem, (packed, j)) for j in range(count)]
-            sent.extend(g.call_method("clone", (t,)) if copy_outputs else t for t in items)
+            sent.extend(g.call_method("clone", (t,), {"memory_format": torch.contiguous_format}) if copy_outputs
+                        else t for t in items)
         g.output(tuple(sent))
         return len(sent)
 
     def module(self) -> torch.fx.GraphModule:
         self.g.lint()
         return torch.fx.GraphModule(self.root, self.g, class_name=f"{self.captured.model_name}Stage{self.s}")
+
+
+def _contiguous(val: object) -> bool:
+    """Whether a boundary value's example is contiguous (unknown strides count as contiguous)."""
+    try:
+        return not isinstance(val, torch.Tensor) or val.is_contiguous()
+    except (RuntimeError, NotImplementedError):  # symbolic strides
+        return True
 
 
 def _build_stage(captured: CapturedGraph, nodes: list, stage: dict, s: int, k: int,
