@@ -266,7 +266,7 @@ def _pipeline_side(job: Job, mc: ModelCase, rank: int, module: nn.Module, stage:
                    target: torch.Tensor, tied: list[torch.nn.Parameter | None]) -> Callable[[], None]:
     sched = _schedule(job.schedule, stage, job, mc.loss)
     sync = _tied_sync(tied, job.world)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-5)
+    update = _optimizer(module.parameters())
 
     def step() -> None:
         if rank == 0:
@@ -276,9 +276,21 @@ def _pipeline_side(job: Job, mc: ModelCase, rank: int, module: nn.Module, stage:
         else:
             sched.step()
         sync()
+        update()
+    return step
+
+
+def _optimizer(params: object) -> Callable[[], None]:
+    """Adam's step and zero_grad over ``params``; nothing for a stage without parameters."""
+    params = list(params)
+    if not params:
+        return lambda: None
+    opt = torch.optim.Adam(params, lr=1e-5)
+
+    def update() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step
+    return update
 
 
 def _make_side(label: str, kind: str, spec: object, job: Job, mc: ModelCase, rank: int) -> _Side:
@@ -292,12 +304,11 @@ def _make_side(label: str, kind: str, spec: object, job: Job, mc: ModelCase, ran
     if kind == "fxshard":
         plan = fxshard.Plan.from_json(spec)
         compiled = fxshard.CompiledModel(model, job.devices, (x,), plan=plan, loss_fn=mc.loss)
-        opt = torch.optim.Adam(compiled.parameters(), lr=1e-5)
+        update = _optimizer(compiled.parameters())
 
         def step() -> None:
             compiled.step(x, target=target)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            update()
         return _Side(label, step)
     if kind == "upstream":
         from torch.distributed.pipelining import SplitPoint, pipeline

@@ -92,7 +92,9 @@ def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
     by_piece = w.stage_of_pieces(order, equal)
     eq_plan = explicit_plan(model, x, devices, {n: by_piece[p] for n, p in pieces.items()}, **options)
     fx_starts, aligned = translate(fx_plan, pieces, order)
-    sides: list[tuple[str, str, object]] = [("fxshard", "fxshard", fx_plan.to_json()), ("upstream", "upstream", equal)]
+    # fxshard-equal: fxshard's runtime on the user's split, telling the split's payoff from the runtimes'.
+    sides: list[tuple[str, str, object]] = [("fxshard", "fxshard", fx_plan.to_json()), ("upstream", "upstream", equal),
+                                            ("fxshard-equal", "fxshard", eq_plan.to_json())]
     same_plan = fx_plan
     if mc.hand and fx_starts is not None and not args.no_hand:
         if not aligned:
@@ -106,8 +108,10 @@ def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
     measured = {}
     for label, _, _ in sides:
         walls = [max(r[label]["wall"][i] for r in ranks) for i in range(args.steps)]
+        cpus = [max(r[label]["cpu"][i] for r in ranks) for i in range(args.steps)]
         busy = max(sum(r[label]["cpu"]) / sum(r[label]["wall"]) for r in ranks)
-        measured[label] = {"step_s": w.median(walls), "steps_s": walls, "busiest_cpu_per_wall": busy}
+        measured[label] = {"step_s": w.median(walls), "steps_s": walls, "busiest_cpu_per_wall": busy,
+                           "cpu_s": w.median(cpus), "rank_cpu_s": [w.median(r[label]["cpu"]) for r in ranks]}
     return {
         "model": name, "ranks": world, "oversubscribed": world > _cores(), "schedule": args.schedule,
         "microbatches": args.microbatches, "batch": int(x.shape[0]),
@@ -134,6 +138,11 @@ def _plan_text(plan: fxshard.Plan, order: list[str], starts: list[str] | None, a
     return f"nodes {sizes}{near}"
 
 
+def _paired(a: dict, b: dict) -> float:
+    """Median over the interleaved rounds of a's step time over b's (load drift cancels in a pair)."""
+    return w.median([x / y for x, y in zip(a["steps_s"], b["steps_s"]) if y > 0])
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
@@ -144,28 +153,36 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
            f"{args.warmup} warmup steps each (step = forward + backward + optimizer step, the slowest rank, "
            f"between barriers).", "",
            "### fxshard's plan against upstream `pipeline()` split at equal block counts", "",
-           "| model | ranks | fxshard split | equal split | fxshard (s) | upstream (s) | ratio | "
-           "predicted fxshard (s) | predicted equal (s) | predicted ratio | busiest rank cpu/wall fx, up |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | ranks | fxshard split | equal split | fxshard (s) | upstream (s) | ratio | paired ratio | "
+           "fxshard on the equal split (s) | split's payoff | predicted fxshard (s) | predicted equal (s) | "
+           "predicted ratio | busiest rank cpu/wall fx, up |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, p = r["measured"], r["predicted"]
         over = " (oversubscribed)" if r["oversubscribed"] else ""
+        eq = m.get("fxshard-equal")
+        eq_cells = (f"{eq['step_s']:.3f} | {_paired(m['fxshard'], eq):.2f}" if eq else "- | -")
         out.append(f"| {r['model']} | {r['ranks']}{over} | {r['fxshard_split']} | {r['equal_split']} | "
                    f"{m['fxshard']['step_s']:.3f} | {m['upstream']['step_s']:.3f} | "
-                   f"**{_ratio(m['fxshard']['step_s'], m['upstream']['step_s']):.2f}** | {p['fxshard']:.3f} | "
+                   f"**{_ratio(m['fxshard']['step_s'], m['upstream']['step_s']):.2f}** | "
+                   f"{_paired(m['fxshard'], m['upstream']):.2f} | {eq_cells} | {p['fxshard']:.3f} | "
                    f"{p['upstream']:.3f} | {_ratio(p['fxshard'], p['upstream']):.2f} | "
                    f"{m['fxshard']['busiest_cpu_per_wall']:.2f}, {m['upstream']['busiest_cpu_per_wall']:.2f} |")
     hand = [r for r in rows if "hand" in r["measured"]]
     if hand:
         out += ["", "### fxshard's torchrun pipeline against a hand-written `PipelineStage` pipeline, same split", "",
-                "| model | ranks | split | fxshard (s) | hand-written (s) | throughput fxshard / hand | "
-                "busiest rank cpu/wall fx, hand |", "|---|---|---|---|---|---|---|"]
+                "| model | ranks | split | fxshard (s) | hand-written (s) | throughput fxshard / hand | paired | "
+                "CPU s per step per rank, fxshard | hand-written | CPU ratio hand / fxshard | "
+                "busiest rank cpu/wall fx, hand |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in hand:
             m = r["measured"]
-            fx = m.get("fxshard-same", m["fxshard"])
+            fx, hd = m.get("fxshard-same", m["fxshard"]), m["hand"]
+            cpu = lambda side: ", ".join(f"{c:.3f}" for c in side["rank_cpu_s"])  # noqa: E731
             out.append(f"| {r['model']} | {r['ranks']} | {r['hand_split']} | {fx['step_s']:.3f} | "
-                       f"{m['hand']['step_s']:.3f} | **{_ratio(m['hand']['step_s'], fx['step_s']):.3f}** | "
-                       f"{fx['busiest_cpu_per_wall']:.2f}, {m['hand']['busiest_cpu_per_wall']:.2f} |")
+                       f"{hd['step_s']:.3f} | **{_ratio(hd['step_s'], fx['step_s']):.3f}** | "
+                       f"{_paired(hd, fx):.3f} | {cpu(fx)} | {cpu(hd)} | "
+                       f"{_ratio(sum(hd['rank_cpu_s']), sum(fx['rank_cpu_s'])):.3f} | "
+                       f"{fx['busiest_cpu_per_wall']:.2f}, {hd['busiest_cpu_per_wall']:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -187,20 +204,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.models = args.models or list(w.MODELS)
     args.steps = args.steps or (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    rows = []
+    rows: list[dict] = []
+    failed: list[dict] = []
     for name in args.models:
         for world in args.ranks:
-            rows.append(run_model(name, world, args))
+            try:
+                rows.append(run_model(name, world, args))
+            except RuntimeError as e:  # a failed job is reported, the others still run
+                failed.append({"model": name, "ranks": world, "error": str(e)})
+                print(f"{name} on {world} ranks FAILED:\n{e}", flush=True)
+                continue
             print(f"{name} on {world} ranks: " + ", ".join(f"{k} {v['step_s']:.3f} s"
                                                           for k, v in rows[-1]["measured"].items()), flush=True)
-    text = tables(rows, args)
-    print(text)
+            _publish(rows, failed, args)  # after every job, so a long run's finished rows are kept
+    print(tables(rows, args))
+    if failed:
+        raise SystemExit(f"{len(failed)} job(s) failed: " + ", ".join(f"{f['model']} on {f['ranks']} ranks"
+                                                                      for f in failed))
+    return rows
+
+
+def _publish(rows: list[dict], failed: list[dict], args: argparse.Namespace) -> None:
     if args.md:
-        args.md.write_text(text)
+        args.md.write_text(tables(rows, args))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=2))
-    return rows
+                                         "rows": rows, "failed": failed}, indent=2))
 
 
 if __name__ == "__main__":
