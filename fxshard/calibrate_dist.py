@@ -72,6 +72,9 @@ class RankRun:
     baseline_bytes: int
     param_bytes: int = 0  # the rank's parameter bytes (its stages' weights, as materialised)
     steps_s: tuple[float, ...] = ()  # this rank's own step times
+    # The same steps in the rank's thread CPU time: less its stages' compute, what the step costs
+    # besides it (optimizer step, the schedule's bookkeeping, gloo calls), which no stage time holds.
+    steps_cpu_s: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,8 @@ class PlanRun:
                    step_s=data["step_s"], steps_s=tuple(data["steps_s"]),
                    stages=tuple(StageRun(**{**s, "saved_bytes_per_microbatch": tuple(s["saved_bytes_per_microbatch"])})
                                 for s in data["stages"]),
-                   ranks=tuple(RankRun(**{**r, "stages": tuple(r["stages"]), "steps_s": tuple(r["steps_s"])})
+                   ranks=tuple(RankRun(**{**r, "stages": tuple(r["stages"]), "steps_s": tuple(r["steps_s"]),
+                                            "steps_cpu_s": tuple(r.get("steps_cpu_s", ()))})
                                for r in data["ranks"]), load_average=data.get("load_average"))
 
 
@@ -229,7 +233,8 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
                                 saved_bytes_per_microbatch=tuple(s["saved_bytes"])) for s in stages)
     ranks = tuple(RankRun(rank=r["rank"], stages=tuple(s["index"] for s in r["stages"]), peak_bytes=r["peak_bytes"],
                           baseline_bytes=r["baseline_bytes"], param_bytes=r["param_bytes"],
-                          steps_s=tuple(r["steps_s"])) for r in sorted(results, key=lambda r: r["rank"]))
+                          steps_s=tuple(r["steps_s"]), steps_cpu_s=tuple(r["steps_cpu_s"]))
+                  for r in sorted(results, key=lambda r: r["rank"]))
     return PlanRun(plan=plan, world=world, threads=threads, step_s=statistics.median(steps), steps_s=steps,
                    stages=stage_runs, ranks=ranks)
 

@@ -161,6 +161,7 @@ def run(job: dict, plan: Plan) -> dict:
     clocks = [_StageClock(s, params) for s in compiled._execution.local.stages]
     steps, warmup = job["steps"], job["warmup"]
     step_s: list[float] = []
+    step_cpu_s: list[float] = []
     per_stage: dict[int, dict[str, list[float]]] = {c.index: {"fwd": [], "bwd": [], "fwd_cpu": [], "bwd_cpu": []}
                                                     for c in clocks}
     for i in range(warmup + steps):
@@ -168,11 +169,12 @@ def run(job: dict, plan: Plan) -> dict:
             c.reset()
             c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
         dist.barrier()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         _train_step(compiled, inputs, target, optimizer, params)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
         if i >= warmup:
             step_s.append(elapsed)
+            step_cpu_s.append(cpu)
             for c in clocks:
                 rows = per_stage[c.index]
                 m = plan.microbatches
@@ -195,7 +197,7 @@ def run(job: dict, plan: Plan) -> dict:
                **{k: statistics.median(v) for k, v in per_stage[c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": step_s,
-            "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
+            "steps_cpu_s": step_cpu_s, "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
             "param_bytes": sum(p.numel() * p.element_size() for p in params)}
 
 

@@ -50,7 +50,7 @@ def test_every_stage_and_rank_is_measured(plan, run):
         assert r.param_bytes == plan.stages[r.rank].param_bytes
         # the weights are materialised after the baseline: the peak holds at least them
         assert r.peak_bytes >= r.param_bytes > 0
-        assert len(r.steps_s) == 2
+        assert len(r.steps_s) == len(r.steps_cpu_s) == 2 and min(r.steps_cpu_s) > 0
     # the step is the slowest rank's
     assert run.steps_s == tuple(max(a, b) for a, b in zip(run.ranks[0].steps_s, run.ranks[1].steps_s))
 
