@@ -179,10 +179,10 @@ class CalibrationReport:
             cpu = {w: self.median_abs_error(w, "cpu") for w in ("analytical", "profiled")}
             walls = [s.measured_s / s.measured_cpu_s for s in self.stages if s.measured_cpu_s]
             if cpu["analytical"] is not None and walls:
-                lines.append(f"\nagainst the thread's CPU time (wall / CPU {min(walls):.2f}-{max(walls):.2f}; the "
-                             f"profiled model timed {self.profile_clock} time): median |error| analytical "
-                             f"{cpu['analytical']:.1%}"
-                             + (f", profiled {cpu['profiled']:.1%}" if cpu["profiled"] is not None else ""))
+                lines.append(f"\nagainst the thread's CPU time (wall / CPU {min(walls):.2f}-{max(walls):.2f}): median "
+                             f"|error| analytical {cpu['analytical']:.1%}"
+                             + (f", profiled {cpu['profiled']:.1%} (timed on the {self.profile_clock} clock)"
+                                if cpu["profiled"] is not None else ""))
         mem_err = self.median_abs_memory_error()
         if mem_err is not None:
             lines.append(f"\nstep peak memory ({self.memory}): median |error| {mem_err:.1%}")
