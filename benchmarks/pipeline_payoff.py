@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _payoff_worker as w  # noqa: E402
 from _suite import machine  # noqa: E402
 
+import torch  # noqa: E402
+
 import fxshard  # noqa: E402
 from fxshard.capture import capture  # noqa: E402
 
@@ -49,6 +51,23 @@ def explicit_plan(model, x, devices: str, node_stage: dict[str, int], **options)
         return fxshard.plan(model, devices, (x,), partitioner=_SPLIT_NAME, **options)
     finally:
         fxshard.unregister_partitioner(_SPLIT_NAME)
+
+
+def upstream_refusal(model, x, microbatches: int, starts: list[str]) -> str | None:
+    """Why upstream ``pipeline()`` cannot train this split, or None: torch 2.13's stages refuse
+    a value sent to a non-adjacent stage ("Backward of skip connections not supported yet")."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    pipe = pipeline(model, mb_args=(x[: x.shape[0] // microbatches],),
+                    split_spec={p: SplitPoint.BEGINNING for p in starts})
+    stage = {n: i for i, n in enumerate(n for n in pipe.split_gm.graph.nodes if n.op == "call_module")}
+    for node, i in stage.items():
+        users = [u for g in node.users for u in ([g] if g in stage else g.users)]
+        far = sorted({stage[u] for u in users if u in stage and stage[u] > i + 1})
+        if far:
+            return (f"stage {i} sends a value to stage {far[0]} (not its neighbour); torch "
+                    f"{torch.__version__} pipelining: 'Backward of skip connections not supported yet'")
+    return None
 
 
 def translate(plan: fxshard.Plan, pieces: dict[str, str], order: list[str]) -> tuple[list[str] | None, bool]:
@@ -93,8 +112,10 @@ def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
     eq_plan = explicit_plan(model, x, devices, {n: by_piece[p] for n, p in pieces.items()}, **options)
     fx_starts, aligned = translate(fx_plan, pieces, order)
     # fxshard-equal: fxshard's runtime on the user's split, telling the split's payoff from the runtimes'.
-    sides: list[tuple[str, str, object]] = [("fxshard", "fxshard", fx_plan.to_json()), ("upstream", "upstream", equal),
-                                            ("fxshard-equal", "fxshard", eq_plan.to_json())]
+    refusal = upstream_refusal(model, x, args.microbatches, equal)
+    sides: list[tuple[str, str, object]] = [("fxshard", "fxshard", fx_plan.to_json())]
+    sides += [("upstream", "upstream", equal)] if refusal is None else []
+    sides += [("fxshard-equal", "fxshard", eq_plan.to_json())]
     same_plan = fx_plan
     if mc.hand and fx_starts is not None and not args.no_hand:
         if not aligned:
@@ -120,7 +141,7 @@ def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
         "hand_split": split_text(order, fx_starts) if fx_starts else None, "fxshard_split_aligned": aligned,
         "predicted": {"fxshard": fx_plan.estimate.step_time_s, "upstream": eq_plan.estimate.step_time_s,
                       "fxshard-same": same_plan.estimate.step_time_s},
-        "measured": measured,
+        "measured": measured, "upstream_refused": refusal,
     }
 
 
@@ -154,20 +175,24 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
            f"between barriers).", "",
            "### fxshard's plan against upstream `pipeline()` split at equal block counts", "",
            "| model | ranks | fxshard split | equal split | fxshard (s) | upstream (s) | ratio | paired ratio | "
-           "fxshard on the equal split (s) | split's payoff | predicted fxshard (s) | predicted equal (s) | "
-           "predicted ratio | busiest rank cpu/wall fx, up |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "bottleneck CPU ratio | fxshard on the equal split (s) | split's payoff (paired) | "
+           "split's payoff (bottleneck CPU) | predicted fxshard (s) | predicted equal (s) | predicted ratio | "
+           "busiest rank cpu/wall fx, up |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, p = r["measured"], r["predicted"]
         over = " (oversubscribed)" if r["oversubscribed"] else ""
-        eq = m.get("fxshard-equal")
-        eq_cells = (f"{eq['step_s']:.3f} | {_paired(m['fxshard'], eq):.2f}" if eq else "- | -")
+        fx, up, eq = m["fxshard"], m.get("upstream"), m["fxshard-equal"]
+        up_cells = (f"{up['step_s']:.3f} | **{_ratio(fx['step_s'], up['step_s']):.2f}** | {_paired(fx, up):.2f} | "
+                    f"{_ratio(max(fx['rank_cpu_s']), max(up['rank_cpu_s'])):.2f}" if up
+                    else "fails (skip connection) | - | - | -")
         out.append(f"| {r['model']} | {r['ranks']}{over} | {r['fxshard_split']} | {r['equal_split']} | "
-                   f"{m['fxshard']['step_s']:.3f} | {m['upstream']['step_s']:.3f} | "
-                   f"**{_ratio(m['fxshard']['step_s'], m['upstream']['step_s']):.2f}** | "
-                   f"{_paired(m['fxshard'], m['upstream']):.2f} | {eq_cells} | {p['fxshard']:.3f} | "
+                   f"{fx['step_s']:.3f} | {up_cells} | {eq['step_s']:.3f} | {_paired(fx, eq):.2f} | "
+                   f"{_ratio(max(fx['rank_cpu_s']), max(eq['rank_cpu_s'])):.2f} | {p['fxshard']:.3f} | "
                    f"{p['upstream']:.3f} | {_ratio(p['fxshard'], p['upstream']):.2f} | "
-                   f"{m['fxshard']['busiest_cpu_per_wall']:.2f}, {m['upstream']['busiest_cpu_per_wall']:.2f} |")
+                   f"{fx['busiest_cpu_per_wall']:.2f}, {up['busiest_cpu_per_wall'] if up else float('nan'):.2f} |")
+    out += [f"- {r['model']} on {r['ranks']} ranks: upstream refused: {r['upstream_refused']}"
+            for r in rows if r.get("upstream_refused")]
     hand = [r for r in rows if "hand" in r["measured"]]
     if hand:
         out += ["", "### fxshard's torchrun pipeline against a hand-written `PipelineStage` pipeline, same split", "",
