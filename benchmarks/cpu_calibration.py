@@ -5,10 +5,18 @@ ResNet and the U-Net, each shrunk to a ~0.5-1.5 s training step on one thread, f
 pipeline (``strategy="pipeline"``, stages = ranks, 1F1B, micro-batches = 2 x stages where they
 divide the batch) on ``RANKSxcpu`` and :func:`fxshard.calibrate_dist.calibrate_plan` runs it
 under torchrun (gloo, one torch thread per rank) and holds it against the analytical and the
-profiled predictions: per-stage fwd+bwd median abs error, step time error, per-rank peak
-memory error and autograd's saved bytes against the predicted activations. Four ranks on a
-2-core machine oversubscribe it (two ranks per core): the report says so, and shows each
-stage's wall / thread-time ratio, which is ~1 on an idle core and ~2 when two ranks share it.
+profiled predictions. One row per model and rank count:
+
+- per-stage fwd+bwd median abs error of each pricing against the measured wall time, and of the
+  profiled model against each rank's thread CPU time (robust to a loaded machine);
+- the step's error, the step simulated over the *measured* stage times (its gap to the measured
+  step is what the simulator leaves out, whatever the stage predictions) and Adam's step time on
+  the slowest rank (timed here on one thread, scaled by the rank's parameter bytes);
+- each rank's peak above its baseline against the planner's peak for its stages, and autograd's
+  saved bytes against the predicted activations per micro-batch.
+
+Four ranks on a 2-core machine oversubscribe it (two ranks per core): the report says so, and
+gives the stages' wall / thread-time ratio, ~1 on an idle core, ~2 when two ranks share one.
 
 The models are factories of this file (``"benchmarks/cpu_calibration.py:gpt2_cpu"``), so every
 torchrun rank builds the same model by reference; the module imports nothing but torch and
@@ -111,39 +119,6 @@ def pipeline_plan(ref: str, ranks: int) -> object:
                         schedule="1f1b", microbatches=microbatches)
 
 
-def step_from_measured_stages(plan: object, report: object) -> float:
-    """The plan's step simulated (:func:`fxshard.simulate_plan.simulate_plan`) over the *measured* stage times:
-    its gap to the measured step is what the simulator leaves out (optimizer step, the loss, gradient
-    all-reduce of tied weights, the schedule's own overhead), whatever the stage predictions."""
-    import dataclasses
-
-    from fxshard.simulate_plan import simulate_plan
-
-    measured = {s.index: s for s in report.stages}
-    stages = tuple(dataclasses.replace(st, fwd_time_s=measured[st.index].measured_fwd_s,
-                                       bwd_time_s=measured[st.index].measured_bwd_s) for st in plan.stages)
-    return simulate_plan(dataclasses.replace(plan, stages=stages)).step_time_s
-
-
-def cpu_clock_stage_errors(ref: str, plan: object, report: object) -> list[float]:
-    """Per stage, (predicted - measured) / measured in the thread's CPU seconds: the profiled model timed with
-    ``clock="cpu"`` against each stage's measured thread CPU time, so neither side counts the waits for a core
-    that a loaded machine adds to wall time."""
-    from fxshard.calibrate_dist import capture_model, reprice
-    from fxshard.cost_models import ProfiledCostModel
-
-    captured = capture_model(ref, plan)
-    fraction = 1.0 / (plan.replicas * plan.microbatches)
-    priced = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock="cpu"))
-    errors = []
-    for s in report.stages:
-        cpu = s.fwd_cpu_s + s.bwd_cpu_s
-        predicted = priced.stages[s.index].fwd_time_s + priced.stages[s.index].bwd_time_s
-        if cpu > 0:
-            errors.append((predicted - cpu) / cpu)
-    return errors
-
-
 def adam_step_s(ref: str, param_bytes: list[int], *, repeats: int = 3) -> float:
     """Seconds of ``torch.optim.Adam.step`` on one thread for the slowest rank, from the model's whole
     parameter set timed here (thread CPU time, so other processes' load does not count) and scaled by
@@ -171,10 +146,8 @@ def adam_step_s(ref: str, param_bytes: list[int], *, repeats: int = 3) -> float:
     return min(times) / total * max(param_bytes)
 
 
-def summary(name: str, report: object, plan: object = None, adam_s: float | None = None,
-            cpu_errors: list[float] | None = None) -> dict:
-    """One row of the summary table from a :class:`fxshard.calibrate_dist.DistCalibrationReport` (and the plan
-    it ran, for the step simulated from the measured stage times)."""
+def summary(name: str, report: object, adam_s: float | None = None) -> dict:
+    """One row of the summary table from a :class:`fxshard.calibrate_dist.DistCalibrationReport`."""
     import os
     import statistics
 
@@ -190,12 +163,15 @@ def summary(name: str, report: object, plan: object = None, adam_s: float | None
         "stage_error_analytical": report.median_abs_error("analytical"),
         "stage_error_profiled": report.median_abs_error("profiled"),
         "stage_tau_profiled": report.tau("profiled"),
-        "stage_error_profiled_cpu_clock": statistics.median(abs(e) for e in cpu_errors) if cpu_errors else None,
-        "stage_errors_profiled_cpu_clock": cpu_errors,
+        # against the ranks' thread CPU time: on a loaded machine, the compute without the waits for a core
+        "stage_error_profiled_cpu_clock": report.median_abs_error("profiled", "cpu"),
+        "profile_clock": report.profile_clock,
         "measured_step_s": report.measured_step_s,
         "analytical_step_s": report.analytical_step_s, "step_error_analytical": report.step_error("analytical"),
         "profiled_step_s": report.profiled_step_s, "step_error_profiled": report.step_error("profiled"),
-        "step_from_measured_stages_s": step_from_measured_stages(plan, report) if plan is not None else None,
+        # the plan simulated over the measured stage times: its gap to the measured step is what the
+        # simulator leaves out (optimizer step, loss, tied weights' all-reduce, the schedule's overheads)
+        "step_from_measured_stages_s": report.simulated_measured_step_s,
         "adam_step_s": adam_s,
         "memory_error_median": report.median_abs_memory_error(),
         "memory_error_worst": max(mem, key=abs) if mem else None,
@@ -226,7 +202,7 @@ def _ms(x: float | None) -> str:
 def summary_markdown(rows: list[dict]) -> str:
     """The summary table: one row per model and rank count (✗: over the 15% target)."""
     lines = ["| model | ranks | plan | load (wall/cpu) | stage err analytical | stage err profiled | "
-             "stage err profiled, CPU clocks | "
+             "stage err profiled vs rank CPU time | "
              "step measured | step err analytical | step err profiled | step simulated from measured stages | "
              "Adam step (slowest rank) | memory err per rank (median, worst) | "
              "peak per rank measured / predicted (MiB) | saved / predicted activations |",
@@ -270,9 +246,7 @@ def run(models: list[str], ranks: list[int], *, quick: bool, steps: int, warmup:
                 rows.append({"model": name, "ranks": n, "error": f"{type(e).__name__}: {_gist(e)}"})
                 print(f"{name} on {n} ranks failed: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 continue
-            cpu_errors = cpu_clock_stage_errors(ref, plan, report) if profiled else None
-            rows.append(summary(name, report, plan, adam_step_s(ref, [r.param_bytes for r in report.ranks]),
-                                cpu_errors))
+            rows.append(summary(name, report, adam_step_s(ref, [r.param_bytes for r in report.ranks])))
             reports.append({"model": name, "ranks": n, "report": report.to_dict(), "markdown": report.to_markdown()})
             print(f"{name} on {n} ranks: {time.perf_counter() - t0:.0f} s\n{report.to_markdown()}\n",
                   file=sys.stderr, flush=True)

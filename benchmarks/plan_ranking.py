@@ -12,7 +12,8 @@ lists, are left out: :func:`fxshard.calibrate_dist.run_plan` runs pipelines only
 
 Each plan is predicted twice, by simulating its schedule (:func:`fxshard.simulate_plan`) over
 stage times priced by the analytical model (the planner's own figures) and by the profiled
-model at the plan's micro-batch on one thread (:func:`fxshard.calibrate_dist.reprice`), and
+model at the plan's micro-batch on one thread, timed on the thread's CPU clock so that other
+processes' load stays out of it (:func:`fxshard.calibrate_dist.reprice`; ``--clock wall``: wall time), and
 measured under torchrun (:func:`fxshard.calibrate_dist.run_plan`: median over timed steps of
 the slowest rank's step). With ``--rounds R`` every plan runs R times in rotating order and
 the median is kept. The report gives Kendall's tau between predicted and measured step times
@@ -110,6 +111,14 @@ class Row:
     load: float | None  # stages' wall / thread CPU time, mean over rounds
     error: str = ""
 
+    @property
+    def normalised_s(self) -> float | None:
+        """The measured step over the run's load (its stages' wall / CPU time): an estimate of the step on
+        idle cores, where every rank's compute and the waits for it stretch alike with the load."""
+        if self.measured_s is None or not self.load:
+            return None
+        return self.measured_s / max(self.load, 1.0)
+
 
 def _shape(plan: Any) -> str:
     cuts = " / ".join(f"r{s.device_indices[0]}: {s.first_module}..{s.last_module}" for s in plan.stages)
@@ -146,8 +155,13 @@ def make_plans(model_ref: str, candidates: Sequence[Candidate]) -> tuple[Any, li
     return capture(zm.model, zm.example_inputs), plans
 
 
-def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True) -> list[tuple[float, float | None]]:
-    """(analytical, profiled) predicted step seconds per plan; one profiled model per micro-batch size."""
+def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
+            clock: str = "cpu") -> list[tuple[float, float | None]]:
+    """(analytical, profiled) predicted step seconds per plan; one profiled model per micro-batch size.
+
+    The profiled model times on ``clock``: ``"cpu"`` (the thread's CPU seconds, the default) keeps
+    other processes' load on this shared machine out of the prediction; ``"wall"`` is the planner's.
+    """
     from fxshard.cost_models import ProfiledCostModel
     from fxshard.simulate_plan import simulate_plan
 
@@ -160,7 +174,8 @@ def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True) -> li
         prof = None
         if profiled:
             m = plan.microbatches * plan.replicas
-            cost = models.setdefault(m, ProfiledCostModel(threads=1, batch_fraction=1.0 / m))
+            cost = models.setdefault(m, ProfiledCostModel(device="cpu", threads=1, batch_fraction=1.0 / m,
+                                                                    clock=clock))
             prof = simulate_plan(reprice(captured, plan, cost)).step_time_s
         out.append((analytical, prof))
     return out
@@ -205,9 +220,15 @@ class Ranking:
     discordant: dict[str, tuple[tuple[str, str, float, float], ...]]  # (a, b, measured gap, predicted gap)
     machine: str
     command: str
+    clock: str = "cpu"  # what the profiled model timed
+
+    tau_normalised: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for row, out in zip(self.rows, data["rows"]):
+            out["normalised_s"] = row.normalised_s
+        return data
 
 
 def _gap(a: float, b: float) -> float:
@@ -215,12 +236,14 @@ def _gap(a: float, b: float) -> float:
     return abs(a - b) / min(a, b)
 
 
-def rank(rows: Sequence[Row]) -> tuple[dict[str, float | None], dict[str, tuple]]:
-    """Kendall's tau (``fxshard.calibrate.kendall_tau``) of each pricing against the measured step times,
-    over the rows that ran, and its discordant pairs."""
+def rank(rows: Sequence[Row], *, measured: str = "measured_s") -> tuple[dict[str, float | None], dict[str, tuple]]:
+    """Kendall's tau (``fxshard.calibrate.kendall_tau``) of each pricing against the measured step times
+    (``measured``: the attribute, ``"normalised_s"`` for the load-normalised ones), over the rows that ran,
+    and its discordant pairs."""
     from fxshard.calibrate import kendall_tau
 
-    ran = [r for r in rows if r.measured_s is not None]
+    ran = [dataclasses.replace(r, measured_s=getattr(r, measured)) for r in rows]
+    ran = [r for r in ran if r.measured_s is not None]
     tau: dict[str, float | None] = {}
     pairs: dict[str, tuple] = {}
     for which in ("analytical", "profiled"):
@@ -246,17 +269,17 @@ def to_markdown(result: Ranking) -> str:
         return "-" if x is None else f"{x * 1e3:.1f}"
 
     lines = [f"Plans of `{Path(result.model.split(':')[0]).name}:{result.model.split(':')[-1]}` on {result.devices} "
-             f"(gloo, 1 torch thread per rank); {result.machine}", "",
+             f"(gloo, 1 torch thread per rank); {result.machine}. Profiled on the {result.clock} clock.", "",
              f"`{result.command}`", "",
              "| plan | why | shape | predicted analytical (ms) | predicted profiled (ms) | measured (ms) | "
-             "measured rank | load (wall/cpu) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "measured rank | load (wall/cpu) | measured / load (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         measured = ms(r.measured_s) if not r.error else f"failed: {r.error}"
         spread = f" ({', '.join(ms(x) for x in r.rounds_s)})" if len(r.rounds_s) > 1 else ""
         lines.append(f"| {r.name} | {r.why} | {r.shape} | {ms(r.analytical_s)} | {ms(r.profiled_s)} | "
                      f"{measured}{spread} | {place.get(r.name, '-')} | "
-                     f"{'-' if r.load is None else f'{r.load:.2f}'} |")
+                     f"{'-' if r.load is None else f'{r.load:.2f}'} | {ms(r.normalised_s)} |")
     lines.append("")
     for which in ("analytical", "profiled"):
         tau = result.tau.get(which)
@@ -270,25 +293,32 @@ def to_markdown(result: Ranking) -> str:
         for a, b, gap_m, gap_p in pairs:
             toss = " (within the machine's noise)" if gap_m < COIN_TOSS else ""
             lines.append(f"  - {a} vs {b}: measured {gap_m:.0%} apart{toss}, predicted {gap_p:.0%} apart")
+    normalised = {k: v for k, v in result.tau_normalised.items() if v is not None}
+    if normalised:
+        lines.append("- against the load-normalised steps (measured / load): "
+                     + ", ".join(f"{k} tau {v:.2f}" for k, v in normalised.items()))
     return "\n".join(lines) + "\n"
 
 
 def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, profiled: bool = True,
-        timeout_s: float = 600.0, candidates: Sequence[Candidate] = CANDIDATES, command: str = "") -> Ranking:
+        clock: str = "cpu", timeout_s: float = 600.0, candidates: Sequence[Candidate] = CANDIDATES,
+        command: str = "") -> Ranking:
     """Plan, predict and measure every candidate; rank them."""
     captured, plans = make_plans(model_ref, candidates)
-    predictions = predict(captured, plans, profiled=profiled)
+    predictions = predict(captured, plans, profiled=profiled, clock=clock)
     measured = measure(model_ref, plans, rounds=rounds, steps=steps, warmup=warmup, timeout_s=timeout_s)
     rows = tuple(Row(name=c.name, why=c.why, shape=_shape(p), analytical_s=a, profiled_s=pr,
                      measured_s=statistics.median(times) if times else None, rounds_s=tuple(times),
                      load=statistics.fmean(loads) if loads else None, error=err)
                  for c, p, (a, pr), (times, loads, err) in zip(candidates, plans, predictions, measured))
     tau, pairs = rank(rows)
+    tau_normalised, _ = rank(rows, measured="normalised_s")
     sys.path.insert(0, str(HERE))
     from _suite import machine
 
     return Ranking(model=model_ref, devices=DEVICES, rows=rows, tau=tau, discordant=pairs,
-                   machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command)
+                   machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
+                   clock=clock if profiled else "", tau_normalised=tau_normalised)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,16 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--no-profiled", action="store_true", help="skip the profiled prediction")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="what the profiled model times: the thread's CPU seconds (default) or wall seconds")
     parser.add_argument("--md", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     command = "python benchmarks/plan_ranking.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.quick:
-        result = run(QUICK_MODEL, rounds=1, steps=1, warmup=1, profiled=not args.no_profiled, timeout_s=300,
+        result = run(QUICK_MODEL, rounds=1, steps=1, warmup=1, profiled=not args.no_profiled, clock=args.clock,
+                     timeout_s=300,
                      candidates=[CANDIDATES[i] for i in QUICK], command=command.strip())
     else:
         result = run(MODEL, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                     profiled=not args.no_profiled, command=command.strip())
+                     profiled=not args.no_profiled, clock=args.clock, command=command.strip())
     text = to_markdown(result)
     print(text)
     if args.md:
