@@ -427,7 +427,8 @@ def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, de
     # With one CPU thread all of a step's work runs on this thread: its CPU time is the compute,
     # without the waits for a core that a loaded machine adds to the wall time.
     clock = "cpu" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall"
-    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads(), clock=clock)
+    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads(), clock=clock,
+                                 stage_of=plan.stage_of())
     measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     regions = repeated_blocks(captured)
     split = checkpoint_stages(split_graph(captured, plan.stage_of(), plan.num_stages), captured, plan, regions)

@@ -145,3 +145,19 @@ def test_cpu_clock_counts_the_threads_cpu_time():
     assert estimate(captured, CPU, cost_model=profiler).fwd_time_s > 0 and profiler.clock == "cpu"
     with pytest.raises(CostModelError, match="clock='gpu'"):
         ProfiledCostModel(clock="gpu")  # type: ignore[arg-type]
+
+
+def test_segments_end_at_a_plans_stage_boundaries(gpt2):
+    """Told the plan's stages, a block the plan cuts is timed as the two parts its stages hold."""
+    names = [n.name for n in gpt2.gm.graph.nodes]
+    h0 = [s for s in segments.segment_graph(gpt2.gm) if s.block == "h.0"][0]
+    cut = names.index(h0.nodes[len(h0.nodes) // 2])
+    stage_of = {name: int(i >= cut) for i, name in enumerate(names)}
+    parts = [s for s in segments.segment_graph(gpt2.gm, stage_of) if s.block == "h.0"]
+    assert [p.nodes for p in parts] == [h0.nodes[:len(h0.nodes) // 2], h0.nodes[len(h0.nodes) // 2:]]
+    profiler = ProfiledCostModel(warmup=0, repeats=1, stage_of=stage_of)
+    costs = estimate(gpt2, CPU, cost_model=profiler, works=scale_batch(analyze(gpt2), 0.25))
+    assert [s.segment.block for s in profiler.segments] == ["", "h.0", "h.0", "h.1", ""]
+    assert not profiler.segment_fallbacks and not costs.estimated
+    for seg in profiler.segments:
+        assert sum(costs[n].fwd_time_s for n in seg.segment.nodes) == pytest.approx(seg.fwd_s, rel=1e-9)

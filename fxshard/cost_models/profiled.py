@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -66,13 +66,17 @@ class ProfiledCostModel:
         threads: torch CPU threads to measure with (default: the current count).
         clock: on the CPU, ``"wall"`` (``perf_counter``) or ``"cpu"`` (the calling thread's CPU
             time: with one thread, the compute a step needs, steady on a shared machine).
+        stage_of: node name -> stage of a known plan (calibration): segments also end at its
+            stage boundaries, so a block the plan cuts is timed as the parts its stages hold
+            instead of spread over them in proportion to analytical times.
     """
 
     name = "profiled"
 
     def __init__(self, *, device: str | torch.device | None = None, warmup: int = 2, repeats: int = 5,
                  method: Literal["segments", "nodes"] = "segments", batch_fraction: float | None = None,
-                 threads: int | None = None, clock: Clock = "wall") -> None:
+                 threads: int | None = None, clock: Clock = "wall",
+                 stage_of: Mapping[str, int] | None = None) -> None:
         if warmup < 0 or repeats < 1:
             raise CostModelError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0 and repeats >= 1")
         if method not in ("segments", "nodes"):
@@ -84,6 +88,7 @@ class ProfiledCostModel:
         if clock not in ("wall", "cpu"):
             raise CostModelError(f"clock={clock!r}: use 'wall' (perf_counter) or 'cpu' (the thread's CPU time)")
         self.clock: Clock = clock
+        self.stage_of = dict(stage_of) if stage_of is not None else None
         self.device = torch.device(device) if device is not None else None
         self.warmup = warmup
         self.repeats = repeats
@@ -129,7 +134,8 @@ class ProfiledCostModel:
         scale = fraction if captured.fixed_batch is not None else 1.0
         inputs = _inputs(gm, dev, fraction if scale == 1.0 else 1.0)
         self.segments = time_segments(gm, inputs, dev, lambda module, make_inputs: step_times(
-            module, make_inputs, dev, warmup=self.warmup, repeats=self.repeats, clock=self.clock))
+            module, make_inputs, dev, warmup=self.warmup, repeats=self.repeats, clock=self.clock),
+            stage_of=self.stage_of)
         times = [NodeTime(fwd_s=0.0, bwd_s=0.0)] * len(nodes)
         for seg in self.segments:
             members = [index[n] for n in seg.segment.nodes]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,19 +55,24 @@ def _block_of(node: torch.fx.Node) -> str:
     return next((p for p in module_paths(node) if _NUMBERED.search(p)), "")
 
 
-def segment_graph(gm: torch.fx.GraphModule) -> list[Segment]:
-    """The segments of ``gm`` in graph order (placeholders, get_attr and output left out)."""
+def segment_graph(gm: torch.fx.GraphModule, stage_of: Mapping[str, int] | None = None) -> list[Segment]:
+    """The segments of ``gm`` in graph order (placeholders, get_attr and output left out).
+
+    With ``stage_of`` (node name -> stage), a segment also ends where the stage changes, so a
+    block a plan cuts is timed as the parts its stages hold.
+    """
+    stage_of = stage_of or {}
     segments: list[Segment] = []
     current: list[str] = []
-    block = None
+    block, stage = None, None
     for node in gm.graph.nodes:
         if node.op in _SKIP_OPS:
             continue
-        b = _block_of(node)
-        if current and b != block:
+        b, st = _block_of(node), stage_of.get(node.name)
+        if current and (b != block or st != stage):
             segments.append(Segment(block=block or "", nodes=tuple(current)))
             current = []
-        block = b
+        block, stage = b, st
         current.append(node.name)
     if current:
         segments.append(Segment(block=block or "", nodes=tuple(current)))
@@ -172,7 +177,7 @@ _StepTimer = Callable[[torch.nn.Module, Callable[[], Sequence[Any]]], Any]  # ->
 
 
 def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.device,
-                  timer: _StepTimer) -> list[SegmentTime]:
+                  timer: _StepTimer, *, stage_of: Mapping[str, int] | None = None) -> list[SegmentTime]:
     """Each segment of ``gm`` timed forward and backward on the values it receives.
 
     Args:
@@ -181,6 +186,7 @@ def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.de
         dev: where to run.
         timer: ``(module, make_inputs) -> (forward s, backward s)`` of a training step
             (``profiled.step_times``: fresh forward and backward per step, gradients None).
+        stage_of: node name -> stage of a plan: segments also end at its stage boundaries.
 
     A segment that cannot run gets ``error`` set, and so do the segments after it that read
     its values (they have nothing to run on).
@@ -188,7 +194,7 @@ def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.de
     values: dict[torch.fx.Node, Any] = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs))
     measured: dict[tuple, tuple[torch.fx.GraphModule, float, float]] = {}
     out: list[SegmentTime] = []
-    for segment in segment_graph(gm):
+    for segment in segment_graph(gm, stage_of):
         try:
             module, ins, outs, key = segment_module(gm, segment)
             missing = [n.name for n in ins if n not in values]
