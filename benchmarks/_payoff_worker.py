@@ -29,8 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxshard.models import GPT2, GPT2Config, Llama, LlamaConfig, ResNet, ResNetConfig  # noqa: E402
-from fxshard.modules import stack_paths  # noqa: E402
+from fxshard.models import GPT2, GPT2Config, Llama, LlamaConfig, ResNet, ResNetConfig
+from fxshard.modules import stack_paths
 
 __all__ = ["MODELS", "Job", "ModelCase", "pieces_of", "run_job"]
 
@@ -384,7 +384,7 @@ def _worker(rank: int, job: Job, port: int, queue: object) -> None:
         queue.put((rank, "ok", rank_main(rank, job)))
         dist.barrier()
         dist.destroy_process_group()
-    except BaseException:
+    except Exception:  # noqa: BLE001 - any failure goes to the parent, which raises it with this traceback
         queue.put((rank, "error", traceback.format_exc()))
     sys.stdout.flush()
     sys.stderr.flush()

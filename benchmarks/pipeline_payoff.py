@@ -33,13 +33,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import _payoff_worker as w  # noqa: E402
-from _suite import machine  # noqa: E402
+import _payoff_worker as w
+import torch
+from _suite import machine
 
-import torch  # noqa: E402
-
-import fxshard  # noqa: E402
-from fxshard.capture import capture  # noqa: E402
+import fxshard
+from fxshard.capture import capture
 
 _SPLIT_NAME = "_payoff_explicit_split"
 
@@ -101,8 +100,8 @@ def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
     mc = w.case(name, args.quick)
     model, x, _ = mc.build()
     devices = f"{world}xcpu:16GB"
-    options = dict(strategy="pipeline", stages=world, schedule=args.schedule, microbatches=args.microbatches,
-                   activation_checkpointing="none")
+    options = {"strategy": "pipeline", "stages": world, "schedule": args.schedule, "microbatches": args.microbatches,
+               "activation_checkpointing": "none"}
     captured = capture(model, (x,))
     pieces = w.pieces_of(captured.gm, mc)
     order = w.piece_order(pieces)
@@ -159,6 +158,10 @@ def _plan_text(plan: fxshard.Plan, order: list[str], starts: list[str] | None, a
     return f"nodes {sizes}{near}"
 
 
+def _cpus(side: dict) -> str:
+    return ", ".join(f"{c:.3f}" for c in side["rank_cpu_s"])
+
+
 def _paired(a: dict, b: dict) -> float:
     """Median over the interleaved rounds of a's step time over b's (load drift cancels in a pair)."""
     return w.median([x / y for x, y in zip(a["steps_s"], b["steps_s"]) if y > 0])
@@ -169,15 +172,15 @@ def _ratio(a: float, b: float) -> float:
 
 
 def tables(rows: list[dict], args: argparse.Namespace) -> str:
-    out = [f"Machine: {machine()}; one torch thread per rank, gloo; schedule {args.schedule}, "
+    out = [(f"Machine: {machine()}; one torch thread per rank, gloo; schedule {args.schedule}, "
            f"{args.microbatches} micro-batches, Adam; median of {args.steps} interleaved steps after "
            f"{args.warmup} warmup steps each (step = forward + backward + optimizer step, the slowest rank, "
-           f"between barriers).", "",
+           f"between barriers)."), "",
            "### fxshard's plan against upstream `pipeline()` split at equal block counts", "",
-           "| model | ranks | fxshard split | equal split | fxshard (s) | upstream (s) | ratio | paired ratio | "
+           ("| model | ranks | fxshard split | equal split | fxshard (s) | upstream (s) | ratio | paired ratio | "
            "bottleneck CPU ratio | fxshard on the equal split (s) | split's payoff (paired) | "
            "split's payoff (bottleneck CPU) | predicted fxshard (s) | predicted equal (s) | predicted ratio | "
-           "busiest rank cpu/wall fx, up |",
+           "busiest rank cpu/wall fx, up |"),
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, p = r["measured"], r["predicted"]
@@ -196,16 +199,15 @@ def tables(rows: list[dict], args: argparse.Namespace) -> str:
     hand = [r for r in rows if "hand" in r["measured"]]
     if hand:
         out += ["", "### fxshard's torchrun pipeline against a hand-written `PipelineStage` pipeline, same split", "",
-                "| model | ranks | split | fxshard (s) | hand-written (s) | throughput fxshard / hand | paired | "
+                ("| model | ranks | split | fxshard (s) | hand-written (s) | throughput fxshard / hand | paired | "
                 "CPU s per step per rank, fxshard | hand-written | CPU ratio hand / fxshard | "
-                "busiest rank cpu/wall fx, hand |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "busiest rank cpu/wall fx, hand |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in hand:
             m = r["measured"]
             fx, hd = m.get("fxshard-same", m["fxshard"]), m["hand"]
-            cpu = lambda side: ", ".join(f"{c:.3f}" for c in side["rank_cpu_s"])  # noqa: E731
             out.append(f"| {r['model']} | {r['ranks']} | {r['hand_split']} | {fx['step_s']:.3f} | "
                        f"{hd['step_s']:.3f} | **{_ratio(hd['step_s'], fx['step_s']):.3f}** | "
-                       f"{_paired(hd, fx):.3f} | {cpu(fx)} | {cpu(hd)} | "
+                       f"{_paired(hd, fx):.3f} | {_cpus(fx)} | {_cpus(hd)} | "
                        f"{_ratio(sum(hd['rank_cpu_s']), sum(fx['rank_cpu_s'])):.3f} | "
                        f"{fx['busiest_cpu_per_wall']:.2f}, {hd['busiest_cpu_per_wall']:.2f} |")
     return "\n".join(out) + "\n"

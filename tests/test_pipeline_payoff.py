@@ -12,10 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import _payoff_worker as w  # noqa: E402
-import pipeline_payoff as payoff  # noqa: E402
+import _payoff_worker as w
+import pipeline_payoff as payoff
 
-from fxshard.capture import capture  # noqa: E402
+from fxshard.capture import capture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
