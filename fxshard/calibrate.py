@@ -14,15 +14,12 @@ docs/calibration.md.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,7 +30,13 @@ from fxshard.cost_models import FittedFactors, NodeTime, ProfiledCostModel, esti
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import AnalyticalCostModel, FactorFit, RooflineFactors, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
-from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold
+from fxshard.cost_models.host_memory import (
+    GLIBC_MMAP_THRESHOLD_MAX,
+    ResidentPeak,
+    SavedTensors,
+    pin_mmap_threshold,
+    trim_heap,
+)
 from fxshard.cost_models.timing import Clock, StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
@@ -213,11 +216,6 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return score / (n * (n - 1) / 2)
 
 
-# glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems: where its dynamic mmap threshold ends in a
-# process that has freed a block that large (every training step of a model with a 32 MiB tensor).
-_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
-
-
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """One module measured on one micro-batch (``_measure_module``)."""
@@ -304,22 +302,6 @@ def _step_peak_bytes(captured: CapturedGraph, costs: Any, stage: StageSummary) -
     return stage.param_bytes + peak + stage.transient_bytes
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to trim
-
-
 def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -347,12 +329,12 @@ def _cpu_step_peaks(runs: Sequence[tuple[torch.nn.Module, Sequence[Any]]]) -> li
             probe = ResidentPeak()
             module.zero_grad(set_to_none=True)
             step_times(module, lambda: _leaves(inputs), torch.device("cpu"), warmup=0, repeats=1,
-                       on_timed=lambda: (_trim_heap(), probe.start()))
+                       on_timed=lambda: (trim_heap(), probe.start()))
             peaks.append(float(probe.peak_bytes() + _param_bytes(module)))
             module.zero_grad(set_to_none=True)
         return peaks
     finally:
-        pin_mmap_threshold(_GLIBC_MMAP_THRESHOLD_MAX)
+        pin_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def _one_microbatch(captured: CapturedGraph, plan: Plan, flat: list[Any]) -> tuple[list[Any], float, Any]:

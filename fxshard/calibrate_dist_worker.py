@@ -9,8 +9,6 @@ measured is described in docs/calibration.md ("A whole plan under torchrun").
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import statistics
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 import fxshard
 from fxshard import zoo
 from fxshard.cluster import Cluster
-from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold
+from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold, trim_heap
 from fxshard.plan import Plan
 from fxshard.runtime.distributed import init_process_group_from_env
 
@@ -131,16 +129,6 @@ def _train_step(compiled: Any, inputs: tuple, target: torch.Tensor, optimizer: t
         p.grad = None  # optimizer.zero_grad(set_to_none=True)
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere)."""
-    name = ctypes.util.find_library("c")
-    try:
-        if name:
-            ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
-
-
 def run(job: dict, plan: Plan) -> dict:
     """This rank's measurements of ``job`` (see :func:`fxshard.calibrate_dist.run_plan`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -186,7 +174,7 @@ def run(job: dict, plan: Plan) -> dict:
     # resident set, and the heap's free pages handed back first. Pinned only now: its page faults
     # slowed GPT-2's backward 15-20% (docs/calibration.md), so the timed steps run unpinned.
     pin_mmap_threshold()
-    _trim_heap()
+    trim_heap()
     dist.barrier()
     memory = ResidentPeak()
     memory.start()

@@ -21,16 +21,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["ResidentPeak", "SavedTensors", "pin_mmap_threshold", "resident_bytes"]
+__all__ = ["GLIBC_MMAP_THRESHOLD_MAX", "ResidentPeak", "SavedTensors", "pin_mmap_threshold", "resident_bytes",
+           "trim_heap"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+"""Where glibc's dynamic mmap threshold ends on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
 
 
 def pin_mmap_threshold(threshold_bytes: int = 128 * 1024) -> bool:
@@ -38,14 +42,30 @@ def pin_mmap_threshold(threshold_bytes: int = 128 * 1024) -> bool:
 
     Returns whether it took effect (False where the C library is not glibc).
     """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))) if mallopt is not None else False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere).
+
+    After steps that ran unpinned, malloc serves new tensors from pages already resident, which
+    a high-water mark cannot see: trimming first makes every page a step touches count.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
 
 
 def _status() -> dict[str, int]:
