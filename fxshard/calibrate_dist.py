@@ -387,8 +387,9 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
     clock = "cpu" if run.threads == 1 else "wall"
     if profiled:
         fraction = 1.0 / (plan.replicas * plan.microbatches)
+        # Segments end at the plan's stage boundaries too: a block the plan cuts is timed as its stages hold it.
         prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction,
-                                                         clock=clock))
+                                                         clock=clock, stage_of=plan.stage_of()))
     measured = {m.index: m for m in run.stages}
     as_run = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, fwd_time_s=measured[s.index].fwd_s,
                                                                         bwd_time_s=measured[s.index].bwd_s)
