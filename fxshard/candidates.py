@@ -34,6 +34,7 @@ from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.cost_models.checkpointing import checkpoint_cost as default_checkpoint_cost
+from fxshard.cost_models.optimizer_step import optimizer_step_time, optimizer_step_transient_bytes
 from fxshard.errors import PartitionError, PlanError
 from fxshard.levers import (
     CheckpointCostFn,
@@ -52,8 +53,8 @@ from fxshard.plan_options import PlanOptions
 from fxshard.simulate import SimulationError, StageFigures, StageTiming, simulate, stage_timings
 
 __all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "device_capacity", "lever_choices",
-           "microbatch_counts", "partition_group", "pipeline_groups", "price_levers", "price_pipeline",
-           "rank_devices", "shape_bound", "stage_counts", "unfit"]
+           "microbatch_counts", "optimizer_figures", "partition_group", "pipeline_groups", "price_levers",
+           "price_pipeline", "rank_devices", "shape_bound", "stage_counts", "unfit"]
 
 
 class Pricer:
@@ -281,13 +282,26 @@ def lever_choices(opts: PlanOptions, replicas: int) -> tuple[tuple[str | None, .
     return kinds, policies
 
 
+def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, shards: int = 1) -> tuple[float, float]:
+    """(seconds, temporary bytes) of the optimizer step over a stage's parameters on a device of
+    ``spec``, each of its ``shards`` FSDP ranks stepping its shard (fxshard/cost_models/optimizer_step.py)."""
+    if not opts.training:
+        return 0.0, 0.0
+    sizes = [size / shards for size in st.optimizer_param_sizes]
+    return (optimizer_step_time(opts.optimizer, st.param_bytes / shards, spec),
+            optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind))
+
+
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
-                   training: bool, reduce: tuple[float, ...]) -> list[StageTiming]:
-    figures = [StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
-                            activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
-                            transient_bytes=st.transient_bytes, reduce_s=r)
-               for st, devs, r in zip(stages, devices, reduce)]
-    return stage_timings(figures, cluster, training=training)
+                   opts: PlanOptions, reduce: tuple[float, ...], shards: int) -> list[StageTiming]:
+    figures = []
+    for st, devs, r in zip(stages, devices, reduce):
+        seconds, temporaries = optimizer_figures(st, cluster.devices[devs[0]].spec, opts, shards)
+        figures.append(StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
+                                    activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
+                                    transient_bytes=st.transient_bytes, reduce_s=r, optimizer_s=seconds,
+                                    optimizer_transient_bytes=temporaries))
+    return stage_timings(figures, cluster, training=opts.training)
 
 
 def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage_of: dict[str, int],
@@ -310,8 +324,9 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
         stages.append(lever)
         reduce.append(tail)
     try:
-        result = simulate(shape.schedule, _stage_timings(tuple(stages), cluster, stage_devices, opts.training,
-                                                         tuple(reduce)), shape.microbatches)
+        shards = shape.replicas if levers.data_parallel == "fsdp" else 1
+        result = simulate(shape.schedule, _stage_timings(tuple(stages), cluster, stage_devices, opts,
+                                                         tuple(reduce), shards), shape.microbatches)
     except SimulationError as e:
         return unfit(group, stage_devices, str(e), schedule=shape.schedule, refused=True)
     share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}

@@ -9,7 +9,15 @@ docs/planning.md.
 
 from __future__ import annotations
 
-from fxshard.candidates import MAX_MICROBATCHES, Priced, Pricer, Shape, device_capacity, lever_choices
+from fxshard.candidates import (
+    MAX_MICROBATCHES,
+    Priced,
+    Pricer,
+    Shape,
+    device_capacity,
+    lever_choices,
+    optimizer_figures,
+)
 from fxshard.cluster import Cluster
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts
@@ -40,7 +48,11 @@ def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: P
         if opts.training and replicas > 1:  # synchronised once, behind the last micro-batch's backward
             exposed = exposed_allreduce_time(cluster, used, st.param_bytes, backward)
         step = microbatches * (st.fwd_time_s + backward) + exposed
-    peak = st.state_bytes + st.activation_bytes + st.transient_bytes
+    # each copy steps its parameters (an FSDP rank its shard) after the gradient sync, in a phase of its own
+    seconds, temporaries = optimizer_figures(stage, cluster.devices[used[0]].spec, opts,
+                                             replicas if levers.data_parallel == "fsdp" else 1)
+    step += seconds
+    peak = st.state_bytes + max(st.activation_bytes + st.transient_bytes, temporaries)
     strategy = "single" if replicas == 1 else levers.data_parallel or "ddp"
     return Priced(shape=Shape(strategy=strategy, replicas=replicas, microbatches=microbatches, levers=levers),
                   stages=(st,), devices=(used,), step_time_s=step, allreduce_s=exposed, peak=(peak,),

@@ -66,6 +66,9 @@ class StageTiming:
         activation_bytes: bytes kept per micro-batch in flight; ``static_bytes``: parameters,
             gradients, optimizer state; ``transient_bytes``: the largest temporary.
         reduce_s: gradient all-reduce at the end of the step (data-parallel replicas).
+        optimizer_s: the optimizer step, after the all-reduce; ``optimizer_transient_bytes``: its
+            temporaries, a phase of its own after the activations are freed
+            (fxshard/cost_models/optimizer_step.py).
     """
 
     fwd_s: float
@@ -77,6 +80,8 @@ class StageTiming:
     static_bytes: float = 0.0
     transient_bytes: float = 0.0
     reduce_s: float = 0.0
+    optimizer_s: float = 0.0
+    optimizer_transient_bytes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,6 +100,8 @@ class StageFigures:
     static_bytes: float = 0.0
     transient_bytes: float = 0.0
     reduce_s: float = 0.0
+    optimizer_s: float = 0.0
+    optimizer_transient_bytes: float = 0.0
 
 
 def stage_timings(stages: Sequence[StageFigures], cluster: Cluster, *, training: bool) -> list[StageTiming]:
@@ -109,7 +116,8 @@ def stage_timings(stages: Sequence[StageFigures], cluster: Cluster, *, training:
         out.append(StageTiming(fwd_s=st.fwd_s, bwd_s=st.bwd_s if training else 0.0, send_fwd_s=send,
                                send_bwd_s=send if training else 0.0, activation_bytes=st.activation_bytes,
                                static_bytes=st.static_bytes, transient_bytes=st.transient_bytes,
-                               reduce_s=st.reduce_s))
+                               reduce_s=st.reduce_s, optimizer_s=st.optimizer_s if training else 0.0,
+                               optimizer_transient_bytes=st.optimizer_transient_bytes if training else 0.0))
     return out
 
 
@@ -137,7 +145,8 @@ class SimResult:
         busy_s, idle_s: per rank.
         bubble_fraction: idle share of all ranks' time.
         peak_inflight: per stage, the most micro-batches whose activations are held at once.
-        peak_memory_bytes: per stage, static + peak_inflight x activation + transient.
+        peak_memory_bytes: per stage, static + max(peak_inflight x activation + transient,
+            optimizer temporaries).
         timeline: every action with its times.
     """
 
@@ -179,13 +188,20 @@ def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) ->
             start = clock[rank]
             clock[rank] = start + t.reduce_s
             timeline.append(TimedAction(rank, s, "R", -1, start, clock[rank]))
+    for s, t in enumerate(stages):  # each rank steps its stages' parameters once its gradients are final
+        if t.optimizer_s > 0:
+            rank = _rank_of(orders, s)
+            start = clock[rank]
+            clock[rank] = start + t.optimizer_s
+            timeline.append(TimedAction(rank, s, "O", -1, start, clock[rank]))
     step = max(clock) if timeline else 0.0
     busy = [0.0] * ranks
     for a in timeline:
         busy[a.rank] += a.end - a.start
     idle = [step - b for b in busy]
     bubble = sum(idle) / (ranks * step) if step > 0 else 0.0
-    memory = tuple(t.static_bytes + peak[s] * t.activation_bytes + t.transient_bytes for s, t in enumerate(stages))
+    memory = tuple(t.static_bytes + max(peak[s] * t.activation_bytes + t.transient_bytes, t.optimizer_transient_bytes)
+                   for s, t in enumerate(stages))
     return SimResult(schedule=schedule, ranks=ranks, stages=n_stages, microbatches=microbatches, step_time_s=step,
                      busy_s=tuple(busy), idle_s=tuple(idle), bubble_fraction=bubble, peak_inflight=tuple(peak),
                      peak_memory_bytes=memory, timeline=tuple(sorted(timeline, key=lambda a: (a.start, a.rank))))
@@ -270,7 +286,8 @@ def to_chrome_trace(result: SimResult, *, title: str | None = None) -> str:
     """The timeline as Chrome trace JSON (chrome://tracing, Perfetto): one row per rank.
 
     ``title`` names the process row (default: "<schedule> simulation")."""
-    names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)", "R": "all-reduce"}
+    names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)", "R": "all-reduce",
+             "O": "optimizer step"}
     events: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": title or f"{result.schedule} simulation"}}]
     for rank in range(result.ranks):

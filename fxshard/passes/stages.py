@@ -9,6 +9,8 @@ stage that reads it) and totals each stage exactly:
 - activations: the tensors the stage's nodes save for backward, each once per stage, a
   tensor received from an earlier stage included (the stage keeps its own copy);
 - transient: the largest single node's output plus its gradient (the logits of an LM head);
+- the tensors the optimizer step updates (fp32 master copies for 16-bit parameters), whose
+  temporaries fxshard.cost_models.optimizer_step prices by device;
 - sends: bytes crossing each boundary, a value that skips stages counted on every boundary
   it is forwarded across.
 """
@@ -45,6 +47,7 @@ class StageSummary:
     send_bytes: float
     first_module: str
     last_module: str
+    optimizer_param_sizes: tuple[float, ...] = ()  # bytes of each tensor the optimizer step updates
 
 
 def complete_assignment(captured: CapturedGraph, stage_of: Mapping[str, int]) -> dict[str, int]:
@@ -92,7 +95,8 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
             param_bytes=int(params), state_bytes=_state_bytes(held[s], training, optimizer),
             activation_bytes=_activation_bytes(works, costs) if training else 0.0,
             transient_bytes=float(transient), send_bytes=boundary[s] if s < k - 1 else 0.0,
-            first_module=modules[0] if modules else "", last_module=modules[-1] if modules else ""))
+            first_module=modules[0] if modules else "", last_module=modules[-1] if modules else "",
+            optimizer_param_sizes=_optimizer_param_sizes(held[s], training, optimizer)))
     return summaries
 
 
@@ -137,6 +141,16 @@ def _state_bytes(held: Mapping[str, tuple[int, int, str]], training: bool, optim
         else:
             state += size
     return state
+
+
+def _optimizer_param_sizes(held: Mapping[str, tuple[int, int, str]], training: bool,
+                           optimizer: str) -> tuple[float, ...]:
+    """Bytes of each tensor the optimizer step updates, sorted by parameter name: the parameter,
+    or its fp32 master copy when it is 16-bit (mixed precision steps the master)."""
+    if not training or optimizer == "none":
+        return ()
+    return tuple(float(size * (2 if dtype in _SIXTEEN_BIT else 1))
+                 for _, (size, is_param, dtype) in sorted(held.items()) if is_param)
 
 
 def _activation_bytes(works: list[NodeWork], costs: GraphCosts) -> float:
