@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import networkx as nx
 
@@ -282,21 +283,31 @@ def lever_choices(opts: PlanOptions, replicas: int) -> tuple[tuple[str | None, .
     return kinds, policies
 
 
-def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, shards: int = 1) -> tuple[float, float]:
+def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, shards: int = 1, *,
+                      rank_sizes: Sequence[float] | None = None, share: int = 1) -> tuple[float, float]:
     """(seconds, temporary bytes) of the optimizer step over a stage's parameters on a device of
-    ``spec``, each of its ``shards`` FSDP ranks stepping its shard (fxshard/cost_models/optimizer_step.py)."""
+    ``spec``, each of its ``shards`` FSDP ranks stepping its shard (fxshard/cost_models/optimizer_step.py).
+
+    A rank's one optimizer steps all its stages' parameters together, so with ``rank_sizes`` (every
+    tensor of the ``share`` stages on the device) the rank's temporaries are split evenly among its
+    stages, as the device's memory is: the stages' peaks add up to it once."""
     if not opts.training:
         return 0.0, 0.0
-    sizes = [size / shards for size in st.optimizer_param_sizes]
+    sizes = [size / shards for size in (st.optimizer_param_sizes if rank_sizes is None else rank_sizes)]
     return (optimizer_step_time(opts.optimizer, st.param_bytes / shards, spec),
-            optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind))
+            optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind) / share)
 
 
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
                    opts: PlanOptions, reduce: tuple[float, ...], shards: int) -> list[StageTiming]:
+    on_device: dict[int, list[StageSummary]] = {}
+    for st, devs in zip(stages, devices):
+        on_device.setdefault(devs[0], []).append(st)
     figures = []
     for st, devs, r in zip(stages, devices, reduce):
-        seconds, temporaries = optimizer_figures(st, cluster.devices[devs[0]].spec, opts, shards)
+        mates = on_device[devs[0]]
+        seconds, temporaries = optimizer_figures(st, cluster.devices[devs[0]].spec, opts, shards, share=len(mates),
+                                                 rank_sizes=[x for m in mates for x in m.optimizer_param_sizes])
         figures.append(StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
                                     activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
                                     transient_bytes=st.transient_bytes, reduce_s=r, optimizer_s=seconds,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 
 import pytest
 import torch
 
 import fxshard
-from fxshard.candidates import Pricer
+from fxshard.candidates import Pricer, optimizer_figures
 from fxshard.candidates_whole import price_data_parallel
 from fxshard.capture import capture
 from fxshard.cluster import Cluster
@@ -149,3 +150,19 @@ def test_measured_adam_step_peak_matches_the_prediction():
     measured = probe.peak_bytes()
     predicted = priced.peak[0] - held
     assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
+
+
+def test_a_ranks_temporaries_are_split_among_its_stages(tiny):
+    """One optimizer per rank steps all its stages' parameters: its temporaries are counted once
+    per device (two of the rank's largest on the CPU), split evenly among the stages on it."""
+    _, captured = tiny
+    cluster = Cluster.parse("1xcpu:1GB")
+    pricer = Pricer(captured, "analytical", 2)
+    (st,) = price_data_parallel(pricer, cluster, 1, PlanOptions()).stages
+    spec, opts = cluster.devices[0].spec, PlanOptions()
+    alone = optimizer_figures(st, spec, opts)
+    small = dataclasses.replace(st, optimizer_param_sizes=(1.0,))
+    shared = [optimizer_figures(x, spec, opts, share=2, rank_sizes=st.optimizer_param_sizes + (1.0,))
+              for x in (st, small)]
+    assert alone[1] == 2 * max(st.optimizer_param_sizes)
+    assert [t for _, t in shared] == [alone[1] / 2] * 2  # sums to the rank's once
