@@ -157,25 +157,26 @@ def make_plans(model_ref: str, candidates: Sequence[Candidate]) -> tuple[Any, li
 
 def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
             clock: str = "cpu") -> list[tuple[float, float | None]]:
-    """(analytical, profiled) predicted step seconds per plan; one profiled model per micro-batch size.
+    """(analytical, profiled) predicted step seconds per plan.
 
-    The profiled model times on ``clock``: ``"cpu"`` (the thread's CPU seconds, the default) keeps
-    other processes' load on this shared machine out of the prediction; ``"wall"`` is the planner's.
+    The profiled model measures each plan at its micro-batch, with segments that also end at its
+    stage boundaries (``stage_of``), as ``calibrate_plan`` prices a plan; it times on ``clock``:
+    ``"cpu"`` (the thread's CPU seconds, the default) keeps other processes' load on this shared
+    machine out of the prediction; ``"wall"`` is the planner's.
     """
     from fxshard.cost_models import ProfiledCostModel
     from fxshard.simulate_plan import simulate_plan
 
     if profiled:
         from fxshard.calibrate_dist import reprice
-    models: dict[int, Any] = {}
     out = []
     for plan in plans:
         analytical = simulate_plan(plan).step_time_s
         prof = None
         if profiled:
-            m = plan.microbatches * plan.replicas
-            cost = models.setdefault(m, ProfiledCostModel(device="cpu", threads=1, batch_fraction=1.0 / m,
-                                                                    clock=clock))
+            fraction = 1.0 / (plan.microbatches * plan.replicas)
+            cost = ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock=clock,
+                                     stage_of=plan.stage_of())
             prof = simulate_plan(reprice(captured, plan, cost)).step_time_s
         out.append((analytical, prof))
     return out
