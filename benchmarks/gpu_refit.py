@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_calibration import MICROBATCHES, STAGES, _models  # noqa: E402
+
 import fxshard  # noqa: E402
 from fxshard.capture import capture  # noqa: E402
 from fxshard.cluster import Cluster  # noqa: E402
@@ -41,7 +43,6 @@ from fxshard.cost_models import NodeTime, estimate, scale_batch  # noqa: E402
 from fxshard.cost_models.analysis import analyze  # noqa: E402
 from fxshard.cost_models.analytical import AnalyticalCostModel, RooflineFactors, factors_for, fit_factors  # noqa: E402
 from fxshard.passes.stages import summarize_stages  # noqa: E402
-from gpu_calibration import MICROBATCHES, STAGES, _models  # noqa: E402
 
 _OVERHEADS = np.geomspace(1e-6, 1e-4, 81)
 
