@@ -51,18 +51,11 @@ def _lm_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, 1), target.flatten(0, 1))
 
 
-def _gpt2(cfg: GPT2Config, batch: int, seq: int) -> Callable:
+def _language(cls: type, cfg: GPT2Config | LlamaConfig, batch: int, seq: int) -> Callable:
+    """A decoder of ``cls`` with random tokens and next-token targets."""
     def build() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
-        model = GPT2(cfg)
-        return model, torch.randint(0, cfg.vocab_size, (batch, seq)), torch.randint(0, cfg.vocab_size, (batch, seq))
-    return build
-
-
-def _llama(cfg: LlamaConfig, batch: int, seq: int) -> Callable:
-    def build() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-        torch.manual_seed(0)
-        model = Llama(cfg)
+        model = cls(cfg)
         return model, torch.randint(0, cfg.vocab_size, (batch, seq)), torch.randint(0, cfg.vocab_size, (batch, seq))
     return build
 
@@ -77,15 +70,15 @@ def _resnet(cfg: ResNetConfig, batch: int, size: int) -> Callable:
 
 def _cases(quick: bool) -> dict[str, ModelCase]:
     if quick:
-        gpt2 = _gpt2(GPT2Config(n_layer=4, n_head=2, n_embd=32, vocab_size=512, block_size=16), 4, 16)
-        llama = _llama(LlamaConfig(dim=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=64, vocab_size=512,
-                                   max_seq_len=16), 4, 16)
+        gpt2 = _language(GPT2, GPT2Config(n_layer=4, n_head=2, n_embd=32, vocab_size=512, block_size=16), 4, 16)
+        llama = _language(Llama, LlamaConfig(dim=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                                             vocab_size=512, max_seq_len=16), 4, 16)
         resnet = _resnet(ResNetConfig(layers=(1, 1), width=4, num_classes=10), 4, 16)
     else:
         # CPU-sized, with GPT-2's full 50257-token vocabulary: the tied LM head is heavy.
-        gpt2 = _gpt2(GPT2Config(n_layer=8, n_head=4, n_embd=256, vocab_size=50257, block_size=64), 8, 64)
-        llama = _llama(LlamaConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=688, vocab_size=32000,
-                                   max_seq_len=64), 8, 64)
+        gpt2 = _language(GPT2, GPT2Config(n_layer=8, n_head=4, n_embd=256, vocab_size=50257, block_size=64), 8, 64)
+        llama = _language(Llama, LlamaConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=688,
+                                             vocab_size=32000, max_seq_len=64), 8, 64)
         resnet = _resnet(ResNetConfig(layers=(2, 2, 2, 2), width=16, num_classes=1000), 8, 64)
     return {
         "gpt2": ModelCase(name="gpt2", build=gpt2, blocks="h", aliases={"wte": "embed", "wpe": "embed"},
