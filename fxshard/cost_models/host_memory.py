@@ -27,6 +27,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from fxshard.errors import CostModelError
+
 __all__ = ["GLIBC_MMAP_THRESHOLD_MAX", "ResidentPeak", "SavedTensors", "pin_mmap_threshold", "resident_bytes",
            "trim_heap"]
 
@@ -115,7 +117,8 @@ class ResidentPeak:
     def peak_bytes(self) -> int:
         """The high-water mark since :meth:`start`, above the baseline."""
         if self.baseline_bytes is None:
-            raise RuntimeError("ResidentPeak.peak_bytes() before start()")
+            raise CostModelError("ResidentPeak.peak_bytes() was called before start(): call start() at the "
+                                 "point the peak is measured from")
         return max(0, _status()["VmHWM"] - self.baseline_bytes)
 
 
