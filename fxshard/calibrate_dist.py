@@ -33,7 +33,8 @@ from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
 
 __all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow", "PlanRun", "RankRun", "StageRun", "calibrate_plan",
-           "capture_model", "check_ranks", "compare_run", "reprice", "run_plan", "world_of"]
+           "capture_model", "check_ranks", "compare_run", "reprice", "resolve_model", "run_plan",
+           "world_of"]
 
 _TAIL = 3000  # characters of a failing rank's error quoted
 
@@ -110,6 +111,26 @@ class PlanRun:
                                for r in data["ranks"]), load_average=data.get("load_average"))
 
 
+def _batch_size(model: str, plan: Plan, batch_size: int | None) -> int | None:
+    """The batch a zoo model is built at: ``batch_size``, else the plan's (a factory reference
+    builds its own)."""
+    return plan.batch_size if batch_size is None and ":" not in model else batch_size
+
+
+def resolve_model(model: str, *, batch_size: int | None, seq_len: int | None, model_kwargs: dict | None) -> Any:
+    """:func:`fxshard.zoo.resolve` of ``model``, a ``dtype`` in ``model_kwargs`` given by name (as
+    the job file carries it) turned into the torch dtype: the model the ranks and the
+    predictions both build."""
+    import torch
+
+    from fxshard import zoo
+
+    kwargs = dict(model_kwargs or {})
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return zoo.resolve(model, batch_size=batch_size, seq_len=seq_len, **kwargs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,8 +197,7 @@ def run_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: 
         raise ExecutionError(f"steps={steps}, warmup={warmup}, threads={threads}: each must be >= 1 (the last "
                              f"warm-up step counts autograd's saved bytes)")
     world = world_of(plan)
-    if batch_size is None and ":" not in model:
-        batch_size = plan.batch_size
+    batch_size = _batch_size(model, plan, batch_size)
     job = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
            "threads": threads, "timeout_s": timeout_s, "model_kwargs": dict(model_kwargs or {})}
     with tempfile.TemporaryDirectory(prefix="fxshard-calibrate-") as tmp:
@@ -339,17 +359,10 @@ def capture_model(model: str, plan: Plan, *, batch_size: int | None = None, seq_
     Raises:
         ExecutionError: it is not the model ``plan`` was made for (another batch or length).
     """
-    from fxshard import zoo
     from fxshard.capture import capture
 
-    kwargs = dict(model_kwargs or {})
-    if isinstance(kwargs.get("dtype"), str):
-        import torch
-
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    if batch_size is None and ":" not in model:
-        batch_size = plan.batch_size
-    zm = zoo.resolve(model, batch_size=batch_size, seq_len=seq_len, **kwargs)
+    batch_size = _batch_size(model, plan, batch_size)
+    zm = resolve_model(model, batch_size=batch_size, seq_len=seq_len, model_kwargs=model_kwargs)
     captured = capture(zm.model, zm.example_inputs, example_kwargs=zm.example_kwargs or None)
     if captured.fingerprint() != plan.model.fingerprint:
         raise ExecutionError(f"{model} (batch {batch_size}, seq_len {seq_len}) is not the model the plan was made for "

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fxshard
-from fxshard import zoo
+from fxshard.calibrate_dist import resolve_model
 from fxshard.cluster import Cluster
 from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold, trim_heap
 from fxshard.plan import Plan
@@ -132,10 +132,8 @@ def _train_step(compiled: Any, inputs: tuple, target: torch.Tensor, optimizer: t
 def run(job: dict, plan: Plan) -> dict:
     """This rank's measurements of ``job`` (see :func:`fxshard.calibrate_dist.run_plan`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    kwargs = dict(job.get("model_kwargs") or {})
-    if isinstance(kwargs.get("dtype"), str):
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    zm = zoo.resolve(job["model"], batch_size=job.get("batch_size"), seq_len=job.get("seq_len"), **kwargs)
+    kwargs = job.get("model_kwargs") or {}
+    zm = resolve_model(job["model"], batch_size=job.get("batch_size"), seq_len=job.get("seq_len"), model_kwargs=kwargs)
     model = zm.model.to("meta")  # a zoo model comes on meta already; a factory's weights are freed here
     inputs = real_inputs(model, zm.example_inputs, seed=kwargs.get("seed", 0))
     loss_fn, target = objective(model, inputs)
