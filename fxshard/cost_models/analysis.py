@@ -10,19 +10,20 @@ models turn this work into time (docs/cost_models.md).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fxshard.capture import CapturedGraph, node_values
 from fxshard.errors import CostModelError
 from fxshard.modules import module_of
 
-__all__ = ["NodeWork", "analyze", "scale_batch", "tensor_bytes"]
+__all__ = ["NodeWork", "analyze", "conv_backward_workspace", "scale_batch", "tensor_bytes"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +51,10 @@ class NodeWork:
         is_view: the outputs alias the inputs (no data moves).
         view_of: for a view, the input node whose storage it shares.
         requires_grad: some output takes part in backward.
+        backward_workspace_bytes: bytes the node's backward kernels hold beyond the gradients
+            they return, alive only while that backward runs (a transient, not an activation):
+            on the CPU, oneDNN's copies of a convolution's tensors in its blocked layout
+            (:func:`conv_backward_workspace`). 0 for operators where none was measured.
     """
 
     name: str
@@ -76,6 +81,7 @@ class NodeWork:
     is_view: bool = False
     view_of: str = ""
     requires_grad: bool = False
+    backward_workspace_bytes: int = 0
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -112,6 +118,74 @@ _EXTRA_FLOP_FORMULAS = {
 
 def _counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+
+
+_ONEDNN_CHANNEL_BLOCK = 16
+"""Channels per block of oneDNN's blocked layout (``nChw16c``): the floats in an AVX-512 register."""
+
+
+def _blocked_channels(channels: int) -> int:
+    if channels <= 3:
+        return 0  # an image's 3 channels are read as they lie (measured: no copy)
+    block = 8 if channels <= 8 else _ONEDNN_CHANNEL_BLOCK
+    return -(-channels // block) * block
+
+
+def conv_backward_workspace(input_shape: Sequence[int], grad_output_shape: Sequence[int], *,
+                            stride: Sequence[int], element_size: int, input_grad: bool, weight_grad: bool,
+                            channels_last: bool = False, groups: int = 1, transposed: bool = False) -> int:
+    """Bytes a 2-D convolution's backward holds on the CPU beyond the gradients it returns.
+
+    torch's CPU build runs float32 convolutions on oneDNN (``torch._C._select_conv_backend``
+    answers ``Mkldnn`` at every ResNet and U-Net shape). On a contiguous (NCHW) input oneDNN
+    computes in its channel-blocked layout, so backward holds blocked copies beside the plain
+    tensors. Measured with ``ResidentPeak`` on one thread, torch 2.13 and oneDNN 3.12 on AVX-512
+    (``python benchmarks/conv_workspace.py``, docs/cost_models.md), within 5% at 1-16 MiB:
+
+    - the weight gradient holds a copy of the input, its channels padded to the block (16; 8
+      for 4-8 channels; a 3-channel image is not copied) and a copy of the output gradient;
+    - the input gradient holds max(input, output gradient) at stride 1, twice the input at a
+      larger stride;
+    - when both are asked for they run one after the other: the larger of the two.
+
+    A channels-last input needs no copies (measured under 0.3 MiB): 0. Grouped, transposed and
+    other than 2-D convolutions were not measured: 0.
+
+    Args:
+        input_shape, grad_output_shape: (N, C, H, W) of the input and of the output gradient.
+        stride: the convolution's stride.
+        element_size: bytes per element (measured in float32).
+        input_grad, weight_grad: which gradients backward computes.
+        channels_last, groups, transposed: the input's layout and the convolution's kind.
+    """
+    if channels_last or groups != 1 or transposed or len(input_shape) != 4:
+        return 0
+    n, c, h, w = input_shape
+    x = n * c * h * w * element_size
+    gy = grad_output_shape[0] * grad_output_shape[1] * grad_output_shape[2] * grad_output_shape[3] * element_size
+    for_weight = n * _blocked_channels(c) * h * w * element_size + gy if weight_grad else 0
+    for_input = (max(x, gy) if all(s == 1 for s in stride) else 2 * x) if input_grad else 0
+    return max(for_weight, for_input)
+
+
+class _ConvWorkspace(TorchDispatchMode):
+    """The largest :func:`conv_backward_workspace` of the convolution backwards run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.convolution_backward.default:
+            grad_out, inp, weight, _, stride, _, _, transposed, _, groups, mask = args
+            layout_cl = any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+                            for t in (inp, weight))
+            self.bytes = max(self.bytes, conv_backward_workspace(
+                tuple(inp.shape), tuple(grad_out.shape), stride=tuple(stride), element_size=inp.element_size(),
+                input_grad=bool(mask[0]), weight_grad=bool(mask[1]), channels_last=layout_cl, groups=groups,
+                transposed=transposed))
+        return func(*args, **kwargs)
 
 
 def _held_tensors(node: torch.fx.Node, gm: torch.fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
@@ -301,6 +375,7 @@ class _Run:
     fwd_flops: int
     flop_ops: tuple[str, ...]
     bwd_flops: int
+    workspace: int
 
 
 def _run_node(fake: torch.fx.Node, captured: CapturedGraph, runner: _NodeRunner, ins: _Inputs,
@@ -314,14 +389,16 @@ def _run_node(fake: torch.fx.Node, captured: CapturedGraph, runner: _NodeRunner,
         grad_outs = [t for t in out_tensors if t.requires_grad and t.grad_fn is not None]
         wrt = [t for t in ins.leaves + [p for p in module_state if p.requires_grad] if t.requires_grad]
         bwd_flops = 0
+        workspace = _ConvWorkspace()
         if grad_outs and wrt:
-            with _counter() as bwd_counter:
+            with _counter() as bwd_counter, workspace:
                 torch.autograd.grad(grad_outs, wrt, [torch.ones_like(t) for t in grad_outs],
                                     allow_unused=True)
             bwd_flops = bwd_counter.get_total_flops()
     flop_ops = tuple(sorted(str(op) for op, n in fwd_counter.get_flop_counts().get("Global", {}).items() if n))
     return _Run(saved=saved, outputs=out_tensors, grad_outs=grad_outs, wrt=wrt,
-                fwd_flops=fwd_counter.get_total_flops(), flop_ops=flop_ops, bwd_flops=bwd_flops)
+                fwd_flops=fwd_counter.get_total_flops(), flop_ops=flop_ops, bwd_flops=bwd_flops,
+                workspace=workspace.bytes)
 
 
 def _saved_activations(real: torch.fx.Node, fake: torch.fx.Node, ins: _Inputs, run: _Run,
@@ -380,7 +457,8 @@ def _analyze_node(real: torch.fx.Node, fake: torch.fx.Node, captured: CapturedGr
         bwd_bytes=0 if no_backward else out_bytes + _unique_bytes(run.saved) + _unique_bytes(run.wrt),
         fwd_kernels=kernels, bwd_kernels=0 if no_backward else max(1, len(run.wrt)),
         saved_bytes=new_saved_bytes, saved_values=saved_values,
-        flop_ops=run.flop_ops, is_view=is_view, view_of=view_of)
+        flop_ops=run.flop_ops, is_view=is_view, view_of=view_of,
+        backward_workspace_bytes=0 if no_backward else run.workspace)
 
 
 def _target_text(node: torch.fx.Node) -> str:
@@ -412,6 +490,7 @@ def scale_batch(works: list[NodeWork], fraction: float) -> list[NodeWork]:
             fwd_bytes=round(max(w.fwd_bytes - state, 0) * fraction + min(state, w.fwd_bytes)),
             bwd_bytes=round(max(w.bwd_bytes - w.param_bytes, 0) * fraction + min(w.param_bytes, w.bwd_bytes)),
             output_bytes=w.output_bytes if w.op == "get_attr" else round(w.output_bytes * fraction),
-            saved_bytes=round(w.saved_bytes * fraction))
+            saved_bytes=round(w.saved_bytes * fraction),
+            backward_workspace_bytes=round(w.backward_workspace_bytes * fraction))
 
     return [scale(w) for w in works]

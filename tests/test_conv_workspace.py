@@ -1,0 +1,113 @@
+"""A convolution's CPU backward workspace: the predicted bytes against one measured backward."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from fxshard.capture import capture
+from fxshard.cost_models import analyze, scale_batch
+from fxshard.cost_models.analysis import conv_backward_workspace
+from fxshard.cost_models.host_memory import GLIBC_MMAP_THRESHOLD_MAX, ResidentPeak, pin_mmap_threshold, trim_heap
+
+MiB = 2**20
+
+
+class _TwoConvs(nn.Module):
+    """The first convolution reads the data (weight gradient only), the second an activation (both)."""
+
+    def __init__(self, cin: int, mid: int, cout: int, k: int, stride: int) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(cin, mid, 3, padding=1, bias=False)
+        self.second = nn.Conv2d(mid, cout, k, stride=stride, padding=k // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+@pytest.fixture
+def one_thread_pinned():
+    if not ResidentPeak.available() or not pin_mmap_threshold():
+        pytest.skip("needs Linux's resident-set high-water mark and glibc's mallopt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    pin_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def _measured_workspace(conv: nn.Conv2d, x: torch.Tensor, *, input_grad: bool) -> int:
+    """Resident-set peak of one backward of ``conv`` on ``x``, less the gradients it returns (best of 3)."""
+    best = None
+    for _ in range(3):
+        inp = x.detach().requires_grad_(input_grad)
+        y = conv(inp)
+        grad_y = torch.randn_like(y)
+        wrt = [inp, conv.weight] if input_grad else [conv.weight]
+        gc.collect()
+        trim_heap()
+        probe = ResidentPeak()
+        probe.start()
+        grads = torch.autograd.grad([y], wrt, [grad_y])
+        extra = probe.peak_bytes() - sum(g.numel() * g.element_size() for g in grads)
+        best = extra if best is None else min(best, extra)
+        del y, grad_y, grads
+    return best
+
+
+@pytest.mark.parametrize("batch, cin, mid, size, cout, k, stride", [
+    (4, 3, 32, 96, 64, 3, 1),    # U-Net's first level: stride 1, the weight-gradient copies dominate
+    (16, 3, 64, 32, 128, 3, 2),  # a ResNet downsampling: stride 2, the input gradient dominates
+])
+def test_predicted_workspace_matches_one_measured_backward(one_thread_pinned, batch, cin, mid, size, cout, k,
+                                                            stride):
+    torch.manual_seed(0)
+    model = _TwoConvs(cin, mid, cout, k, stride)
+    x = torch.randn(batch, cin, size, size)
+    works = {w.name: w for w in analyze(capture(model, (x,)))}
+    with torch.no_grad():
+        hidden = model.first(x)
+    for name, conv, inp, input_grad in (("first", model.first, x, False), ("second", model.second, hidden, True)):
+        predicted = works[name].backward_workspace_bytes
+        measured = _measured_workspace(conv, inp, input_grad=input_grad)
+        assert predicted > MiB, (name, predicted)  # shapes large enough that noise is small beside it
+        assert abs(predicted - measured) <= 0.15 * measured, (name, predicted / MiB, measured / MiB)
+
+
+def test_rule_branches():
+    f32 = 4
+    x, gy = (16, 64, 32, 32), (16, 128, 16, 16)  # 4 MiB and 2 MiB
+    both = conv_backward_workspace(x, gy, stride=(2, 2), element_size=f32, input_grad=True, weight_grad=True)
+    assert both == 2 * 4 * MiB  # stride 2: twice the input, above input + output gradient (6 MiB)
+    weight = conv_backward_workspace(x, gy, stride=(2, 2), element_size=f32, input_grad=False, weight_grad=True)
+    assert weight == 6 * MiB
+    # 24 channels are copied padded to 32; a 3-channel image is not copied at all
+    padded = conv_backward_workspace((1, 24, 8, 8), (1, 16, 8, 8), stride=(1, 1), element_size=f32,
+                                     input_grad=False, weight_grad=True)
+    assert padded == (32 + 16) * 64 * f32
+    image = conv_backward_workspace((1, 3, 8, 8), (1, 16, 8, 8), stride=(1, 1), element_size=f32,
+                                    input_grad=False, weight_grad=True)
+    assert image == 16 * 64 * f32
+    for kind in ({"channels_last": True}, {"groups": 2}, {"transposed": True}):
+        assert conv_backward_workspace(x, gy, stride=(1, 1), element_size=f32, input_grad=True, weight_grad=True,
+                                       **kind) == 0
+
+
+def test_only_convolutions_carry_it_and_it_scales_with_the_batch():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 8 * 8, 4))
+    works = analyze(capture(model, (torch.randn(4, 8, 8, 8),)))
+    carrying = {w.name for w in works if w.backward_workspace_bytes}
+    assert carrying == {"_0"}, carrying
+    half = {w.name: w for w in scale_batch(works, 0.5)}
+    assert half["_0"].backward_workspace_bytes == next(w for w in works if w.name == "_0").backward_workspace_bytes // 2
+
+
+def test_channels_last_input_needs_no_copies():
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    works = analyze(capture(nn.Sequential(nn.ReLU(), conv), (x,)))
+    assert all(w.backward_workspace_bytes == 0 for w in works)
