@@ -10,7 +10,7 @@ from torch import nn
 
 from fxshard.capture import capture
 from fxshard.cost_models import analyze, scale_batch
-from fxshard.cost_models.analysis import conv_backward_workspace
+from fxshard.cost_models.analysis import conv_backward_workspace, onednn_float32_convolution
 from fxshard.cost_models.host_memory import GLIBC_MMAP_THRESHOLD_MAX, ResidentPeak, pin_mmap_threshold, trim_heap
 
 MiB = 2**20
@@ -110,4 +110,33 @@ def test_channels_last_input_needs_no_copies():
     conv = nn.Conv2d(16, 16, 3, padding=1)
     x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
     works = analyze(capture(nn.Sequential(nn.ReLU(), conv), (x,)))
+    assert all(w.backward_workspace_bytes == 0 for w in works)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backend_rule_is_torchs(threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, cin, size, cout, k, stride, dilation, groups in [
+                (4, 64, 16, 256, 1, 1, 1, 1), (16, 64, 16, 256, 1, 1, 1, 1), (4, 64, 16, 256, 1, 2, 1, 1),
+                (1, 64, 8, 64, 3, 1, 1, 1), (1, 64, 64, 64, 3, 1, 1, 1), (1, 8, 8, 8, 5, 1, 1, 1),
+                (1, 8, 8, 8, 3, 1, 2, 1), (1, 8, 8, 8, 3, 1, 1, 2), (2, 3, 16, 8, 3, 1, 1, 1), (1, 3, 96, 8, 1, 1, 1, 1)]:
+            x, w = torch.empty(n, cin, size, size), torch.empty(cout, cin // groups, k, k)
+            backend = torch._C._select_conv_backend(x, w, None, (stride,) * 2, (0, 0), (dilation,) * 2, False, (0, 0),
+                                                    groups, None)
+            ours = onednn_float32_convolution(x.shape, (k, k), stride=(stride,) * 2, dilation=(dilation,) * 2,
+                                              groups=groups, threads=threads)
+            assert ours == (backend.name == "Mkldnn"), (n, cin, size, k, stride, dilation, groups, backend)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_slow2d_convolutions_carry_none():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # a 1 x 1 convolution of 4 images on one thread runs on Slow2d
+        works = analyze(capture(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 32, 1)), (torch.randn(4, 16, 8, 8),)))
+    finally:
+        torch.set_num_threads(saved)
     assert all(w.backward_workspace_bytes == 0 for w in works)

@@ -23,7 +23,8 @@ from fxshard.capture import CapturedGraph, node_values
 from fxshard.errors import CostModelError
 from fxshard.modules import module_of
 
-__all__ = ["NodeWork", "analyze", "conv_backward_workspace", "scale_batch", "tensor_bytes"]
+__all__ = ["NodeWork", "analyze", "conv_backward_workspace", "onednn_float32_convolution", "scale_batch",
+           "tensor_bytes"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,13 +135,14 @@ def _blocked_channels(channels: int) -> int:
 def conv_backward_workspace(input_shape: Sequence[int], grad_output_shape: Sequence[int], *,
                             stride: Sequence[int], element_size: int, input_grad: bool, weight_grad: bool,
                             channels_last: bool = False, groups: int = 1, transposed: bool = False) -> int:
-    """Bytes a 2-D convolution's backward holds on the CPU beyond the gradients it returns.
+    """Bytes a 2-D convolution's backward holds on the CPU beyond the gradients it returns (oneDNN).
 
-    torch's CPU build runs float32 convolutions on oneDNN (``torch._C._select_conv_backend``
-    answers ``Mkldnn`` at every ResNet and U-Net shape). On a contiguous (NCHW) input oneDNN
+    torch's CPU build runs most float32 convolutions on oneDNN (:func:`onednn_float32_convolution`
+    says which; ``Slow2d``, the rest, held under 1 MiB at the CPU sizes). On an NCHW input oneDNN
     computes in its channel-blocked layout, so backward holds blocked copies beside the plain
     tensors. Measured with ``ResidentPeak`` on one thread, torch 2.13 and oneDNN 3.12 on AVX-512
-    (``python benchmarks/conv_workspace.py``, docs/cost_models.md), within 5% at 1-16 MiB:
+    (``python benchmarks/conv_workspace.py``, docs/cost_models.md), within 5% at 2-32 MiB but for
+    the gradient of a 3-channel input, which a model never asks for (the images are data):
 
     - the weight gradient holds a copy of the input, its channels padded to the block (16; 8
       for 4-8 channels; a 3-channel image is not copied) and a copy of the output gradient;
@@ -168,8 +170,29 @@ def conv_backward_workspace(input_shape: Sequence[int], grad_output_shape: Seque
     return max(for_weight, for_input)
 
 
+def onednn_float32_convolution(input_shape: Sequence[int], kernel: Sequence[int], *, stride: Sequence[int],
+                               dilation: Sequence[int], groups: int, threads: int) -> bool:
+    """Whether torch runs this float32 CPU convolution on oneDNN rather than its own ``Slow2d``.
+
+    torch's rule (aten/src/ATen/native/Convolution.cpp, ``ConvParams::use_mkldnn``): a 1 x 1,
+    stride-1, undilated kernel on fewer than 16 images on one thread stays native ("THNN is
+    faster when single-threaded"), and so does a single small image (at most 20480 elements)
+    under a kernel of at most 3 x 3 without groups. ``threads`` is ``torch.get_num_threads()``
+    of the process that runs it. Checked against ``torch._C._select_conv_backend``
+    (tests/test_conv_workspace.py).
+    """
+    n = input_shape[0]
+    one_by_one = all(k == 1 for k in kernel)
+    if not (any(s != 1 for s in stride) or any(d != 1 for d in dilation) or n >= 16 or not one_by_one
+            or threads > 1):
+        return False
+    return (groups > 1 or all(k > 3 for k in kernel) or n > 1
+            or n * input_shape[1] * input_shape[2] * input_shape[3] > 20480)
+
+
 class _ConvWorkspace(TorchDispatchMode):
-    """The largest :func:`conv_backward_workspace` of the convolution backwards run inside it."""
+    """The largest :func:`conv_backward_workspace` of the convolution backwards run inside it, for
+    those torch runs on oneDNN (``Slow2d``'s, measured under 1 MiB at the CPU sizes, count 0)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -178,13 +201,18 @@ class _ConvWorkspace(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.ops.aten.convolution_backward.default:
-            grad_out, inp, weight, _, stride, _, _, transposed, _, groups, mask = args
-            layout_cl = any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-                            for t in (inp, weight))
-            self.bytes = max(self.bytes, conv_backward_workspace(
-                tuple(inp.shape), tuple(grad_out.shape), stride=tuple(stride), element_size=inp.element_size(),
-                input_grad=bool(mask[0]), weight_grad=bool(mask[1]), channels_last=layout_cl, groups=groups,
-                transposed=transposed))
+            grad_out, inp, weight, _, stride, _, dilation, transposed, _, groups, mask = args
+            # torch's mkldnn_conv_use_channels_last: either tensor in channels-last picks that layout
+            layout_cl = any(t.dim() == 4 and not t.is_contiguous()
+                            and t.is_contiguous(memory_format=torch.channels_last) for t in (inp, weight))
+            onednn = inp.dtype == torch.float32 and inp.dim() == 4 and onednn_float32_convolution(
+                tuple(inp.shape), tuple(weight.shape[2:]), stride=tuple(stride), dilation=tuple(dilation),
+                groups=groups, threads=torch.get_num_threads())
+            if onednn:
+                self.bytes = max(self.bytes, conv_backward_workspace(
+                    tuple(inp.shape), tuple(grad_out.shape), stride=tuple(stride), element_size=inp.element_size(),
+                    input_grad=bool(mask[0]), weight_grad=bool(mask[1]), channels_last=layout_cl, groups=groups,
+                    transposed=transposed))
         return func(*args, **kwargs)
 
 
