@@ -4,7 +4,11 @@ Under the ``pipeline`` objective the cost of a stage holding positions [i, j) of
 separable: ``(C[j] - C[i]) / speed + X[i] * f_in + X[j] * f_out``, where C is the prefix sum
 of compute and X[b] the communication crossing position b. The min-max split is then found
 by bisection on the bottleneck T, each probe a vectorised reachability sweep with a
-range-maximum table: O(k n log n) per probe, fast enough for 1e5 units.
+range-maximum table: O(k n log n) per probe, fast enough for 1e5 units. The stages besides
+the bottleneck are then balanced too: the costliest stage keeps its segment and the stretches
+before and after it are split again for their own smallest bottleneck, recursively (at most k
+more searches over shorter stretches), so a dominant last stage does not leave all but one
+unit on stage 0.
 
 Under the ``direct`` objective a stage's communication depends on the whole segment, so the
 segment costs are tabulated (O(n^2) memory) and a plain min-max DP runs over them; it is
@@ -139,11 +143,13 @@ class _Sweep:
 
 
 def _sweep(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, valid: np.ndarray,
-           f_link: np.ndarray) -> _Sweep:
-    k, n = problem.k, len(comp) - 1
+           f_link: np.ndarray, stages: range) -> _Sweep:
+    """The feasibility test for splitting the positions of ``comp`` (prefix sums over a stretch of
+    the order) into the consecutive ``stages``."""
+    n = len(comp) - 1
     begin, end, window = [], [], []
     positions = np.arange(n + 1)
-    for s in range(k):
+    for s in stages:
         sp = problem.speeds[s]
         begin.append(comp / sp - cross * (f_link[s - 1] if s > 0 else 0.0))
         end.append(comp / sp + cross * f_link[s])
@@ -152,13 +158,14 @@ def _sweep(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarra
         else:
             first = np.searchsorted(mem, mem - problem.mem_limit[s] * (1 + 1e-12), side="left")
             window.append(_WindowMax(first, positions - 1))
-    ends = [valid.copy() for _ in range(k)]
-    for s in range(k):
-        ends[s][0] = False
-        if s < k - 1:
-            ends[s][n] = False
+    m = len(stages)
+    ends = [valid.copy() for _ in range(m)]
+    for i in range(m):
+        ends[i][0] = False
+        if i < m - 1:
+            ends[i][n] = False
         else:
-            ends[s][:n] = False
+            ends[i][:n] = False
     return _Sweep(begin=begin, end=end, window=window, ends=ends)
 
 
@@ -169,7 +176,7 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
     cross = _crossing(problem, order)
     valid = valid_boundaries(problem, order)
     f_link = np.array([problem.link[s, s + 1] for s in range(k - 1)] + [0.0])
-    sweep = _sweep(problem, comp, mem, cross, valid, f_link)
+    sweep = _sweep(problem, comp, mem, cross, valid, f_link, range(k))
 
     total = comp[-1] / problem.speeds.min() + 2 * cross.max() * max(f_link.max(), 1.0)
     hi = total * 1.000001 + 1e-12
@@ -179,9 +186,16 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
             f"no split of the {n} units into {k} contiguous stages fits the memory limits "
             f"({', '.join(f'{x:.4g}' for x in problem.mem_limit)} bytes; the graph needs "
             f"{mem[-1]:.4g}); use more stages or larger devices")
-    lo = float(max(comp[-1] / problem.speeds.sum(), 0.0))
     if guess is not None and guess < hi:
         hi = guess * (1 + 1e-12) + 1e-300
+    bounds = _min_max(problem, comp, mem, cross, f_link, sweep, range(k), hi)
+    return _balanced(problem, comp, mem, cross, valid, f_link, [0, *bounds, n], 0)
+
+
+def _min_max(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, f_link: np.ndarray,
+             sweep: _Sweep, stages: range, hi: float) -> list[int]:
+    """The inner cuts of the split with the smallest bottleneck (bisection from ``hi``, which fits)."""
+    lo = float(max((comp[-1] - comp[0]) / problem.speeds[stages.start:stages.stop].sum(), 0.0))
     for _ in range(200):
         if hi - lo <= 1e-9 * hi:
             break
@@ -192,7 +206,50 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
             hi = mid
     history = sweep(hi, True)
     assert history is not None
-    return _backtrack(problem, comp, mem, cross, f_link, history, hi)
+    return _backtrack(problem, comp, mem, cross, f_link, history, hi, stages)
+
+
+def _segment_costs(problem: Problem, comp: np.ndarray, cross: np.ndarray, f_link: np.ndarray,
+                   edges: list[int], first: int) -> np.ndarray:
+    """The cost of each stage between consecutive ``edges`` (positions), stages numbered from ``first``."""
+    costs = []
+    for i in range(len(edges) - 1):
+        s = first + i
+        a, b = edges[i], edges[i + 1]
+        f_in = f_link[s - 1] if s > 0 else 0.0
+        costs.append((comp[b] - comp[a]) / problem.speeds[s] + cross[a] * f_in + cross[b] * f_link[s])
+    return np.array(costs)
+
+
+def _balanced(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, valid: np.ndarray,
+              f_link: np.ndarray, edges: list[int], first: int) -> list[int]:
+    """Inner cuts as good as ``edges`` (a feasible split, positions, stages from ``first``) with the
+    stages besides the costliest balanced too: that stage keeps its segment and the stretches before
+    and after it are each split again for their own smallest bottleneck, recursively. The bottleneck
+    alone leaves them arbitrary (the backtrack makes later stages as short as it can), which puts a
+    lone residual add on a stage of its own. Each stretch keeps its old cuts unless the new ones are
+    lower, so the vector of stage costs sorted in decreasing order never rises."""
+    m = len(edges) - 1
+    if m <= 1:
+        return []
+    costs = _segment_costs(problem, comp, cross, f_link, edges, first)
+    b = int(np.argmax(costs))
+    out = edges[:]
+    for lo_i, hi_i in ((0, b), (b + 1, m)):
+        if hi_i - lo_i < 2:
+            continue
+        a, z = edges[lo_i], edges[hi_i]
+        part = slice(a, z + 1)
+        stages = range(first + lo_i, first + hi_i)
+        sweep = _sweep(problem, comp[part], mem[part], cross[part], valid[part], f_link, stages)
+        cap = float(costs[lo_i:hi_i].max())
+        cuts = [a + c for c in _min_max(problem, comp[part], mem[part], cross[part], f_link, sweep, stages,
+                                        cap * (1 + 1e-12) + 1e-300)]
+        if _segment_costs(problem, comp, cross, f_link, [a, *cuts, z], stages.start).max() < cap:
+            out[lo_i:hi_i + 1] = [a, *cuts, z]
+        out[lo_i:hi_i + 1] = [a, *_balanced(problem, comp, mem, cross, valid, f_link, out[lo_i:hi_i + 1],
+                                             stages.start), z]
+    return out[1:-1]
 
 
 def _equal_compute_bound(comp: np.ndarray, cross: np.ndarray, f_link: np.ndarray, mem: np.ndarray,
@@ -220,17 +277,18 @@ def _equal_compute_bound(comp: np.ndarray, cross: np.ndarray, f_link: np.ndarray
 
 
 def _backtrack(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray,
-               f_link: np.ndarray, history: list[np.ndarray], t: float) -> list[int]:
-    k, n = problem.k, len(comp) - 1
+               f_link: np.ndarray, history: list[np.ndarray], t: float, stages: range) -> list[int]:
+    n = len(comp) - 1
     tol = t * (1 + 1e-12) + 1e-300
     bounds = []
     j = n
-    for s in range(k - 1, -1, -1):
+    for i_s in range(len(stages) - 1, -1, -1):
+        s = stages[i_s]
         sp = problem.speeds[s]
         f_in = f_link[s - 1] if s > 0 else 0.0
         i = np.arange(j)
         cost = (comp[j] - comp[i]) / sp + cross[i] * f_in + cross[j] * f_link[s]
-        ok = history[s][:j] & (cost <= tol) & (mem[j] - mem[i] <= problem.mem_limit[s] * (1 + 1e-12))
+        ok = history[i_s][:j] & (cost <= tol) & (mem[j] - mem[i] <= problem.mem_limit[s] * (1 + 1e-12))
         candidates = np.flatnonzero(ok)
         j = int(candidates.max())
         bounds.append(j)

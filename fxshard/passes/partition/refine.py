@@ -8,7 +8,10 @@ their units, then every unit is pushed to at least the stage of its latest prede
 neighbouring stage, only where every predecessor / successor already allows it, so the
 order stays acyclic and pins hold), in Fiduccia-Mattheyses passes: the best move by the
 vector of stage costs sorted in decreasing order, even an uphill one, each unit once per
-pass, then back to the pass's best. The bottleneck never rises and the loop terminates.
+pass, then back to the pass's best. When no move across the bottleneck's boundaries lowers
+that vector, the first of the other stages (costliest first) with a move that does gets it, so
+the stages below the bottleneck are evened out too (a dominant LM head would otherwise leave
+them arbitrary). The bottleneck never rises and the loop terminates.
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ def _key(total: np.ndarray) -> tuple:
 
 def refine(problem: Problem, stage: np.ndarray, *, max_moves: int | None = None,
            patience: int | None = None) -> np.ndarray:
-    """Lower the bottleneck by passes of single-unit moves across the bottleneck stage's boundaries.
+    """Lower the sorted stage costs by passes of single-unit moves, the bottleneck's boundaries first.
 
     Each move is the one whose result has the lexicographically smallest vector of stage costs
     (sorted in decreasing order), taken even when that is worse than the current vector, each
-    unit at most once per pass (Fiduccia-Mattheyses); after ``patience`` moves without a new
+    unit at most once per pass (Fiduccia-Mattheyses); where no move across the bottleneck
+    stage's boundaries lowers that vector, a lowering move across the next stage's (in
+    decreasing cost) is taken instead, before any uphill one; after ``patience`` moves without a new
     best the pass returns to its best assignment, and passes repeat while one improves. Every
     move keeps each edge forward, the pins and the memory limits. Never worse than ``stage``.
 
@@ -101,19 +106,18 @@ def _pass(problem: Problem, start: np.ndarray, start_key: tuple, patience: int, 
     counts = np.bincount(stage, minlength=k)
     limit = problem.mem_limit * (1 + 1e-12)
     since, moves = 0, 0
+    key = start_key
     while since <= patience and moves < budget:
-        s = int(np.argmax(costs.total))
-        chosen = None
-        for u, target in _candidates(problem, stage, s, pred_ptr, pred, problem.succ_ptr, problem.succ):
-            origin = stage[u]
-            if locked[u] or counts[origin] <= 1 or costs.memory[target] + problem.memory[u] > limit[target]:
-                continue
-            stage[u] = target
-            trial = evaluate(problem, stage)
-            stage[u] = origin
-            trial_key = _key(trial.total)
-            if chosen is None or trial_key < chosen[0]:
-                chosen = (trial_key, u, target, trial)
+        by_cost = np.argsort(-costs.total, kind="stable")  # the bottleneck first, ties to the lower stage
+        chosen = _best_move(problem, stage, int(by_cost[0]), costs, counts, locked, limit, pred_ptr, pred)
+        if chosen is None or not chosen[0] < key:
+            # Nothing across the bottleneck's boundaries helps: even out the stages below it, the
+            # costliest first, before any uphill move (the bottleneck alone leaves them arbitrary).
+            for s in by_cost[1:].tolist():
+                found = _best_move(problem, stage, s, costs, counts, locked, limit, pred_ptr, pred)
+                if found is not None and found[0] < key:
+                    chosen = found
+                    break
         if chosen is None:
             break
         key, u, target, costs = chosen
@@ -127,6 +131,23 @@ def _pass(problem: Problem, start: np.ndarray, start_key: tuple, patience: int, 
         else:
             since += 1
     return best, best_key, moves
+
+
+def _best_move(problem: Problem, stage: np.ndarray, s: int, costs, counts: np.ndarray, locked: np.ndarray,
+               limit: np.ndarray, pred_ptr: np.ndarray, pred: np.ndarray) -> tuple | None:
+    """(key, unit, target, costs) of the move touching stage s with the smallest key, or None."""
+    chosen = None
+    for u, target in _candidates(problem, stage, s, pred_ptr, pred, problem.succ_ptr, problem.succ):
+        origin = stage[u]
+        if locked[u] or counts[origin] <= 1 or costs.memory[target] + problem.memory[u] > limit[target]:
+            continue
+        stage[u] = target
+        trial = evaluate(problem, stage)
+        stage[u] = origin
+        trial_key = _key(trial.total)
+        if chosen is None or trial_key < chosen[0]:
+            chosen = (trial_key, u, target, trial)
+    return chosen
 
 
 def _candidates(problem: Problem, stage: np.ndarray, s: int, pred_ptr: np.ndarray, pred: np.ndarray,
