@@ -303,7 +303,8 @@ def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any) -> tuple[Plan,
         raise ExecutionError(f"the plan's schedule cannot be priced: {priced.note}")
     stages = tuple(dataclasses.replace(s, fwd_time_s=st.fwd_time_s, bwd_time_s=st.bwd_time_s, flops=st.fwd_flops,
                                        param_bytes=st.param_bytes, peak_memory_bytes=float(peak),
-                                       send_bytes=st.send_bytes)
+                                       send_bytes=st.send_bytes, optimizer_time_s=st.optimizer_time_s,
+                                       accumulate_time_s=st.accumulate_time_s)
                    for s, st, peak in zip(plan.stages, priced.stages, priced.peak))
     out = dataclasses.replace(plan, stages=stages)
     sim = simulate_plan(out)
@@ -404,15 +405,22 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
         prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction,
                                                          clock=clock, stage_of=plan.stage_of()))
     measured = {m.index: m for m in run.stages}
+    # A measured backward is the mean over the step's micro-batches, accumulation included.
     as_run = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, fwd_time_s=measured[s.index].fwd_s,
-                                                                        bwd_time_s=measured[s.index].bwd_s)
+                                                                        bwd_time_s=measured[s.index].bwd_s,
+                                                                        accumulate_time_s=0.0)
                                                     for s in plan.stages))
+    share = (plan.microbatches - 1) / plan.microbatches  # of the backwards that accumulate
+
+    def mean_bwd(st: Any) -> float:
+        return st.bwd_time_s + share * (st.accumulate_time_s or 0.0)
+
     stages = tuple(DistStageRow(index=m.index, rank=m.rank, measured_fwd_s=m.fwd_s, measured_bwd_s=m.bwd_s,
                                 fwd_cpu_s=m.fwd_cpu_s, bwd_cpu_s=m.bwd_cpu_s,
                                 analytical_fwd_s=analytical.stages[m.index].fwd_time_s,
-                                analytical_bwd_s=analytical.stages[m.index].bwd_time_s,
+                                analytical_bwd_s=mean_bwd(analytical.stages[m.index]),
                                 profiled_fwd_s=prof.stages[m.index].fwd_time_s if prof else None,
-                                profiled_bwd_s=prof.stages[m.index].bwd_time_s if prof else None,
+                                profiled_bwd_s=mean_bwd(prof.stages[m.index]) if prof else None,
                                 saved_bytes=m.saved_bytes,
                                 predicted_activation_bytes=summaries[m.index].activation_bytes)
                    for m in run.stages)

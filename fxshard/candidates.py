@@ -35,7 +35,7 @@ from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.cost_models.checkpointing import checkpoint_cost as default_checkpoint_cost
-from fxshard.cost_models.optimizer_step import optimizer_step_time, optimizer_step_transient_bytes
+from fxshard.cost_models.optimizer_step import StepRates, optimizer_step_transient_bytes
 from fxshard.errors import PartitionError, PlanError
 from fxshard.levers import (
     CheckpointCostFn,
@@ -55,7 +55,7 @@ from fxshard.simulate import SimulationError, StageFigures, StageTiming, simulat
 
 __all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "device_capacity", "lever_choices",
            "microbatch_counts", "optimizer_figures", "partition_group", "pipeline_groups", "price_levers",
-           "price_pipeline", "rank_devices", "shape_bound", "stage_counts", "unfit"]
+           "price_pipeline", "rank_devices", "shape_bound", "stage_counts", "step_passes", "unfit"]
 
 
 class Pricer:
@@ -284,9 +284,11 @@ def lever_choices(opts: PlanOptions, replicas: int) -> tuple[tuple[str | None, .
 
 
 def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, shards: int = 1, *,
-                      rank_sizes: Sequence[float] | None = None, share: int = 1) -> tuple[float, float]:
+                      rank_sizes: Sequence[float] | None = None, share: int = 1,
+                      rates: StepRates | None = None) -> tuple[float, float]:
     """(seconds, temporary bytes) of the optimizer step over a stage's parameters on a device of
-    ``spec``, each of its ``shards`` FSDP ranks stepping its shard (fxshard/cost_models/optimizer_step.py).
+    ``spec``, each of its ``shards`` FSDP ranks stepping its shard (fxshard/cost_models/optimizer_step.py),
+    at the cost model's ``rates`` for the device (default: its roofline).
 
     A rank's one optimizer steps all its stages' parameters together, so with ``rank_sizes`` (every
     tensor of the ``share`` stages on the device) the rank's temporaries are split evenly among its
@@ -294,24 +296,45 @@ def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, sha
     if not opts.training:
         return 0.0, 0.0
     sizes = [size / shards for size in (st.optimizer_param_sizes if rank_sizes is None else rank_sizes)]
-    return (optimizer_step_time(opts.optimizer, st.param_bytes / shards, spec),
+    rates = rates or StepRates(device=spec)
+    return (rates.optimizer_s(opts.optimizer, st.param_bytes / shards),
             optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind) / share)
+
+
+def step_passes(stages: Sequence[StageSummary], costs: Sequence[GraphCosts], cluster: Cluster,
+                devices: Sequence[Sequence[int]], opts: PlanOptions, shards: int = 1) -> list[StageSummary]:
+    """The stages with their passes outside the graph priced per rank: ``optimizer_time_s``
+    (each of ``shards`` FSDP ranks steps its shard) and ``accumulate_time_s`` (a pipeline stage's
+    gradients accumulate unsharded over the step's micro-batches, as torch's PipelineStage runs
+    FSDP2), at each stage's cost-model rates on its device."""
+    out = []
+    for st, c, devs in zip(stages, costs, devices):
+        spec = cluster.devices[devs[0]].spec
+        rates = c.rates or StepRates(device=spec)
+        seconds = rates.optimizer_s(opts.optimizer, st.param_bytes / shards, training=opts.training)
+        accumulate = rates.accumulate_s(st.param_bytes) if opts.training else 0.0
+        out.append(dataclasses.replace(st, optimizer_time_s=seconds, accumulate_time_s=accumulate))
+    return out
 
 
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
                    opts: PlanOptions, reduce: tuple[float, ...], shards: int) -> list[StageTiming]:
+    """The simulator's rows of priced stages (:func:`step_passes` has set their step passes)."""
     on_device: dict[int, list[StageSummary]] = {}
     for st, devs in zip(stages, devices):
         on_device.setdefault(devs[0], []).append(st)
     figures = []
     for st, devs, r in zip(stages, devices, reduce):
         mates = on_device[devs[0]]
-        seconds, temporaries = optimizer_figures(st, cluster.devices[devs[0]].spec, opts, shards, share=len(mates),
-                                                 rank_sizes=[x for m in mates for x in m.optimizer_param_sizes])
+        spec = cluster.devices[devs[0]].spec
+        sizes = [x / shards for m in mates for x in m.optimizer_param_sizes]
+        temporaries = (optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind) / len(mates)
+                       if opts.training else 0.0)
         figures.append(StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
                                     activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
-                                    transient_bytes=st.transient_bytes, reduce_s=r, optimizer_s=seconds,
-                                    optimizer_transient_bytes=temporaries))
+                                    transient_bytes=st.transient_bytes, reduce_s=r, optimizer_s=st.optimizer_time_s,
+                                    optimizer_transient_bytes=temporaries, accumulate_s=st.accumulate_time_s,
+                                    accumulate_bytes=st.largest_param_bytes))
     return stage_timings(figures, cluster, training=opts.training)
 
 
@@ -334,8 +357,9 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
             tail = exposed_allreduce_time(cluster, devs, lever.param_bytes, lever.bwd_time_s)
         stages.append(lever)
         reduce.append(tail)
+    shards = shape.replicas if levers.data_parallel == "fsdp" else 1
+    stages = step_passes(stages, per_stage, cluster, stage_devices, opts, shards)
     try:
-        shards = shape.replicas if levers.data_parallel == "fsdp" else 1
         result = simulate(shape.schedule, _stage_timings(tuple(stages), cluster, stage_devices, opts,
                                                          tuple(reduce), shards), shape.microbatches)
     except SimulationError as e:

@@ -9,6 +9,8 @@ docs/planning.md.
 
 from __future__ import annotations
 
+import dataclasses
+
 from fxshard.candidates import (
     MAX_MICROBATCHES,
     Priced,
@@ -17,6 +19,7 @@ from fxshard.candidates import (
     device_capacity,
     lever_choices,
     optimizer_figures,
+    step_passes,
 )
 from fxshard.cluster import Cluster
 from fxshard.comm import exposed_allreduce_time
@@ -48,11 +51,19 @@ def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: P
         if opts.training and replicas > 1:  # synchronised once, behind the last micro-batch's backward
             exposed = exposed_allreduce_time(cluster, used, st.param_bytes, backward)
         step = microbatches * (st.fwd_time_s + backward) + exposed
-    # each copy steps its parameters (an FSDP rank its shard) after the gradient sync, in a phase of its own
-    seconds, temporaries = optimizer_figures(stage, cluster.devices[used[0]].spec, opts,
-                                             replicas if levers.data_parallel == "fsdp" else 1)
+    # each copy steps its parameters (an FSDP rank its shard) after the gradient sync, in a phase of its own;
+    # every micro-batch's backward but the first adds its gradients into the accumulated ones (an FSDP
+    # rank into its shard, after each micro-batch's reduce-scatter), the new one alive meanwhile
+    shards = replicas if levers.data_parallel == "fsdp" else 1
+    st = step_passes([st], [costs], cluster, [used], opts, shards)[0]
+    seconds, temporaries = optimizer_figures(stage, cluster.devices[used[0]].spec, opts, shards, rates=costs.rates)
+    st = dataclasses.replace(st, accumulate_time_s=st.accumulate_time_s / shards)
+    accumulating = opts.training and microbatches > 1
+    if accumulating:
+        step += (microbatches - 1) * st.accumulate_time_s
     step += seconds
-    peak = st.state_bytes + max(st.activation_bytes + st.transient_bytes, temporaries)
+    buffer = st.largest_param_bytes / shards if accumulating else 0.0
+    peak = st.state_bytes + max(st.activation_bytes + st.transient_bytes + buffer, temporaries)
     strategy = "single" if replicas == 1 else levers.data_parallel or "ddp"
     return Priced(shape=Shape(strategy=strategy, replicas=replicas, microbatches=microbatches, levers=levers),
                   stages=(st,), devices=(used,), step_time_s=step, allreduce_s=exposed, peak=(peak,),

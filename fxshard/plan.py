@@ -33,7 +33,11 @@ class StagePlan:
     """One pipeline stage (the whole model for single and ddp).
 
     Times and bytes are per micro-batch; ``flops`` is forward FLOPs per micro-batch.
-    ``devices`` holds one device per data-parallel replica of the stage.
+    ``devices`` holds one device per data-parallel replica of the stage. Per step, on each of
+    its devices: ``optimizer_time_s``, the optimizer step over the stage's parameters (its
+    shard under FSDP), and ``accumulate_time_s``, what each backward but the step's first adds
+    to accumulate the gradients; None in plans written before they were priced (re-simulation
+    then prices them by the device's roofline).
     """
 
     index: int
@@ -50,6 +54,8 @@ class StagePlan:
     first_module: str = ""
     last_module: str = ""
     activation_checkpointing: str = "none"  # none | selective | full, over the stage's repeated blocks
+    optimizer_time_s: float | None = None
+    accumulate_time_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -201,7 +201,9 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                                 memory_capacity_bytes=float(cap), fwd_time_s=st.fwd_time_s,
                                 bwd_time_s=st.bwd_time_s, send_bytes=st.send_bytes,
                                 first_module=st.first_module, last_module=st.last_module,
-                                activation_checkpointing=best.checkpointing))
+                                activation_checkpointing=best.checkpointing,
+                                optimizer_time_s=st.optimizer_time_s if opts.training else 0.0,
+                                accumulate_time_s=st.accumulate_time_s if opts.training else 0.0))
     full = pricer.costs(cluster.devices[0].spec, 1.0)
     step_estimate = Estimate(step_time_s=best.step_time_s, bubble_fraction=best.bubble,
                              samples_per_s=batch / best.step_time_s if best.step_time_s > 0 else 0.0,

@@ -69,6 +69,10 @@ class StageTiming:
         optimizer_s: the optimizer step, after the all-reduce; ``optimizer_transient_bytes``: its
             temporaries, a phase of its own after the activations are freed
             (fxshard/cost_models/optimizer_step.py).
+        accumulate_s: what a backward (B, or W of a split one) adds when an earlier micro-batch's
+            gradients are already there to add into: every backward of the step but the stage's
+            first; ``accumulate_bytes``: the new gradient alive next to them meanwhile, in the
+            peak when a step has more than one micro-batch.
     """
 
     fwd_s: float
@@ -82,6 +86,8 @@ class StageTiming:
     reduce_s: float = 0.0
     optimizer_s: float = 0.0
     optimizer_transient_bytes: float = 0.0
+    accumulate_s: float = 0.0
+    accumulate_bytes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,6 +108,8 @@ class StageFigures:
     reduce_s: float = 0.0
     optimizer_s: float = 0.0
     optimizer_transient_bytes: float = 0.0
+    accumulate_s: float = 0.0
+    accumulate_bytes: float = 0.0
 
 
 def stage_timings(stages: Sequence[StageFigures], cluster: Cluster, *, training: bool) -> list[StageTiming]:
@@ -117,7 +125,9 @@ def stage_timings(stages: Sequence[StageFigures], cluster: Cluster, *, training:
                                send_bwd_s=send if training else 0.0, activation_bytes=st.activation_bytes,
                                static_bytes=st.static_bytes, transient_bytes=st.transient_bytes,
                                reduce_s=st.reduce_s, optimizer_s=st.optimizer_s if training else 0.0,
-                               optimizer_transient_bytes=st.optimizer_transient_bytes if training else 0.0))
+                               optimizer_transient_bytes=st.optimizer_transient_bytes if training else 0.0,
+                               accumulate_s=st.accumulate_s if training else 0.0,
+                               accumulate_bytes=st.accumulate_bytes if training else 0.0))
     return out
 
 
@@ -200,7 +210,9 @@ def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) ->
         busy[a.rank] += a.end - a.start
     idle = [step - b for b in busy]
     bubble = sum(idle) / (ranks * step) if step > 0 else 0.0
-    memory = tuple(t.static_bytes + max(peak[s] * t.activation_bytes + t.transient_bytes, t.optimizer_transient_bytes)
+    accumulating = microbatches > 1
+    memory = tuple(t.static_bytes + max(peak[s] * t.activation_bytes + t.transient_bytes
+                                        + (t.accumulate_bytes if accumulating else 0.0), t.optimizer_transient_bytes)
                    for s, t in enumerate(stages))
     return SimResult(schedule=schedule, ranks=ranks, stages=n_stages, microbatches=microbatches, step_time_s=step,
                      busy_s=tuple(busy), idle_s=tuple(idle), bubble_fraction=bubble, peak_inflight=tuple(peak),
@@ -223,6 +235,7 @@ def _play(schedule: str, stages: Sequence[StageTiming], orders: list[list[tuple[
     timeline: list[TimedAction] = []
     inflight = [0] * n_stages
     peak = [0] * n_stages
+    has_grads = [False] * n_stages  # a backward has left gradients to add into
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
@@ -235,6 +248,9 @@ def _play(schedule: str, stages: Sequence[StageTiming], orders: list[list[tuple[
                 t = stages[s]
                 duration = {"F": t.fwd_s, "B": t.bwd_s, "I": t.bwd_s * t.bwd_input_share,
                             "W": t.bwd_s * (1 - t.bwd_input_share)}[kind]
+                if kind in ("B", "W"):
+                    duration += t.accumulate_s if has_grads[s] else 0.0
+                    has_grads[s] = True
                 start = max(clock[rank], ready)
                 end = start + duration
                 done[(s, kind, i)] = end

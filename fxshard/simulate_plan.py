@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fxshard.cluster import Cluster
 from fxshard.comm import exposed_allreduce_time
-from fxshard.cost_models.optimizer_step import optimizer_step_time
+from fxshard.cost_models.optimizer_step import accumulate_time, optimizer_step_time
 from fxshard.plan import Plan
 from fxshard.simulate import (
     SCHEDULES,
@@ -36,9 +36,10 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
     ``bwd_time_s`` per micro-batch, activations and their gradients cross to the next stage in
     ``cluster.link(a, b).transfer_time(send_bytes)`` (nothing when both stages share a device),
     and data-parallel replicas add the part of the ring all-reduce of each stage's parameters
-    that one micro-batch's backward does not hide, as the planner prices it; then each rank steps
-    its stages' parameters (:func:`fxshard.cost_models.optimizer_step.optimizer_step_time`,
-    not scaled by a micro-batch what-if). Without overrides
+    that one micro-batch's backward does not hide, as the planner prices it; every backward but
+    a stage's first adds the stage's ``accumulate_time_s`` (gradient accumulation); then each
+    rank steps its stages' parameters (``optimizer_time_s``); neither is scaled by a micro-batch
+    what-if. Without overrides
     this repeats the planner's own simulation, so ``step_time_s`` equals
     ``plan.estimate.step_time_s``. Single-device and DDP plans are one stage whose micro-batches
     run one after another (gradient accumulation); they have no pipeline schedule, so they take
@@ -132,11 +133,18 @@ def _timings(plan: Plan, cluster: Cluster, scale: float) -> list[StageTiming]:
         bwd = st.bwd_time_s * scale if plan.training else 0.0
         # the planner's own price of the all-reduce over the stage's replicas that backward does not hide
         reduce = exposed_allreduce_time(cluster, st.device_indices, st.param_bytes, bwd) if plan.training else 0.0
-        # the optimizer step, priced as the planner prices it (its temporaries are in the stored peak)
+        # the step's passes outside the graph as the planner priced them (their memory is in the stored
+        # peak); a plan written before they were stored: by the device's roofline
         shards = len(st.device_indices) if plan.data_parallel == "fsdp" else 1
-        step = optimizer_step_time(plan.optimizer, st.param_bytes / shards,
-                                   cluster.devices[st.device_indices[0]].spec, training=plan.training)
+        spec = cluster.devices[st.device_indices[0]].spec
+        step = st.optimizer_time_s
+        if step is None:
+            step = optimizer_step_time(plan.optimizer, st.param_bytes / shards, spec, training=plan.training)
+        accumulate = st.accumulate_time_s
+        if accumulate is None:
+            sharded = shards if plan.strategy == "fsdp" else 1  # a pipeline stage accumulates unsharded
+            accumulate = accumulate_time(st.param_bytes, spec) / sharded if plan.training else 0.0
         figures.append(StageFigures(device=st.device_indices[0], fwd_s=st.fwd_time_s * scale, bwd_s=bwd,
                                     send_bytes=st.send_bytes * scale, static_bytes=st.peak_memory_bytes,
-                                    reduce_s=reduce, optimizer_s=step))
+                                    reduce_s=reduce, optimizer_s=step, accumulate_s=accumulate))
     return stage_timings(figures, cluster, training=plan.training)

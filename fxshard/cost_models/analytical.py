@@ -15,7 +15,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -123,6 +123,12 @@ class AnalyticalCostModel:
             bwd = roofline_time(w.bwd_flops, w.bwd_bytes, w.bwd_kernels, dtype, device, factors, tf32=tf32)
             times.append(NodeTime(fwd_s=fwd, bwd_s=bwd))
         return times
+
+    def step_rates(self, device: DeviceSpec) -> Any:
+        """The step's passes outside the graph by the roofline, under the factors the nodes get."""
+        from fxshard.cost_models.optimizer_step import StepRates  # it builds on this module
+
+        return StepRates(device=device, factors=self.factors_of(device))
 
 
 @register_cost_model("analytical")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fxshard.capture import CapturedGraph
 from fxshard.cost_models.analysis import NodeWork, analyze
@@ -56,6 +56,10 @@ class CostModel(Protocol):
         """One NodeTime per entry of ``works`` (graph order)."""
         ...
 
+    # Optional: ``step_rates(device) -> fxshard.cost_models.optimizer_step.StepRates``, what the
+    # step's passes outside the graph (gradient accumulation, the optimizer step) cost on
+    # ``device``; without it they are priced by the device's roofline.
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NodeCost:
@@ -95,6 +99,10 @@ class GraphCosts:
     device: str
     cost_model: str
     nodes: tuple[NodeCost, ...]
+    # The step's passes outside the graph on this device (gradient accumulation, the optimizer
+    # step): fxshard.cost_models.optimizer_step.StepRates, from the cost model's ``step_rates``
+    # when it has one; None: the device's roofline.
+    rates: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {c.name: c for c in self.nodes})
@@ -247,5 +255,6 @@ def estimate(captured: CapturedGraph, device: DeviceSpec, *, cost_model: str | C
                                  f"time (forward {t.fwd_s} s, backward {t.bwd_s} s); times must be finite and >= 0")
     nodes = tuple(NodeCost(work=w, fwd_time_s=t.fwd_s, bwd_time_s=t.bwd_s, estimated=str(getattr(t, "estimated", "")))
                   for w, t in zip(works, times))
+    step_rates = getattr(model, "step_rates", None)
     return GraphCosts(model_name=captured.model_name, device=device.name, cost_model=model.name,
-                      nodes=nodes)
+                      nodes=nodes, rates=step_rates(device) if callable(step_rates) else None)

@@ -15,6 +15,10 @@ the process's current count, which is what stages run with in this process). A m
 ``meta`` is profiled with materialised copies of its weights. The user's parameters and
 buffers are never touched, BatchNorm statistics included.
 
+The step's passes outside the graph (a micro-batch's gradients added into the accumulated ones,
+the optimizer step) are measured too, once per device (:meth:`ProfiledCostModel.step_rates`,
+:func:`fxshard.cost_models.optimizer_step.measure_step_rates`).
+
 It measures the local machine, so it prices only a device the machine has: a preset of
 another kind or GPU model is refused (the analytical model prices those). Nodes that cannot
 run on random inputs get their analytical time, marked in ``NodeTime.estimated``.
@@ -37,6 +41,7 @@ from fxshard.capture.diagnose import first_line
 from fxshard.cost_models.analysis import NodeWork, tensor_bytes
 from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
+from fxshard.cost_models.optimizer_step import StepRates, measure_step_rates
 from fxshard.cost_models.segments import SegmentTime, time_segments
 from fxshard.cost_models.timing import Clock, StepTime, median_time, step_times, stopwatch  # re-exported: the old home
 from fxshard.devices import local_gpu_spec
@@ -101,6 +106,7 @@ class ProfiledCostModel:
         self.segment_fallbacks: dict[str, str] = {}  # first node of a segment -> why it was timed node by node
         self.segments: list[SegmentTime] = []  # the last graph's segments, as measured
         self._failed: dict[tuple, str] = {}  # cache key -> why it could not be measured
+        self._rates: dict[tuple[str, str], StepRates] = {}  # (device spec, run device) -> measured rates
 
     def node_times(self, captured: CapturedGraph, works: Sequence[NodeWork],
                    device: DeviceSpec) -> list[NodeTime]:
@@ -113,6 +119,17 @@ class ProfiledCostModel:
                 return [self._node_time(node, work, guess, captured.gm, run_device, fraction)
                         for node, work, guess in zip(captured.gm.graph.nodes, works, fallback)]
             return self._segment_times(captured, works, fallback, run_device, fraction)
+
+    def step_rates(self, device: DeviceSpec) -> StepRates:
+        """Seconds per byte of gradient accumulation and of each optimizer's step, measured once
+        on the device that prices ``device``, under the model's threads and clock."""
+        run_device = self.device or torch.device("cpu" if device.kind == "cpu" else "cuda")
+        check_local(run_device, device)
+        key = (device.name, str(run_device))
+        if key not in self._rates:
+            with self._threads(run_device):
+                self._rates[key] = measure_step_rates(device, run_device, repeats=self.repeats, clock=self.clock)
+        return self._rates[key]
 
     @contextlib.contextmanager
     def _threads(self, dev: torch.device) -> Iterator[None]:

@@ -10,7 +10,8 @@ stage that reads it) and totals each stage exactly:
   tensor received from an earlier stage included (the stage keeps its own copy);
 - transient: the largest single node's output plus its gradient (the logits of an LM head);
 - the tensors the optimizer step updates (fp32 master copies for 16-bit parameters), whose
-  temporaries fxshard.cost_models.optimizer_step prices by device;
+  temporaries fxshard.cost_models.optimizer_step prices by device, and the largest parameter,
+  whose new gradient is alive next to the accumulated one while a micro-batch accumulates;
 - sends: bytes crossing each boundary, a value that skips stages counted on every boundary
   it is forwarded across.
 """
@@ -48,6 +49,11 @@ class StageSummary:
     first_module: str
     last_module: str
     optimizer_param_sizes: tuple[float, ...] = ()  # bytes of each tensor the optimizer step updates
+    largest_param_bytes: float = 0.0  # its largest parameter: the gradient alive twice while one accumulates
+    # Priced with the stage's device and levers (fxshard/candidates.py), per rank: one optimizer
+    # step, and what each backward but the step's first adds to accumulate the gradients.
+    optimizer_time_s: float = 0.0
+    accumulate_time_s: float = 0.0
 
 
 def complete_assignment(captured: CapturedGraph, stage_of: Mapping[str, int]) -> dict[str, int]:
@@ -96,7 +102,8 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
             activation_bytes=_activation_bytes(works, costs) if training else 0.0,
             transient_bytes=float(transient), send_bytes=boundary[s] if s < k - 1 else 0.0,
             first_module=modules[0] if modules else "", last_module=modules[-1] if modules else "",
-            optimizer_param_sizes=_optimizer_param_sizes(held[s], training, optimizer)))
+            optimizer_param_sizes=_optimizer_param_sizes(held[s], training, optimizer),
+            largest_param_bytes=float(max((size for size, is_param, _ in held[s].values() if is_param), default=0))))
     return summaries
 
 
