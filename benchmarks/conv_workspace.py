@@ -41,7 +41,7 @@ CONVS = [
 
 
 def measure(build: Callable[[], Built], reps: int) -> int:
-    """Peak resident bytes of one backward of ``build()``'s output, less the gradients returned."""
+    """Peak resident bytes of one backward of ``build()``'s output, less the new gradients it returns."""
     best = None
     for _ in range(reps):
         out, wrt = build()
@@ -51,7 +51,10 @@ def measure(build: Callable[[], Built], reps: int) -> int:
         probe = ResidentPeak()
         probe.start()
         grads = torch.autograd.grad([out], wrt, [grad_out])
-        extra = probe.peak_bytes() - sum(g.numel() * g.element_size() for g in grads)
+        # a gradient that is the output gradient itself (an add's) is no new memory
+        new = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in grads
+               if g.untyped_storage().data_ptr() != grad_out.untyped_storage().data_ptr()}
+        extra = probe.peak_bytes() - sum(new.values())
         best = extra if best is None else min(best, extra)
         del out, wrt, grad_out, grads
     return best
@@ -79,8 +82,9 @@ def conv_table(reps: int) -> list[str]:
             measured = measure(_conv(n, cin, size, cout, k, stride, input_grad), reps)
             onednn = onednn_float32_convolution((n, cin, size, size), (k, k), stride=(stride, stride), dilation=(1, 1),
                                                 groups=1, threads=torch.get_num_threads())
-            rule = conv_backward_workspace((n, cin, size, size), (n, cout, out, out), stride=(stride, stride),
-                                           element_size=4, input_grad=input_grad, weight_grad=True) if onednn else 0
+            rule = conv_backward_workspace((n, cin, size, size), (n, cout, out, out), kernel=(k, k),
+                                           stride=(stride, stride), element_size=4, input_grad=input_grad,
+                                           weight_grad=True, onednn=onednn)
             cl = measure(_conv(n, cin, size, cout, k, stride, input_grad, channels_last=True), reps)
             lines.append(f"| {n} | {cin} | {size} | {cout} | {k} | {stride} | {'oneDNN' if onednn else 'Slow2d'} | "
                          f"{n * cin * size * size * 4 / MiB:.2f} | "

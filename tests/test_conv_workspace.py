@@ -80,20 +80,21 @@ def test_predicted_workspace_matches_one_measured_backward(one_thread_pinned, ba
 def test_rule_branches():
     f32 = 4
     x, gy = (16, 64, 32, 32), (16, 128, 16, 16)  # 4 MiB and 2 MiB
-    both = conv_backward_workspace(x, gy, stride=(2, 2), element_size=f32, input_grad=True, weight_grad=True)
-    assert both == 2 * 4 * MiB  # stride 2: twice the input, above input + output gradient (6 MiB)
-    weight = conv_backward_workspace(x, gy, stride=(2, 2), element_size=f32, input_grad=False, weight_grad=True)
-    assert weight == 6 * MiB
+
+    def rule(x, gy, stride=(2, 2), input_grad=True, onednn=True, kernel=(3, 3), **kind):
+        return conv_backward_workspace(x, gy, kernel=kernel, stride=stride, element_size=f32, input_grad=input_grad,
+                                       weight_grad=True, onednn=onednn, **kind)
+
+    assert rule(x, gy) == 2 * 4 * MiB  # stride 2: twice the input, above input + output gradient (6 MiB)
+    assert rule(x, gy, input_grad=False) == 6 * MiB
     # 24 channels are copied padded to 32; a 3-channel image is not copied at all
-    padded = conv_backward_workspace((1, 24, 8, 8), (1, 16, 8, 8), stride=(1, 1), element_size=f32,
-                                     input_grad=False, weight_grad=True)
-    assert padded == (32 + 16) * 64 * f32
-    image = conv_backward_workspace((1, 3, 8, 8), (1, 16, 8, 8), stride=(1, 1), element_size=f32,
-                                    input_grad=False, weight_grad=True)
-    assert image == 16 * 64 * f32
+    assert rule((1, 24, 8, 8), (1, 16, 8, 8), stride=(1, 1), input_grad=False) == (32 + 16) * 64 * f32
+    assert rule((1, 3, 8, 8), (1, 16, 8, 8), stride=(1, 1), input_grad=False) == 16 * 64 * f32
     for kind in ({"channels_last": True}, {"groups": 2}, {"transposed": True}):
-        assert conv_backward_workspace(x, gy, stride=(1, 1), element_size=f32, input_grad=True, weight_grad=True,
-                                       **kind) == 0
+        assert rule(x, gy, **kind) == 0
+    # Slow2d: one image's column buffer for the input gradient, nothing for the weight's
+    assert rule((4, 32, 96, 96), (4, 8, 96, 96), stride=(1, 1), kernel=(1, 1), onednn=False) == 32 * 96 * 96 * f32
+    assert rule((4, 32, 96, 96), (4, 8, 96, 96), stride=(1, 1), kernel=(1, 1), onednn=False, input_grad=False) == 0
 
 
 def test_only_convolutions_carry_it_and_it_scales_with_the_batch():
@@ -109,7 +110,7 @@ def test_only_convolutions_carry_it_and_it_scales_with_the_batch():
 def test_channels_last_input_needs_no_copies():
     conv = nn.Conv2d(16, 16, 3, padding=1)
     x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
-    works = analyze(capture(nn.Sequential(nn.ReLU(), conv), (x,)))
+    works = analyze(capture(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), conv), (x,)))
     assert all(w.backward_workspace_bytes == 0 for w in works)
 
 
@@ -121,7 +122,8 @@ def test_backend_rule_is_torchs(threads):
         for n, cin, size, cout, k, stride, dilation, groups in [
                 (4, 64, 16, 256, 1, 1, 1, 1), (16, 64, 16, 256, 1, 1, 1, 1), (4, 64, 16, 256, 1, 2, 1, 1),
                 (1, 64, 8, 64, 3, 1, 1, 1), (1, 64, 64, 64, 3, 1, 1, 1), (1, 8, 8, 8, 5, 1, 1, 1),
-                (1, 8, 8, 8, 3, 1, 2, 1), (1, 8, 8, 8, 3, 1, 1, 2), (2, 3, 16, 8, 3, 1, 1, 1), (1, 3, 96, 8, 1, 1, 1, 1)]:
+                (1, 8, 8, 8, 3, 1, 2, 1), (1, 8, 8, 8, 3, 1, 1, 2), (2, 3, 16, 8, 3, 1, 1, 1),
+                (1, 3, 96, 8, 1, 1, 1, 1)]:
             x, w = torch.empty(n, cin, size, size), torch.empty(cout, cin // groups, k, k)
             backend = torch._C._select_conv_backend(x, w, None, (stride,) * 2, (0, 0), (dilation,) * 2, False, (0, 0),
                                                     groups, None)
@@ -132,11 +134,13 @@ def test_backend_rule_is_torchs(threads):
         torch.set_num_threads(saved)
 
 
-def test_slow2d_convolutions_carry_none():
+def test_slow2d_convolution_holds_one_image_of_columns():
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # a 1 x 1 convolution of 4 images on one thread runs on Slow2d
-        works = analyze(capture(nn.Sequential(nn.ReLU(), nn.Conv2d(16, 32, 1)), (torch.randn(4, 16, 8, 8),)))
+        model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Conv2d(16, 32, 1))  # the second's input needs a gradient
+        works = {w.name: w for w in analyze(capture(model, (torch.randn(4, 16, 8, 8),)))}
     finally:
         torch.set_num_threads(saved)
-    assert all(w.backward_workspace_bytes == 0 for w in works)
+    assert works["_1"].backward_workspace_bytes == 16 * 8 * 8 * 4
+    assert works["_0"].backward_workspace_bytes == 0  # the data's convolution: its weight gradient only
