@@ -161,8 +161,8 @@ def conv_backward_workspace(input_shape: Sequence[int], grad_output_shape: Seque
     Measured with ``ResidentPeak`` on one thread, torch 2.13 and oneDNN 3.12 on AVX-512
     (``python benchmarks/conv_workspace.py``, docs/cost_models.md). On oneDNN
     (:func:`onednn_float32_convolution`), which computes an NCHW input in its channel-blocked
-    layout, backward holds blocked copies beside the plain tensors (within 10% at 2-32 MiB, but
-    for the gradient of a 3-channel input, which a model never asks for: the images are data):
+    layout, backward holds blocked copies beside the plain tensors (within 8% at 4-32 MiB, 16%
+    high at 2 MiB; 27% low on the gradient of a 3-channel input, which a model never asks for):
 
     - the weight gradient holds a copy of the input, its channels padded to the block (16; 8
       for 4-8 channels; a 3-channel image is not copied) and a copy of the output gradient;
