@@ -6,9 +6,9 @@ of compute and X[b] the communication crossing position b. The min-max split is 
 by bisection on the bottleneck T, each probe a vectorised reachability sweep with a
 range-maximum table: O(k n log n) per probe, fast enough for 1e5 units. The stages besides
 the bottleneck are then balanced too: the costliest stage keeps its segment and the stretches
-before and after it are split again for their own smallest bottleneck, recursively (at most k
-more searches over shorter stretches), so a dominant last stage does not leave all but one
-unit on stage 0.
+before and after it are split again for their own smallest bottleneck, and so on within them
+(searches sweeping at most the first one's stage-positions in all), so a dominant last stage
+does not leave all but one unit on stage 0.
 
 Under the ``direct`` objective a stage's communication depends on the whole segment, so the
 segment costs are tabulated (O(n^2) memory) and a plain min-max DP runs over them; it is
@@ -20,6 +20,7 @@ the result is then evaluated (and reported) with the real ones.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -189,7 +190,7 @@ def _pipeline_dp(problem: Problem, order: np.ndarray) -> list[int]:
     if guess is not None and guess < hi:
         hi = guess * (1 + 1e-12) + 1e-300
     bounds = _min_max(problem, comp, mem, cross, f_link, sweep, range(k), hi)
-    return _balanced(problem, comp, mem, cross, valid, f_link, [0, *bounds, n], 0)
+    return _balanced(problem, comp, mem, cross, valid, f_link, [0, *bounds, n])
 
 
 def _min_max(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, f_link: np.ndarray,
@@ -222,33 +223,39 @@ def _segment_costs(problem: Problem, comp: np.ndarray, cross: np.ndarray, f_link
 
 
 def _balanced(problem: Problem, comp: np.ndarray, mem: np.ndarray, cross: np.ndarray, valid: np.ndarray,
-              f_link: np.ndarray, edges: list[int], first: int) -> list[int]:
-    """Inner cuts as good as ``edges`` (a feasible split, positions, stages from ``first``) with the
-    stages besides the costliest balanced too: that stage keeps its segment and the stretches before
-    and after it are each split again for their own smallest bottleneck, recursively. The bottleneck
-    alone leaves them arbitrary (the backtrack makes later stages as short as it can), which puts a
-    lone residual add on a stage of its own. Each stretch keeps its old cuts unless the new ones are
-    lower, so the vector of stage costs sorted in decreasing order never rises."""
-    m = len(edges) - 1
-    if m <= 1:
-        return []
-    costs = _segment_costs(problem, comp, cross, f_link, edges, first)
-    b = int(np.argmax(costs))
+              f_link: np.ndarray, edges: list[int]) -> list[int]:
+    """Inner cuts as good as ``edges`` (a feasible split of all stages, as positions) with the
+    stages besides the costliest balanced too. The bottleneck alone leaves them arbitrary (the
+    backtrack makes later stages as short as it can), which puts a lone residual add on a stage of
+    its own. The costliest stage keeps its segment and the stretches before and after it are each
+    split again for their own smallest bottleneck, then the same within each stretch, breadth first,
+    while the searches have swept at most k n stage-positions in all (the first search's width, so
+    this about doubles its time at most; peeling one stage at a time down to the last would cost
+    k / 2 times as much). A stretch keeps its old cuts unless the new ones lower its bottleneck, so the vector of
+    stage costs sorted in decreasing order never rises."""
+    k, n = problem.k, len(comp) - 1
     out = edges[:]
-    for lo_i, hi_i in ((0, b), (b + 1, m)):
-        if hi_i - lo_i < 2:
-            continue
-        a, z = edges[lo_i], edges[hi_i]
-        part = slice(a, z + 1)
-        stages = range(first + lo_i, first + hi_i)
-        sweep = _sweep(problem, comp[part], mem[part], cross[part], valid[part], f_link, stages)
-        cap = float(costs[lo_i:hi_i].max())
-        cuts = [a + c for c in _min_max(problem, comp[part], mem[part], cross[part], f_link, sweep, stages,
-                                        cap * (1 + 1e-12) + 1e-300)]
-        if _segment_costs(problem, comp, cross, f_link, [a, *cuts, z], stages.start).max() < cap:
-            out[lo_i:hi_i + 1] = [a, *cuts, z]
-        out[lo_i:hi_i + 1] = [a, *_balanced(problem, comp, mem, cross, valid, f_link, out[lo_i:hi_i + 1],
-                                             stages.start), z]
+    budget = k * n
+    queue = collections.deque([(0, k)])
+    while queue:
+        i, j = queue.popleft()
+        costs = _segment_costs(problem, comp, cross, f_link, out[i:j + 1], i)
+        b = i + int(np.argmax(costs))
+        for lo_i, hi_i in ((i, b), (b + 1, j)):
+            a, z = out[lo_i], out[hi_i]
+            work = (hi_i - lo_i) * (z - a)
+            if hi_i - lo_i < 2 or work > budget:
+                continue
+            budget -= work
+            part = slice(a, z + 1)
+            stages = range(lo_i, hi_i)
+            sweep = _sweep(problem, comp[part], mem[part], cross[part], valid[part], f_link, stages)
+            cap = float(costs[lo_i - i:hi_i - i].max())
+            cuts = [a + c for c in _min_max(problem, comp[part], mem[part], cross[part], f_link, sweep, stages,
+                                            cap * (1 + 1e-12) + 1e-300)]
+            if _segment_costs(problem, comp, cross, f_link, [a, *cuts, z], lo_i).max() < cap:
+                out[lo_i + 1:hi_i] = cuts
+            queue.append((lo_i, hi_i))
     return out[1:-1]
 
 

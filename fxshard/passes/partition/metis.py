@@ -15,9 +15,9 @@ graph the order decides which splits exist (:mod:`orders`). ``metis_partition``:
    Where no split of a METIS order fits memory, or links are non-uniform under ``direct``
    (the DP's cuts are then not exact), ``repair`` of the labels is the candidate instead.
 3. The best distinct candidates are refined by descent (``refine`` with ``patience=0``:
-   single-unit moves across the bottleneck stage's boundaries that keep every edge forward,
-   pins and memory limits), and the best of them by Fiduccia-Mattheyses passes, which take
-   uphill moves too.
+   single-unit moves across the bottleneck stage's boundaries, or the next costliest stage's
+   where none across the bottleneck's helps, that keep every edge forward, pins and memory
+   limits), and the best of them by Fiduccia-Mattheyses passes, which take uphill moves too.
 
 The best result wins, ties to the earliest candidate. The search shrinks as the graph grows:
 eleven depth-first orders up to 100 units, five up to 2,000, one up to 20,000, then none;

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxshard.passes.partition.evaluate import evaluate
+from fxshard.passes.partition.evaluate import StageCosts, evaluate
 from fxshard.passes.partition.problem import PIN_FIRST, PIN_LAST, Problem
 
 __all__ = ["priority_order", "refine", "repair"]
@@ -133,7 +133,7 @@ def _pass(problem: Problem, start: np.ndarray, start_key: tuple, patience: int, 
     return best, best_key, moves
 
 
-def _best_move(problem: Problem, stage: np.ndarray, s: int, costs, counts: np.ndarray, locked: np.ndarray,
+def _best_move(problem: Problem, stage: np.ndarray, s: int, costs: StageCosts, counts: np.ndarray, locked: np.ndarray,
                limit: np.ndarray, pred_ptr: np.ndarray, pred: np.ndarray) -> tuple | None:
     """(key, unit, target, costs) of the move touching stage s with the smallest key, or None."""
     chosen = None
