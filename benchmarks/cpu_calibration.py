@@ -108,15 +108,18 @@ def model_ref(name: str, *, quick: bool = False) -> str:
 
 def pipeline_plan(ref: str, ranks: int) -> object:
     """fxshard's pipeline for ``ranks`` CPU ranks: one stage per rank, 1F1B, 2 x stages micro-batches
-    where they divide the batch (else one per stage)."""
+    where they divide the batch (else one per stage), with the loss the ranks train with priced."""
     import fxshard
     from fxshard import zoo
+    from fxshard.calibrate_dist import run_objective
+    from fxshard.capture import capture
 
     zm = zoo.resolve(ref)
     batch = zm.example_inputs[0].shape[0]
     microbatches = 2 * ranks if batch % (2 * ranks) == 0 else ranks
+    loss_fn, target = run_objective(capture(zm.model, zm.example_inputs))
     return fxshard.plan(zm.model, f"{ranks}xcpu:4GB", zm.example_inputs, strategy="pipeline", stages=ranks,
-                        schedule="1f1b", microbatches=microbatches)
+                        schedule="1f1b", microbatches=microbatches, loss_fn=loss_fn, example_target=target)
 
 
 def adam_step_s(ref: str, param_bytes: list[int], *, repeats: int = 3) -> float:

@@ -98,10 +98,11 @@ def split_text(order: list[str], starts: list[str]) -> str:
 
 def run_model(name: str, world: int, args: argparse.Namespace) -> dict:
     mc = w.case(name, args.quick)
-    model, x, _ = mc.build()
+    model, x, target = mc.build()
     devices = f"{world}xcpu:16GB"
+    # the loss every side trains with, priced on fxshard's last stage
     options = {"strategy": "pipeline", "stages": world, "schedule": args.schedule, "microbatches": args.microbatches,
-               "activation_checkpointing": "none"}
+               "activation_checkpointing": "none", "loss_fn": mc.loss, "example_target": target}
     captured = capture(model, (x,))
     pieces = w.pieces_of(captured.gm, mc)
     order = w.piece_order(pieces)

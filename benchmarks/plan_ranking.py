@@ -142,17 +142,21 @@ def make_plans(model_ref: str, candidates: Sequence[Candidate]) -> tuple[Any, li
     """The captured model and one plan per candidate (the skewed partitioner registered meanwhile)."""
     import fxshard
     from fxshard import zoo
+    from fxshard.calibrate_dist import run_objective
     from fxshard.capture import capture
     from fxshard.passes.partition import register_partitioner, unregister_partitioner
 
     zm = zoo.resolve(model_ref)
+    captured = capture(zm.model, zm.example_inputs)
+    loss_fn, target = run_objective(captured)  # what the ranks train with, priced
     register_partitioner(SKEWED, first_block_alone)
     try:
-        plans = [fxshard.plan(zm.model, DEVICES, zm.example_inputs, strategy="pipeline", **c.options)
+        plans = [fxshard.plan(zm.model, DEVICES, zm.example_inputs, strategy="pipeline", loss_fn=loss_fn,
+                              example_target=target, **c.options)
                  for c in candidates]
     finally:
         unregister_partitioner(SKEWED)
-    return capture(zm.model, zm.example_inputs), plans
+    return captured, plans
 
 
 def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
@@ -168,7 +172,8 @@ def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
     from fxshard.simulate_plan import simulate_plan
 
     if profiled:
-        from fxshard.calibrate_dist import reprice
+        from fxshard.calibrate_dist import reprice, run_loss
+        loss = run_loss(captured)
     out = []
     for plan in plans:
         analytical = simulate_plan(plan).step_time_s
@@ -177,7 +182,7 @@ def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
             fraction = 1.0 / (plan.microbatches * plan.replicas)
             cost = ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock=clock,
                                      stage_of=plan.stage_of())
-            prof = simulate_plan(reprice(captured, plan, cost)).step_time_s
+            prof = simulate_plan(reprice(captured, plan, cost, loss=loss)).step_time_s
         out.append((analytical, prof))
     return out
 

@@ -46,8 +46,9 @@ def main() -> None:
     target = torch.roll(tokens, shifts=-1, dims=1)  # next-token prediction on a fixed batch
 
     devices = f"{world}x{'cpu:4GB' if device.type == 'cpu' else 'H100-80GB'}"
+    # example_target prices the loss on the last stage (its shapes only)
     compiled = fxshard.compile(model, devices, (tokens,), strategy="pipeline", schedule=args.schedule,
-                               microbatches=args.microbatches, loss_fn=lm_loss)
+                               microbatches=args.microbatches, loss_fn=lm_loss, example_target=target)
     if rank == 0:
         print(compiled.plan, flush=True)
     optimizer = torch.optim.AdamW(compiled.parameters(), lr=args.lr)

@@ -10,6 +10,8 @@ of these runs the plan is chosen once, when it is bound (:func:`fxshard.runtime.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -67,7 +69,6 @@ class CompiledModel:
         try:
             self._options = PlanOptions(**options)
         except TypeError as e:
-            import dataclasses
             import difflib
 
             known = [f.name for f in dataclasses.fields(PlanOptions)]
@@ -182,6 +183,9 @@ class CompiledModel:
         if loss_fn is None:
             raise ExecutionError("step needs a loss: pass loss_fn=... here or to fxshard.compile "
                                  "(called as loss_fn(output, target), or loss_fn(output) without a target)")
+        if self._plan is None and target is not None and self._options.example_target is None:
+            # planned at this first call: the compiled loss is priced with this target's shapes
+            self._options = dataclasses.replace(self._options, example_target=target)
         self._ensure(args, kwargs)
         return self._execution.step(args, kwargs, target, loss_fn)
 

@@ -23,17 +23,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.fx
+import torch.utils._pytree
+
 from fxshard.calibrate_dist_report import DistCalibrationReport, DistRankRow, DistStageRow
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
 from fxshard.cost_models import estimate, scale_batch
 from fxshard.cost_models.analysis import analyze
+from fxshard.cost_models.loss import LossGraph, capture_loss
 from fxshard.errors import ExecutionError, UsageError
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
 
 __all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow", "PlanRun", "RankRun", "StageRun", "calibrate_plan",
-           "capture_model", "check_ranks", "compare_run", "reprice", "resolve_model", "run_plan",
+           "capture_model", "check_ranks", "compare_run", "reprice", "resolve_model", "run_loss", "run_objective", "run_plan",
            "world_of"]
 
 _TAIL = 3000  # characters of a failing rank's error quoted
@@ -262,7 +267,8 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
 # -- predictions -----------------------------------------------------------------------------
 
 
-def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any) -> tuple[Plan, tuple[StageSummary, ...]]:
+def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any,
+            loss: LossGraph | None = None) -> tuple[Plan, tuple[StageSummary, ...]]:
     """:func:`reprice`, with the stage summaries (activation bytes per micro-batch) it priced."""
     from fxshard.candidate_shapes import PipelineGroup, Shape
     from fxshard.candidates import Pricer, price_pipeline
@@ -297,7 +303,7 @@ def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any) -> tuple[Plan,
     group = PipelineGroup(depth=depth, replicas=plan.replicas, placement="flat", schedules=(plan.schedule,),
                           microbatches=((plan.microbatches,),))
     opts = PlanOptions(training=plan.training, optimizer=plan.optimizer)
-    priced = price_pipeline(Pricer(captured, cost_model, plan.batch_size), cluster, group, stage_of, stage_devices,
+    priced = price_pipeline(Pricer(captured, cost_model, plan.batch_size, loss=loss), cluster, group, stage_of, stage_devices,
                             shape, opts, plain=(per_stage, plain))
     if priced.refused or not priced.stages:
         raise ExecutionError(f"the plan's schedule cannot be priced: {priced.note}")
@@ -315,7 +321,7 @@ def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any) -> tuple[Plan,
     return out, priced.stages
 
 
-def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any) -> Plan:
+def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any, *, loss: LossGraph | None = None) -> Plan:
     """``plan`` (its split, schedule, micro-batches and levers) priced by ``cost_model``.
 
     Every stage's forward and backward seconds and memory are priced as the planner prices a
@@ -329,11 +335,36 @@ def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any) -> Plan:
         plan: a ``pipeline`` or ``hybrid`` plan of it.
         cost_model: a registered name or a cost model, e.g.
             ``ProfiledCostModel(threads=1, batch_fraction=1 / plan.microbatches)``.
+        loss: the training loss on the last stage (:func:`fxshard.cost_models.loss.capture_loss`;
+            :func:`run_loss` gives the one :func:`run_plan` trains with); None: not priced.
 
     Raises:
         ExecutionError: another strategy, or a schedule the plan's counts cannot run.
     """
-    return _priced(captured, plan, cost_model)[0]
+    return _priced(captured, plan, cost_model, loss)[0]
+
+
+def run_objective(captured: CapturedGraph) -> tuple[Any, torch.Tensor]:
+    """The loss :func:`run_plan`'s ranks train with and a ``meta`` target of its shapes (next-token
+    cross entropy for a language model, else MSE against zeros:
+    ``calibrate_dist_worker.natural_objective``), from ``captured``'s input and output shapes:
+    ``fxshard.plan(..., loss_fn=fn, example_target=target)`` prices it on the last stage."""
+    from fxshard.calibrate_dist_worker import natural_objective
+
+    def meta(node: Any) -> Any:
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        return torch.empty(val.shape, dtype=val.dtype, device="meta") if isinstance(val, torch.Tensor) else None
+
+    nodes = list(captured.gm.graph.nodes)
+    first = next((n for n in nodes if n.op == "placeholder"), None)
+    out = next(n for n in nodes if n.op == "output").args[0]
+    outputs = [meta(v) for v in torch.utils._pytree.tree_leaves(out) if isinstance(v, torch.fx.Node)]
+    return natural_objective(meta(first), outputs[0])
+
+
+def run_loss(captured: CapturedGraph) -> LossGraph:
+    """:func:`run_objective`'s loss captured over ``captured``'s output, for :func:`reprice`."""
+    return capture_loss(captured, *run_objective(captured))
 
 
 def calibrate_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: int | None = None,
@@ -394,7 +425,8 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
     from fxshard.simulate_plan import simulate_plan
 
     plan = run.plan
-    analytical, summaries = _priced(captured, plan, "analytical")
+    loss = run_loss(captured)  # what the ranks trained with, priced on the last stage
+    analytical, summaries = _priced(captured, plan, "analytical", loss)
     prof = None
     # One torch thread per rank runs the stage in the calling thread: its CPU time is the compute,
     # without the waits for a core of a loaded machine (cost_models/timing.py, clock="cpu").
@@ -403,7 +435,7 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
         fraction = 1.0 / (plan.replicas * plan.microbatches)
         # Segments end at the plan's stage boundaries too: a block the plan cuts is timed as its stages hold it.
         prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction,
-                                                         clock=clock, stage_of=plan.stage_of()))
+                                                         clock=clock, stage_of=plan.stage_of()), loss=loss)
     measured = {m.index: m for m in run.stages}
     # A measured backward is the mean over the step's micro-batches, accumulation included.
     as_run = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, fwd_time_s=measured[s.index].fwd_s,

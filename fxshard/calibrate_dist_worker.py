@@ -60,17 +60,50 @@ def _mse_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
 
 
 def objective(model: torch.nn.Module, inputs: tuple) -> tuple[Callable, torch.Tensor]:
-    """The model's natural training loss and a target for it: next-token cross entropy for a
-    model from (batch, seq) token ids to (batch, seq, vocab) logits, else MSE of the first
-    output against zeros (the output's shape from a forward on the meta device)."""
+    """The model's natural training loss and a target for it (:func:`natural_objective`), the
+    output's shape from a forward on the meta device."""
     with torch.no_grad():
         out = model(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    tokens = inputs[0] if inputs else None
+    return natural_objective(inputs[0] if inputs else None, out)
+
+
+def natural_objective(first_input: Any, output: Any) -> tuple[Callable, torch.Tensor]:
+    """Next-token cross entropy for a model from (batch, seq) token ids to (batch, seq, vocab)
+    logits, else MSE of the first output against zeros; the target on ``first_input``'s device
+    (``meta`` tensors give a ``meta`` target, for pricing)."""
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    tokens = first_input
     if (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
             and out.dim() == 3 and tuple(out.shape[:2]) == tuple(tokens.shape)):
         return _lm_loss, torch.roll(tokens, shifts=-1, dims=1)
-    return _mse_loss, torch.zeros(out.shape, dtype=torch.float32)
+    device = tokens.device if isinstance(tokens, torch.Tensor) else "cpu"
+    return _mse_loss, torch.zeros(out.shape, dtype=torch.float32, device=device)
+
+
+class _LossClock:
+    """The loss, timed: torch's schedule computes it after the last stage's forward, outside
+    ``forward_one_chunk``; its seconds join that stage's forward (its backward runs inside
+    ``backward_one_chunk`` already)."""
+
+    def __init__(self, loss_fn: Callable) -> None:
+        self.loss_fn = loss_fn
+        self.wall = self.cpu = 0.0
+        self.last: _StageClock | None = None  # the last stage's clock, where the loss's saved bytes go
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        last = self.last
+        counter = SavedTensors(exclude=last.params) if last is not None and last.count else None
+        c0, t0 = time.thread_time(), time.perf_counter()
+        try:
+            if counter is None:
+                return self.loss_fn(*args)
+            with counter.counting():
+                return self.loss_fn(*args)
+        finally:
+            self.wall += time.perf_counter() - t0
+            self.cpu += time.thread_time() - c0
+            if counter is not None:  # the micro-batch whose forward the last stage just ran
+                last.saved[last.chunk] = last.saved.get(last.chunk, 0) + counter.bytes
 
 
 class _StageClock:
@@ -82,6 +115,7 @@ class _StageClock:
         self.index = stage.stage_index
         self.params = params
         self.count = False
+        self.chunk = 0  # the micro-batch of the last forward
         self.saved: dict[int, int] = {}
         self.reset()
         for name, kind in (("forward_one_chunk", "fwd"), ("backward_one_chunk", "bwd"),
@@ -94,6 +128,8 @@ class _StageClock:
 
     def _wrap(self, call: Callable, kind: str) -> Callable:
         def timed(chunk: int, *args: Any, **kwargs: Any) -> Any:
+            if kind == "fwd":
+                self.chunk = chunk
             counter = SavedTensors(exclude=self.params) if self.count and kind == "fwd" else None
             c0, t0 = time.thread_time(), time.perf_counter()
             if counter is not None:
@@ -137,14 +173,16 @@ def run(job: dict, plan: Plan) -> dict:
     model = zm.model.to("meta")  # a zoo model comes on meta already; a factory's weights are freed here
     inputs = real_inputs(model, zm.example_inputs, seed=kwargs.get("seed", 0))
     loss_fn, target = objective(model, inputs)
+    loss_clock = _LossClock(loss_fn)
     probe = ResidentPeak()
     probe.start()
-    compiled = fxshard.CompiledModel(model, Cluster.from_dict(plan.cluster), inputs, plan=plan, loss_fn=loss_fn)
+    compiled = fxshard.CompiledModel(model, Cluster.from_dict(plan.cluster), inputs, plan=plan, loss_fn=loss_clock)
     params = list(compiled.parameters())
     optimizer = _optimizer(plan.optimizer, params)
     # The rank's torch PipelineStage objects: CompiledModel keeps its execution private, and the
     # stage calls are timed where torch's schedule makes them.
     clocks = [_StageClock(s, params) for s in compiled._execution.local.stages]
+    loss_clock.last = next((c for c in clocks if c.index == plan.num_stages - 1), None)
     steps, warmup = job["steps"], job["warmup"]
     step_s: list[float] = []
     step_cpu_s: list[float] = []
@@ -154,6 +192,7 @@ def run(job: dict, plan: Plan) -> dict:
         for c in clocks:
             c.reset()
             c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
+        loss_clock.wall = loss_clock.cpu = 0.0
         dist.barrier()
         c0, t0 = time.thread_time(), time.perf_counter()
         _train_step(compiled, inputs, target, optimizer, params)
@@ -164,9 +203,10 @@ def run(job: dict, plan: Plan) -> dict:
             for c in clocks:
                 rows = per_stage[c.index]
                 m = plan.microbatches
-                rows["fwd"].append(c.wall["fwd"] / m)
+                last = c.index == plan.num_stages - 1
+                rows["fwd"].append((c.wall["fwd"] + (loss_clock.wall if last else 0.0)) / m)
                 rows["bwd"].append(c.wall["bwd"] / m)
-                rows["fwd_cpu"].append(c.cpu["fwd"] / m)
+                rows["fwd_cpu"].append((c.cpu["fwd"] + (loss_clock.cpu if last else 0.0)) / m)
                 rows["bwd_cpu"].append(c.cpu["bwd"] / m)
     # Memory: one more step with glibc's mmap threshold pinned, so every freed tensor leaves the
     # resident set, and the heap's free pages handed back first. Pinned only now: its page faults

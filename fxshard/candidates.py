@@ -35,6 +35,7 @@ from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.cost_models.checkpointing import checkpoint_cost as default_checkpoint_cost
+from fxshard.cost_models.loss import LossGraph, with_loss
 from fxshard.cost_models.optimizer_step import StepRates, optimizer_step_transient_bytes
 from fxshard.errors import PartitionError, PlanError
 from fxshard.levers import (
@@ -62,8 +63,11 @@ class Pricer:
     """Costs of the captured graph per (device spec, batch fraction), computed once each."""
 
     def __init__(self, captured: CapturedGraph, cost_model: str, batch: int, *,
-                 checkpoint_cost: CheckpointCostFn | None = None) -> None:
+                 checkpoint_cost: CheckpointCostFn | None = None, loss: LossGraph | None = None) -> None:
         self.captured = captured
+        # The training loss on the last stage (fxshard/cost_models/loss.py), priced by its own pricer.
+        self.loss = loss or LossGraph(None, "")
+        self._loss = Pricer(self.loss.captured, cost_model, batch) if self.loss.captured is not None else None
         self.batch = batch
         self.cost_model = cost_model
         self.works = analyze(captured)
@@ -104,6 +108,18 @@ class Pricer:
                     dataclasses.replace(c, work=w, fwd_time_s=c.fwd_time_s * fraction, bwd_time_s=c.bwd_time_s * fraction)
                     for c, w in zip(full.nodes, scaled)))
         return self._cache[key]
+
+    def loss_summary(self, spec: DeviceSpec, fraction: float) -> StageSummary | None:
+        """The loss's figures on ``spec`` at ``fraction`` of this pricer's batch (None: no loss priced)."""
+        if self._loss is None:
+            return None
+        costs = self._loss.costs(spec, fraction * self._scale)
+        return summarize_stages(self._loss.captured, costs, {}, 1)[0]
+
+    def with_loss(self, stage: StageSummary, spec: DeviceSpec, fraction: float, opts: PlanOptions) -> StageSummary:
+        """``stage``, the last of a training step, with the loss computed on it per micro-batch."""
+        loss = self.loss_summary(spec, fraction) if opts.training else None
+        return with_loss(stage, loss) if loss is not None else stage
 
     def bound(self, spec: DeviceSpec, group: PipelineGroup, opts: PlanOptions) -> PartitionBound:
         """The partitioner's memory bound for ``group``: its stages under the most permissive
@@ -347,13 +363,17 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
     per_stage, plain_stages = plain or _pipeline_figures(pricer, cluster, stage_of, stage_devices, shape, opts)
     levers = shape.levers
     stages, reduce = [], []
+    fraction = 1.0 / (shape.replicas * shape.microbatches)
     for costs, st, devs in zip(per_stage, plain_stages, stage_devices):
         lever = checkpointed(pricer.facts, costs, st, levers.checkpointing, pricer.checkpoint_cost)
+        sharded = levers.data_parallel == "fsdp" and shape.replicas > 1
         tail = 0.0
-        if levers.data_parallel == "fsdp" and shape.replicas > 1:
+        if sharded:
             lever, tail = pipeline_fsdp(pricer.facts, costs, lever, st, cluster, devs, optimizer=opts.optimizer,
                                         training=opts.training)
-        elif opts.training and shape.replicas > 1:
+        if st.index == len(plain_stages) - 1:
+            lever = pricer.with_loss(lever, cluster.devices[devs[0]].spec, fraction, opts)
+        if opts.training and shape.replicas > 1 and not sharded:
             tail = exposed_allreduce_time(cluster, devs, lever.param_bytes, lever.bwd_time_s)
         stages.append(lever)
         reduce.append(tail)

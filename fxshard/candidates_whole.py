@@ -39,7 +39,11 @@ def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: P
     accumulation), replicated (ddp) or sharded (fsdp) as ``levers`` say."""
     used = tuple(range(replicas))
     costs, stage = plain or _whole_model(pricer, cluster, replicas, microbatches, opts)
-    st = checkpointed(pricer.facts, costs, stage, levers.checkpointing, pricer.checkpoint_cost)
+    # the loss runs after the model on every micro-batch (fxshard/cost_models/loss.py)
+    spec, fraction = cluster.devices[used[0]].spec, 1.0 / (replicas * microbatches)
+    st = pricer.with_loss(checkpointed(pricer.facts, costs, stage, levers.checkpointing, pricer.checkpoint_cost),
+                          spec, fraction, opts)
+    stage = pricer.with_loss(stage, spec, fraction, opts)
     backward = st.bwd_time_s if opts.training else 0.0
     if levers.data_parallel == "fsdp":
         st, units = fsdp_stage(pricer.facts, costs, st, stage, replicas, optimizer=opts.optimizer,

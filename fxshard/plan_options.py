@@ -43,7 +43,10 @@ class PlanOptions:
     lower bound shows they cannot beat the best found (a reference for the pruned search; same
     plan, slower). ``factors`` (a factors file's path, or :class:`FittedFactors`) prices the
     presets it names with roofline factors fitted by ``fxshard calibrate --save-factors``; the
-    others keep their datasheet factors (docs/calibration.md). See docs/planning.md.
+    others keep their datasheet factors (docs/calibration.md). A training plan with ``loss_fn``
+    prices the loss on its last stage (fxshard/cost_models/loss.py), called as
+    ``loss_fn(output, example_target)``, or ``loss_fn(output)`` without ``example_target``. See
+    docs/planning.md.
     """
 
     training: bool = True
@@ -57,6 +60,7 @@ class PlanOptions:
     data_parallel: str | None = None
     stages: int | None = None
     loss_fn: Any = None
+    example_target: Any = None  # a target of one batch for loss_fn(output, target): the loss is then priced
     seed: int = 0
     memory_reserve: float = 0.05
     name: str | None = None

@@ -43,6 +43,7 @@ from fxshard.candidates_whole import price_whole_model
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, format_bytes
 from fxshard.comm import group_link, ring_allreduce_time
+from fxshard.cost_models.loss import capture_loss
 from fxshard.errors import PartitionerError, PartitionError, PlanError
 from fxshard.plan import Alternative, Estimate, ModelInfo, Plan, StagePlan
 from fxshard.plan_options import STRATEGY_ORDER, PlanOptions, batch_size_of, check_request, divisors
@@ -63,8 +64,8 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
         example_kwargs: keyword inputs besides positional ones (``example_inputs`` may then be
             left out: ``plan(model, devices, example_kwargs=batch)``).
         **options: :class:`PlanOptions` fields (training, optimizer, microbatches, schedule,
-            partitioner, cost_model, strategy, activation_checkpointing, data_parallel, loss_fn, seed,
-            memory_reserve, name, exhaustive, factors).
+            partitioner, cost_model, strategy, activation_checkpointing, data_parallel, loss_fn,
+            example_target, seed, memory_reserve, name, exhaustive, factors).
 
     Returns:
         The best :class:`Plan`, with the ranked alternatives it beat.
@@ -95,7 +96,8 @@ def plan(model: torch.nn.Module, devices: Any, example_inputs: Any = None, *,
 def plan_captured(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanOptions) -> Plan:
     """:func:`plan` for an already captured graph."""
     check_request(captured, cluster, batch, opts)
-    pricer = Pricer(captured, opts.pricing_model, batch)
+    loss = capture_loss(captured, opts.loss_fn if opts.training else None, opts.example_target)
+    pricer = Pricer(captured, opts.pricing_model, batch, loss=loss)
     ranked = _search(pricer, cluster, batch, opts)
     best = ranked[0]
     if not best.fits and all(c.refused for c in ranked):
@@ -221,13 +223,15 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                 model=ModelInfo(name=opts.name or captured.model_name, nodes=len(captured.nodes),
                                 param_bytes=full.param_bytes, fingerprint=captured.fingerprint(),
                                 method=captured.method),
-                stages=tuple(stages), estimate=step_estimate, reason=_reason(best, ranked, cluster, batch, opts),
+                stages=tuple(stages), estimate=step_estimate,
+                reason=_reason(best, ranked, cluster, batch, opts, pricer.loss.note),
                 data_parallel=best.data_parallel, reshard_after_forward=best.reshard_after_forward,
                 alternatives=tuple(alternatives[:16]),
                 estimated_nodes=pricer.estimated({cluster.devices[d].spec.name for d in used}))
 
 
-def _reason(best: Priced, ranked: list[Priced], cluster: Cluster, batch: int, opts: PlanOptions) -> str:
+def _reason(best: Priced, ranked: list[Priced], cluster: Cluster, batch: int, opts: PlanOptions,
+            loss_note: str = "") -> str:
     rate = batch / best.step_time_s
     parts = []
     if opts.strategy is not None:
@@ -256,6 +260,8 @@ def _reason(best: Priced, ranked: list[Priced], cluster: Cluster, batch: int, op
         parts.append(f"next best: {runner.strategy} ({_describe(runner)}) at {batch / runner.step_time_s:.1f} samples/s")
     if opts.factors is not None:  # a saved plan says how it was priced
         parts.append(opts.factors_note(d.spec.name for d in cluster.devices))
+    if loss_note:
+        parts.append(loss_note)
     return "; ".join(parts)
 
 

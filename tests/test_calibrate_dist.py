@@ -15,8 +15,11 @@ from fxshard.calibrate_dist import (
     capture_model,
     compare_run,
     reprice,
+    run_loss,
+    run_objective,
     run_plan,
 )
+from fxshard.capture import capture
 from fxshard.cost_models import ProfiledCostModel
 from fxshard.errors import ExecutionError
 
@@ -26,8 +29,9 @@ MODEL, BATCH = "gpt2-tiny", 4
 @pytest.fixture(scope="module")
 def plan():
     zm = zoo.resolve(MODEL, batch_size=BATCH)
+    loss_fn, target = run_objective(capture(zm.model, zm.example_inputs))  # what the ranks train with, priced
     return fxshard.plan(zm.model, "2xcpu:1GB", zm.example_inputs, strategy="pipeline", schedule="1f1b",
-                        microbatches=2)
+                        microbatches=2, loss_fn=loss_fn, example_target=target)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,9 @@ def test_the_report_round_trips_through_json(report):
 
 
 def test_reprice_with_the_plans_own_cost_model_returns_its_figures(plan, captured):
-    same = reprice(captured, plan, "analytical")
+    loss = run_loss(captured)
+    assert loss.captured is not None
+    same = reprice(captured, plan, "analytical", loss=loss)
     for a, b in zip(plan.stages, same.stages):
         for field in ("fwd_time_s", "bwd_time_s", "peak_memory_bytes", "send_bytes", "param_bytes", "flops"):
             assert math.isclose(getattr(a, field), getattr(b, field), rel_tol=1e-9), field
@@ -115,7 +121,8 @@ def test_reprice_with_the_plans_own_cost_model_returns_its_figures(plan, capture
 
 
 def test_reprice_with_another_cost_model_changes_the_times_not_the_split(plan, captured):
-    other = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=1, batch_fraction=1 / plan.microbatches))
+    other = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=1, batch_fraction=1 / plan.microbatches),
+                    loss=run_loss(captured))
     assert [s.nodes for s in other.stages] == [s.nodes for s in plan.stages]
     assert [s.fwd_time_s for s in other.stages] != [s.fwd_time_s for s in plan.stages]
     assert other.estimate.step_time_s != plan.estimate.step_time_s
