@@ -70,13 +70,15 @@ class RankRun:
     """One rank: its stages, and the resident-set peak above the baseline taken before it built
     them (model on meta), over one training step with the optimizer run after the timed ones with
     glibc's mmap threshold pinned (weights, gradients, optimizer state, in-flight activations,
-    transients, communication buffers)."""
+    transients, communication buffers), less ``code_bytes``: the library code that became
+    resident after the baseline (file-backed pages; libtorch's kernels the first steps ran)."""
 
     rank: int
     stages: tuple[int, ...]
     peak_bytes: int
     baseline_bytes: int
     param_bytes: int = 0  # the rank's parameter bytes (its stages' weights, as materialised)
+    code_bytes: int = 0
     steps_s: tuple[float, ...] = ()  # this rank's own step times
     # The same steps in the rank's thread CPU time: less its stages' compute, what the step costs
     # besides it (optimizer step, the schedule's bookkeeping, gloo calls), which no stage time holds.
@@ -258,7 +260,8 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
                                 saved_bytes_per_microbatch=tuple(s["saved_bytes"])) for s in stages)
     ranks = tuple(RankRun(rank=r["rank"], stages=tuple(s["index"] for s in r["stages"]), peak_bytes=r["peak_bytes"],
                           baseline_bytes=r["baseline_bytes"], param_bytes=r["param_bytes"],
-                          steps_s=tuple(r["steps_s"]), steps_cpu_s=tuple(r["steps_cpu_s"]))
+                          code_bytes=r.get("code_bytes", 0), steps_s=tuple(r["steps_s"]),
+                          steps_cpu_s=tuple(r["steps_cpu_s"]))
                   for r in sorted(results, key=lambda r: r["rank"]))
     return PlanRun(plan=plan, world=world, threads=threads, step_s=statistics.median(steps), steps_s=steps,
                    stages=stage_runs, ranks=ranks)

@@ -56,7 +56,8 @@ from fxshard.simulate import SimulationError, StageFigures, StageTiming, simulat
 
 __all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "device_capacity", "lever_choices",
            "microbatch_counts", "optimizer_figures", "partition_group", "pipeline_groups", "price_levers",
-           "price_pipeline", "rank_devices", "shape_bound", "stage_counts", "step_passes", "unfit"]
+           "price_pipeline", "rank_devices", "receive_buffer_bytes", "shape_bound", "stage_counts", "step_passes",
+           "unfit"]
 
 
 class Pricer:
@@ -333,21 +334,41 @@ def step_passes(stages: Sequence[StageSummary], costs: Sequence[GraphCosts], clu
     return out
 
 
+def receive_buffer_bytes(stages: Sequence[StageSummary], devices: Sequence[Sequence[int]], microbatches: int, *,
+                         training: bool) -> list[float]:
+    """Per stage, what torch's ``PipelineStage`` keeps for what it receives from another device:
+    one buffer per micro-batch for the activations from the stage before
+    (``_prepare_forward_infra`` builds ``args_recv_info[chunk]`` for every chunk) and, in training,
+    for the gradients from the stage after (``_setup_backward_recv_info``, per micro-batch), each
+    the size of one micro-batch's boundary, alive for the whole step."""
+    out = []
+    for s, (st, devs) in enumerate(zip(stages, devices)):
+        held = 0.0
+        if s > 0 and devices[s - 1][0] != devs[0]:
+            held += stages[s - 1].send_bytes
+        if training and s + 1 < len(stages) and devices[s + 1][0] != devs[0]:
+            held += st.send_bytes
+        out.append(microbatches * held)
+    return out
+
+
 def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: tuple[tuple[int, ...], ...],
-                   opts: PlanOptions, reduce: tuple[float, ...], shards: int) -> list[StageTiming]:
-    """The simulator's rows of priced stages (:func:`step_passes` has set their step passes)."""
+                   opts: PlanOptions, reduce: tuple[float, ...], shards: int, microbatches: int) -> list[StageTiming]:
+    """The simulator's rows of priced stages (:func:`step_passes` has set their step passes); a
+    stage's static memory holds its state and its receive buffers (:func:`receive_buffer_bytes`)."""
+    buffers = receive_buffer_bytes(stages, devices, microbatches, training=opts.training)
     on_device: dict[int, list[StageSummary]] = {}
     for st, devs in zip(stages, devices):
         on_device.setdefault(devs[0], []).append(st)
     figures = []
-    for st, devs, r in zip(stages, devices, reduce):
+    for st, devs, r, held in zip(stages, devices, reduce, buffers):
         mates = on_device[devs[0]]
         spec = cluster.devices[devs[0]].spec
         sizes = [x / shards for m in mates for x in m.optimizer_param_sizes]
         temporaries = (optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind) / len(mates)
                        if opts.training else 0.0)
         figures.append(StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
-                                    activation_bytes=st.activation_bytes, static_bytes=st.state_bytes,
+                                    activation_bytes=st.activation_bytes, static_bytes=st.state_bytes + held,
                                     transient_bytes=st.transient_bytes, reduce_s=r, optimizer_s=st.optimizer_time_s,
                                     optimizer_transient_bytes=temporaries, accumulate_s=st.accumulate_time_s,
                                     accumulate_bytes=st.largest_param_bytes))
@@ -381,7 +402,8 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
     stages = step_passes(stages, per_stage, cluster, stage_devices, opts, shards)
     try:
         result = simulate(shape.schedule, _stage_timings(tuple(stages), cluster, stage_devices, opts,
-                                                         tuple(reduce), shards), shape.microbatches)
+                                                         tuple(reduce), shards, shape.microbatches),
+                          shape.microbatches)
     except SimulationError as e:
         return unfit(group, stage_devices, str(e), schedule=shape.schedule, refused=True)
     share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}

@@ -38,7 +38,7 @@ def test_simulate_plan_survives_the_json_round_trip(pipe):
     ("1xcpu:64MB", {}),
     ("4xcpu:64MB", {"strategy": "ddp"}),
     ("4xcpu:3MB", {"strategy": "hybrid"}),
-    ("2xcpu:3MB", {"strategy": "pipeline", "schedule": "zbv"}),
+    ("2xcpu:4MB", {"strategy": "pipeline", "schedule": "zbv"}),
     ("4xcpu:3MB", {"strategy": "pipeline", "training": False}),
 ], ids=["single", "ddp", "hybrid", "zbv", "inference"])
 def test_simulate_plan_repeats_every_strategy(gpt2, devices, options):

@@ -29,8 +29,8 @@ import torch
 
 from fxshard.errors import CostModelError
 
-__all__ = ["GLIBC_MMAP_THRESHOLD_MAX", "ResidentPeak", "SavedTensors", "pin_mmap_threshold", "resident_bytes",
-           "trim_heap"]
+__all__ = ["GLIBC_MMAP_THRESHOLD_MAX", "ResidentPeak", "SavedTensors", "file_backed_bytes", "pin_mmap_threshold",
+           "resident_bytes", "trim_heap"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -71,14 +71,23 @@ def trim_heap() -> None:
 
 
 def _status() -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of this process, in bytes."""
+    """``VmRSS``, ``VmHWM`` and ``RssFile`` of this process, in bytes."""
     out = {}
     with open(_STATUS) as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssFile"):
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def file_backed_bytes() -> int | None:
+    """This process's resident file-backed pages now (``RssFile``: the code of the libraries it
+    has run, which stays resident; None where ``/proc`` does not say)."""
+    try:
+        return _status().get("RssFile")
+    except OSError:
+        return None
 
 
 def resident_bytes() -> int | None:

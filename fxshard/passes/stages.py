@@ -8,7 +8,9 @@ stage that reads it) and totals each stage exactly:
   stages is held on both, as Megatron does with embeddings);
 - activations: the tensors the stage's nodes save for backward, each once per stage, a
   tensor received from an earlier stage included (the stage keeps its own copy);
-- transient: the largest single node's output plus its gradient (the logits of an LM head);
+- transient: the largest single node's output plus its gradient (the logits of an LM head),
+  plus, in training, what its backward kernels hold besides (``NodeWork.backward_workspace_bytes``:
+  a convolution's blocked copies on the CPU);
 - the tensors the optimizer step updates (fp32 master copies for 16-bit parameters), whose
   temporaries fxshard.cost_models.optimizer_step prices by device, and the largest parameter,
   whose new gradient is alive next to the accumulated one while a micro-batch accumulates;
@@ -92,7 +94,8 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
         own = stage_costs[s] if stage_costs is not None else costs
         works = [costs[n].work for n in names]
         params = sum(size for size, is_param, _ in held[s].values() if is_param)
-        transient = max((2 * w.output_bytes for w in works if w.op not in ("get_attr", "placeholder")), default=0)
+        transient = max((2 * w.output_bytes + (w.backward_workspace_bytes if training else 0)
+                         for w in works if w.op not in ("get_attr", "placeholder")), default=0)
         modules = [w.module for w in works if w.module]
         summaries.append(StageSummary(
             index=s, nodes=tuple(names), fwd_flops=float(sum(w.fwd_flops for w in works)),
