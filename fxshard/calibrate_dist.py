@@ -79,6 +79,7 @@ class RankRun:
     baseline_bytes: int
     param_bytes: int = 0  # the rank's parameter bytes (its stages' weights, as materialised)
     code_bytes: int = 0
+    optimizer_cpu_s: float = 0.0  # its optimizer.step(), median over the timed steps, thread CPU time
     steps_s: tuple[float, ...] = ()  # this rank's own step times
     # The same steps in the rank's thread CPU time: less its stages' compute, what the step costs
     # besides it (optimizer step, the schedule's bookkeeping, gloo calls), which no stage time holds.
@@ -260,7 +261,8 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
                                 saved_bytes_per_microbatch=tuple(s["saved_bytes"])) for s in stages)
     ranks = tuple(RankRun(rank=r["rank"], stages=tuple(s["index"] for s in r["stages"]), peak_bytes=r["peak_bytes"],
                           baseline_bytes=r["baseline_bytes"], param_bytes=r["param_bytes"],
-                          code_bytes=r.get("code_bytes", 0), steps_s=tuple(r["steps_s"]),
+                          code_bytes=r.get("code_bytes", 0), optimizer_cpu_s=r.get("optimizer_cpu_s", 0.0),
+                          steps_s=tuple(r["steps_s"]),
                           steps_cpu_s=tuple(r["steps_cpu_s"]))
                   for r in sorted(results, key=lambda r: r["rank"]))
     return PlanRun(plan=plan, world=world, threads=threads, step_s=statistics.median(steps), steps_s=steps,
@@ -440,10 +442,19 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
         prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction,
                                                          clock=clock, stage_of=plan.stage_of()), loss=loss)
     measured = {m.index: m for m in run.stages}
-    # A measured backward is the mean over the step's micro-batches, accumulation included.
+    # A measured backward is the mean over the step's micro-batches, accumulation included; a
+    # rank's measured optimizer step is shared among its stages by their parameter bytes.
+    stepped = {i: r for r in run.ranks for i in r.stages}
+
+    def measured_step(s: Any) -> float:
+        r = stepped[s.index]
+        held = sum(plan.stages[i].param_bytes for i in r.stages)
+        return r.optimizer_cpu_s * s.param_bytes / held if held else 0.0
+
     as_run = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, fwd_time_s=measured[s.index].fwd_s,
                                                                         bwd_time_s=measured[s.index].bwd_s,
-                                                                        accumulate_time_s=0.0)
+                                                                        accumulate_time_s=0.0,
+                                                                        optimizer_time_s=measured_step(s))
                                                     for s in plan.stages))
     share = (plan.microbatches - 1) / plan.microbatches  # of the backwards that accumulate
 

@@ -82,8 +82,9 @@ class DistCalibrationReport:
     profiled_step_s: float | None
     load_average: float | None = None  # the machine's 1-minute load average before the run
     profile_clock: str = "wall"  # the profiled model's clock: "cpu" (thread CPU time) when the ranks ran 1 thread
-    # The plan simulated with the measured stage times (wall) instead of predicted ones: the
-    # simulator's share of the step error (communication, optimizer step and schedule overheads).
+    # The plan simulated with the measured stage times (wall) and each rank's measured optimizer
+    # step instead of predicted ones: the simulator's share of the step error (communication and
+    # schedule overheads).
     simulated_measured_step_s: float | None = None
 
     def errors(self, which: str = "profiled", clock: str = "wall") -> list[float]:
@@ -165,7 +166,8 @@ class DistCalibrationReport:
                          f"{err(s.predicted_s('analytical'), s.measured_s)} | {prof} | {err(p, s.measured_s)} | "
                          f"{err(p, s.measured_cpu_s)} | "
                          f"{s.saved_bytes / mib:.2f} / {s.predicted_activation_bytes / mib:.2f} MiB |")
-        lines += ["", "| step | measured | analytical | error | profiled | error | simulated from measured stages |",
+        lines += ["", "| step | measured | analytical | error | profiled | error "
+                      "| simulated from measured stages and optimizer |",
                   "|---|---|---|---|---|---|---|"]
         sim = self.simulated_measured_step_s
         lines.append(f"| whole step | {self.measured_step_s * ms:.1f} ms | {self.analytical_step_s * ms:.1f} ms | "

@@ -449,7 +449,7 @@ def test_outputs_say_where_they_were_written(tmp_path, capsys, monkeypatch):
 def test_virtual_stages_are_shown(capsys):
     # Interleaved and V-shaped schedules hold two stages per device; "4 stages" on 2 devices
     # with half of each device's memory per stage must say so.
-    assert main(["plan", "gpt2-tiny", "--devices", "2xcpu:3MB", "--batch-size", "8", "--strategy", "pipeline",
+    assert main(["plan", "gpt2-tiny", "--devices", "2xcpu:4MB", "--batch-size", "8", "--strategy", "pipeline",
                  "--schedule", "zbv"]) == 0
     out = capsys.readouterr().out
     assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in out
