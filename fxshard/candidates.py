@@ -155,10 +155,12 @@ class Pricer:
                place.link.tobytes())
         if key not in self._partitions:
             if graph_key not in self._graphs:
+                loss = self.loss_summary(spec, 1.0) if opts.training else None
                 self._graphs[graph_key] = cost_graph(
                     self.captured, self.costs(spec, 1.0), link=place.reference_link, training=opts.training,
                     optimizer=opts.optimizer, activation_factor=factor, activations=bound and bound.activations,
-                    state=bound and bound.state, colocate=bound and bound.colocate, layers=self._layers)
+                    state=bound and bound.state, colocate=bound and bound.colocate, layers=self._layers,
+                    loss=(loss.fwd_time_s + loss.bwd_time_s, loss.activation_bytes) if loss is not None else None)
             try:
                 self._partitions[key] = partition_model(
                     self.captured, cluster, n_stages, partitioner=opts.partitioner, seed=opts.seed, devices=devices,

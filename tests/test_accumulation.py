@@ -4,8 +4,6 @@ simulator and saved plans take them in."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from fxshard.capture import capture
 from fxshard.cluster import Cluster
 from fxshard.cost_models import estimate
 from fxshard.cost_models.analytical import AnalyticalCostModel, RooflineFactors, factors_for
-from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold
+from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold, trim_heap
 from fxshard.cost_models.optimizer_step import StepRates, accumulate_time, measure_step_rates
 from fxshard.cost_models.profiled import ProfiledCostModel
 from fxshard.devices import PRESETS
@@ -142,12 +140,6 @@ def test_the_profiled_model_prices_the_passes_it_measured(tiny):
     assert st.accumulate_time_s == pytest.approx(1e-9 * st.param_bytes)
 
 
-def _trim() -> None:
-    name = ctypes.util.find_library("c")
-    if name:
-        ctypes.CDLL(name).malloc_trim(0)
-
-
 @pytest.mark.skipif(not ResidentPeak.available(), reason="needs /proc/self/clear_refs (Linux)")
 def test_measured_accumulation_peak_matches_the_prediction():
     """Two micro-batches into the gradients of a model with one large embedding, on the CPU: the
@@ -171,7 +163,7 @@ def test_measured_accumulation_peak_matches_the_prediction():
 
     step()
     probe = ResidentPeak()
-    _trim()
+    trim_heap()
     probe.start()
     step()
     measured = probe.peak_bytes()

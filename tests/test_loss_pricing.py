@@ -90,8 +90,10 @@ def test_compile_planned_at_the_first_step_prices_its_target(gpt2):
     z, target = gpt2
     compiled = fxshard.compile(z.model, "2xcpu:1GB", strategy="pipeline", loss_fn=_lm_loss)
     compiled.step(*z.example_inputs, target=target)
+    priced = fxshard.plan(z.model, "2xcpu:1GB", z.example_inputs, strategy="pipeline", loss_fn=_lm_loss,
+                          example_target=target)
     plain = fxshard.plan(z.model, "2xcpu:1GB", z.example_inputs, strategy="pipeline")
-    assert compiled.plan.stages[-1].fwd_time_s > plain.stages[-1].fwd_time_s
+    assert compiled.plan.estimate == priced.estimate != plain.estimate
     assert "loss is not priced" not in compiled.plan.reason
 
 
@@ -103,3 +105,23 @@ def test_the_profiled_model_runs_the_loss():
     costs = estimate(loss.captured, PRESETS["cpu"], cost_model=model)
     assert not costs.estimated and not model.segment_fallbacks
     assert costs.fwd_time_s > 0 and costs.bwd_time_s > 0
+
+
+def test_the_partitioner_sees_the_loss_on_the_output_node(gpt2):
+    from fxshard.candidates import Pricer
+    from fxshard.cluster import Cluster
+    from fxshard.plan_options import PlanOptions
+
+    z, target = gpt2
+    captured = capture(z.model, z.example_inputs)
+    loss = capture_loss(captured, _lm_loss, target)
+    cluster, opts = Cluster.parse("2xcpu:1GB"), PlanOptions()
+    plain = Pricer(captured, "analytical", BATCH).partition(cluster, 2, [0, 1], 1.0, opts)[1]
+    priced = Pricer(captured, "analytical", BATCH, loss=loss)
+    graph = priced.partition(cluster, 2, [0, 1], 1.0, opts)[1]
+    full = priced.loss_summary(cluster.devices[0].spec, 1.0)
+    out = next(n for n, a in graph.nodes(data=True) if a.get("pin") == "last")
+    assert graph.nodes[out]["compute"] == pytest.approx(plain.nodes[out]["compute"] + full.fwd_time_s + full.bwd_time_s)
+    assert graph.nodes[out]["memory"] == pytest.approx(plain.nodes[out]["memory"] + full.activation_bytes)
+    others = [n for n in graph.nodes if n != out]
+    assert all(graph.nodes[n]["compute"] == plain.nodes[n]["compute"] for n in others)

@@ -3,8 +3,6 @@ the planner and the simulator take them in."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 
 import pytest
@@ -16,7 +14,7 @@ from fxshard.candidates_whole import price_data_parallel
 from fxshard.capture import capture
 from fxshard.cluster import Cluster
 from fxshard.cost_models.analytical import factors_for
-from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold
+from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold, trim_heap
 from fxshard.cost_models.optimizer_step import (
     optimizer_implementation,
     optimizer_step_bytes,
@@ -116,12 +114,6 @@ def test_simulate_plan_repeats_the_planner_with_the_optimizer_step(tiny, trainin
         assert a.end - a.start == pytest.approx(expected)
 
 
-def _trim() -> None:
-    name = ctypes.util.find_library("c")
-    if name:
-        ctypes.CDLL(name).malloc_trim(0)
-
-
 @pytest.mark.skipif(not ResidentPeak.available(), reason="needs /proc/self/clear_refs (Linux)")
 def test_measured_adam_step_peak_matches_the_prediction():
     """One Adam step of a model with one large embedding, on the CPU: the resident peak above
@@ -144,7 +136,7 @@ def test_measured_adam_step_peak_matches_the_prediction():
 
     step()  # the moments exist from here on
     probe = ResidentPeak()
-    _trim()
+    trim_heap()
     probe.start()
     step()
     measured = probe.peak_bytes()

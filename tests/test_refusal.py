@@ -149,10 +149,10 @@ CASES = {
     "ddp-forced": (0.6, 2, {"strategy": "ddp", "microbatches": 1, "activation_checkpointing": "none"},
                    {"devices", "batch", "optimizer", "strategy"}),
     "ddp-forced-needs-a-pipeline-and-devices": (0.35, 2, {"strategy": "ddp"}, {"devices"}),
-    "gpipe-forced": (0.4, 2, {"strategy": "pipeline", "schedule": "gpipe"}, {"devices", "schedule"}),
+    "gpipe-forced": (0.45, 2, {"strategy": "pipeline", "schedule": "gpipe"}, {"devices", "schedule"}),
     "microbatches-forced": (0.45, 2, {"strategy": "pipeline", "microbatches": 2}, {"microbatches"}),
-    "stages-forced": (0.35, 3, {"stages": 2}, {"batch", "stages"}),
-    "pipeline-depth-and-schedule-forced": (0.4, 4, {"strategy": "pipeline", "stages": 2, "schedule": "gpipe"},
+    "stages-forced": (0.4, 3, {"stages": 2}, {"batch", "stages"}),
+    "pipeline-depth-and-schedule-forced": (0.45, 4, {"strategy": "pipeline", "stages": 2, "schedule": "gpipe"},
                                            {"strategy", "stages", "schedule"}),
 }
 

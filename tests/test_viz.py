@@ -56,7 +56,7 @@ def test_a_ddp_plan_is_not_called_gpipe(ddp):
 
 def test_virtual_stages_are_named_in_every_title(gpt2):
     # Two stages per device under ZBV: 4 stages on 2 devices, which titles must make add up.
-    p = fxshard.plan(gpt2.model, "2xcpu:3MB", gpt2.example_inputs, strategy="pipeline", schedule="zbv")
+    p = fxshard.plan(gpt2.model, "2xcpu:4MB", gpt2.example_inputs, strategy="pipeline", schedule="zbv")
     assert (p.num_stages, p.num_devices, p.stages_per_device) == (4, 2, 2)
     r = simulate_plan(p)
     assert "pipeline (4 stages, 2 stages per device (zbv), 2 devices)" in viz_text.plan_title(p)

@@ -88,7 +88,8 @@ StateFn = Callable[[Any], float]  # a node's NodeWork -> bytes its parameters an
 def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, training: bool = True,
                optimizer: str = "adam", activation_factor: float = 1.0,
                activations: Mapping[str, float] | None = None, state: StateFn | None = None,
-               colocate: Mapping[str, str] | None = None, layers: Mapping[str, str] | None = None) -> nx.DiGraph:
+               colocate: Mapping[str, str] | None = None, layers: Mapping[str, str] | None = None,
+               loss: tuple[float, float] | None = None) -> nx.DiGraph:
     """The partitioner's view of a model: see the module docstring for the attributes.
 
     Args:
@@ -98,6 +99,9 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
         colocate: node -> group key; nodes of one group share a stage (``colocate`` attribute).
         layers: node -> :func:`layer_label`, when already computed (:func:`layer_labels`), for
             a caller that builds many cost graphs of one model.
+        loss: (seconds, saved bytes) of the training loss at the captured batch
+            (fxshard/cost_models/loss.py), on the output node, which is pinned to the last stage
+            where the loss runs; the bytes times ``activation_factor``.
     """
     nodes = list(captured.gm.graph.nodes)
     if layers is None:
@@ -126,6 +130,9 @@ def cost_graph(captured: CapturedGraph, costs: GraphCosts, *, link: Link, traini
             attrs["pin"] = "first"
         elif node.op == "output":
             attrs["pin"] = "last"
+            if loss is not None and training:
+                attrs["compute"] += loss[0]
+                attrs["memory"] += loss[1] * activation_factor
         graph.add_node(node.name, **attrs)
     _add_edges(graph, nodes, by_name, state_of, replicated, link=link, training=training)
     return graph

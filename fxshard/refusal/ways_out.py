@@ -308,4 +308,20 @@ def refuse(request: Request, needs: NeedsFn, probe: ProbeFn, hint: str = "") -> 
     if not found.ways:
         for way in LAST_RESORTS:
             found += way(ctx)
-    return _error(ctx, found, hint)
+    return _error(ctx, _one_per_lever(found, ctx.opts.strategy), hint)
+
+
+def _one_per_lever(found: Found, strategy: str | None) -> Found:
+    """Each lever once: a forced strategy dropped on more devices is offered under the devices
+    lever, and where more devices alone already are, it is the strategy's way out instead."""
+    taken: set[str] = set()
+    ways = []
+    for way in found.ways:
+        lever = way.lever
+        changes = dict(way.options)
+        if lever in taken and strategy is not None and changes.get("strategy") not in (None, strategy):
+            lever = "strategy"
+        if lever not in taken:
+            taken.add(lever)
+            ways.append(dataclasses.replace(way, lever=lever))
+    return dataclasses.replace(found, ways=tuple(ways))
