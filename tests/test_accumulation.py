@@ -15,7 +15,7 @@ from fxshard.capture import capture
 from fxshard.cluster import Cluster
 from fxshard.cost_models import estimate
 from fxshard.cost_models.analytical import AnalyticalCostModel, RooflineFactors, factors_for
-from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold, trim_heap
+from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold
 from fxshard.cost_models.optimizer_step import StepRates, accumulate_time, measure_step_rates
 from fxshard.cost_models.profiled import ProfiledCostModel
 from fxshard.devices import PRESETS
@@ -162,10 +162,6 @@ def test_measured_accumulation_peak_matches_the_prediction():
         model.zero_grad(set_to_none=True)
 
     step()
-    probe = ResidentPeak()
-    trim_heap()
-    probe.start()
-    step()
-    measured = probe.peak_bytes()
+    measured = ResidentPeak.of(step)
     predicted = priced.peak[0] - weights
     assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)

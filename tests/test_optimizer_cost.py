@@ -14,7 +14,7 @@ from fxshard.candidates_whole import price_data_parallel
 from fxshard.capture import capture
 from fxshard.cluster import Cluster
 from fxshard.cost_models.analytical import factors_for
-from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold, trim_heap
+from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold
 from fxshard.cost_models.optimizer_step import (
     optimizer_implementation,
     optimizer_step_bytes,
@@ -135,11 +135,7 @@ def test_measured_adam_step_peak_matches_the_prediction():
         opt.zero_grad(set_to_none=True)
 
     step()  # the moments exist from here on
-    probe = ResidentPeak()
-    trim_heap()
-    probe.start()
-    step()
-    measured = probe.peak_bytes()
+    measured = ResidentPeak.of(step)
     predicted = priced.peak[0] - held
     assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
 

@@ -23,7 +23,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -122,6 +122,17 @@ class ResidentPeak:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
         self.baseline_bytes = _status()["VmRSS"]
+
+    @classmethod
+    def of(cls, fn: Callable[[], object]) -> int:
+        """The resident peak of one call of ``fn`` above the resident set before it, the heap's
+        free pages handed back first (warm ``fn`` up before, so that one-off allocations are not
+        counted)."""
+        probe = cls()
+        trim_heap()
+        probe.start()
+        fn()
+        return probe.peak_bytes()
 
     def peak_bytes(self) -> int:
         """The high-water mark since :meth:`start`, above the baseline."""
