@@ -41,7 +41,7 @@ analytical model) or at the seconds per byte a cost model measured (the profiled
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -188,7 +188,7 @@ def measure_step_rates(spec: DeviceSpec, dev: torch.device, *, numel: int = 1 <<
     new = torch.full((numel,), 0.25, device=dev)
     nbytes = float(param.numel() * param.element_size())
 
-    def rate(fn) -> float:
+    def rate(fn: Callable[[], object]) -> float:
         return median_time(fn, dev, warmup=1, repeats=repeats, clock=clock) / nbytes
 
     param.grad = torch.full((numel,), 0.125, device=dev)
