@@ -321,17 +321,20 @@ def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, sha
 
 
 def step_passes(stages: Sequence[StageSummary], costs: Sequence[GraphCosts], cluster: Cluster,
-                devices: Sequence[Sequence[int]], opts: PlanOptions, shards: int = 1) -> list[StageSummary]:
+                devices: Sequence[Sequence[int]], opts: PlanOptions, shards: int = 1, *,
+                sharded_gradients: bool = False) -> list[StageSummary]:
     """The stages with their passes outside the graph priced per rank: ``optimizer_time_s``
-    (each of ``shards`` FSDP ranks steps its shard) and ``accumulate_time_s`` (a pipeline stage's
-    gradients accumulate unsharded over the step's micro-batches, as torch's PipelineStage runs
-    FSDP2), at each stage's cost-model rates on its device."""
+    (each of ``shards`` FSDP ranks steps its shard) and ``accumulate_time_s``, at each stage's
+    cost-model rates on its device. A pipeline stage's gradients accumulate unsharded over the
+    step's micro-batches (torch's PipelineStage runs FSDP2 so); ``sharded_gradients``: each
+    rank accumulates its shard (whole-model FSDP reduce-scatters every micro-batch)."""
     out = []
     for st, c, devs in zip(stages, costs, devices):
         spec = cluster.devices[devs[0]].spec
         rates = c.rates or StepRates(device=spec)
         seconds = rates.optimizer_s(opts.optimizer, st.param_bytes / shards, training=opts.training)
-        accumulate = rates.accumulate_s(st.param_bytes) if opts.training else 0.0
+        grads = st.param_bytes / shards if sharded_gradients else st.param_bytes
+        accumulate = rates.accumulate_s(grads) if opts.training else 0.0
         out.append(dataclasses.replace(st, optimizer_time_s=seconds, accumulate_time_s=accumulate))
     return out
 

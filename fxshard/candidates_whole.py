@@ -9,8 +9,6 @@ docs/planning.md.
 
 from __future__ import annotations
 
-import dataclasses
-
 from fxshard.candidates import (
     MAX_MICROBATCHES,
     Priced,
@@ -59,13 +57,12 @@ def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: P
     # every micro-batch's backward but the first adds its gradients into the accumulated ones (an FSDP
     # rank into its shard, after each micro-batch's reduce-scatter), the new one alive meanwhile
     shards = replicas if levers.data_parallel == "fsdp" else 1
-    st = step_passes([st], [costs], cluster, [used], opts, shards)[0]
-    seconds, temporaries = optimizer_figures(stage, cluster.devices[used[0]].spec, opts, shards, rates=costs.rates)
-    st = dataclasses.replace(st, accumulate_time_s=st.accumulate_time_s / shards)
+    st = step_passes([st], [costs], cluster, [used], opts, shards, sharded_gradients=True)[0]
+    temporaries = optimizer_figures(stage, cluster.devices[used[0]].spec, opts, shards, rates=costs.rates)[1]
     accumulating = opts.training and microbatches > 1
     if accumulating:
         step += (microbatches - 1) * st.accumulate_time_s
-    step += seconds
+    step += st.optimizer_time_s
     buffer = st.largest_param_bytes / shards if accumulating else 0.0
     peak = st.state_bytes + max(st.activation_bytes + st.transient_bytes + buffer, temporaries)
     strategy = "single" if replicas == 1 else levers.data_parallel or "ddp"
