@@ -11,7 +11,6 @@ of these runs the plan is chosen once, when it is bound (:func:`fxshard.runtime.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 

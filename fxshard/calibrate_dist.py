@@ -38,8 +38,8 @@ from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
 
 __all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow", "PlanRun", "RankRun", "StageRun", "calibrate_plan",
-           "capture_model", "check_ranks", "compare_run", "reprice", "resolve_model", "run_loss", "run_objective", "run_plan",
-           "world_of"]
+           "capture_model", "check_ranks", "compare_run", "reprice", "resolve_model", "run_loss", "run_objective",
+           "run_plan", "world_of"]
 
 _TAIL = 3000  # characters of a failing rank's error quoted
 
@@ -308,8 +308,8 @@ def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any,
     group = PipelineGroup(depth=depth, replicas=plan.replicas, placement="flat", schedules=(plan.schedule,),
                           microbatches=((plan.microbatches,),))
     opts = PlanOptions(training=plan.training, optimizer=plan.optimizer)
-    priced = price_pipeline(Pricer(captured, cost_model, plan.batch_size, loss=loss), cluster, group, stage_of, stage_devices,
-                            shape, opts, plain=(per_stage, plain))
+    priced = price_pipeline(Pricer(captured, cost_model, plan.batch_size, loss=loss), cluster, group, stage_of,
+                            stage_devices, shape, opts, plain=(per_stage, plain))
     if priced.refused or not priced.stages:
         raise ExecutionError(f"the plan's schedule cannot be priced: {priced.note}")
     stages = tuple(dataclasses.replace(s, fwd_time_s=st.fwd_time_s, bwd_time_s=st.bwd_time_s, flops=st.fwd_flops,

@@ -239,7 +239,8 @@ def run(job: dict, plan: Plan) -> dict:
                **{k: statistics.median(v) for k, v in per_stage[c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": step_s,
-            "steps_cpu_s": step_cpu_s, "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes, "code_bytes": code,
+            "steps_cpu_s": step_cpu_s, "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
+            "code_bytes": code,
             "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 

@@ -368,10 +368,8 @@ def _stage_timings(stages: tuple[StageSummary, ...], cluster: Cluster, devices: 
     figures = []
     for st, devs, r, held in zip(stages, devices, reduce, buffers):
         mates = on_device[devs[0]]
-        spec = cluster.devices[devs[0]].spec
-        sizes = [x / shards for m in mates for x in m.optimizer_param_sizes]
-        temporaries = (optimizer_step_transient_bytes(opts.optimizer, sizes, spec.kind) / len(mates)
-                       if opts.training else 0.0)
+        temporaries = optimizer_figures(st, cluster.devices[devs[0]].spec, opts, shards, share=len(mates),
+                                        rank_sizes=[x for m in mates for x in m.optimizer_param_sizes])[1]
         figures.append(StageFigures(device=devs[0], fwd_s=st.fwd_time_s, bwd_s=st.bwd_time_s, send_bytes=st.send_bytes,
                                     activation_bytes=st.activation_bytes, static_bytes=st.state_bytes + held,
                                     transient_bytes=st.transient_bytes, reduce_s=r, optimizer_s=st.optimizer_time_s,

@@ -143,7 +143,7 @@ def _timings(plan: Plan, cluster: Cluster, scale: float) -> list[StageTiming]:
         accumulate = st.accumulate_time_s
         if accumulate is None:
             sharded = shards if plan.strategy == "fsdp" else 1  # a pipeline stage accumulates unsharded
-            accumulate = accumulate_time(st.param_bytes, spec) / sharded if plan.training else 0.0
+            accumulate = accumulate_time(st.param_bytes / sharded, spec) if plan.training else 0.0
         figures.append(StageFigures(device=st.device_indices[0], fwd_s=st.fwd_time_s * scale, bwd_s=bwd,
                                     send_bytes=st.send_bytes * scale, static_bytes=st.peak_memory_bytes,
                                     reduce_s=reduce, optimizer_s=step, accumulate_s=accumulate))

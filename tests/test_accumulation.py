@@ -4,7 +4,6 @@ simulator and saved plans take them in."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ from fxshard.simulate import SimulationError
 from fxshard.simulate_plan import simulate_plan
 
 
-
 def test_fixture_is_a_four_stage_1f1b_pipeline(pipe, single):
     assert (pipe.strategy, pipe.num_stages, pipe.schedule, pipe.microbatches) == ("pipeline", 4, "1f1b", 4)
     assert len({s.device_indices[0] for s in pipe.stages}) == 4

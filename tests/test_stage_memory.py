@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fxshard.candidates import receive_buffer_bytes

@@ -18,7 +18,6 @@ from fxshard.simulate_plan import simulate_plan
 from fxshard.viz import graph_outline, plan_dot, plan_png, timeline_png
 
 
-
 @pytest.fixture(scope="module")
 def pipe_png(pipe, tmp_path_factory):
     path = tmp_path_factory.mktemp("viz") / "plan.png"

@@ -26,8 +26,8 @@ run on random inputs get their analytical time, marked in ``NodeTime.estimated``
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
