@@ -370,8 +370,13 @@ def _worker(rank: int, job: Job, port: int, queue: object) -> None:
 
     import torch.distributed as dist
 
+    from fxshard.cost_models.host_memory import retain_freed_memory
+
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    # Every side in the same allocator mode: fxshard's CPU ranks keep freed memory in the heap, so the
+    # upstream and hand-written pipelines sharing this process do too (docs/calibration.md, "The CPU heap").
+    retain_freed_memory()
     dist.init_process_group("gloo", rank=rank, world_size=job.world, timeout=datetime.timedelta(seconds=300))
     try:
         queue.put((rank, "ok", rank_main(rank, job)))

@@ -30,13 +30,7 @@ from fxshard.cost_models import FittedFactors, NodeTime, ProfiledCostModel, esti
 from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.analytical import AnalyticalCostModel, FactorFit, RooflineFactors, fit_factors
 from fxshard.cost_models.checkpointing import checkpoint_cost
-from fxshard.cost_models.host_memory import (
-    GLIBC_MMAP_THRESHOLD_MAX,
-    ResidentPeak,
-    SavedTensors,
-    pin_mmap_threshold,
-    trim_heap,
-)
+from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, released_heap, retained_heap, trim_heap
 from fxshard.cost_models.timing import Clock, StepTime, step_times
 from fxshard.errors import CostModelError, ExecutionError
 from fxshard.modules import has_meta_state
@@ -311,19 +305,17 @@ def _cpu_step_peaks(runs: Sequence[tuple[torch.nn.Module, Sequence[Any]]]) -> li
     cannot reset the resident set's high-water mark (``host_memory.ResidentPeak``).
 
     One training step each, gradients None before it: the high-water mark above the resident
-    set at its start, plus the module's parameter bytes. glibc's mmap threshold is pinned for
-    these steps, so every freed tensor leaves the resident set; that costs page faults (GPT-2's
-    backward measured 15-20% slower pinned, on one thread), so the steps run after all timing,
-    and the threshold is then left at glibc's dynamic maximum (32 MiB), where a training
-    process's own threshold ends. malloc serves a request from its free lists before it maps
+    set at its start, plus the module's parameter bytes. glibc's thresholds are pinned low for
+    these steps (``host_memory.released_heap``), so every freed tensor leaves the resident set;
+    that costs page faults (GPT-2's backward measured 15-20% slower pinned, on one thread), so
+    the steps run after all timing, which keeps freed memory as the ranks do. malloc serves a request from its free lists before it maps
     anything, so the heap's free pages (the timed steps' tensors) are given back
     (``malloc_trim``) before each step: a tensor that reuses them faults them in again, and counts.
     See docs/calibration.md.
     """
     if not ResidentPeak.available():
         return None
-    pin_mmap_threshold()
-    try:
+    with released_heap():
         peaks = []
         for module, inputs in runs:
             probe = ResidentPeak()
@@ -333,8 +325,6 @@ def _cpu_step_peaks(runs: Sequence[tuple[torch.nn.Module, Sequence[Any]]]) -> li
             peaks.append(float(probe.peak_bytes() + _param_bytes(module)))
             module.zero_grad(set_to_none=True)
         return peaks
-    finally:
-        pin_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def _one_microbatch(captured: CapturedGraph, plan: Plan, flat: list[Any]) -> tuple[list[Any], float, Any]:
@@ -421,14 +411,15 @@ def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, de
     modules: list[tuple[torch.nn.Module, Sequence[Any]]] = []  # each stage and the whole model, with its inputs
     runs = []
     values: Sequence[Any] = micro
-    for stage in split.stages:
-        modules.append((stage.module.to(dev), values))
-        runs.append(_measure_module(*modules[-1], dev, warmup, repeats))
-        values = runs[-1].outputs
-    modules.append((gm, micro))
-    runs.append(_measure_module(gm, micro, dev, warmup, repeats))
-    fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec), clock)
-                       if measured_profile is not None and fit else (None, ()))
+    with retained_heap(dev):  # as fxshard's CPU ranks run (host_memory.retain_freed_memory)
+        for stage in split.stages:
+            modules.append((stage.module.to(dev), values))
+            runs.append(_measure_module(*modules[-1], dev, warmup, repeats))
+            values = runs[-1].outputs
+        modules.append((gm, micro))
+        runs.append(_measure_module(gm, micro, dev, warmup, repeats))
+        fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec), clock)
+                           if measured_profile is not None and fit else (None, ()))
     peaks = _cpu_step_peaks(modules) if dev.type == "cpu" else None  # after every timing: it pins the allocator
     if peaks is not None:
         runs = [dataclasses.replace(r, peak_bytes=p) for r, p in zip(runs, peaks)]

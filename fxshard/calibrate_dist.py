@@ -69,7 +69,7 @@ class StageRun:
 class RankRun:
     """One rank: its stages, and the resident-set peak above the baseline taken before it built
     them (model on meta), over one training step with the optimizer run after the timed ones with
-    glibc's mmap threshold pinned (weights, gradients, optimizer state, in-flight activations,
+    glibc's thresholds pinned low (weights, gradients, optimizer state, in-flight activations,
     transients, communication buffers), less ``code_bytes``: the library code that became
     resident after the baseline (file-backed pages; libtorch's kernels the first steps ran)."""
 
@@ -84,6 +84,11 @@ class RankRun:
     # The same steps in the rank's thread CPU time: less its stages' compute, what the step costs
     # besides it (optimizer step, the schedule's bookkeeping, gloo calls), which no stage time holds.
     steps_cpu_s: tuple[float, ...] = ()
+    # The resident set's high-water mark over the timed steps above the same baseline, less the
+    # library code: what the process held with freed memory kept in the heap, as the ranks run
+    # (``heap_retained``; host_memory.retain_freed_memory): the live peak plus the heap's free blocks.
+    resident_bytes: int = 0
+    heap_retained: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +267,7 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
     ranks = tuple(RankRun(rank=r["rank"], stages=tuple(s["index"] for s in r["stages"]), peak_bytes=r["peak_bytes"],
                           baseline_bytes=r["baseline_bytes"], param_bytes=r["param_bytes"],
                           code_bytes=r.get("code_bytes", 0), optimizer_cpu_s=r.get("optimizer_cpu_s", 0.0),
+                          resident_bytes=r.get("resident_bytes", 0), heap_retained=r.get("heap_retained", False),
                           steps_s=tuple(r["steps_s"]),
                           steps_cpu_s=tuple(r["steps_cpu_s"]))
                   for r in sorted(results, key=lambda r: r["rank"]))
@@ -472,7 +478,8 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
                    for m in run.stages)
     ranks = tuple(DistRankRow(rank=r.rank, stages=r.stages, measured_peak_bytes=r.peak_bytes,
                               predicted_peak_bytes=sum(plan.stages[i].peak_memory_bytes for i in r.stages),
-                              param_bytes=r.param_bytes, baseline_bytes=r.baseline_bytes) for r in run.ranks)
+                              param_bytes=r.param_bytes, baseline_bytes=r.baseline_bytes,
+                              resident_bytes=r.resident_bytes) for r in run.ranks)
     return DistCalibrationReport(model=model or plan.model.name, world=run.world, threads=run.threads,
                                  schedule=plan.schedule, microbatches=plan.microbatches, batch_size=plan.batch_size,
                                  steps=len(run.steps_s), stages=stages, ranks=ranks, measured_step_s=run.step_s,

@@ -61,6 +61,7 @@ class DistRankRow:
     predicted_peak_bytes: float
     param_bytes: int
     baseline_bytes: int
+    resident_bytes: int = 0  # the timed steps' resident peak, freed memory kept (RankRun.resident_bytes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,12 +176,14 @@ class DistCalibrationReport:
                      + (f"{self.profiled_step_s * ms:.1f} ms" if self.profiled_step_s is not None else "-")
                      + f" | {err(self.profiled_step_s, self.measured_step_s)} | "
                      + (f"{sim * ms:.1f} ms ({err(sim, self.measured_step_s)}) |" if sim is not None else "- |"))
-        lines += ["", "| rank | stages | peak above baseline (measured) | planner's peak | error | parameters |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| rank | stages | peak above baseline (measured) | planner's peak | error | parameters "
+                      "| resident while timed (freed memory kept) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in self.ranks:
             error = err(r.predicted_peak_bytes, r.measured_peak_bytes)
             lines.append(f"| {r.rank} | {', '.join(map(str, r.stages))} | {r.measured_peak_bytes / mib:.1f} MiB | "
-                         f"{r.predicted_peak_bytes / mib:.1f} MiB | {error} | {r.param_bytes / mib:.1f} MiB |")
+                         f"{r.predicted_peak_bytes / mib:.1f} MiB | {error} | {r.param_bytes / mib:.1f} MiB | "
+                         f"{r.resident_bytes / mib:.1f} MiB |")
         lines.append("")
         for which in ("analytical", "profiled"):
             wall, cpu, tau, step = (self.median_abs_error(which), self.median_abs_error(which, "cpu"), self.tau(which),

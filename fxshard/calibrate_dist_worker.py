@@ -30,7 +30,8 @@ from fxshard.cost_models.host_memory import (
     ResidentPeak,
     SavedTensors,
     file_backed_bytes,
-    pin_mmap_threshold,
+    heap_retained,
+    released_heap,
     trim_heap,
 )
 from fxshard.plan import Plan
@@ -200,7 +201,10 @@ def run(job: dict, plan: Plan) -> dict:
     optimizer_cpu_s: list[float] = []
     per_stage: dict[int, dict[str, list[float]]] = {c.index: {"fwd": [], "bwd": [], "fwd_cpu": [], "bwd_cpu": []}
                                                     for c in clocks}
+    memory_timed = ResidentPeak()
     for i in range(warmup + steps):
+        if i == warmup:
+            memory_timed.start()
         for c in clocks:
             c.reset()
             c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
@@ -221,16 +225,21 @@ def run(job: dict, plan: Plan) -> dict:
                 rows["bwd"].append(c.wall["bwd"] / m)
                 rows["fwd_cpu"].append((c.cpu["fwd"] + (loss_clock.cpu if last else 0.0)) / m)
                 rows["bwd_cpu"].append(c.cpu["bwd"] / m)
-    # Memory: one more step with glibc's mmap threshold pinned, so every freed tensor leaves the
+    # The resident set the timed steps reached, with freed memory kept in the heap as the ranks run
+    # (host_memory.retain_freed_memory): the live peak plus what the heap kept.
+    resident = memory_timed.peak_bytes() + memory_timed.baseline_bytes - probe.baseline_bytes
+    code_timed = max(0, (file_backed_bytes() or 0) - code_before)
+    retained = heap_retained()
+    # Memory: one more step with glibc's thresholds pinned low, so every freed tensor leaves the
     # resident set, and the heap's free pages handed back first. Pinned only now: its page faults
-    # slowed GPT-2's backward 15-20% (docs/calibration.md), so the timed steps run unpinned.
-    pin_mmap_threshold()
-    trim_heap()
-    dist.barrier()
-    memory = ResidentPeak()
-    memory.start()
-    _train_step(compiled, inputs, target, optimizer, params)
-    dist.barrier()
+    # slowed GPT-2's backward 15-20% (docs/calibration.md), so the timed steps keep freed memory.
+    with released_heap():
+        trim_heap()
+        dist.barrier()
+        memory = ResidentPeak()
+        memory.start()
+        _train_step(compiled, inputs, target, optimizer, params)
+        dist.barrier()
     # The library code the first steps ran became resident after the baseline (libtorch's kernels,
     # 8-20 MiB on this CPU): file-backed pages, no tensor's, kept apart from the peak.
     code = max(0, (file_backed_bytes() or 0) - code_before)
@@ -240,7 +249,7 @@ def run(job: dict, plan: Plan) -> dict:
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": step_s,
             "steps_cpu_s": step_cpu_s, "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
-            "code_bytes": code,
+            "code_bytes": code, "resident_bytes": resident - code_timed, "heap_retained": retained,
             "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 

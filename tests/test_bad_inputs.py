@@ -99,15 +99,15 @@ class BatchBranch(nn.Module):
         return self.b(h)
 
 
-def _world_of_one(plan_devices: str):
-    """A plan for 2 processes, compiled in a torch.distributed job of 1."""
+def _world_of_one(plan_devices: str, **env: str):
+    """A plan for 2 processes, compiled in a torch.distributed job of 1 (``env``: more variables)."""
     import torch.distributed as dist
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    old = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", *env)}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
     dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
     try:
         z = build("mlp", batch_size=4)
@@ -280,6 +280,8 @@ CASES = [
      .load_state_dict({"0.weight": torch.zeros(2, 2)}), ExecutionError, ["does not fit", "MLP"]),
     ("torchrun-world-size", lambda m: _world_of_one("2xcpu:1GB"), ExecutionError,
      ["runs on 2 processes", "torchrun started 1", "--nproc-per-node 2"]),
+    ("cpu-heap-setting", lambda m: _world_of_one("2xcpu:1GB", FXSHARD_CPU_HEAP="cache"), ExecutionError,
+     ["FXSHARD_CPU_HEAP='cache'", "'keep'", "'release'"]),
 ]
 if torch.cuda.is_available():
     CASES = [c for c in CASES if c[0] != "cuda-plan-on-a-cpu-machine"]

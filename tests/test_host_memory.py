@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxshard.cost_models.host_memory import ResidentPeak, SavedTensors, pin_mmap_threshold, resident_bytes, trim_heap
+from fxshard.cost_models.host_memory import (
+    ResidentPeak,
+    SavedTensors,
+    heap_retained,
+    pin_mmap_threshold,
+    released_heap,
+    resident_bytes,
+    retained_heap,
+    trim_heap,
+)
 from fxshard.errors import CostModelError
 
 _MiB = 2**20
@@ -22,6 +31,32 @@ def test_the_peak_sees_a_tensor_freed_before_it_is_read():
     grown = probe.peak_bytes()
     assert 60 * _MiB <= grown <= 96 * _MiB, grown / _MiB
     assert resident_bytes() is not None
+
+
+def _resident_drop_of_a_freed_64_mib_tensor() -> int:
+    x = torch.ones(16 * _MiB)  # 64 MiB, touched
+    before = resident_bytes()
+    del x
+    return before - resident_bytes()
+
+
+@pytest.mark.skipif(not ResidentPeak.available() or not pin_mmap_threshold(),
+                    reason="needs /proc/self/status and glibc's mallopt")
+def test_a_retained_heap_keeps_freed_memory_and_a_released_one_gives_it_back():
+    """The two allocator modes: fxshard's CPU ranks time with freed memory kept (no page faults on
+    reuse), memory is measured with it handed back; each block puts back the mode it found."""
+    with retained_heap() as kept:
+        assert kept and heap_retained()
+        assert _resident_drop_of_a_freed_64_mib_tensor() < 8 * _MiB
+        with released_heap() as pinned:
+            assert pinned and not heap_retained()
+            assert _resident_drop_of_a_freed_64_mib_tensor() >= 56 * _MiB
+        assert heap_retained()
+        assert _resident_drop_of_a_freed_64_mib_tensor() < 8 * _MiB
+    assert not heap_retained()
+    assert _resident_drop_of_a_freed_64_mib_tensor() >= 56 * _MiB  # above glibc's 32 MiB mmap threshold again
+    with retained_heap(torch.device("meta")) as kept:  # a device whose tensors are not in the heap
+        assert not kept and not heap_retained()
 
 
 def test_peak_before_start_is_an_error():

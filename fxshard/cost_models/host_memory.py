@@ -11,6 +11,15 @@ unmaps it on free, but its threshold is dynamic: it rises to the size of the lar
 ``MALLOC_MMAP_THRESHOLD_`` environment variable does), so every tensor above it is a mapping of
 its own and the high-water mark is the peak of the live bytes plus the small heap.
 
+Timing wants the opposite. A training step frees and re-makes the same large tensors every
+micro-batch; when glibc hands them back to the kernel (a block above the mmap threshold, or the
+heap's top above the trim threshold), the next micro-batch pays a page fault per page it touches
+again. Measured on GPT-2's 2-rank pipeline under torchrun (docs/calibration.md, "The CPU heap"):
+1017-1025 ms a step with glibc's defaults, 720 ms with freed memory kept, as a GPU's caching
+allocator keeps it. :func:`retain_freed_memory` keeps it (both thresholds raised), and fxshard's
+CPU ranks and the profiled model's CPU timing run so; :func:`released_heap` pins the thresholds
+low for a memory measurement and puts back the mode it found.
+
 :class:`SavedTensors` counts, during a forward, the bytes autograd saves for backward (distinct
 storages, parameters excluded): the activations a micro-batch keeps alive until its backward.
 See docs/calibration.md.
@@ -29,24 +38,33 @@ import torch
 
 from fxshard.errors import CostModelError
 
-__all__ = ["GLIBC_MMAP_THRESHOLD_MAX", "ResidentPeak", "SavedTensors", "file_backed_bytes", "pin_mmap_threshold",
-           "resident_bytes", "trim_heap"]
+__all__ = ["GLIBC_MMAP_THRESHOLD_MAX", "ResidentPeak", "SavedTensors", "file_backed_bytes", "heap_retained",
+           "pin_mmap_threshold", "released_heap", "resident_bytes", "retain_freed_memory", "retained_heap", "trim_heap"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 """Where glibc's dynamic mmap threshold ends on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
+_GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default M_TRIM_THRESHOLD (DEFAULT_TRIM_THRESHOLD)
+# Retained: blocks up to 1 GiB come from the heap, and up to 2 GiB - 1 of free heap top stays
+# (mallopt takes a C int). A block above 1 GiB is still a mapping: its faults are few per use.
+_RETAIN_MMAP_THRESHOLD = 1 << 30
+_RETAIN_TRIM_THRESHOLD = (1 << 31) - 1
+_retained = False  # whether retain_freed_memory() took effect in this process
 
 
 def pin_mmap_threshold(threshold_bytes: int = 128 * 1024) -> bool:
     """Serve every allocation above ``threshold_bytes`` with its own mapping, returned on free.
 
-    Returns whether it took effect (False where the C library is not glibc).
+    Returns whether it took effect (False where the C library is not glibc). A retained heap
+    (:func:`retain_freed_memory`) is no longer retained after it.
     """
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))) if mallopt is not None else False
+    global _retained
+    pinned = _mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+    _retained = _retained and not pinned
+    return pinned
 
 
 @functools.cache
@@ -56,6 +74,78 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(name) if name else None
     except OSError:
         return None
+
+
+def _mallopt(param: int, value: int) -> bool:
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    return bool(mallopt(param, int(value))) if mallopt is not None else False
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in this process's heap for the next allocation, as a GPU's caching
+    allocator does, instead of handing it back to the kernel and faulting it in again.
+
+    Raises glibc's mmap threshold to 1 GiB and its trim threshold to 2 GiB (``mallopt``; what
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` do), for the rest of the process.
+    The resident set then stays at the step's high-water mark (fragmentation included) instead
+    of following the live tensors. Returns whether it took effect (False where the C library is
+    not glibc). See docs/runtime.md, "CPU ranks".
+    """
+    global _retained
+    mmap = _mallopt(_M_MMAP_THRESHOLD, _RETAIN_MMAP_THRESHOLD) or _mallopt(_M_MMAP_THRESHOLD,
+                                                                          GLIBC_MMAP_THRESHOLD_MAX)
+    _retained = mmap and _mallopt(_M_TRIM_THRESHOLD, _RETAIN_TRIM_THRESHOLD)
+    return _retained
+
+
+def heap_retained() -> bool:
+    """Whether :func:`retain_freed_memory` is in effect in this process."""
+    return _retained
+
+
+def _unretain() -> None:
+    """The thresholds where a glibc training process's own end up: the dynamic mmap threshold's
+    maximum (32 MiB) and twice that for the trim threshold (glibc raises it with the mmap one)."""
+    global _retained
+    _mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
+    _mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
+    _retained = False
+
+
+@contextlib.contextmanager
+def retained_heap(device: torch.device | None = None) -> Iterator[bool]:
+    """:func:`retain_freed_memory` inside the block (yields whether it took effect); on leaving,
+    a heap that was not retained before gets glibc's end-state thresholds (32 MiB mmap, 64 MiB
+    trim) and its free pages back to the kernel. ``device``: a GPU leaves the heap alone (its
+    tensors are not in it)."""
+    if device is not None and device.type != "cpu":
+        yield False
+        return
+    before = _retained
+    try:
+        yield retain_freed_memory()
+    finally:
+        if not before:
+            _unretain()
+            trim_heap()
+
+
+@contextlib.contextmanager
+def released_heap(threshold_bytes: int = 128 * 1024) -> Iterator[bool]:
+    """Every block above ``threshold_bytes`` a mapping of its own and the heap trimmed at glibc's
+    default, so freed tensors leave the resident set, inside the block (a memory measurement;
+    yields whether it took effect); on leaving, the mode it found: retained again, or glibc's
+    end-state thresholds."""
+    before = _retained
+    pinned = pin_mmap_threshold(threshold_bytes) and _mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+    try:
+        yield pinned
+    finally:
+        if before:
+            retain_freed_memory()
+        else:
+            _unretain()
 
 
 def trim_heap() -> None:

@@ -41,6 +41,7 @@ from fxshard.capture.diagnose import first_line
 from fxshard.cost_models.analysis import NodeWork, tensor_bytes
 from fxshard.cost_models.analytical import AnalyticalCostModel
 from fxshard.cost_models.base import NodeTime, register_cost_model
+from fxshard.cost_models.host_memory import retained_heap
 from fxshard.cost_models.optimizer_step import StepRates, measure_step_rates
 from fxshard.cost_models.segments import SegmentTime, time_segments
 from fxshard.cost_models.timing import Clock, StepTime, median_time, step_times, stopwatch  # re-exported: the old home
@@ -133,12 +134,15 @@ class ProfiledCostModel:
 
     @contextlib.contextmanager
     def _threads(self, dev: torch.device) -> Iterator[None]:
+        """The model's threads, and on the CPU freed memory kept in the heap, as fxshard's CPU
+        ranks run (``host_memory.retain_freed_memory``; docs/calibration.md, "The CPU heap")."""
         before = torch.get_num_threads()
         if self.threads is not None and dev.type == "cpu":
             torch.set_num_threads(self.threads)
         try:
             self.threads_used = torch.get_num_threads()
-            yield
+            with retained_heap(dev):
+                yield
         finally:
             torch.set_num_threads(before)
 

@@ -7,7 +7,9 @@ the plan, guards each call so a failure on one rank stops all, cuts the rank's s
 batch (and a share into micro-batches), averages the loss over the replicas, and keeps state
 under the original model's names: tied tensors under every alias, sharded ones (``DTensor``)
 gathered to full tensors with ``gather=True`` and sharded back on load. A subclass says
-which modules it holds and how it runs them. See docs/runtime.md.
+which modules it holds and how it runs them. A CPU rank keeps freed memory in its heap for
+reuse, as a GPU's caching allocator does (``host_memory.retain_freed_memory``; set
+``FXSHARD_CPU_HEAP=release`` to leave glibc's thresholds alone). See docs/runtime.md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fxshard.capture import CapturedGraph
+from fxshard.cost_models.host_memory import retain_freed_memory
 from fxshard.errors import ExecutionError
 from fxshard.plan import Plan
 from fxshard.runtime.agreement import agree, device_mismatch, fingerprint_mismatch
@@ -29,7 +32,10 @@ from fxshard.runtime.local import split_tree
 from fxshard.runtime.loss import LossCall, check_loss_call, leading_rows
 from fxshard.runtime.stages import unwrap
 
-__all__ = ["RankExecution", "full_tensor", "rank_device", "rows_part", "shard_like"]
+__all__ = ["CPU_HEAP_ENV", "RankExecution", "full_tensor", "rank_device", "rows_part", "shard_like"]
+
+CPU_HEAP_ENV = "FXSHARD_CPU_HEAP"
+"""``keep`` (default): a CPU rank keeps freed memory in its heap; ``release``: glibc's thresholds as they are."""
 
 
 def rank_device() -> torch.device:
@@ -86,6 +92,8 @@ class RankExecution(abc.ABC):
         # destroy_process_group aborted the process at exit ("terminate called without an
         # active exception", seen once in a full run of the GPU-plan refusal test).
         agree(self._objection())
+        if self.device.type == "cpu" and os.environ.get(CPU_HEAP_ENV, "keep") == "keep":
+            retain_freed_memory()
         self.guard = FailureGuard(self.rank, self.world)
         self.replicas = plan.replicas
         self.replica = self.rank % self.replicas
@@ -93,6 +101,10 @@ class RankExecution(abc.ABC):
     def _objection(self) -> str | None:
         """Why this rank cannot run the plan (checked on every rank, agreed before building)."""
         plan, captured = self.plan, self.captured
+        heap = os.environ.get(CPU_HEAP_ENV, "keep")
+        if heap not in ("keep", "release"):
+            return (f"{CPU_HEAP_ENV}={heap!r}: use 'keep' (the default: a CPU rank keeps freed memory in its heap "
+                    f"for reuse) or 'release' (glibc's own thresholds)")
         needed = sorted({d for s in plan.stages for d in s.device_indices})
         if self.world != len(needed):
             return (f"the plan runs on {len(needed)} processes ({plan.strategy}, {plan.num_stages} stage(s) x "
