@@ -79,3 +79,19 @@ def test_saved_bytes_are_the_activations_a_hand_count_gives():
         m(x).sum()
     # The second Linear's weight, saved for its input's gradient (the first one's input needs none).
     assert unexcluded.bytes == saved.bytes + 256 * 256 * 4
+
+
+@pytest.mark.skipif(not ResidentPeak.available() or not pin_mmap_threshold(),
+                    reason="needs Linux's page-fault counts and glibc's mallopt")
+def test_timing_warms_up_until_steps_stop_faulting_in_fresh_pages():
+    """The steady state a training process times at: steps that touch fresh pages every time are
+    warmed up to the limit; steps that touch none stop after two."""
+    from fxshard.cost_models import timing
+
+    calls = []
+    with released_heap():  # every 8 MiB tensor a fresh mapping: 2048 faults a step
+        timing._warm_heap(lambda: calls.append(torch.ones(2 * _MiB).sum()))
+    assert len(calls) == timing._WARM_MAX_STEPS
+    calls.clear()
+    timing._warm_heap(lambda: calls.append(1))
+    assert len(calls) == 2

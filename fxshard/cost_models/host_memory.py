@@ -128,7 +128,6 @@ def retained_heap(device: torch.device | None = None) -> Iterator[bool]:
     finally:
         if not before:
             _unretain()
-            trim_heap()
 
 
 @contextlib.contextmanager

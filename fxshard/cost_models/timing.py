@@ -22,6 +22,11 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 
+try:
+    import resource  # Unix only: page-fault counts for the warm-up (_warm_heap)
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 from fxshard.errors import CostModelError
 
 __all__ = ["Clock", "StepTime", "median_time", "step_times", "stopwatch"]
@@ -31,6 +36,8 @@ Clock = Literal["wall", "cpu"]  # on the CPU: perf_counter, or the calling threa
 # cudaEventElapsedTime resolves about 0.5 us (CUDA runtime API documentation).
 _CUDA_EVENT_RESOLUTION_S = 0.5e-6
 _MAX_CALLS_PER_SAMPLE = 1 << 20
+_WARM_FAULT_PAGES = 256  # 1 MiB of 4 KiB pages: a step that faults in less runs on a warm heap
+_WARM_MAX_STEPS = 12
 # One training step's seconds: device forward, device backward (None: no output needs a gradient),
 # host forward, host backward, calling thread's CPU forward, CPU backward.
 _StepSeconds = tuple[float, float | None, float, float, float, float]
@@ -127,6 +134,8 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     try:
         for _ in range(warmup):
             step()
+        if warmup and device.type == "cpu":
+            _warm_heap(step)
         if on_timed is not None:
             for p in params:
                 p.grad = None
@@ -164,6 +173,30 @@ def _training_step(module: torch.nn.Module, params: Sequence[torch.nn.Parameter]
     torch.autograd.backward(tensors, grads)
     host_bwd, cpu_bwd = time.perf_counter() - host, time.thread_time() - cpu
     return fwd, watch(), host_fwd, host_bwd, cpu_fwd, cpu_bwd
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of the calling thread so far (None where the system does not count them)."""
+    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
+    return resource.getrusage(who).ru_minflt if who is not None else None
+
+
+def _warm_heap(step: Callable[[], Any]) -> None:
+    """More untimed steps, until two in a row fault in fewer than ``_WARM_FAULT_PAGES`` fresh pages
+    (at most ``_WARM_MAX_STEPS``): the heap's steady state, which a training process reaches in its
+    first steps and keeps. On a heap that keeps freed memory (``host_memory.retain_freed_memory``),
+    glibc still placed GPT-2's 51 MB embedding gradient on fresh pages in 5 of its first 7 steps
+    after the mode changed, 19-23 ms of faults on a 2.3 ms backward (docs/calibration.md, "The CPU
+    heap"); steps the warm-up already ran are the usual case and cost nothing more."""
+    if _minor_faults() is None:
+        return
+    quiet = 0
+    for _ in range(_WARM_MAX_STEPS):
+        before = _minor_faults()
+        step()
+        quiet = quiet + 1 if _minor_faults() - before < _WARM_FAULT_PAGES else 0
+        if quiet == 2:
+            return
 
 
 def _step_sample(step: Callable[[], _StepSeconds], module: torch.nn.Module,
