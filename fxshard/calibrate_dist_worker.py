@@ -30,12 +30,13 @@ from fxshard.cost_models.host_memory import (
     ResidentPeak,
     SavedTensors,
     file_backed_bytes,
-    heap_retained,
     released_heap,
+    retain_freed_memory,
     trim_heap,
 )
 from fxshard.plan import Plan
 from fxshard.runtime.distributed import init_process_group_from_env
+from fxshard.runtime.ranks import CPU_HEAP_ENV
 
 __all__ = ["main", "real_inputs"]
 
@@ -185,16 +186,38 @@ def run(job: dict, plan: Plan) -> dict:
     inputs = real_inputs(model, zm.example_inputs, seed=kwargs.get("seed", 0))
     loss_fn, target = objective(model, inputs)
     loss_clock = _LossClock(loss_fn)
-    probe = ResidentPeak()
-    probe.start()
-    code_before = file_backed_bytes() or 0
-    compiled = fxshard.CompiledModel(model, Cluster.from_dict(plan.cluster), inputs, plan=plan, loss_fn=loss_clock)
-    params = list(compiled.parameters())
-    optimizer = _optimizer(plan.optimizer, params)
-    # The rank's torch PipelineStage objects: CompiledModel keeps its execution private, and the
-    # stage calls are timed where torch's schedule makes them.
-    clocks = [_StageClock(s, params) for s in compiled._execution.local.stages]
-    loss_clock.last = next((c for c in clocks if c.index == plan.num_stages - 1), None)
+    # Memory is measured first, with glibc's thresholds pinned low from before the build, so that
+    # every freed tensor leaves the resident set: measured after steps that kept freed memory, the
+    # heap's free blocks were reused by other tensors and the high-water mark grew by a logits-sized
+    # block per micro-batch (GPT-2's head rank: docs/calibration.md, "The CPU heap"). The runtime
+    # would keep freed memory from the build on; it does so here once memory is measured.
+    os.environ[CPU_HEAP_ENV] = "release"
+    with released_heap():
+        probe = ResidentPeak()
+        probe.start()
+        code_before = file_backed_bytes() or 0
+        compiled = fxshard.CompiledModel(model, Cluster.from_dict(plan.cluster), inputs, plan=plan,
+                                         loss_fn=loss_clock)
+        params = list(compiled.parameters())
+        optimizer = _optimizer(plan.optimizer, params)
+        # The rank's torch PipelineStage objects: CompiledModel keeps its execution private, and the
+        # stage calls are timed where torch's schedule makes them.
+        clocks = [_StageClock(s, params) for s in compiled._execution.local.stages]
+        loss_clock.last = next((c for c in clocks if c.index == plan.num_stages - 1), None)
+        # One untimed step makes the optimizer's state, then the measured one, the heap's free
+        # pages handed back first.
+        _train_step(compiled, inputs, target, optimizer, params)
+        trim_heap()
+        dist.barrier()
+        memory = ResidentPeak()
+        memory.start()
+        _train_step(compiled, inputs, target, optimizer, params)
+        dist.barrier()
+        # The library code the steps ran became resident after the baseline (libtorch's kernels,
+        # 8-20 MiB on this CPU): file-backed pages, no tensor's, kept apart from the peak.
+        code = max(0, (file_backed_bytes() or 0) - code_before)
+        peak = memory.peak_bytes() + memory.baseline_bytes - probe.baseline_bytes - code
+    retained = retain_freed_memory()  # as the runtime runs a CPU rank (FXSHARD_CPU_HEAP=keep)
     steps, warmup = job["steps"], job["warmup"]
     step_s: list[float] = []
     step_cpu_s: list[float] = []
@@ -225,31 +248,16 @@ def run(job: dict, plan: Plan) -> dict:
                 rows["bwd"].append(c.wall["bwd"] / m)
                 rows["fwd_cpu"].append((c.cpu["fwd"] + (loss_clock.cpu if last else 0.0)) / m)
                 rows["bwd_cpu"].append(c.cpu["bwd"] / m)
-    # The resident set the timed steps reached, with freed memory kept in the heap as the ranks run
-    # (host_memory.retain_freed_memory): the live peak plus what the heap kept.
-    resident = memory_timed.peak_bytes() + memory_timed.baseline_bytes - probe.baseline_bytes
-    code_timed = max(0, (file_backed_bytes() or 0) - code_before)
-    retained = heap_retained()
-    # Memory: one more step with glibc's thresholds pinned low, so every freed tensor leaves the
-    # resident set, and the heap's free pages handed back first. Pinned only now: its page faults
-    # slowed GPT-2's backward 15-20% (docs/calibration.md), so the timed steps keep freed memory.
-    with released_heap():
-        trim_heap()
-        dist.barrier()
-        memory = ResidentPeak()
-        memory.start()
-        _train_step(compiled, inputs, target, optimizer, params)
-        dist.barrier()
-    # The library code the first steps ran became resident after the baseline (libtorch's kernels,
-    # 8-20 MiB on this CPU): file-backed pages, no tensor's, kept apart from the peak.
-    code = max(0, (file_backed_bytes() or 0) - code_before)
-    peak = memory.peak_bytes() + memory.baseline_bytes - probe.baseline_bytes - code
+    # The resident set the timed steps reached with freed memory kept in the heap: the live peak
+    # plus what the heap kept (above the same baseline, less the library code).
+    resident = (memory_timed.peak_bytes() + memory_timed.baseline_bytes - probe.baseline_bytes
+                - max(0, (file_backed_bytes() or 0) - code_before))
     stages = [{"index": c.index, "rank": rank,
                **{k: statistics.median(v) for k, v in per_stage[c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": step_s,
             "steps_cpu_s": step_cpu_s, "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
-            "code_bytes": code, "resident_bytes": resident - code_timed, "heap_retained": retained,
+            "code_bytes": code, "resident_bytes": resident, "heap_retained": retained,
             "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 
