@@ -110,6 +110,11 @@ class Row:
     rounds_s: tuple[float, ...]
     load: float | None  # stages' wall / thread CPU time, mean over rounds
     error: str = ""
+    # Round-paired: per round, the step over the geometric mean of that round's steps (every plan that
+    # ran in every round), median over rounds, times the geometric mean over all rounds. This machine's
+    # speed drifts 10-20% over minutes, thread CPU time included (load ~1.0 throughout), and a round of
+    # 8 plans runs within 2 minutes, so the ratio within a round cancels the drift between rounds.
+    paired_s: float | None = None
 
     @property
     def normalised_s(self) -> float | None:
@@ -229,12 +234,27 @@ class Ranking:
     clock: str = "cpu"  # what the profiled model timed
 
     tau_normalised: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    tau_paired: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    discordant_paired: dict[str, tuple[tuple[str, str, float, float], ...]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         for row, out in zip(self.rows, data["rows"]):
             out["normalised_s"] = row.normalised_s
         return data
+
+
+def paired(rows: Sequence[Row]) -> tuple[Row, ...]:
+    """``rows`` with ``paired_s`` set (:attr:`Row.paired_s`) where every round ran them all; with one
+    round it is the measured step."""
+    full = [r for r in rows if not r.error and r.rounds_s]
+    rounds = min((len(r.rounds_s) for r in full), default=0)
+    if len(full) < 2 or rounds == 0:
+        return tuple(rows)
+    means = [statistics.geometric_mean([r.rounds_s[k] for r in full]) for k in range(rounds)]
+    overall = statistics.geometric_mean(means)
+    by_name = {r.name: statistics.median(r.rounds_s[k] / means[k] for k in range(rounds)) * overall for r in full}
+    return tuple(dataclasses.replace(r, paired_s=by_name.get(r.name)) for r in rows)
 
 
 def _gap(a: float, b: float) -> float:
@@ -278,14 +298,14 @@ def to_markdown(result: Ranking) -> str:
              f"(gloo, 1 torch thread per rank); {result.machine}. Profiled on the {result.clock} clock.", "",
              f"`{result.command}`", "",
              "| plan | why | shape | predicted analytical (ms) | predicted profiled (ms) | measured (ms) | "
-             "measured rank | load (wall/cpu) | measured / load (ms) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "measured rank | load (wall/cpu) | measured / load (ms) | round-paired (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         measured = ms(r.measured_s) if not r.error else f"failed: {r.error}"
         spread = f" ({', '.join(ms(x) for x in r.rounds_s)})" if len(r.rounds_s) > 1 else ""
         lines.append(f"| {r.name} | {r.why} | {r.shape} | {ms(r.analytical_s)} | {ms(r.profiled_s)} | "
                      f"{measured}{spread} | {place.get(r.name, '-')} | "
-                     f"{'-' if r.load is None else f'{r.load:.2f}'} | {ms(r.normalised_s)} |")
+                     f"{'-' if r.load is None else f'{r.load:.2f}'} | {ms(r.normalised_s)} | {ms(r.paired_s)} |")
     lines.append("")
     for which in ("analytical", "profiled"):
         tau = result.tau.get(which)
@@ -303,6 +323,15 @@ def to_markdown(result: Ranking) -> str:
     if normalised:
         lines.append("- against the load-normalised steps (measured / load): "
                      + ", ".join(f"{k} tau {v:.2f}" for k, v in normalised.items()))
+    for which, tau in result.tau_paired.items():
+        if tau is None:
+            continue
+        pairs = result.discordant_paired.get(which, ())
+        lines.append(f"- against the round-paired steps (each round's steps over its geometric mean): {which} "
+                     f"tau {tau:.2f}, {len(pairs)} discordant pair(s)" + (":" if pairs else ""))
+        for a, b, gap_m, gap_p in pairs:
+            toss = " (within the machine's noise)" if gap_m < COIN_TOSS else ""
+            lines.append(f"  - {a} vs {b}: {gap_m:.0%} apart paired{toss}, predicted {gap_p:.0%} apart")
     return "\n".join(lines) + "\n"
 
 
@@ -317,14 +346,17 @@ def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, pro
                      measured_s=statistics.median(times) if times else None, rounds_s=tuple(times),
                      load=statistics.fmean(loads) if loads else None, error=err)
                  for c, p, (a, pr), (times, loads, err) in zip(candidates, plans, predictions, measured))
+    rows = paired(rows)
     tau, pairs = rank(rows)
     tau_normalised, _ = rank(rows, measured="normalised_s")
+    tau_paired, pairs_paired = rank(rows, measured="paired_s")
     sys.path.insert(0, str(HERE))
     from _suite import machine
 
     return Ranking(model=model_ref, devices=DEVICES, rows=rows, tau=tau, discordant=pairs,
                    machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
-                   clock=clock if profiled else "", tau_normalised=tau_normalised)
+                   clock=clock if profiled else "", tau_normalised=tau_normalised, tau_paired=tau_paired,
+                   discordant_paired=pairs_paired)
 
 
 def main(argv: list[str] | None = None) -> int:

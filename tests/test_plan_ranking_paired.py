@@ -1,0 +1,44 @@
+"""benchmarks/plan_ranking.py's round-paired steps: drift between rounds cancels, order within rounds stays."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_ranking.py"
+    spec = importlib.util.spec_from_file_location("plan_ranking", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(pr, name, rounds, error=""):
+    return pr.Row(name=name, why="", shape="", analytical_s=1.0, profiled_s=1.0,
+                  measured_s=sorted(rounds)[len(rounds) // 2] if rounds else None, rounds_s=tuple(rounds), load=1.0,
+                  error=error)
+
+
+def test_a_slow_round_moves_every_plan_alike_and_pairing_cancels_it():
+    pr = _script()
+    # In every round b runs 10% and c 5% slower than a; round 1 ran 30% slower for all, round 2 2% faster.
+    a = _row(pr, "a", [1.00, 1.30, 0.98])
+    b = _row(pr, "b", [1.10, 1.43, 1.078])
+    c = _row(pr, "c", [1.05, 1.365, 1.029])
+    failed = _row(pr, "failed", [], error="ExecutionError: boom")
+    out = {r.name: r for r in pr.paired((a, b, c, failed))}
+    assert out["failed"].paired_s is None
+    assert out["a"].paired_s < out["c"].paired_s < out["b"].paired_s
+    assert out["b"].paired_s / out["a"].paired_s == pytest.approx(1.10, rel=1e-9)
+    assert out["c"].paired_s / out["a"].paired_s == pytest.approx(1.05, rel=1e-9)
+
+
+def test_one_round_pairs_to_the_measured_steps():
+    pr = _script()
+    rows = pr.paired((_row(pr, "a", [2.0]), _row(pr, "b", [3.0])))
+    assert [r.paired_s for r in rows] == pytest.approx([2.0, 3.0])
