@@ -13,7 +13,9 @@ lists, are left out: :func:`fxshard.calibrate_dist.run_plan` runs pipelines only
 Each plan is predicted twice, by simulating its schedule (:func:`fxshard.simulate_plan`) over
 stage times priced by the analytical model (the planner's own figures) and by the profiled
 model at the plan's micro-batch on one thread, timed on the thread's CPU clock so that other
-processes' load stays out of it (:func:`fxshard.calibrate_dist.reprice`; ``--clock wall``: wall time), and
+processes' load stays out of it (:func:`fxshard.calibrate_dist.reprice`; ``--clock wall``: wall
+time), measured once per micro-batch size and shared by the plans of that size as the planner
+shares it among its candidates (:class:`SharedProfile`), and
 measured under torchrun (:func:`fxshard.calibrate_dist.run_plan`: median over timed steps of
 the slowest rank's step). With ``--rounds R`` every plan runs R times in rotating order and
 the median is kept. The report gives Kendall's tau between predicted and measured step times
@@ -164,14 +166,34 @@ def make_plans(model_ref: str, candidates: Sequence[Candidate]) -> tuple[Any, li
     return captured, plans
 
 
+class SharedProfile:
+    """A profiled cost model whose node times are measured once per device spec and shared by every
+    plan priced with it, as one ``fxshard.plan`` call prices all its candidates at a micro-batch
+    from one measurement (``candidates.Pricer`` caches costs per device and batch fraction): the
+    plans are then compared on the same timings, not on independent draws of this machine's noise."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._times: dict[tuple[int, str], Any] = {}
+
+    def node_times(self, captured: Any, works: Sequence[Any], device: Any) -> Any:
+        key = (id(captured), device.name)
+        if key not in self._times:
+            self._times[key] = self.model.node_times(captured, works, device)
+        return self._times[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
 def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
             clock: str = "cpu") -> list[tuple[float, float | None]]:
     """(analytical, profiled) predicted step seconds per plan.
 
-    The profiled model measures each plan at its micro-batch, with segments that also end at its
-    stage boundaries (``stage_of``), as ``calibrate_plan`` prices a plan; it times on ``clock``:
-    ``"cpu"`` (the thread's CPU seconds, the default) keeps other processes' load on this shared
-    machine out of the prediction; ``"wall"`` is the planner's.
+    The profiled model measures once per micro-batch size and prices every plan of that size from
+    the same measurement (:class:`SharedProfile`), as the planner prices its candidates; it times
+    on ``clock``: ``"cpu"`` (the thread's CPU seconds, the default) keeps other processes' load on
+    this shared machine out of the prediction; ``"wall"`` is the planner's.
     """
     from fxshard.cost_models import ProfiledCostModel
     from fxshard.simulate_plan import simulate_plan
@@ -179,15 +201,17 @@ def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
     if profiled:
         from fxshard.calibrate_dist import reprice, run_loss
         loss = run_loss(captured)
+    shared: dict[float, SharedProfile] = {}
     out = []
     for plan in plans:
         analytical = simulate_plan(plan).step_time_s
         prof = None
         if profiled:
             fraction = 1.0 / (plan.microbatches * plan.replicas)
-            cost = ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock=clock,
-                                     stage_of=plan.stage_of())
-            prof = simulate_plan(reprice(captured, plan, cost, loss=loss)).step_time_s
+            if fraction not in shared:
+                shared[fraction] = SharedProfile(ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction,
+                                                                   clock=clock))
+            prof = simulate_plan(reprice(captured, plan, shared[fraction], loss=loss)).step_time_s
         out.append((analytical, prof))
     return out
 
@@ -236,6 +260,8 @@ class Ranking:
     tau_normalised: dict[str, float | None] = dataclasses.field(default_factory=dict)
     tau_paired: dict[str, float | None] = dataclasses.field(default_factory=dict)
     discordant_paired: dict[str, tuple[tuple[str, str, float, float], ...]] = dataclasses.field(default_factory=dict)
+    # Per pricing: tau over the round-paired pairs at least COIN_TOSS apart, and how many pairs that is.
+    tau_decisive: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -286,6 +312,26 @@ def rank(rows: Sequence[Row], *, measured: str = "measured_s") -> tuple[dict[str
     return tau, pairs
 
 
+def decisive_tau(rows: Sequence[Row], *, measured: str = "paired_s") -> dict[str, tuple[float | None, int]]:
+    """Per pricing, Kendall's tau over the pairs whose ``measured`` steps are at least ``COIN_TOSS``
+    apart (the pairs this machine can order), and how many such pairs there are: (concordant -
+    discordant) / decisive pairs; None where there are none."""
+    ran = [r for r in rows if getattr(r, measured) is not None]
+    out: dict[str, tuple[float | None, int]] = {}
+    for which in ("analytical", "profiled"):
+        sub = [r for r in ran if getattr(r, f"{which}_s") is not None]
+        score, n = 0, 0
+        for i, a in enumerate(sub):
+            for b in sub[i + 1:]:
+                ma, mb = getattr(a, measured), getattr(b, measured)
+                if _gap(ma, mb) < COIN_TOSS:
+                    continue
+                n += 1
+                score += 1 if (getattr(a, f"{which}_s") - getattr(b, f"{which}_s")) * (ma - mb) > 0 else -1
+        out[which] = (score / n if n else None, n)
+    return out
+
+
 def to_markdown(result: Ranking) -> str:
     """The ranking table, tau per pricing and the discordant pairs."""
     ran = sorted((r for r in result.rows if r.measured_s is not None), key=lambda r: r.measured_s)
@@ -332,6 +378,10 @@ def to_markdown(result: Ranking) -> str:
         for a, b, gap_m, gap_p in pairs:
             toss = " (within the machine's noise)" if gap_m < COIN_TOSS else ""
             lines.append(f"  - {a} vs {b}: {gap_m:.0%} apart paired{toss}, predicted {gap_p:.0%} apart")
+    for which, (tau, n) in result.tau_decisive.items():
+        if tau is not None:
+            lines.append(f"- over the {n} pair(s) the round-paired steps put at least {COIN_TOSS:.0%} apart (the "
+                         f"pairs this machine orders): {which} tau {tau:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -350,13 +400,14 @@ def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, pro
     tau, pairs = rank(rows)
     tau_normalised, _ = rank(rows, measured="normalised_s")
     tau_paired, pairs_paired = rank(rows, measured="paired_s")
+    decisive = decisive_tau(rows)
     sys.path.insert(0, str(HERE))
     from _suite import machine
 
     return Ranking(model=model_ref, devices=DEVICES, rows=rows, tau=tau, discordant=pairs,
                    machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
                    clock=clock if profiled else "", tau_normalised=tau_normalised, tau_paired=tau_paired,
-                   discordant_paired=pairs_paired)
+                   discordant_paired=pairs_paired, tau_decisive=decisive)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -296,6 +296,23 @@ def _step_peak_bytes(captured: CapturedGraph, costs: Any, stage: StageSummary) -
     return stage.param_bytes + peak + stage.transient_bytes
 
 
+def _stage_modules(split: Any, gm: torch.nn.Module, micro: Sequence[Any],
+                   device: torch.device) -> list[tuple[torch.nn.Module, Sequence[Any]]]:
+    """Each stage's module on ``device`` with the micro-batch values it receives (a forward of the
+    stages before it, without gradients), then the whole model with the micro-batch."""
+    modules: list[tuple[torch.nn.Module, Sequence[Any]]] = []
+    values: Sequence[Any] = micro
+    for stage in split.stages:
+        module = stage.module.to(device)
+        modules.append((module, values))
+        with torch.no_grad():
+            out = module(*_leaves(values))
+        out = out if isinstance(out, tuple) else (out,)
+        values = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
+    modules.append((gm, micro))
+    return modules
+
+
 def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -307,11 +324,11 @@ def _cpu_step_peaks(runs: Sequence[tuple[torch.nn.Module, Sequence[Any]]]) -> li
     One training step each, gradients None before it: the high-water mark above the resident
     set at its start, plus the module's parameter bytes. glibc's thresholds are pinned low for
     these steps (``host_memory.released_heap``), so every freed tensor leaves the resident set;
-    that costs page faults (GPT-2's backward measured 15-20% slower pinned, on one thread), so
-    the steps run after all timing, which keeps freed memory as the ranks do. malloc serves a request from its free lists before it maps
-    anything, so the heap's free pages (the timed steps' tensors) are given back
-    (``malloc_trim``) before each step: a tensor that reuses them faults them in again, and counts.
-    See docs/calibration.md.
+    that costs page faults (GPT-2's backward measured 15-20% slower pinned, on one thread), so the
+    timing runs apart, after these steps. malloc serves a request from its free lists before it
+    maps anything, so call this before anything has kept freed memory in the heap, and the heap's
+    free pages are given back (``malloc_trim``) before each step: a tensor that reuses them
+    faults them in again, and counts. See docs/calibration.md.
     """
     if not ResidentPeak.available():
         return None
@@ -320,7 +337,9 @@ def _cpu_step_peaks(runs: Sequence[tuple[torch.nn.Module, Sequence[Any]]]) -> li
         for module, inputs in runs:
             probe = ResidentPeak()
             module.zero_grad(set_to_none=True)
-            step_times(module, lambda: _leaves(inputs), torch.device("cpu"), warmup=0, repeats=1,
+            # One untimed step first: what the first run of a module allocates once (oneDNN's
+            # primitive caches, lazily built state) is not the step's.
+            step_times(module, lambda: _leaves(inputs), torch.device("cpu"), warmup=1, repeats=1,
                        on_timed=lambda: (trim_heap(), probe.start()))
             peaks.append(float(probe.peak_bytes() + _param_bytes(module)))
             module.zero_grad(set_to_none=True)
@@ -399,28 +418,23 @@ def _calibrate(captured: CapturedGraph, plan: Plan, example_inputs: tuple, *, de
     # With one CPU thread all of a step's work runs on this thread: its CPU time is the compute,
     # without the waits for a core that a loaded machine adds to the wall time.
     clock = "cpu" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall"
-    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads(), clock=clock,
-                                 stage_of=plan.stage_of())
-    measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     regions = repeated_blocks(captured)
     split = checkpoint_stages(split_graph(captured, plan.stage_of(), plan.num_stages), captured, plan, regions)
     policies = [s.activation_checkpointing for s in plan.stages]
+    modules = _stage_modules(split, gm, micro, dev)  # each stage and the whole model, with its inputs
+    # Memory first, before any timing keeps freed memory: a heap that holds free blocks lends them to
+    # the measured step, where pages freed in its middle stay resident (docs/calibration.md, "The CPU heap").
+    peaks = _cpu_step_peaks(modules) if dev.type == "cpu" else None
+    profiler = ProfiledCostModel(device=dev, batch_fraction=fraction, threads=torch.get_num_threads(), clock=clock,
+                                 stage_of=plan.stage_of())
+    measured_profile = estimate(captured, spec, works=works, cost_model=profiler) if profiled else None
     predicted = _predict_stages(captured, plan, analytical, regions)
     profiled_stages = (_predict_stages(captured, plan, measured_profile, regions) if measured_profile is not None
                        else None)
-    modules: list[tuple[torch.nn.Module, Sequence[Any]]] = []  # each stage and the whole model, with its inputs
-    runs = []
-    values: Sequence[Any] = micro
     with retained_heap(dev):  # as fxshard's CPU ranks run (host_memory.retain_freed_memory)
-        for stage in split.stages:
-            modules.append((stage.module.to(dev), values))
-            runs.append(_measure_module(*modules[-1], dev, warmup, repeats))
-            values = runs[-1].outputs
-        modules.append((gm, micro))
-        runs.append(_measure_module(gm, micro, dev, warmup, repeats))
+        runs = [_measure_module(module, inputs, dev, warmup, repeats) for module, inputs in modules]
         fitted, kernels = (_fit_kernels(captured, spec, dev, warmup, repeats, roofline.factors_of(spec), clock)
                            if measured_profile is not None and fit else (None, ()))
-    peaks = _cpu_step_peaks(modules) if dev.type == "cpu" else None  # after every timing: it pins the allocator
     if peaks is not None:
         runs = [dataclasses.replace(r, peak_bytes=p) for r, p in zip(runs, peaks)]
     stages = []

@@ -68,10 +68,10 @@ class StageRun:
 @dataclasses.dataclass(frozen=True)
 class RankRun:
     """One rank: its stages, and the resident-set peak above the baseline taken before it built
-    them (model on meta), over one training step with the optimizer run after the timed ones with
-    glibc's thresholds pinned low (weights, gradients, optimizer state, in-flight activations,
-    transients, communication buffers), less ``code_bytes``: the library code that became
-    resident after the baseline (file-backed pages; libtorch's kernels the first steps ran)."""
+    them (model on meta), over one training step with the optimizer, measured before the timed
+    ones in a heap pinned low from before the build (weights, gradients, optimizer state,
+    in-flight activations, transients, communication buffers), less ``code_bytes``: the library
+    code that became resident after the baseline (file-backed pages; libtorch's kernels)."""
 
     rank: int
     stages: tuple[int, ...]

@@ -42,3 +42,20 @@ def test_one_round_pairs_to_the_measured_steps():
     pr = _script()
     rows = pr.paired((_row(pr, "a", [2.0]), _row(pr, "b", [3.0])))
     assert [r.paired_s for r in rows] == pytest.approx([2.0, 3.0])
+
+
+def test_decisive_tau_counts_only_pairs_measured_apart():
+    pr = _script()
+
+    def row(name, measured, predicted):
+        return pr.Row(name=name, why="", shape="", analytical_s=predicted, profiled_s=None, measured_s=measured,
+                      rounds_s=(measured,), load=1.0, paired_s=measured)
+
+    # a and b measure 2% apart (a coin toss) and are predicted the wrong way round; c is 20% slower
+    # than both and predicted slowest: both decisive pairs are concordant.
+    rows = (row("a", 1.00, 1.1), row("b", 1.02, 1.0), row("c", 1.22, 1.5))
+    out = pr.decisive_tau(rows)
+    assert out["analytical"] == (1.0, 2)
+    assert out["profiled"] == (None, 0)
+    rows = (row("a", 1.00, 1.6), row("b", 1.02, 1.0), row("c", 1.22, 1.5))  # a now predicted slowest
+    assert pr.decisive_tau(rows)["analytical"] == (0.0, 2)

@@ -27,6 +27,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
+from fxshard.cost_models.host_memory import heap_retained
 from fxshard.errors import CostModelError
 
 __all__ = ["Clock", "StepTime", "median_time", "step_times", "stopwatch"]
@@ -134,7 +135,7 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     try:
         for _ in range(warmup):
             step()
-        if warmup and device.type == "cpu":
+        if warmup and device.type == "cpu" and heap_retained():
             _warm_heap(step)
         if on_timed is not None:
             for p in params:
