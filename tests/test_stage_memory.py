@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from fxshard.candidates import receive_buffer_bytes
 from fxshard.capture import capture
 from fxshard.cost_models import analyze, estimate
+from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold
 from fxshard.devices import PRESETS
 from fxshard.passes.stages import StageSummary, summarize_stages
 
@@ -38,3 +43,70 @@ def test_a_convolutions_backward_workspace_is_in_the_stage_transient():
     infer = summarize_stages(captured, costs, {}, 1, training=False)[0]
     assert train.transient_bytes == 2 * conv.output_bytes + conv.backward_workspace_bytes
     assert infer.transient_bytes == 2 * conv.output_bytes
+
+
+class _Tied(torch.nn.Module):
+    """An embedding and an output layer sharing one weight, as GPT-2 ties them."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(x)))
+
+
+def test_a_weight_used_twice_in_a_stage_holds_two_more_gradients_in_its_backward():
+    vocab, dim = 5000, 64
+    captured = capture(_Tied(vocab, dim), (torch.randint(0, vocab, (2, 16)),))
+    costs = estimate(captured, PRESETS["cpu"], works=analyze(captured))
+    weight = vocab * dim * 4
+    logits = 2 * 16 * vocab * 4
+    whole = summarize_stages(captured, costs, {}, 1, training=True)[0]
+    assert whole.transient_bytes == 2 * logits + 2 * weight
+    assert summarize_stages(captured, costs, {}, 1, training=False)[0].transient_bytes == 2 * logits
+    # each stage holds one use: nothing is summed across stages
+    nodes = [n.name for n in captured.gm.graph.nodes if n.op not in ("placeholder", "output")]
+    head = next(i for i, n in enumerate(nodes) if n == "head")
+    split = {n: int(i >= head) for i, n in enumerate(nodes)}
+    first, last = summarize_stages(captured, costs, split, 2, training=True)
+    assert last.transient_bytes == 2 * logits
+    assert first.transient_bytes < 2 * weight
+
+
+_TIED_PEAK = """
+import torch
+from fxshard.cost_models.host_memory import ResidentPeak, released_heap, trim_heap
+
+torch.set_num_threads(1)
+V, D = 50000, 256
+weight = torch.nn.Parameter(torch.randn(V, D) * 0.01)
+x = torch.randint(0, V, (2, 16))
+
+
+def step():
+    weight.grad = None
+    torch.nn.functional.linear(torch.nn.functional.embedding(x, weight), weight).sum().backward()
+
+
+with released_heap():
+    step()
+    weight.grad = None
+    trim_heap()
+    probe = ResidentPeak()
+    probe.start()
+    step()
+    print(probe.peak_bytes() / (V * D * 4))
+"""
+
+
+def test_the_two_gradients_of_a_tied_weight_and_their_sum_are_alive_at_once():
+    """What the shared-gradient term prices, measured: the backward of an embedding and a linear
+    layer sharing one weight peaks at about 3 x the weight (its gradient plus 2 x)."""
+    if not ResidentPeak.available() or not pin_mmap_threshold():
+        pytest.skip("needs /proc/self/status and glibc's mallopt")
+    done = subprocess.run([sys.executable, "-c", _TIED_PEAK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 2.9 <= float(done.stdout.split()[-1]) <= 3.3

@@ -96,6 +96,8 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
         params = sum(size for size, is_param, _ in held[s].values() if is_param)
         transient = max((2 * w.output_bytes + (w.backward_workspace_bytes if training else 0)
                          for w in works if w.op not in ("get_attr", "placeholder")), default=0)
+        if training:
+            transient += _shared_gradient_bytes(nodes, names, full, costs)
         modules = [w.module for w in works if w.module]
         summaries.append(StageSummary(
             index=s, nodes=tuple(names), fwd_flops=float(sum(w.fwd_flops for w in works)),
@@ -108,6 +110,34 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
             optimizer_param_sizes=_optimizer_param_sizes(held[s], training, optimizer),
             largest_param_bytes=float(max((size for size, is_param, _ in held[s].values() if is_param), default=0))))
     return summaries
+
+
+def _shared_gradient_bytes(nodes: list[torch.fx.Node], names: Sequence[str], full: Mapping[str, int],
+                           costs: GraphCosts) -> float:
+    """What a parameter used more than once in a stage adds to its backward's peak: 2 x its bytes,
+    summed over such parameters (a tied embedding and LM head, a module called twice).
+
+    Autograd holds each use's gradient in the parameter's input buffer until the last use's
+    backward has run, then adds them out of place before ``AccumulateGrad`` takes the sum: the
+    two gradients and their sum are alive at once, beside the one gradient the state already
+    counts. Measured on this CPU: an embedding and a linear layer sharing a 48.8 MiB weight peak
+    at 3 x the weight (152.5 MiB) in backward, 2 x (103.7 MiB) with separate weights; the whole
+    tied GPT-2 of ``cpu_calibration.py`` 98 MiB (2 x its 49 MiB embedding) above the prediction
+    without this term (docs/cost_models.md, "Memory outside the state and activations")."""
+    stage = full[names[0]] if names else 0
+    graph = {n.name: n for n in nodes}
+    uses: dict[str, int] = {}
+    size_of: dict[str, int] = {}
+    for name in names:
+        work = costs[name].work
+        node = graph[name]
+        # a get_attr's uses are its users in the stage that make a tensor (not a size query)
+        count = (sum(1 for u in node.users if full.get(u.name) == stage and costs[u.name].work.output_bytes > 0)
+                 if node.op == "get_attr" else 1)
+        for param, size in zip(work.params, work.param_sizes):
+            uses[param] = uses.get(param, 0) + count
+            size_of[param] = size
+    return float(sum(2 * size_of[p] for p, n in uses.items() if n > 1))
 
 
 def _held_tensors(nodes: list[torch.fx.Node], full: Mapping[str, int], costs: GraphCosts,
