@@ -188,13 +188,9 @@ def test_gpu_calibration_script_quick_path(tmp_path):
     """The GPU run's script, on one tiny model and the selective-checkpointing variant (whose
     backward needs a fresh forward each time), its budget spent before the overhead step (a budget
     of 0 s: the first variant always runs, and the overhead is skipped however fast the machine)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmark_scripts import load
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_calibration.py"
-    spec = importlib.util.spec_from_file_location("gpu_calibration", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load("gpu_calibration")
     assert script.main(["--out", str(tmp_path), "--quick", "--models", "gpt2-medium", "--variants", "selective",
                         "--repeats", "1", "--budget-s", "0"]) == 0
     doc = json.loads((tmp_path / "summary.json").read_text())

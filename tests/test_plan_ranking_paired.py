@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.benchmark_scripts import load
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_ranking.py"
-    spec = importlib.util.spec_from_file_location("plan_ranking", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load("plan_ranking")
 
 
 def _row(pr, name, rounds, error=""):

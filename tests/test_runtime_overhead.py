@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.benchmark_scripts import load
+
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime_overhead.py"
-    spec = importlib.util.spec_from_file_location("runtime_overhead", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load("runtime_overhead")
 
 
 @pytest.mark.slow  # about 4 s alone (capture and plan of a tiny GPT-2), 11 s on a loaded 2-core machine
