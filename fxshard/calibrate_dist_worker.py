@@ -177,6 +177,42 @@ def _train_step(compiled: Any, inputs: tuple, target: torch.Tensor, optimizer: t
     return stepped
 
 
+def _timed_steps(compiled: Any, inputs: tuple, target: torch.Tensor, optimizer: torch.optim.Optimizer | None,
+                 params: list[torch.nn.Parameter], clocks: list[_StageClock], loss_clock: _LossClock, plan: Plan, *,
+                 steps: int, warmup: int, on_timed: Callable[[], None]) -> dict[str, Any]:
+    """``warmup`` then ``steps`` training steps, each after a barrier; ``on_timed`` is called before the
+    first timed one. Per timed step: its wall and CPU seconds, the optimizer step's CPU seconds, and
+    each stage's forward (the loss on the last stage's) and backward per micro-batch."""
+    out: dict[str, Any] = {"step_s": [], "step_cpu_s": [], "optimizer_cpu_s": [],
+                           "per_stage": {c.index: {"fwd": [], "bwd": [], "fwd_cpu": [], "bwd_cpu": []}
+                                         for c in clocks}}
+    m = plan.microbatches
+    for i in range(warmup + steps):
+        if i == warmup:
+            on_timed()
+        for c in clocks:
+            c.reset()
+            c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
+        loss_clock.wall = loss_clock.cpu = 0.0
+        dist.barrier()
+        c0, t0 = time.thread_time(), time.perf_counter()
+        stepped = _train_step(compiled, inputs, target, optimizer, params)
+        elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        if i < warmup:
+            continue
+        out["step_s"].append(elapsed)
+        out["step_cpu_s"].append(cpu)
+        out["optimizer_cpu_s"].append(stepped)
+        for c in clocks:
+            rows = out["per_stage"][c.index]
+            last = c.index == plan.num_stages - 1
+            rows["fwd"].append((c.wall["fwd"] + (loss_clock.wall if last else 0.0)) / m)
+            rows["bwd"].append(c.wall["bwd"] / m)
+            rows["fwd_cpu"].append((c.cpu["fwd"] + (loss_clock.cpu if last else 0.0)) / m)
+            rows["bwd_cpu"].append(c.cpu["bwd"] / m)
+    return out
+
+
 def run(job: dict, plan: Plan) -> dict:
     """This rank's measurements of ``job`` (see :func:`fxshard.calibrate_dist.run_plan`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -218,47 +254,21 @@ def run(job: dict, plan: Plan) -> dict:
         code = max(0, (file_backed_bytes() or 0) - code_before)
         peak = memory.peak_bytes() + memory.baseline_bytes - probe.baseline_bytes - code
     retained = retain_freed_memory()  # as the runtime runs a CPU rank (FXSHARD_CPU_HEAP=keep)
-    steps, warmup = job["steps"], job["warmup"]
-    step_s: list[float] = []
-    step_cpu_s: list[float] = []
-    optimizer_cpu_s: list[float] = []
-    per_stage: dict[int, dict[str, list[float]]] = {c.index: {"fwd": [], "bwd": [], "fwd_cpu": [], "bwd_cpu": []}
-                                                    for c in clocks}
     memory_timed = ResidentPeak()
-    for i in range(warmup + steps):
-        if i == warmup:
-            memory_timed.start()
-        for c in clocks:
-            c.reset()
-            c.count = i == warmup - 1  # the last warm-up step counts the saved bytes
-        loss_clock.wall = loss_clock.cpu = 0.0
-        dist.barrier()
-        c0, t0 = time.thread_time(), time.perf_counter()
-        stepped = _train_step(compiled, inputs, target, optimizer, params)
-        elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
-        if i >= warmup:
-            step_s.append(elapsed)
-            step_cpu_s.append(cpu)
-            optimizer_cpu_s.append(stepped)
-            for c in clocks:
-                rows = per_stage[c.index]
-                m = plan.microbatches
-                last = c.index == plan.num_stages - 1
-                rows["fwd"].append((c.wall["fwd"] + (loss_clock.wall if last else 0.0)) / m)
-                rows["bwd"].append(c.wall["bwd"] / m)
-                rows["fwd_cpu"].append((c.cpu["fwd"] + (loss_clock.cpu if last else 0.0)) / m)
-                rows["bwd_cpu"].append(c.cpu["bwd"] / m)
+    timed = _timed_steps(compiled, inputs, target, optimizer, params, clocks, loss_clock, plan,
+                         steps=job["steps"], warmup=job["warmup"], on_timed=memory_timed.start)
     # The resident set the timed steps reached with freed memory kept in the heap: the live peak
     # plus what the heap kept (above the same baseline, less the library code).
     resident = (memory_timed.peak_bytes() + memory_timed.baseline_bytes - probe.baseline_bytes
                 - max(0, (file_backed_bytes() or 0) - code_before))
     stages = [{"index": c.index, "rank": rank,
-               **{k: statistics.median(v) for k, v in per_stage[c.index].items()},
+               **{k: statistics.median(v) for k, v in timed["per_stage"][c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
-    return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": step_s,
-            "steps_cpu_s": step_cpu_s, "stages": stages, "peak_bytes": peak, "baseline_bytes": probe.baseline_bytes,
-            "code_bytes": code, "resident_bytes": resident, "heap_retained": retained,
-            "param_bytes": sum(p.numel() * p.element_size() for p in params),
+    optimizer_cpu_s = timed["optimizer_cpu_s"]
+    return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": timed["step_s"],
+            "steps_cpu_s": timed["step_cpu_s"], "stages": stages, "peak_bytes": peak,
+            "baseline_bytes": probe.baseline_bytes, "code_bytes": code, "resident_bytes": resident,
+            "heap_retained": retained, "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 
 
