@@ -90,7 +90,7 @@ def retain_freed_memory() -> bool:
     ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` do), for the rest of the process.
     The resident set then stays at the step's high-water mark (fragmentation included) instead
     of following the live tensors. Returns whether it took effect (False where the C library is
-    not glibc). See docs/runtime.md, "CPU ranks".
+    not glibc). See docs/runtime.md, "A CPU rank keeps freed memory".
     """
     global _retained
     mmap = _mallopt(_M_MMAP_THRESHOLD, _RETAIN_MMAP_THRESHOLD) or _mallopt(_M_MMAP_THRESHOLD,
@@ -117,8 +117,8 @@ def _unretain() -> None:
 def retained_heap(device: torch.device | None = None) -> Iterator[bool]:
     """:func:`retain_freed_memory` inside the block (yields whether it took effect); on leaving,
     a heap that was not retained before gets glibc's end-state thresholds (32 MiB mmap, 64 MiB
-    trim) and its free pages back to the kernel. ``device``: a GPU leaves the heap alone (its
-    tensors are not in it)."""
+    trim), and glibc's own trimming hands its free top back. ``device``: a GPU leaves the heap
+    alone (its tensors are not in it)."""
     if device is not None and device.type != "cpu":
         yield False
         return
@@ -135,7 +135,8 @@ def released_heap(threshold_bytes: int = 128 * 1024) -> Iterator[bool]:
     """Every block above ``threshold_bytes`` a mapping of its own and the heap trimmed at glibc's
     default, so freed tensors leave the resident set, inside the block (a memory measurement;
     yields whether it took effect); on leaving, the mode it found: retained again, or glibc's
-    end-state thresholds."""
+    end-state thresholds. A block the heap already holds free is still reused, and stays resident
+    when freed again: measure before anything has kept freed memory in this process."""
     before = _retained
     pinned = pin_mmap_threshold(threshold_bytes) and _mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
     try:

@@ -188,7 +188,7 @@ def _warm_heap(step: Callable[[], Any]) -> None:
     first steps and keeps. On a heap that keeps freed memory (``host_memory.retain_freed_memory``),
     glibc still placed GPT-2's 51 MB embedding gradient on fresh pages in 5 of its first 7 steps
     after the mode changed, 19-23 ms of faults on a 2.3 ms backward (docs/calibration.md, "The CPU
-    heap"); steps the warm-up already ran are the usual case and cost nothing more."""
+    heap"). Where the warm-up already reached the steady state, this adds two steps."""
     if _minor_faults() is None:
         return
     quiet = 0
