@@ -217,7 +217,7 @@ class _Run:
     times: StepTime
     peak_bytes: float | None  # step peak: weights + gradients + saved activations + transients
     saved_bytes: int  # autograd's saved bytes of one forward, parameters and buffers excluded
-    outputs: tuple  # the forward's outputs, detached: the next stage's inputs
+    outputs: tuple  # the forward's outputs, detached
 
 
 def _leaves(inputs: Sequence[Any]) -> list[Any]:
@@ -233,7 +233,7 @@ def _measure_module(module: torch.nn.Module, inputs: Sequence[Any], device: torc
     ``max_memory_allocated`` over those steps above what was allocated before them, plus the
     module's parameter bytes: its weights, gradients, one micro-batch's saved activations and
     the transients (the previous step's gradients are freed before each step); on the CPU it is
-    measured apart, after every timing (:func:`_cpu_step_peaks`). A last forward counts what
+    measured apart, before any timing (:func:`_cpu_step_peaks`). A last forward counts what
     autograd saves (``host_memory.SavedTensors``) and gives the outputs.
     """
     module.zero_grad(set_to_none=True)

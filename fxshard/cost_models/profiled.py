@@ -115,7 +115,7 @@ class ProfiledCostModel:
         check_local(run_device, device)
         fallback = AnalyticalCostModel().node_times(captured, works, device)
         fraction = self.batch_fraction or _batch_fraction(captured, works)
-        with self._threads(run_device):
+        with self._measuring(run_device):
             if self.method == "nodes":
                 return [self._node_time(node, work, guess, captured.gm, run_device, fraction)
                         for node, work, guess in zip(captured.gm.graph.nodes, works, fallback)]
@@ -128,12 +128,12 @@ class ProfiledCostModel:
         check_local(run_device, device)
         key = (device.name, str(run_device))
         if key not in self._rates:
-            with self._threads(run_device):
+            with self._measuring(run_device):
                 self._rates[key] = measure_step_rates(device, run_device, repeats=self.repeats, clock=self.clock)
         return self._rates[key]
 
     @contextlib.contextmanager
-    def _threads(self, dev: torch.device) -> Iterator[None]:
+    def _measuring(self, dev: torch.device) -> Iterator[None]:
         """The model's threads, and on the CPU freed memory kept in the heap, as fxshard's CPU
         ranks run (``host_memory.retain_freed_memory``; docs/calibration.md, "The CPU heap")."""
         before = torch.get_num_threads()

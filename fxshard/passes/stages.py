@@ -87,6 +87,7 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
     for node in nodes:
         members[full[node.name]].append(node.name)
     held = _held_tensors(nodes, full, costs, k)
+    by_name = {n.name: n for n in nodes}
     boundary = _boundary_bytes(nodes, full, costs, k)
     summaries = []
     for s in range(k):
@@ -97,7 +98,7 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
         transient = max((2 * w.output_bytes + (w.backward_workspace_bytes if training else 0)
                          for w in works if w.op not in ("get_attr", "placeholder")), default=0)
         if training:
-            transient += _shared_gradient_bytes(nodes, names, full, costs)
+            transient += _shared_gradient_bytes(by_name, names, full, costs)
         modules = [w.module for w in works if w.module]
         summaries.append(StageSummary(
             index=s, nodes=tuple(names), fwd_flops=float(sum(w.fwd_flops for w in works)),
@@ -112,7 +113,7 @@ def summarize_stages(captured: CapturedGraph, costs: GraphCosts, stage_of: Mappi
     return summaries
 
 
-def _shared_gradient_bytes(nodes: list[torch.fx.Node], names: Sequence[str], full: Mapping[str, int],
+def _shared_gradient_bytes(by_name: Mapping[str, torch.fx.Node], names: Sequence[str], full: Mapping[str, int],
                            costs: GraphCosts) -> float:
     """What a parameter used more than once in a stage adds to its backward's peak: 2 x its bytes,
     summed over such parameters (a tied embedding and LM head, a module called twice).
@@ -125,12 +126,11 @@ def _shared_gradient_bytes(nodes: list[torch.fx.Node], names: Sequence[str], ful
     tied GPT-2 of ``cpu_calibration.py`` 98 MiB (2 x its 49 MiB embedding) above the prediction
     without this term (docs/cost_models.md, "Memory outside the state and activations")."""
     stage = full[names[0]] if names else 0
-    graph = {n.name: n for n in nodes}
     uses: dict[str, int] = {}
     size_of: dict[str, int] = {}
     for name in names:
         work = costs[name].work
-        node = graph[name]
+        node = by_name[name]
         # a get_attr's uses are its users in the stage that make a tensor (not a size query)
         count = (sum(1 for u in node.users if full.get(u.name) == stage and costs[u.name].work.output_bytes > 0)
                  if node.op == "get_attr" else 1)
