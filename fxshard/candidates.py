@@ -99,15 +99,10 @@ class Pricer:
         fraction *= self._scale
         key = (spec.name, fraction)
         if key not in self._cache:
-            if getattr(self.cost_model, "name", self.cost_model) == "analytical" or fraction == 1.0:
-                works = self.works if fraction == 1.0 else scale_batch(self.works, fraction)
-                self._cache[key] = estimate(self.captured, spec, cost_model=self.cost_model, works=works)
-            else:  # measured costs: measured once at the full batch, scaled linearly
-                full = self.costs(spec, 1.0 / self._scale)
-                scaled = scale_batch(self.works, fraction)
-                self._cache[key] = dataclasses.replace(full, nodes=tuple(
-                    dataclasses.replace(c, work=w, fwd_time_s=c.fwd_time_s * fraction, bwd_time_s=c.bwd_time_s * fraction)
-                    for c, w in zip(full.nodes, scaled)))
+            # Every cost model prices the micro-batch itself: the profiled one measures at it, so a
+            # plan's micro-batch count meets what small micro-batches really cost per sample.
+            works = self.works if fraction == 1.0 else scale_batch(self.works, fraction)
+            self._cache[key] = estimate(self.captured, spec, cost_model=self.cost_model, works=works)
         return self._cache[key]
 
     def loss_summary(self, spec: DeviceSpec, fraction: float) -> StageSummary | None:

@@ -54,9 +54,24 @@ def test_identical_blocks_are_timed_once_at_the_micro_batch(gpt2, monkeypatch):
     h0, h1 = profiler.segments[1:3]
     assert (h0.fwd_s, h0.bwd_s) == (h1.fwd_s, h1.bwd_s)
     calls.clear()
-    estimate(gpt2, CPU, cost_model=ProfiledCostModel(warmup=0, repeats=1, batch_fraction=1.0),
-             works=scale_batch(analyze(gpt2), 0.25))
-    assert calls[0] == [(8, 64)]  # told the fraction, it does not read it from the works
+    told = ProfiledCostModel(warmup=0, repeats=1, batch_fraction=1.0)
+    costs = estimate(gpt2, CPU, cost_model=told, works=scale_batch(analyze(gpt2), 0.25))
+    assert calls[0] == [(8, 64)]  # told the fraction, it measures there, not at the works' micro-batch
+    # ... and prices the works it was given: the measurement scaled to their micro-batch, once.
+    assert costs.fwd_time_s == pytest.approx(0.25 * sum(s.fwd_s for s in told.segments), rel=1e-9)
+    assert costs.bwd_time_s == pytest.approx(0.25 * sum(s.bwd_s for s in told.segments), rel=1e-9)
+
+
+def test_a_pricer_that_scales_a_fixed_fraction_scales_it_once(gpt2):
+    """The planner's pricer asks a measured cost model for the full batch and scales it to the
+    micro-batch; a model measuring at its own micro-batch must then not be scaled twice (the
+    training loss of a plan priced at 1/4 came out at 1/16 of the batch's)."""
+    from fxshard.candidates import Pricer
+
+    profiler = ProfiledCostModel(warmup=0, repeats=1, batch_fraction=0.25)
+    costs = Pricer(gpt2, profiler, 8).costs(CPU, 0.25)
+    assert costs.fwd_time_s == pytest.approx(sum(s.fwd_s for s in profiler.segments), rel=1e-9)
+    assert costs.bwd_time_s == pytest.approx(sum(s.bwd_s for s in profiler.segments), rel=1e-9)
 
 
 def test_a_model_on_meta_is_timed_with_materialised_weights():
@@ -161,3 +176,24 @@ def test_segments_end_at_a_plans_stage_boundaries(gpt2):
     assert not profiler.segment_fallbacks and not costs.estimated
     for seg in profiler.segments:
         assert sum(costs[n].fwd_time_s for n in seg.segment.nodes) == pytest.approx(seg.fwd_s, rel=1e-9)
+
+
+def test_the_planners_pricer_measures_each_micro_batch_where_it_runs(gpt2, monkeypatch):
+    """Each micro-batch size the planner prices is measured at that size, not scaled from the batch."""
+    from fxshard.candidates import Pricer
+
+    batches = []
+    timed = segments._time_one
+
+    def counting(module, args, timer):
+        batches.append(next(a.shape[0] for a in args if isinstance(a, torch.Tensor)))
+        return timed(module, args, timer)
+
+    monkeypatch.setattr(segments, "_time_one", counting)
+    pricer = Pricer(gpt2, ProfiledCostModel(warmup=0, repeats=1), 8)
+    for fraction in (1.0, 0.5, 0.25):
+        pricer.costs(CPU, fraction)
+    assert batches[0] == 8 and 4 in batches and 2 in batches
+    before = len(batches)
+    pricer.costs(CPU, 0.5)
+    assert len(batches) == before  # each size once

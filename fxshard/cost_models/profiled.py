@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,8 +68,11 @@ class ProfiledCostModel:
         repeats: timed runs; the median is kept.
         method: ``"segments"`` (time blocks as they run, at the micro-batch) or ``"nodes"``
             (every node alone, at the captured batch, scaled to the micro-batch).
-        batch_fraction: the micro-batch over the captured batch; default: read from the
-            ``works`` it is given (``scale_batch`` scales the inputs' bytes by it).
+        batch_fraction: the micro-batch to measure at, over the captured batch; default: the
+            one the ``works`` it is given are at (``scale_batch`` scales the inputs' bytes by
+            it). Times are always those of the given ``works``: measured at another fraction,
+            they are scaled linearly to it (a pricer that asks for the full batch and scales,
+            as the planner's does, then scales a measurement at this fraction).
         threads: torch CPU threads to measure with (default: the current count).
         clock: on the CPU, ``"wall"`` (``perf_counter``) or ``"cpu"`` (the calling thread's CPU
             time: with one thread, the compute a step needs, steady on a shared machine).
@@ -114,12 +118,20 @@ class ProfiledCostModel:
         run_device = self.device or _run_device(captured.gm, device)
         check_local(run_device, device)
         fallback = AnalyticalCostModel().node_times(captured, works, device)
-        fraction = self.batch_fraction or _batch_fraction(captured, works)
+        priced = _batch_fraction(captured, works)
         with self._measuring(run_device):
-            if self.method == "nodes":
-                return [self._node_time(node, work, guess, captured.gm, run_device, fraction)
+            if self.method == "nodes":  # measured at the captured shapes, scaled to the works' micro-batch
+                return [self._node_time(node, work, guess, captured.gm, run_device, priced)
                         for node, work, guess in zip(captured.gm.graph.nodes, works, fallback)]
-            return self._segment_times(captured, works, fallback, run_device, fraction)
+            fraction = self.batch_fraction or priced
+            times = self._segment_times(captured, works, fallback, run_device, fraction)
+        if fraction == priced:
+            return times
+        # Measured at the model's own micro-batch, priced at the works': linearly, never twice
+        # (an analytical stand-in is already the works' own).
+        scale = priced / fraction
+        return [t if t.estimated else dataclasses.replace(t, fwd_s=t.fwd_s * scale, bwd_s=t.bwd_s * scale)
+                for t in times]
 
     def step_rates(self, device: DeviceSpec) -> StepRates:
         """Seconds per byte of gradient accumulation and of each optimizer's step, measured once
