@@ -186,34 +186,35 @@ class SharedProfile:
         return getattr(self.model, name)
 
 
-def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True,
-            clock: str = "cpu") -> list[tuple[float, float | None]]:
-    """(analytical, profiled) predicted step seconds per plan.
+def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True, clock: str = "cpu",
+            passes: int = 1) -> list[tuple[float, float | None, tuple[float, ...]]]:
+    """(analytical, profiled, profiled per pass) predicted step seconds per plan.
 
     The profiled model measures once per micro-batch size and prices every plan of that size from
     the same measurement (:class:`SharedProfile`), as the planner prices its candidates; it times
     on ``clock``: ``"cpu"`` (the thread's CPU seconds, the default) keeps other processes' load on
-    this shared machine out of the prediction; ``"wall"`` is the planner's.
+    this shared machine out of the prediction; ``"wall"`` is the planner's. With ``passes`` > 1 it
+    profiles that many times, the micro-batch sizes in rotating order, and the profiled figure is
+    the median over passes: this machine's speed drifts between the sizes' measurements.
     """
     from fxshard.cost_models import ProfiledCostModel
     from fxshard.simulate_plan import simulate_plan
 
-    if profiled:
-        from fxshard.calibrate_dist import reprice, run_loss
-        loss = run_loss(captured)
-    shared: dict[float, SharedProfile] = {}
-    out = []
-    for plan in plans:
-        analytical = simulate_plan(plan).step_time_s
-        prof = None
-        if profiled:
-            fraction = 1.0 / (plan.microbatches * plan.replicas)
-            if fraction not in shared:
-                shared[fraction] = SharedProfile(ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction,
-                                                                   clock=clock))
-            prof = simulate_plan(reprice(captured, plan, shared[fraction], loss=loss)).step_time_s
-        out.append((analytical, prof))
-    return out
+    analytical = [simulate_plan(plan).step_time_s for plan in plans]
+    if not profiled:
+        return [(a, None, ()) for a in analytical]
+    from fxshard.calibrate_dist import reprice, run_loss
+
+    loss = run_loss(captured)
+    fractions = list(dict.fromkeys(1.0 / (plan.microbatches * plan.replicas) for plan in plans))
+    per_pass: list[list[float]] = [[0.0] * passes for _ in plans]
+    for k in range(passes):
+        for fraction in fractions[k % len(fractions):] + fractions[:k % len(fractions)]:
+            shared = SharedProfile(ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock=clock))
+            for i, plan in enumerate(plans):
+                if 1.0 / (plan.microbatches * plan.replicas) == fraction:
+                    per_pass[i][k] = simulate_plan(reprice(captured, plan, shared, loss=loss)).step_time_s
+    return [(a, statistics.median(ps), tuple(ps)) for a, ps in zip(analytical, per_pass)]
 
 
 def measure(model_ref: str, plans: Sequence[Any], *, rounds: int, steps: int, warmup: int,
@@ -262,6 +263,12 @@ class Ranking:
     discordant_paired: dict[str, tuple[tuple[str, str, float, float], ...]] = dataclasses.field(default_factory=dict)
     # Per pricing: tau over the round-paired pairs at least COIN_TOSS apart, and how many pairs that is.
     tau_decisive: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)
+    # The machine against itself (:func:`reproducibility`): median, lowest and highest over rounds.
+    tau_reproducible: tuple[float, float, float] | None = None
+    # The profiled prediction against itself: Kendall's tau between each two profiling passes, and each
+    # plan's prediction per pass (the reported one is their median).
+    tau_profiles: tuple[float, ...] = ()
+    profiled_passes_s: tuple[tuple[float, ...], ...] = ()
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -332,6 +339,23 @@ def decisive_tau(rows: Sequence[Row], *, measured: str = "paired_s") -> dict[str
     return out
 
 
+def reproducibility(rows: Sequence[Row]) -> tuple[float, float, float] | None:
+    """How well this machine ranks the plans against itself: per round, Kendall's tau of that round's
+    steps against the median of the other rounds (every plan that ran in every round), as (median,
+    lowest, highest) over rounds; None under 3 rounds. An exact predictor, held against one round,
+    reaches about this: the ceiling the machine's noise puts on any prediction's tau."""
+    from fxshard.calibrate import kendall_tau
+
+    full = [r for r in rows if not r.error and r.rounds_s]
+    rounds = min((len(r.rounds_s) for r in full), default=0)
+    if len(full) < 2 or rounds < 3:
+        return None
+    taus = [kendall_tau([r.rounds_s[k] for r in full],
+                        [statistics.median(r.rounds_s[j] for j in range(rounds) if j != k) for r in full])
+            for k in range(rounds)]
+    return statistics.median(taus), min(taus), max(taus)
+
+
 def to_markdown(result: Ranking) -> str:
     """The ranking table, tau per pricing and the discordant pairs."""
     ran = sorted((r for r in result.rows if r.measured_s is not None), key=lambda r: r.measured_s)
@@ -382,20 +406,34 @@ def to_markdown(result: Ranking) -> str:
         if tau is not None:
             lines.append(f"- over the {n} pair(s) the round-paired steps put at least {COIN_TOSS:.0%} apart (the "
                          f"pairs this machine orders): {which} tau {tau:.2f}")
+    if result.tau_reproducible is not None:
+        mid, lo, hi = result.tau_reproducible
+        lines.append(f"- the machine against itself (each round's steps against the median of the other rounds): "
+                     f"Kendall tau {mid:.2f} ({lo:.2f} to {hi:.2f} over rounds), the ceiling its noise puts "
+                     "on a prediction")
+    if result.tau_profiles:
+        passes = ", ".join(f"{t:.2f}" for t in result.tau_profiles)
+        lines.append(f"- the profiled prediction against itself ({len(result.profiled_passes_s[0])} profiling "
+                     f"passes; the table gives their median): Kendall tau between passes {passes}")
     return "\n".join(lines) + "\n"
 
 
 def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, profiled: bool = True,
         clock: str = "cpu", timeout_s: float = 600.0, candidates: Sequence[Candidate] = CANDIDATES,
-        command: str = "") -> Ranking:
+        command: str = "", profiles: int = 1) -> Ranking:
     """Plan, predict and measure every candidate; rank them."""
+    from fxshard.calibrate import kendall_tau
+
     captured, plans = make_plans(model_ref, candidates)
-    predictions = predict(captured, plans, profiled=profiled, clock=clock)
+    predictions = predict(captured, plans, profiled=profiled, clock=clock, passes=profiles)
+    passes = tuple(ps for _, _, ps in predictions) if profiled else ()
+    tau_profiles = tuple(kendall_tau([ps[j] for ps in passes], [ps[k] for ps in passes])
+                         for j in range(profiles) for k in range(j + 1, profiles)) if profiled else ()
     measured = measure(model_ref, plans, rounds=rounds, steps=steps, warmup=warmup, timeout_s=timeout_s)
     rows = tuple(Row(name=c.name, why=c.why, shape=_shape(p), analytical_s=a, profiled_s=pr,
                      measured_s=statistics.median(times) if times else None, rounds_s=tuple(times),
                      load=statistics.fmean(loads) if loads else None, error=err)
-                 for c, p, (a, pr), (times, loads, err) in zip(candidates, plans, predictions, measured))
+                 for c, p, (a, pr, _), (times, loads, err) in zip(candidates, plans, predictions, measured))
     rows = paired(rows)
     tau, pairs = rank(rows)
     tau_normalised, _ = rank(rows, measured="normalised_s")
@@ -407,7 +445,8 @@ def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, pro
     return Ranking(model=model_ref, devices=DEVICES, rows=rows, tau=tau, discordant=pairs,
                    machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
                    clock=clock if profiled else "", tau_normalised=tau_normalised, tau_paired=tau_paired,
-                   discordant_paired=pairs_paired, tau_decisive=decisive)
+                   discordant_paired=pairs_paired, tau_decisive=decisive, tau_reproducible=reproducibility(rows),
+                   tau_profiles=tau_profiles, profiled_passes_s=passes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--no-profiled", action="store_true", help="skip the profiled prediction")
+    parser.add_argument("--profiles", type=int, default=1,
+                        help="profiling passes, micro-batch sizes in rotating order (median kept; default 1)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="what the profiled model times: the thread's CPU seconds (default) or wall seconds")
     parser.add_argument("--md", type=Path, help="write the markdown report here")
@@ -427,10 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         result = run(QUICK_MODEL, rounds=1, steps=1, warmup=1, profiled=not args.no_profiled, clock=args.clock,
                      timeout_s=300,
-                     candidates=[CANDIDATES[i] for i in QUICK], command=command.strip())
+                     candidates=[CANDIDATES[i] for i in QUICK], command=command.strip(), profiles=args.profiles)
     else:
         result = run(MODEL, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                     profiled=not args.no_profiled, clock=args.clock, command=command.strip())
+                     profiled=not args.no_profiled, clock=args.clock, command=command.strip(),
+                     profiles=args.profiles)
     text = to_markdown(result)
     print(text)
     if args.md:

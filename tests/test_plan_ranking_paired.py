@@ -52,3 +52,15 @@ def test_decisive_tau_counts_only_pairs_measured_apart():
     assert out["profiled"] == (None, 0)
     rows = (row("a", 1.00, 1.6), row("b", 1.02, 1.0), row("c", 1.22, 1.5))  # a now predicted slowest
     assert pr.decisive_tau(rows)["analytical"] == (0.0, 2)
+
+
+def test_the_machine_against_itself_bounds_what_a_prediction_can_reach():
+    pr = _script()
+    # Three plans 10% apart, measured in the same order every round: the machine ranks them perfectly.
+    steady = (_row(pr, "a", [1.0, 1.3, 0.9]), _row(pr, "b", [1.1, 1.43, 0.99]), _row(pr, "c", [1.2, 1.56, 1.08]))
+    assert pr.reproducibility(steady) == (1.0, 1.0, 1.0)
+    # a and b swap places from round to round: no round ranks them as the others do.
+    noisy = (_row(pr, "a", [1.0, 1.1, 1.0]), _row(pr, "b", [1.1, 1.0, 1.05]), _row(pr, "c", [2.0, 2.0, 2.0]))
+    mid, lo, hi = pr.reproducibility(noisy)
+    assert lo < 1.0 and mid < 1.0
+    assert pr.reproducibility(steady[:2] + (_row(pr, "c", [1.2, 1.5]),)) is None  # under 3 rounds in common
