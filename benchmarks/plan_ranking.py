@@ -263,8 +263,9 @@ class Ranking:
     discordant_paired: dict[str, tuple[tuple[str, str, float, float], ...]] = dataclasses.field(default_factory=dict)
     # Per pricing: tau over the round-paired pairs at least COIN_TOSS apart, and how many pairs that is.
     tau_decisive: dict[str, tuple[float | None, int]] = dataclasses.field(default_factory=dict)
-    # The machine against itself (:func:`reproducibility`): median, lowest and highest over rounds.
-    tau_reproducible: tuple[float, float, float] | None = None
+    # Each round as the ranking to predict (:func:`reproducibility`): per predictor ("machine": the other
+    # rounds' median), Kendall's tau median, lowest and highest over rounds.
+    tau_per_round: dict[str, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
     # The profiled prediction against itself: Kendall's tau between each two profiling passes, and each
     # plan's prediction per pass (the reported one is their median).
     tau_profiles: tuple[float, ...] = ()
@@ -339,21 +340,27 @@ def decisive_tau(rows: Sequence[Row], *, measured: str = "paired_s") -> dict[str
     return out
 
 
-def reproducibility(rows: Sequence[Row]) -> tuple[float, float, float] | None:
-    """How well this machine ranks the plans against itself: per round, Kendall's tau of that round's
-    steps against the median of the other rounds (every plan that ran in every round), as (median,
-    lowest, highest) over rounds; None under 3 rounds. An exact predictor, held against one round,
-    reaches about this: the ceiling the machine's noise puts on any prediction's tau."""
+def reproducibility(rows: Sequence[Row]) -> dict[str, tuple[float, float, float]]:
+    """Each round as a plan ranking to predict, over the plans that ran in every round (3 rounds
+    or more; else empty): Kendall's tau of that round's steps against ``"machine"``, the median of
+    the other rounds (the ceiling this machine's noise puts on any prediction held against one
+    round), and against each pricing's prediction; per predictor (median, lowest, highest) over
+    rounds."""
     from fxshard.calibrate import kendall_tau
 
     full = [r for r in rows if not r.error and r.rounds_s]
     rounds = min((len(r.rounds_s) for r in full), default=0)
     if len(full) < 2 or rounds < 3:
-        return None
-    taus = [kendall_tau([r.rounds_s[k] for r in full],
-                        [statistics.median(r.rounds_s[j] for j in range(rounds) if j != k) for r in full])
-            for k in range(rounds)]
-    return statistics.median(taus), min(taus), max(taus)
+        return {}
+    predictors = {"machine": lambda r, k: statistics.median(r.rounds_s[j] for j in range(rounds) if j != k)}
+    for which in ("analytical", "profiled"):
+        if all(getattr(r, f"{which}_s") is not None for r in full):
+            predictors[which] = lambda r, k, which=which: getattr(r, f"{which}_s")
+    out = {}
+    for name, predictor in predictors.items():
+        taus = [kendall_tau([predictor(r, k) for r in full], [r.rounds_s[k] for r in full]) for k in range(rounds)]
+        out[name] = (statistics.median(taus), min(taus), max(taus))
+    return out
 
 
 def to_markdown(result: Ranking) -> str:
@@ -406,11 +413,13 @@ def to_markdown(result: Ranking) -> str:
         if tau is not None:
             lines.append(f"- over the {n} pair(s) the round-paired steps put at least {COIN_TOSS:.0%} apart (the "
                          f"pairs this machine orders): {which} tau {tau:.2f}")
-    if result.tau_reproducible is not None:
-        mid, lo, hi = result.tau_reproducible
-        lines.append(f"- the machine against itself (each round's steps against the median of the other rounds): "
-                     f"Kendall tau {mid:.2f} ({lo:.2f} to {hi:.2f} over rounds), the ceiling its noise puts "
-                     "on a prediction")
+    if result.tau_per_round:
+        said = {"machine": "the median of the other rounds (the machine against itself: the ceiling its noise "
+                           "puts on a prediction)", "analytical": "the analytical prediction",
+                "profiled": "the profiled prediction"}
+        lines.append("- each round's steps as the ranking to predict, Kendall tau median (lowest to highest) over "
+                     "rounds: " + "; ".join(f"{said[k]} {mid:.2f} ({lo:.2f} to {hi:.2f})"
+                                            for k, (mid, lo, hi) in result.tau_per_round.items()))
     if result.tau_profiles:
         passes = ", ".join(f"{t:.2f}" for t in result.tau_profiles)
         lines.append(f"- the profiled prediction against itself ({len(result.profiled_passes_s[0])} profiling "
@@ -445,7 +454,7 @@ def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, pro
     return Ranking(model=model_ref, devices=DEVICES, rows=rows, tau=tau, discordant=pairs,
                    machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
                    clock=clock if profiled else "", tau_normalised=tau_normalised, tau_paired=tau_paired,
-                   discordant_paired=pairs_paired, tau_decisive=decisive, tau_reproducible=reproducibility(rows),
+                   discordant_paired=pairs_paired, tau_decisive=decisive, tau_per_round=reproducibility(rows),
                    tau_profiles=tau_profiles, profiled_passes_s=passes)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.benchmark_scripts import load
@@ -54,13 +56,22 @@ def test_decisive_tau_counts_only_pairs_measured_apart():
     assert pr.decisive_tau(rows)["analytical"] == (0.0, 2)
 
 
-def test_the_machine_against_itself_bounds_what_a_prediction_can_reach():
+def test_each_round_is_a_ranking_to_predict_and_the_other_rounds_bound_it():
     pr = _script()
-    # Three plans 10% apart, measured in the same order every round: the machine ranks them perfectly.
-    steady = (_row(pr, "a", [1.0, 1.3, 0.9]), _row(pr, "b", [1.1, 1.43, 0.99]), _row(pr, "c", [1.2, 1.56, 1.08]))
-    assert pr.reproducibility(steady) == (1.0, 1.0, 1.0)
-    # a and b swap places from round to round: no round ranks them as the others do.
-    noisy = (_row(pr, "a", [1.0, 1.1, 1.0]), _row(pr, "b", [1.1, 1.0, 1.05]), _row(pr, "c", [2.0, 2.0, 2.0]))
-    mid, lo, hi = pr.reproducibility(noisy)
-    assert lo < 1.0 and mid < 1.0
-    assert pr.reproducibility(steady[:2] + (_row(pr, "c", [1.2, 1.5]),)) is None  # under 3 rounds in common
+
+    def row(name, rounds, predicted):
+        return dataclasses.replace(_row(pr, name, rounds), analytical_s=predicted, profiled_s=None)
+
+    # Three plans 10% apart, measured in the same order every round: the machine ranks them perfectly,
+    # and so does a prediction in that order.
+    steady = (row("a", [1.0, 1.3, 0.9], 1.0), row("b", [1.1, 1.43, 0.99], 2.0), row("c", [1.2, 1.56, 1.08], 3.0))
+    out = pr.reproducibility(steady)
+    assert out["machine"] == (1.0, 1.0, 1.0) and out["analytical"] == (1.0, 1.0, 1.0)
+    assert "profiled" not in out  # not predicted
+    # a and b swap places from round to round: no round ranks them as the others do, nor as any
+    # fixed prediction does.
+    noisy = (row("a", [1.0, 1.1, 1.0], 1.0), row("b", [1.1, 1.0, 1.05], 1.1), row("c", [2.0, 2.0, 2.0], 2.0))
+    out = pr.reproducibility(noisy)
+    assert out["machine"][1] < 1.0 and out["machine"][0] < 1.0
+    assert out["analytical"][1] < 1.0 < out["analytical"][2] + 1e-9  # right in some rounds, wrong in one
+    assert pr.reproducibility(steady[:2] + (row("c", [1.2, 1.5], 3.0),)) == {}  # under 3 rounds in common
