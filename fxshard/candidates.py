@@ -14,6 +14,7 @@ fxshard/candidates_whole.py. See docs/planning.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,7 +33,7 @@ from fxshard.candidate_shapes import (
 )
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, DeviceSpec
-from fxshard.comm import exposed_allreduce_time
+from fxshard.comm import exposed_allreduce_time, tied_syncs
 from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
 from fxshard.cost_models.checkpointing import checkpoint_cost as default_checkpoint_cost
 from fxshard.cost_models.loss import LossGraph, with_loss
@@ -50,7 +51,8 @@ from fxshard.levers import (
 from fxshard.passes.cost_graph import cost_graph, layer_labels, partition_model, placement
 from fxshard.passes.partition import Partition
 from fxshard.passes.stages import StageSummary, summarize_stages
-from fxshard.plan import EstimatedNode
+from fxshard.passes.tied import parameter_readers, tied_parameters
+from fxshard.plan import EstimatedNode, TiedParameter
 from fxshard.plan_options import PlanOptions
 from fxshard.simulate import SimulationError, StageFigures, StageTiming, simulate, stage_timings
 
@@ -83,6 +85,11 @@ class Pricer:
         # shapes with equal partition inputs (replica counts, schedules) share one partition.
         self._graphs: dict[tuple, nx.DiGraph] = {}
         self._partitions: dict[tuple, tuple[Partition, nx.DiGraph] | PartitionError] = {}
+
+    @functools.cached_property
+    def readers(self) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """The parameters several nodes read, and those nodes (:func:`fxshard.passes.tied.parameter_readers`)."""
+        return parameter_readers(self.captured, self.works)
 
     def at_batch(self, batch: int) -> Pricer:
         """The same graph priced at a smaller batch, by the micro-batch scaling the planner uses."""
@@ -193,6 +200,7 @@ class Priced:
     allreduce_s: float = 0.0
     note: str = ""
     refused: bool = False
+    tied: tuple[TiedParameter, ...] = ()  # parameters its stages on several devices read (fxshard/passes/tied.py)
 
     strategy = property(lambda self: self.shape.strategy)
     replicas = property(lambda self: self.shape.replicas)
@@ -398,10 +406,11 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
         reduce.append(tail)
     shards = shape.replicas if levers.data_parallel == "fsdp" else 1
     stages = step_passes(stages, per_stage, cluster, stage_devices, opts, shards)
+    tied = tied_parameters(pricer.readers, stage_of, stage_devices) if opts.training else ()
     try:
         result = simulate(shape.schedule, _stage_timings(tuple(stages), cluster, stage_devices, opts,
                                                          tuple(reduce), shards, shape.microbatches),
-                          shape.microbatches)
+                          shape.microbatches, syncs=tied_syncs(cluster, tied, stage_devices, shards))
     except SimulationError as e:
         return unfit(group, stage_devices, str(e), schedule=shape.schedule, refused=True)
     share = {devs[0]: sum(1 for x in stage_devices if x[0] == devs[0]) for devs in stage_devices}
@@ -409,7 +418,7 @@ def price_pipeline(pricer: Pricer, cluster: Cluster, group: PipelineGroup, stage
                      for devs in stage_devices)
     return Priced(shape=shape, stages=tuple(stages), devices=stage_devices, step_time_s=result.step_time_s,
                   bubble=result.bubble_fraction, allreduce_s=max(reduce) if reduce else 0.0,
-                  peak=result.peak_memory_bytes, capacity=capacity)
+                  peak=result.peak_memory_bytes, capacity=capacity, tied=tied)
 
 
 def _pipeline_figures(pricer: Pricer, cluster: Cluster, stage_of: dict[str, int],

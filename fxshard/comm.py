@@ -5,11 +5,13 @@ See docs/planning.md and docs/cost_models.md ("Sharded data parallel")."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fxshard.cluster import Cluster
 
 __all__ = ["exposed_allreduce_time", "group_link", "ring_allgather_time", "ring_allreduce_time",
-           "ring_reduce_scatter_time"]
+           "ring_reduce_scatter_time", "tied_allreduce_time",
+           "tied_syncs"]
 
 
 def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -48,3 +50,22 @@ def exposed_allreduce_time(cluster: Cluster, devices: Sequence[int], nbytes: flo
     ``backward_s`` seconds cannot hide (DDP overlaps its bucketed all-reduce with backward)."""
     bandwidth, latency = group_link(cluster, devices)
     return max(0.0, ring_allreduce_time(nbytes, len(devices), bandwidth, latency) - backward_s)
+
+
+def tied_allreduce_time(cluster: Cluster, devices: Sequence[int], nbytes: float) -> float:
+    """Seconds for the ranks on ``devices`` (distinct) to sum a tied parameter's gradients: a ring
+    all-reduce over the slowest link among them, after the schedule, hidden by nothing."""
+    if len(devices) < 2:
+        return 0.0
+    bandwidth, latency = group_link(cluster, devices)
+    return ring_allreduce_time(nbytes, len(devices), bandwidth, latency)
+
+
+def tied_syncs(cluster: Cluster, tied: Sequence[Any], devices: Sequence[Sequence[int]],
+               shards: int = 1) -> list[tuple[tuple[int, ...], float]]:
+    """The simulator's ``syncs`` for tied parameters (:class:`fxshard.plan.TiedParameter`): per
+    parameter, its stages and the all-reduce of its gradient (over ``shards`` when FSDP shards it)
+    among the distinct devices of those stages, each replica's group at once."""
+    return [(tuple(t.stages), tied_allreduce_time(cluster, sorted({devices[s][0] for s in t.stages}),
+                                                  t.bytes / shards))
+            for t in tied]

@@ -19,7 +19,7 @@ from fxshard.errors import PlanFormatError  # defined there, re-exported here
 from fxshard.units import format_bytes, format_time
 
 __all__ = ["SCHEMA_VERSION", "Alternative", "Estimate", "EstimatedNode", "ModelInfo", "Plan", "PlanFormatError",
-           "StagePlan"]
+           "StagePlan", "TiedParameter"]
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no data_parallel, no activation_checkpointing (read as none)
@@ -97,6 +97,17 @@ class EstimatedNode:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TiedParameter:
+    """A trainable parameter that stages on more than one device read (a tied embedding and LM
+    head): each holds a copy, and after every step the ranks holding it sum its gradients, one
+    all-reduce of ``bytes`` before their optimizer steps (fxshard/runtime/distributed.py)."""
+
+    name: str
+    bytes: int
+    stages: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     """What the plan was made for."""
 
@@ -128,6 +139,7 @@ class Plan:
     estimated_nodes: tuple[EstimatedNode, ...] = ()  # priced by a stand-in, and why (absent in older JSON)
     data_parallel: str | None = None  # "ddp" (replicas) or "fsdp" (shards) for ddp, fsdp and hybrid plans
     reshard_after_forward: bool = True  # fsdp: free each unit's gathered parameters after its forward
+    tied: tuple[TiedParameter, ...] = ()  # parameters stages on several devices read (absent in older JSON)
     fxshard_plan: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -225,6 +237,7 @@ class Plan:
             fields["stages"] = tuple(_stage(s) for s in fields["stages"])
             fields["alternatives"] = tuple(Alternative(**a) for a in fields.get("alternatives", ()))
             fields["estimated_nodes"] = tuple(EstimatedNode(**n) for n in fields.get("estimated_nodes", ()))
+            fields["tied"] = tuple(TiedParameter(**{**t, "stages": tuple(t["stages"])}) for t in fields.get("tied", ()))
             return cls(**fields)
         except (KeyError, TypeError, ValueError) as e:
             raise PlanFormatError(f"plan JSON is missing or has malformed fields: {type(e).__name__}: {e}") from e

@@ -226,7 +226,7 @@ def _assemble(captured: CapturedGraph, cluster: Cluster, batch: int, opts: PlanO
                 stages=tuple(stages), estimate=step_estimate,
                 reason=_reason(best, ranked, cluster, batch, opts, pricer.loss.note),
                 data_parallel=best.data_parallel, reshard_after_forward=best.reshard_after_forward,
-                alternatives=tuple(alternatives[:16]),
+                alternatives=tuple(alternatives[:16]), tied=best.tied,
                 estimated_nodes=pricer.estimated({cluster.devices[d].spec.name for d in used}))
 
 

@@ -173,11 +173,15 @@ class SimResult:
     timeline: tuple[TimedAction, ...]
 
 
-def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) -> SimResult:
+def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int, *,
+             syncs: Sequence[tuple[Sequence[int], float]] = ()) -> SimResult:
     """Time one training step of ``len(stages)`` stages under a torch schedule.
 
     Interleaved schedules place stage s on rank ``s % ranks`` (and the V-shaped ones as their
     order says); ``len(stages)`` must be the ranks times the schedule's stages per rank.
+    ``syncs``: collectives among the ranks of some stages after the schedule and the replicas'
+    all-reduce, before the optimizer steps, as (stages, seconds): a tied parameter's gradient sum
+    (:mod:`fxshard.passes.tied`), which starts when the last of those ranks is ready.
 
     Example::
 
@@ -198,6 +202,14 @@ def simulate(schedule: str, stages: Sequence[StageTiming], microbatches: int) ->
             start = clock[rank]
             clock[rank] = start + t.reduce_s
             timeline.append(TimedAction(rank, s, "R", -1, start, clock[rank]))
+    for members, seconds in syncs:
+        ranks_of = sorted({_rank_of(orders, s): s for s in members}.items())
+        if len(ranks_of) < 2 or seconds <= 0:
+            continue
+        start = max(clock[rank] for rank, _ in ranks_of)
+        for rank, s in ranks_of:
+            clock[rank] = start + seconds
+            timeline.append(TimedAction(rank, s, "T", -1, start, clock[rank]))
     for s, t in enumerate(stages):  # each rank steps its stages' parameters once its gradients are final
         if t.optimizer_s > 0:
             rank = _rank_of(orders, s)
@@ -303,7 +315,7 @@ def to_chrome_trace(result: SimResult, *, title: str | None = None) -> str:
 
     ``title`` names the process row (default: "<schedule> simulation")."""
     names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)", "R": "all-reduce",
-             "O": "optimizer step"}
+             "T": "tied gradient sum", "O": "optimizer step"}
     events: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": title or f"{result.schedule} simulation"}}]
     for rank in range(result.ranks):

@@ -11,7 +11,7 @@ See docs/planning.md.
 from __future__ import annotations
 
 from fxshard.cluster import Cluster
-from fxshard.comm import exposed_allreduce_time
+from fxshard.comm import exposed_allreduce_time, tied_syncs
 from fxshard.cost_models.optimizer_step import accumulate_time, optimizer_step_time
 from fxshard.plan import Plan
 from fxshard.simulate import (
@@ -37,8 +37,9 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
     ``cluster.link(a, b).transfer_time(send_bytes)`` (nothing when both stages share a device),
     and data-parallel replicas add the part of the ring all-reduce of each stage's parameters
     that one micro-batch's backward does not hide, as the planner prices it; every backward but
-    a stage's first adds the stage's ``accumulate_time_s`` (gradient accumulation); then each
-    rank steps its stages' parameters (``optimizer_time_s``); neither is scaled by a micro-batch
+    a stage's first adds the stage's ``accumulate_time_s`` (gradient accumulation); the ranks
+    holding a tied parameter (``plan.tied``) sum its gradients (:func:`fxshard.comm.tied_syncs`);
+    then each rank steps its stages' parameters (``optimizer_time_s``); neither is scaled by a micro-batch
     what-if. Without overrides
     this repeats the planner's own simulation, so ``step_time_s`` equals
     ``plan.estimate.step_time_s``. Single-device and DDP plans are one stage whose micro-batches
@@ -86,7 +87,10 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
                               f"GPipe's fill and drain; use schedule='gpipe' or None")
     m = _microbatches(plan, microbatches)
     _check_layout(plan, key, m)
-    return simulate(key, _timings(plan, cluster, plan.microbatches / m), m)
+    # the tied parameters' gradient sums, as the planner prices them (fxshard/passes/tied.py)
+    shards = plan.replicas if plan.data_parallel == "fsdp" else 1
+    syncs = tied_syncs(cluster, plan.tied, [s.device_indices for s in plan.stages], shards) if plan.training else []
+    return simulate(key, _timings(plan, cluster, plan.microbatches / m), m, syncs=syncs)
 
 
 def _microbatches(plan: Plan, microbatches: int | None) -> int:

@@ -29,7 +29,7 @@ _FONT = 9  # points; nothing is drawn below 8
 # Action kind -> (colour, legend text). F and B share their colours with the stage-time bars.
 _KINDS = {"F": ("#4c78a8", "F forward"), "B": ("#f58518", "B backward"), "I": ("#e8a33d", "I input grad"),
           "W": ("#8e6bb0", "W weight grad"), "R": ("#7f7f7f", "R all-reduce"),
-          "O": ("#54a24b", "O optimizer step")}
+          "T": ("#b279a2", "T tied gradient sum"), "O": ("#54a24b", "O optimizer step")}
 _OVER = "#d62728"
 _PEAK = "#72a7c9"
 
