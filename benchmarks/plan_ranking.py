@@ -49,6 +49,10 @@ DEVICES = "2xcpu:4GB"
 SKEWED = "first-block-alone"  # the hand-written skewed split, registered while the benchmark runs
 QUICK = (0, 5, 6)  # --quick runs these candidates: the planner's pick, equal layers under 1F1B and GPipe
 COIN_TOSS = 0.05  # measured step times closer than this (relative) are within the machine's noise
+# Profiling passes that rank the plans alike at least this well (Kendall tau) measured a machine that
+# held still: 0.96 between every two passes of a quiet run, -0.04 to 0.82 in a run whose prediction
+# then ranked the plans at 0.43 (docs/calibration.md, "Ranking plans").
+PROFILES_AGREE = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +428,10 @@ def to_markdown(result: Ranking) -> str:
         passes = ", ".join(f"{t:.2f}" for t in result.tau_profiles)
         lines.append(f"- the profiled prediction against itself ({len(result.profiled_passes_s[0])} profiling "
                      f"passes; the table gives their median): Kendall tau between passes {passes}")
+        if min(result.tau_profiles) < PROFILES_AGREE:
+            lines.append(f"- **the profiling passes disagree** (tau under {PROFILES_AGREE}): the machine's speed moved "
+                         "while they were measured, so the profiled ranking above says more about that than "
+                         "about the plans; run again on a quieter machine")
     return "\n".join(lines) + "\n"
 
 

@@ -75,3 +75,16 @@ def test_each_round_is_a_ranking_to_predict_and_the_other_rounds_bound_it():
     assert out["machine"][1] < 1.0 and out["machine"][0] < 1.0
     assert out["analytical"][1] < 1.0 < out["analytical"][2] + 1e-9  # right in some rounds, wrong in one
     assert pr.reproducibility(steady[:2] + (row("c", [1.2, 1.5], 3.0),)) == {}  # under 3 rounds in common
+
+
+def test_a_report_whose_profiling_passes_disagree_says_so():
+    pr = _script()
+    row = _row(pr, "a", [1.0])
+
+    def report(taus):
+        return pr.to_markdown(pr.Ranking(model="m.py:f", devices="2xcpu", rows=(row,), tau={}, discordant={},
+                                         machine="here", command="python x", tau_profiles=taus,
+                                         profiled_passes_s=((1.0, 1.1, 1.2),)))
+
+    assert "disagree" not in report((0.96, 0.96, 0.96))
+    assert "**the profiling passes disagree**" in report((-0.04, 0.11, 0.82))
