@@ -87,8 +87,7 @@ class Pricer:
         self._partitions: dict[tuple, tuple[Partition, nx.DiGraph] | PartitionError] = {}
 
     @functools.cached_property
-    def readers(self) -> dict[str, tuple[int, tuple[str, ...]]]:
-        """The parameters several nodes read, and those nodes (:func:`fxshard.passes.tied.parameter_readers`)."""
+    def readers(self) -> dict[str, tuple[int, tuple[str, ...]]]:  # parameters several nodes read: passes/tied.py
         return parameter_readers(self.captured, self.works)
 
     def at_batch(self, batch: int) -> Pricer:
@@ -106,8 +105,7 @@ class Pricer:
         fraction *= self._scale
         key = (spec.name, fraction)
         if key not in self._cache:
-            # Every cost model prices the micro-batch itself: the profiled one measures at it, so a
-            # plan's micro-batch count meets what small micro-batches really cost per sample.
+            # Every cost model prices the micro-batch itself (the profiled one measures each size where it runs).
             works = self.works if fraction == 1.0 else scale_batch(self.works, fraction)
             self._cache[key] = estimate(self.captured, spec, cost_model=self.cost_model, works=works)
         return self._cache[key]

@@ -87,10 +87,15 @@ def simulate_plan(plan: Plan, *, schedule: str | None = None, microbatches: int 
                               f"GPipe's fill and drain; use schedule='gpipe' or None")
     m = _microbatches(plan, microbatches)
     _check_layout(plan, key, m)
-    # the tied parameters' gradient sums, as the planner prices them (fxshard/passes/tied.py)
+    return simulate(key, _timings(plan, cluster, plan.microbatches / m), m, syncs=_syncs(plan, cluster))
+
+
+def _syncs(plan: Plan, cluster: Cluster) -> list[tuple[tuple[int, ...], float]]:
+    """The tied parameters' gradient sums, as the planner prices them (fxshard/passes/tied.py)."""
+    if not plan.training:
+        return []
     shards = plan.replicas if plan.data_parallel == "fsdp" else 1
-    syncs = tied_syncs(cluster, plan.tied, [s.device_indices for s in plan.stages], shards) if plan.training else []
-    return simulate(key, _timings(plan, cluster, plan.microbatches / m), m, syncs=syncs)
+    return tied_syncs(cluster, plan.tied, [s.device_indices for s in plan.stages], shards)
 
 
 def _microbatches(plan: Plan, microbatches: int | None) -> int:
