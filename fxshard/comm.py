@@ -10,8 +10,7 @@ from typing import Any
 from fxshard.cluster import Cluster
 
 __all__ = ["exposed_allreduce_time", "group_link", "ring_allgather_time", "ring_allreduce_time",
-           "ring_reduce_scatter_time", "tied_allreduce_time",
-           "tied_syncs"]
+           "ring_reduce_scatter_time", "tied_allreduce_time", "tied_syncs"]
 
 
 def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -55,10 +54,7 @@ def exposed_allreduce_time(cluster: Cluster, devices: Sequence[int], nbytes: flo
 def tied_allreduce_time(cluster: Cluster, devices: Sequence[int], nbytes: float) -> float:
     """Seconds for the ranks on ``devices`` (distinct) to sum a tied parameter's gradients: a ring
     all-reduce over the slowest link among them, after the schedule, hidden by nothing."""
-    if len(devices) < 2:
-        return 0.0
-    bandwidth, latency = group_link(cluster, devices)
-    return ring_allreduce_time(nbytes, len(devices), bandwidth, latency)
+    return exposed_allreduce_time(cluster, devices, nbytes, 0.0)
 
 
 def tied_syncs(cluster: Cluster, tied: Sequence[Any], devices: Sequence[Sequence[int]],

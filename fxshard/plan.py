@@ -149,6 +149,10 @@ class Plan:
             raise PlanFormatError(f"microbatches={self.microbatches}, replicas={self.replicas}: both must be >= 1")
         if [s.index for s in self.stages] != list(range(len(self.stages))):
             raise PlanFormatError(f"stage indices {[s.index for s in self.stages]} must be 0..{len(self.stages) - 1}")
+        for t in self.tied:
+            if not t.stages or not all(0 <= s < len(self.stages) for s in t.stages):
+                raise PlanFormatError(f"tied parameter {t.name!r}: stages {list(t.stages)} must be stage indices "
+                                      f"0..{len(self.stages) - 1}; re-plan to write them")
         self._check_levers()
 
     def _check_levers(self) -> None:

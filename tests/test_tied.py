@@ -12,6 +12,7 @@ from fxshard.capture import capture
 from fxshard.cluster import Cluster
 from fxshard.comm import ring_allreduce_time, tied_allreduce_time
 from fxshard.cost_models import analyze
+from fxshard.errors import PlanFormatError
 from fxshard.passes.split import split_graph
 from fxshard.passes.tied import parameter_readers, tied_parameters
 from fxshard.plan import Plan, TiedParameter
@@ -83,6 +84,9 @@ def test_the_planner_prices_the_sum_and_the_plan_keeps_it(gpt2):
     data = plan.to_dict()
     data.pop("tied")
     assert Plan.from_dict(data).tied == ()  # a plan written before the field: nothing tied
+    data["tied"] = [{"name": "wte.weight", "bytes": 1, "stages": [0, 5]}]
+    with pytest.raises(PlanFormatError, match=r"'wte.weight': stages \[0, 5\] must be stage indices 0..1"):
+        Plan.from_dict(data)
 
 
 def test_a_placement_holding_both_ends_on_one_device_pays_nothing(gpt2):
