@@ -14,9 +14,9 @@ Each plan is predicted twice, by simulating its schedule (:func:`fxshard.simulat
 stage times priced by the analytical model (the planner's own figures) and by the profiled
 model at the plan's micro-batch on one thread, timed on the thread's CPU clock so that other
 processes' load stays out of it (:func:`fxshard.calibrate_dist.reprice`; ``--clock wall``: wall
-time), measured once per micro-batch size and shared by the plans of that size as the planner
-shares it among its candidates (:class:`SharedProfile`), and
-measured under torchrun (:func:`fxshard.calibrate_dist.run_plan`: median over timed steps of
+time), every micro-batch size the plans run measured in one measurement whose samples are
+taken in turns and shared by all the plans, as one planner call measures and shares it
+(``Pricer.prepare``), and measured under torchrun (:func:`fxshard.calibrate_dist.run_plan`: median over timed steps of
 the slowest rank's step). With ``--rounds R`` every plan runs R times in rotating order and
 the median is kept. The report gives Kendall's tau between predicted and measured step times
 for both pricings, every discordant pair with how far apart its two plans measured (pairs
@@ -170,37 +170,20 @@ def make_plans(model_ref: str, candidates: Sequence[Candidate]) -> tuple[Any, li
     return captured, plans
 
 
-class SharedProfile:
-    """A profiled cost model whose node times are measured once per device spec and shared by every
-    plan priced with it, as one ``fxshard.plan`` call prices all its candidates at a micro-batch
-    from one measurement (``candidates.Pricer`` caches costs per device and batch fraction): the
-    plans are then compared on the same timings, not on independent draws of this machine's noise."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self._times: dict[tuple[int, str], Any] = {}
-
-    def node_times(self, captured: Any, works: Sequence[Any], device: Any) -> Any:
-        key = (id(captured), device.name)
-        if key not in self._times:
-            self._times[key] = self.model.node_times(captured, works, device)
-        return self._times[key]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-
 def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True, clock: str = "cpu",
             passes: int = 1) -> list[tuple[float, float | None, tuple[float, ...]]]:
     """(analytical, profiled, profiled per pass) predicted step seconds per plan.
 
-    The profiled model measures once per micro-batch size and prices every plan of that size from
-    the same measurement (:class:`SharedProfile`), as the planner prices its candidates; it times
-    on ``clock``: ``"cpu"`` (the thread's CPU seconds, the default) keeps other processes' load on
-    this shared machine out of the prediction; ``"wall"`` is the planner's. With ``passes`` > 1 it
-    profiles that many times, the micro-batch sizes in rotating order, and the profiled figure is
-    the median over passes: this machine's speed drifts between the sizes' measurements.
+    Each pass profiles once, as one ``fxshard.plan`` call does: a single profiled model is told
+    every micro-batch size the plans run (``Pricer.prepare``), measures them all in one
+    measurement whose samples are taken in turns, and prices every plan from it. It times on
+    ``clock``: ``"cpu"`` (the thread's CPU seconds, the default) keeps other processes' load on
+    this shared machine out of the prediction; ``"wall"`` is the planner's. With ``passes`` > 1
+    it profiles that many times, the sizes in rotating order, and the profiled figure is the
+    median over passes.
     """
+    from fxshard.candidates import Pricer
+    from fxshard.cluster import Cluster
     from fxshard.cost_models import ProfiledCostModel
     from fxshard.simulate_plan import simulate_plan
 
@@ -211,13 +194,14 @@ def predict(captured: Any, plans: Sequence[Any], *, profiled: bool = True, clock
 
     loss = run_loss(captured)
     fractions = list(dict.fromkeys(1.0 / (plan.microbatches * plan.replicas) for plan in plans))
+    specs = [d.spec for d in Cluster.from_dict(plans[0].cluster).devices]
     per_pass: list[list[float]] = [[0.0] * passes for _ in plans]
     for k in range(passes):
-        for fraction in fractions[k % len(fractions):] + fractions[:k % len(fractions)]:
-            shared = SharedProfile(ProfiledCostModel(device="cpu", threads=1, batch_fraction=fraction, clock=clock))
-            for i, plan in enumerate(plans):
-                if 1.0 / (plan.microbatches * plan.replicas) == fraction:
-                    per_pass[i][k] = simulate_plan(reprice(captured, plan, shared, loss=loss)).step_time_s
+        model = ProfiledCostModel(device="cpu", threads=1, clock=clock)
+        Pricer(captured, model, plans[0].batch_size, loss=loss).prepare(
+            specs, fractions[k % len(fractions):] + fractions[:k % len(fractions)])
+        for i, plan in enumerate(plans):
+            per_pass[i][k] = simulate_plan(reprice(captured, plan, model, loss=loss)).step_time_s
     return [(a, statistics.median(ps), tuple(ps)) for a, ps in zip(analytical, per_pass)]
 
 

@@ -34,7 +34,7 @@ from fxshard.candidate_shapes import (
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster, DeviceSpec
 from fxshard.comm import exposed_allreduce_time, tied_syncs
-from fxshard.cost_models import GraphCosts, analyze, estimate, scale_batch
+from fxshard.cost_models import CostModel, GraphCosts, analyze, estimate, get_cost_model, scale_batch
 from fxshard.cost_models.checkpointing import checkpoint_cost as default_checkpoint_cost
 from fxshard.cost_models.loss import LossGraph, with_loss
 from fxshard.cost_models.optimizer_step import StepRates, optimizer_step_transient_bytes
@@ -45,6 +45,7 @@ from fxshard.levers import (
     ModelFacts,
     PartitionBound,
     checkpointed,
+    lever_choices,
     partition_bound,
     pipeline_fsdp,
 )
@@ -65,9 +66,10 @@ __all__ = ["MAX_MICROBATCHES", "PipelineGroup", "Priced", "Pricer", "Shape", "de
 class Pricer:
     """Costs of the captured graph per (device spec, batch fraction), computed once each."""
 
-    def __init__(self, captured: CapturedGraph, cost_model: str, batch: int, *,
+    def __init__(self, captured: CapturedGraph, cost_model: str | CostModel, batch: int, *,
                  checkpoint_cost: CheckpointCostFn | None = None, loss: LossGraph | None = None) -> None:
         self.captured = captured
+        cost_model = get_cost_model(cost_model)  # one instance: what it measures, it measures once
         # The training loss on the last stage (fxshard/cost_models/loss.py), priced by its own pricer.
         self.loss = loss or LossGraph(None, "")
         self._loss = Pricer(self.loss.captured, cost_model, batch) if self.loss.captured is not None else None
@@ -100,6 +102,18 @@ class Pricer:
                                   _bounds={}, _graphs={}, _partitions={})
             self._smaller[batch] = other  # shares the works and the cost cache (keyed by absolute fraction)
         return self._smaller[batch]
+
+    def prepare(self, specs: Sequence[DeviceSpec], fractions: Sequence[float]) -> None:
+        """Tell a measuring cost model every micro-batch (``fractions`` of this pricer's batch) the
+        search may price on ``specs``, before any is priced: its optional ``prepare(captured,
+        device, fractions)`` hook measures them together (the profiled model takes their samples
+        in turns, so the sizes are compared under the same machine). The loss graph too."""
+        hook = getattr(self.cost_model, "prepare", None)
+        if not callable(hook):
+            return
+        for pricer in (self, self._loss) if self._loss is not None else (self,):
+            for spec in {s.name: s for s in specs}.values():
+                hook(pricer.captured, spec, [f * pricer._scale for f in fractions])
 
     def costs(self, spec: DeviceSpec, fraction: float = 1.0) -> GraphCosts:
         fraction *= self._scale
@@ -283,24 +297,6 @@ def _bound_key(spec: DeviceSpec, group: PipelineGroup, opts: PlanOptions) -> tup
 def device_capacity(cluster: Cluster, device: int, reserve: float, share: int = 1) -> float:
     """Memory of ``device`` left to a stage after the reserve, split among ``share`` stages."""
     return cluster.devices[device].spec.memory_bytes * (1 - reserve) / share
-
-
-def lever_choices(opts: PlanOptions, replicas: int) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
-    """The data-parallel kinds and checkpointing policies a candidate with ``replicas`` copies
-    may take under ``opts``, policies cheapest first (none, selective, full)."""
-    forced_dp = opts.data_parallel
-    forced_ck = opts.activation_checkpointing
-    if replicas == 1:
-        kinds: tuple[str | None, ...] = (None,)
-    elif opts.strategy in ("ddp", "fsdp"):
-        kinds = (opts.strategy,)
-    else:
-        kinds = (forced_dp,) if forced_dp else ("ddp", "fsdp")
-    if forced_ck:
-        policies: tuple[str, ...] = (forced_ck,)
-    else:
-        policies = ("none", "selective", "full") if opts.training else ("none",)
-    return kinds, policies
 
 
 def optimizer_figures(st: StageSummary, spec: DeviceSpec, opts: PlanOptions, shards: int = 1, *,

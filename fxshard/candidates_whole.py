@@ -26,7 +26,7 @@ from fxshard.levers import Levers, checkpointed, fsdp_stage, fsdp_step
 from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan_options import PlanOptions, divisors
 
-__all__ = ["price_data_parallel", "price_whole_model"]
+__all__ = ["price_data_parallel", "price_whole_model", "whole_model_fractions"]
 
 
 def price_data_parallel(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions, *,
@@ -89,6 +89,11 @@ def _accumulation_counts(pricer: Pricer, replicas: int, opts: PlanOptions) -> li
     if opts.microbatches is not None:
         return [opts.microbatches] if per % opts.microbatches == 0 else []
     return [m for m in divisors(per) if m <= MAX_MICROBATCHES]
+
+
+def whole_model_fractions(pricer: Pricer, replicas: int, opts: PlanOptions) -> list[float]:
+    """The micro-batches (fractions of the batch) :func:`price_whole_model` may price for ``replicas``."""
+    return [1.0 / (replicas * m) for m in _accumulation_counts(pricer, replicas, opts)]
 
 
 def price_whole_model(pricer: Pricer, cluster: Cluster, replicas: int, opts: PlanOptions) -> list[Priced]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fxshard.capture import CapturedGraph
 from fxshard.cluster import Cluster
@@ -25,8 +25,11 @@ from fxshard.passes.cost_graph import StateFn, state_factor
 from fxshard.passes.regions import Region, regions_within, repeated_blocks
 from fxshard.passes.stages import StageSummary
 
+if TYPE_CHECKING:
+    from fxshard.plan_options import PlanOptions
+
 __all__ = ["CheckpointCostFn", "Levers", "ModelFacts", "PartitionBound", "checkpointed", "fsdp_stage", "fsdp_step",
-           "partition_bound", "pipeline_fsdp"]
+           "lever_choices", "partition_bound", "pipeline_fsdp"]
 
 # (costs, nodes, blocks, policy) -> an object with saved_bytes, recompute_fwd_s and
 # transient_bytes: fxshard.cost_models.checkpointing.checkpoint_cost.
@@ -214,3 +217,21 @@ def pipeline_fsdp(facts: ModelFacts, costs: GraphCosts, stage: StageSummary, pla
     tail = (first.exposed_s
             + (sum(ring_reduce_scatter_time(u.param_bytes, n, bandwidth, latency) for u in units) if training else 0.0))
     return dataclasses.replace(stage, state_bytes=float(state + flight)), tail
+
+
+def lever_choices(opts: PlanOptions, replicas: int) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
+    """The data-parallel kinds and checkpointing policies a candidate with ``replicas`` copies
+    may take under ``opts``, policies cheapest first (none, selective, full)."""
+    forced_dp = opts.data_parallel
+    forced_ck = opts.activation_checkpointing
+    if replicas == 1:
+        kinds: tuple[str | None, ...] = (None,)
+    elif opts.strategy in ("ddp", "fsdp"):
+        kinds = (opts.strategy,)
+    else:
+        kinds = (forced_dp,) if forced_dp else ("ddp", "fsdp")
+    if forced_ck:
+        policies: tuple[str, ...] = (forced_ck,)
+    else:
+        policies = ("none", "selective", "full") if opts.training else ("none",)
+    return kinds, policies

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fxshard.candidates import (
+    PipelineGroup,
     Priced,
     Pricer,
     partition_group,
@@ -39,7 +40,7 @@ from fxshard.candidates import (
     stage_counts,
     unfit,
 )
-from fxshard.candidates_whole import price_whole_model
+from fxshard.candidates_whole import price_whole_model, whole_model_fractions
 from fxshard.capture import CapturedGraph, capture
 from fxshard.cluster import Cluster, format_bytes
 from fxshard.comm import group_link, ring_allreduce_time
@@ -113,15 +114,18 @@ def _search(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions) -> 
     pipelines that cannot beat the best found are left out (``opts.exhaustive``: none are)."""
     n = cluster.num_devices
     fixed = pricer.captured.fixed_batch
-    candidates: list[Priced] = []
-    if opts.strategy in (None, "single") and opts.stages is None:
-        candidates += price_whole_model(pricer, cluster, 1, opts)
+    whole = [1] if opts.strategy in (None, "single") and opts.stages is None else []
     if opts.strategy in (None, "ddp", "fsdp") and n > 1 and opts.stages is None and fixed is None:
-        for r in divisors(batch):
-            if 2 <= r <= n:
-                candidates += price_whole_model(pricer, cluster, r, opts)
-    if opts.strategy in (None, "pipeline", "hybrid") and n > 1:
-        candidates += _pipelines(pricer, cluster, batch, opts, _best_step(candidates))
+        whole += [r for r in divisors(batch) if 2 <= r <= n]
+    groups = list(pipeline_groups(n, batch, opts, fixed)) if opts.strategy in (None, "pipeline", "hybrid") \
+        and n > 1 else []
+    # Every micro-batch the search may price, measured together by a measuring cost model.
+    pricer.prepare([d.spec for d in cluster.devices], [
+        *(f for r in whole for f in whole_model_fractions(pricer, r, opts)),
+        *(1.0 / (shape.replicas * shape.microbatches) for group in groups for shape in group.shapes())])
+    candidates = [c for r in whole for c in price_whole_model(pricer, cluster, r, opts)]
+    if groups:
+        candidates += _pipelines(pricer, cluster, groups, opts, _best_step(candidates))
     if not candidates:
         raise PlanError(f"strategy={opts.strategy!r} needs more than {n} device(s) and a batch of {batch} that "
                         f"splits; use more devices or strategy=None")
@@ -133,7 +137,8 @@ def _best_step(candidates: list[Priced]) -> float:
     return min((c.step_time_s for c in candidates if c.fits), default=math.inf)
 
 
-def _pipelines(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions, best: float) -> list[Priced]:
+def _pipelines(pricer: Pricer, cluster: Cluster, groups: list[PipelineGroup], opts: PlanOptions,
+               best: float) -> list[Priced]:
     """Each pipeline group partitioned once, then each of its shapes simulated.
 
     Groups are searched by their shapes' lower bound (:func:`shape_bound`), most promising
@@ -141,7 +146,6 @@ def _pipelines(pricer: Pricer, cluster: Cluster, batch: int, opts: PlanOptions, 
     the whole-model candidates') can only lose, so it is neither partitioned nor simulated
     unless ``opts.exhaustive``. The candidates come back in the groups' own order, so ties
     rank as an exhaustive search ranks them."""
-    groups = list(pipeline_groups(cluster.num_devices, batch, opts, pricer.captured.fixed_batch))
     bounds = [{shape: shape_bound(pricer, cluster, group, shape, opts) for shape in group.shapes()}
               for group in groups]
     found: list[list[Priced]] = [[] for _ in groups]

@@ -88,3 +88,12 @@ def test_a_report_whose_profiling_passes_disagree_says_so():
 
     assert "disagree" not in report((0.96, 0.96, 0.96))
     assert "**the profiling passes disagree**" in report((-0.04, 0.11, 0.82))
+
+
+def test_profile_drift_spread_ignores_a_drift_that_moves_every_plan_alike():
+    drift = load("profile_drift")
+    alike = [[1.0, 1.2, 0.9], [2.0, 2.4, 1.8], [3.0, 3.6, 2.7]]  # plans x passes: every pass scales all
+    assert drift.spread(alike) == pytest.approx((0.0, 0.0), abs=1e-12)
+    one_moves = [[1.0, 1.0], [2.0, 2.0], [3.0, 3.6]]  # the third plan alone 20% dearer in pass 2
+    median, worst = drift.spread(one_moves)
+    assert median == 0.0 and worst == pytest.approx(0.3 / 1.65)

@@ -8,8 +8,7 @@ from torch import nn
 
 from fxshard.capture import capture
 from fxshard.cluster import get_preset
-from fxshard.cost_models import ProfiledCostModel, analyze, estimate, scale_batch
-from fxshard.cost_models import segments
+from fxshard.cost_models import ProfiledCostModel, analyze, estimate, scale_batch, segments
 from fxshard.errors import CostModelError
 from fxshard.zoo import build
 
@@ -39,14 +38,16 @@ def test_segment_times_sum_to_each_segments_measured_time(gpt2):
 
 
 def test_identical_blocks_are_timed_once_at_the_micro_batch(gpt2, monkeypatch):
+    from fxshard.cost_models import profiled
+
     calls = []
-    timed = segments._time_one
+    timed = profiled.interleaved_step_times
 
-    def counting(module, args, timer):
-        calls.append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
-        return timed(module, args, timer)
+    def counting(jobs, *args, **kwargs):
+        calls.extend([tuple(a.shape) for a in make() if isinstance(a, torch.Tensor)] for _, make in jobs)
+        return timed(jobs, *args, **kwargs)
 
-    monkeypatch.setattr(segments, "_time_one", counting)
+    monkeypatch.setattr(profiled, "interleaved_step_times", counting)
     profiler = ProfiledCostModel(warmup=0, repeats=1)
     estimate(gpt2, CPU, cost_model=profiler, works=scale_batch(analyze(gpt2), 0.25))
     assert len(calls) == 3  # before the blocks, one block (h.0 and h.1 alike), after them
@@ -178,22 +179,123 @@ def test_segments_end_at_a_plans_stage_boundaries(gpt2):
         assert sum(costs[n].fwd_time_s for n in seg.segment.nodes) == pytest.approx(seg.fwd_s, rel=1e-9)
 
 
+def _counting_jobs(monkeypatch):
+    """Each timing call's jobs, as the micro-batch of their first tensor input."""
+    from fxshard.cost_models import profiled
+
+    calls: list[list[int]] = []
+    timed = profiled.interleaved_step_times
+
+    def counting(jobs, *args, **kwargs):
+        calls.append([next(a.shape[0] for a in make() if isinstance(a, torch.Tensor)) for _, make in jobs])
+        return timed(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(profiled, "interleaved_step_times", counting)
+    return calls
+
+
 def test_the_planners_pricer_measures_each_micro_batch_where_it_runs(gpt2, monkeypatch):
     """Each micro-batch size the planner prices is measured at that size, not scaled from the batch."""
     from fxshard.candidates import Pricer
 
-    batches = []
-    timed = segments._time_one
-
-    def counting(module, args, timer):
-        batches.append(next(a.shape[0] for a in args if isinstance(a, torch.Tensor)))
-        return timed(module, args, timer)
-
-    monkeypatch.setattr(segments, "_time_one", counting)
+    calls = _counting_jobs(monkeypatch)
     pricer = Pricer(gpt2, ProfiledCostModel(warmup=0, repeats=1), 8)
     for fraction in (1.0, 0.5, 0.25):
         pricer.costs(CPU, fraction)
-    assert batches[0] == 8 and 4 in batches and 2 in batches
-    before = len(batches)
+    assert [c[0] for c in calls] == [8, 4, 2]
     pricer.costs(CPU, 0.5)
-    assert len(batches) == before  # each size once
+    assert len(calls) == 3  # each size once
+
+
+def test_prepared_micro_batches_are_measured_together(gpt2, monkeypatch):
+    """Told every size first, the model times them all in one interleaved measurement (the samples
+    of every segment at every size in turns) and prices each from it without measuring again."""
+    from fxshard.candidates import Pricer
+
+    calls = _counting_jobs(monkeypatch)
+    model = ProfiledCostModel(warmup=0, repeats=1)
+    pricer = Pricer(gpt2, model, 8)
+    pricer.prepare([CPU], [1.0, 0.5, 0.25])
+    assert len(calls) == 1 and sorted(set(calls[0])) == [2, 4, 8]
+    assert len(calls[0]) == 3 * 3  # before the blocks, one block (h.0 = h.1), after them: at each size
+    totals = {f: pricer.costs(CPU, f).fwd_time_s for f in (1.0, 0.5, 0.25)}
+    assert len(calls) == 1 and totals[1.0] > totals[0.25] > 0
+    assert sum(s.fwd_s for s in model.segments) == pytest.approx(totals[0.25], rel=1e-9)
+
+
+def test_interleaved_step_times_takes_samples_in_turns():
+    """Round r samples every job once, in order; a job that fails is reported, the others timed."""
+    from fxshard.cost_models.timing import interleaved_step_times
+
+    order = []
+
+    class Tagged(nn.Linear):
+        def __init__(self, tag):
+            super().__init__(4, 4)
+            self.tag = tag
+
+        def forward(self, x):
+            order.append(self.tag)
+            if self.tag == "bad":
+                raise ValueError("refuses its inputs")
+            return super().forward(x)
+
+    x = torch.randn(2, 4)
+    jobs = [(Tagged(t), lambda: [x]) for t in ("a", "bad", "b")]
+    out = interleaved_step_times(jobs, torch.device("cpu"), warmup=1, repeats=3, min_sample_s=0.0)
+    assert isinstance(out[1], ValueError) and "refuses" in str(out[1])
+    assert out[0].fwd_s > 0 and out[2].bwd_s > 0
+    timed = [t for t in order[3:] if t != "bad"]
+    assert timed == ["a", "b"] * 3  # after one warm-up step each: a, b, a, b, a, b
+    assert all(p.grad is None for m, _ in jobs for p in m.parameters())
+
+
+def test_a_step_in_the_machines_speed_moves_no_job_against_another():
+    """The machine turns 30% slower during round 3, after job a's sample and before b's and c's: the
+    plain medians put a 30% below b and c; divided by each round's speed, every job keeps its own
+    time, and an outlier (b's round 2) is left out."""
+    from fxshard.cost_models.timing import StepTime, _median, _round_paired
+
+    base = {"a": (1.0, 2.0), "b": (3.0, 1.0), "c": (0.5, 0.5)}
+
+    def speed(job, r):
+        return 1.0 if r < 2 or (r == 2 and job == "a") else 1.3
+
+    samples = [[StepTime(fwd_s=f * speed(job, r) * (2.0 if (job, r) == ("b", 1) else 1.0), bwd_s=b * speed(job, r))
+                for r in range(5)] for job, (f, b) in base.items()]
+    plain = [_median(s).fwd_s / base[job][0] for s, job in zip(samples, base)]
+    assert plain == pytest.approx([1.0, 1.3, 1.3])
+    out = _round_paired(samples)
+    ratios = [t.fwd_s / base[job][0] for t, job in zip(out, base)]
+    ratios += [t.bwd_s / base[job][1] for t, job in zip(out, base)]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)
+    one = [[StepTime(fwd_s=x, bwd_s=x) for x in (1.0, 5.0, 2.0)]]
+    assert _round_paired(one)[0].fwd_s == 2.0  # one job: the plain median
+
+
+def test_the_planner_tells_a_measuring_model_every_size_first():
+    """A cost model with a ``prepare`` hook hears every micro-batch the search prices before it prices
+    any (a plug-in's contract: docs/cost_models.md)."""
+    import fxshard
+    from fxshard.cost_models import AnalyticalCostModel
+    from fxshard.cost_models.profiled import _batch_fraction
+
+    class Recording(AnalyticalCostModel):
+        name = "recording"
+
+        def __init__(self):
+            super().__init__()
+            self.prepared, self.priced = [], []
+
+        def prepare(self, captured, device, fractions):
+            assert not self.priced, "prepare must come before any pricing"
+            self.prepared += [round(f, 12) for f in fractions]
+
+        def node_times(self, captured, works, device):
+            self.priced.append(round(_batch_fraction(captured, works), 12))
+            return super().node_times(captured, works, device)
+
+    z = build("gpt2-tiny", batch_size=8)
+    model = Recording()
+    fxshard.plan(z.model, 4, z.example_inputs, cost_model=model, exhaustive=True)
+    assert set(model.priced) <= set(model.prepared) and {1.0, 0.5, 0.25} <= set(model.priced)

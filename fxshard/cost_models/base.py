@@ -59,6 +59,9 @@ class CostModel(Protocol):
     # Optional: ``step_rates(device) -> fxshard.cost_models.optimizer_step.StepRates``, what the
     # step's passes outside the graph (gradient accumulation, the optimizer step) cost on
     # ``device``; without it they are priced by the device's roofline.
+    # Optional: ``prepare(captured, device, fractions) -> None``, called by the planner before it
+    # prices anything with every micro-batch (fraction of the captured batch) its search may
+    # price on ``device``, so a measuring model can measure them together (docs/cost_models.md).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

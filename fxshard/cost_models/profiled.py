@@ -3,7 +3,9 @@
 By default (``method="segments"``) the graph is timed segment by segment at the micro-batch
 the plan runs (:mod:`fxshard.cost_models.segments`): each numbered block and each run of nodes
 between blocks runs as one module, forward and then backward, on real values that flow from
-segment to segment, and structurally identical blocks are timed once. A segment's measured
+segment to segment, and structurally identical blocks are timed once. Every segment at every
+micro-batch size told to :meth:`ProfiledCostModel.prepare` is timed in one measurement whose
+samples are taken in turns, so a drift of the machine's speed falls on all alike. A segment's measured
 forward and backward seconds are spread over its nodes in proportion to their analytical
 times, so a stage's sum is the sum of the segments it holds. ``method="nodes"`` (and the
 fallback for a segment that cannot run, recorded in ``segment_fallbacks``) times every node
@@ -45,7 +47,14 @@ from fxshard.cost_models.base import NodeTime, register_cost_model
 from fxshard.cost_models.host_memory import retained_heap
 from fxshard.cost_models.optimizer_step import StepRates, measure_step_rates
 from fxshard.cost_models.segments import SegmentTime, time_segments
-from fxshard.cost_models.timing import Clock, StepTime, median_time, step_times, stopwatch  # re-exported: the old home
+from fxshard.cost_models.timing import (  # re-exported: the old home
+    Clock,
+    StepTime,
+    interleaved_step_times,
+    median_time,
+    step_times,
+    stopwatch,
+)
 from fxshard.devices import local_gpu_spec
 from fxshard.errors import CostModelError
 from fxshard.modules import has_meta_state
@@ -110,6 +119,8 @@ class ProfiledCostModel:
         self.fallbacks: dict[str, str] = {}  # node name -> why it got its analytical time
         self.segment_fallbacks: dict[str, str] = {}  # first node of a segment -> why it was timed node by node
         self.segments: list[SegmentTime] = []  # the last graph's segments, as measured
+        # (id of the graph, run device, micro-batch fraction) -> (the graph, its segments measured there)
+        self._profiles: dict[tuple[int, str, float], tuple[torch.fx.GraphModule, list[SegmentTime]]] = {}
         self._failed: dict[tuple, str] = {}  # cache key -> why it could not be measured
         self._rates: dict[tuple[str, str], StepRates] = {}  # (device spec, run device) -> measured rates
 
@@ -158,17 +169,47 @@ class ProfiledCostModel:
         finally:
             torch.set_num_threads(before)
 
+    def prepare(self, captured: CapturedGraph, device: DeviceSpec, fractions: Sequence[float]) -> None:
+        """Measure ``captured`` at every micro-batch (``fractions`` of the captured batch) that
+        will be priced on ``device``, in one measurement whose samples are taken in turns
+        (``timing.interleaved_step_times``), so a drift of the machine's speed falls on every
+        size alike; :meth:`node_times` then reads it. The planner calls this with every size
+        its search may price before it prices any. A no-op for ``method="nodes"``."""
+        if self.method != "segments":
+            return
+        run_device = self.device or _run_device(captured.gm, device)
+        check_local(run_device, device)
+        with self._measuring(run_device):
+            self._profile(captured, run_device, [self._measured_at(captured, f) for f in fractions])
+
+    def _measured_at(self, captured: CapturedGraph, fraction: float) -> float:
+        """The micro-batch measured to price ``fraction``: a graph specialised on its batch runs
+        at the captured batch only."""
+        return 1.0 if captured.fixed_batch is not None else (self.batch_fraction or fraction)
+
+    def _profile(self, captured: CapturedGraph, dev: torch.device, fractions: Sequence[float]) -> None:
+        """The segments of ``captured`` at each of ``fractions`` not measured yet, measured together."""
+        gm = captured.gm
+        todo = {_profile_key(gm, dev, f): f for f in fractions}
+        todo = {k: f for k, f in todo.items() if self._profiles.get(k, (None,))[0] is not gm}
+        if not todo:
+            return
+        measured = time_segments(gm, [_inputs(gm, dev, f) for f in todo.values()], dev,
+                                 lambda jobs: interleaved_step_times(jobs, dev, warmup=self.warmup,
+                                                                     repeats=self.repeats, clock=self.clock),
+                                 stage_of=self.stage_of)
+        for k, segs in zip(todo, measured):
+            self._profiles[k] = (gm, segs)
+
     def _segment_times(self, captured: CapturedGraph, works: Sequence[NodeWork], guesses: Sequence[NodeTime],
                        dev: torch.device, fraction: float) -> list[NodeTime]:
         gm = captured.gm
         nodes = list(gm.graph.nodes)
         index = {n.name: i for i, n in enumerate(nodes)}
-        # A graph specialised on its batch runs at the captured batch only: time that, scale linearly.
-        scale = fraction if captured.fixed_batch is not None else 1.0
-        inputs = _inputs(gm, dev, fraction if scale == 1.0 else 1.0)
-        self.segments = time_segments(gm, inputs, dev, lambda module, make_inputs: step_times(
-            module, make_inputs, dev, warmup=self.warmup, repeats=self.repeats, clock=self.clock),
-            stage_of=self.stage_of)
+        measured_at = self._measured_at(captured, fraction)
+        scale = fraction / measured_at  # 1, but for a graph specialised on its batch
+        self._profile(captured, dev, [measured_at])
+        self.segments = self._profiles[_profile_key(gm, dev, measured_at)][1]
         times = [NodeTime(fwd_s=0.0, bwd_s=0.0)] * len(nodes)
         for seg in self.segments:
             members = [index[n] for n in seg.segment.nodes]
@@ -323,6 +364,12 @@ def _cache_key(node: torch.fx.Node, gm: torch.fx.GraphModule, dev: torch.device)
         what = (node.op, str(node.target))
     args = map_arg((node.args, node.kwargs), lambda n: _signature(n.meta.get("val")))
     return what, repr(args), str(dev)
+
+
+def _profile_key(gm: torch.fx.GraphModule, dev: torch.device, fraction: float) -> tuple[int, str, float]:
+    """Where a measurement of ``gm`` at ``fraction`` is kept (the fraction to 12 digits: a fraction
+    read back from the works' bytes is the same micro-batch)."""
+    return id(gm), str(dev), round(fraction, 12)
 
 
 def _batch_fraction(captured: CapturedGraph, works: Sequence[NodeWork]) -> float:

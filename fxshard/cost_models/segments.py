@@ -5,10 +5,12 @@ module on a node's stack whose name ends in an index, as a ``ModuleList`` or ``S
 numbers its children) and the runs of nodes between blocks. Each segment becomes its own
 ``GraphModule`` with a private copy of its parameters (materialised when the model is on
 ``meta``) and runs as a training step does (a fresh forward, then backward, gradients set to
-None before each; ``profiled.step_times``), on real values: the
-graph's inputs are random tensors of the captured shapes cut to the micro-batch, and each
-segment's inputs are the previous segments' outputs, so every shape is the one the plan runs.
-Structurally identical segments (a decoder's 80 layers) are timed once. See
+None before each), on real values: the graph's inputs are random tensors of the captured
+shapes cut to the micro-batch, and each segment's inputs are the previous segments' outputs,
+so every shape is the one the plan runs.
+Structurally identical segments (a decoder's 80 layers) are timed once. Every segment at every
+micro-batch asked for is one job of a single timing call (``timing.interleaved_step_times``:
+the jobs' samples taken in turns). See
 docs/cost_models.md ("The profiled cost model").
 """
 
@@ -173,48 +175,91 @@ def _leaves(values: Sequence[Any]) -> list[Any]:
     return [pytree.tree_map(leaf, v) for v in values]
 
 
-_StepTimer = Callable[[torch.nn.Module, Callable[[], Sequence[Any]]], Any]  # -> profiled.StepTime
+# (module, make_inputs) jobs -> each one's StepTime, or the exception it raised
+# (``timing.interleaved_step_times``: samples taken in turns).
+_Timer = Callable[[list[tuple[torch.nn.Module, Callable[[], Sequence[Any]]]]], Sequence[Any]]
 
 
-def time_segments(gm: torch.fx.GraphModule, inputs: Sequence[Any], dev: torch.device,
-                  timer: _StepTimer, *, stage_of: Mapping[str, int] | None = None) -> list[SegmentTime]:
-    """Each segment of ``gm`` timed forward and backward on the values it receives.
+def time_segments(gm: torch.fx.GraphModule, batches: Sequence[Sequence[Any]], dev: torch.device,
+                  timer: _Timer, *, stage_of: Mapping[str, int] | None = None) -> list[list[SegmentTime]]:
+    """Each segment of ``gm`` timed forward and backward on the values it receives, at each batch.
 
     Args:
         gm: the captured graph (parameters real or on meta).
-        inputs: one value per placeholder, on ``dev`` (random, cut to the micro-batch).
+        batches: the graph's inputs at each micro-batch to time: one value per placeholder, on
+            ``dev`` (random, cut to the micro-batch).
         dev: where to run.
-        timer: ``(module, make_inputs) -> (forward s, backward s)`` of a training step
-            (``profiled.step_times``: fresh forward and backward per step, gradients None).
+        timer: every (module, make_inputs) job -> its :class:`~fxshard.cost_models.timing.StepTime`
+            or the exception it raised (``timing.interleaved_step_times``: fresh forward and
+            backward per step, gradients None, the jobs' samples taken in turns).
         stage_of: node name -> stage of a plan: segments also end at its stage boundaries.
 
-    A segment that cannot run gets ``error`` set, and so do the segments after it that read
-    its values (they have nothing to run on).
+    Returns:
+        Per batch, the segments in graph order. Every segment at every batch is one job of a
+        single ``timer`` call, so a drift of the machine's speed falls on all of them alike.
+        A segment that cannot run gets ``error`` set, and so do the segments after it that
+        read its values (they have nothing to run on).
     """
-    values: dict[torch.fx.Node, Any] = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs))
-    measured: dict[tuple, tuple[torch.fx.GraphModule, float, float]] = {}
-    out: list[SegmentTime] = []
-    for segment in segment_graph(gm, stage_of):
-        try:
-            module, ins, outs, key = segment_module(gm, segment)
+    segments = segment_graph(gm, stage_of)
+    built = [_attempt(segment_module, gm, segment) for segment in segments]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    private: dict[tuple, torch.fx.GraphModule] = {}  # one copy per distinct segment, shared by every batch
+    jobs: dict[tuple, int] = {}  # (structure, input signature) -> job
+    work: list[tuple[torch.nn.Module, Callable[[], Sequence[Any]]]] = []
+    rows: list[list[int | str]] = []  # per batch, per segment: its job, or why it cannot run
+    for inputs in batches:
+        values: dict[torch.fx.Node, Any] = dict(zip(placeholders, inputs))
+        row: list[int | str] = []
+        for made in built:
+            if isinstance(made, str):
+                row.append(made)
+                continue
+            module, ins, outs, key = made
             missing = [n.name for n in ins if n not in values]
             if missing:
-                out.append(SegmentTime(segment, error=f"its input {missing[0]} could not be computed"))
+                row.append(f"its input {missing[0]} could not be computed")
                 continue
             args = [values[n] for n in ins]
-            key = (key, _signature(args))
-            if key not in measured:
-                measured[key] = (module := _private(module, dev), *_time_one(module, args, timer))
-            module, fwd, bwd = measured[key]
-            with torch.no_grad():
-                results = module(*args)
-        except Exception as e:  # noqa: BLE001 - any op may refuse random inputs; the caller falls back
-            out.append(SegmentTime(segment, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"))
-            continue
-        for node, value in zip(outs, results):
-            values[node] = _with_grad(value, node)
-        out.append(SegmentTime(segment, fwd_s=fwd, bwd_s=bwd))
-    return out
+            if key not in private:
+                copied = _attempt(_private, module, dev)
+                if isinstance(copied, str):
+                    row.append(copied)
+                    continue
+                private[key] = copied
+            results = _attempt(_forward, private[key], args)
+            if isinstance(results, str):
+                row.append(results)
+                continue
+            values.update((node, _with_grad(value, node)) for node, value in zip(outs, results))
+            job = (key, _signature(args))
+            if job not in jobs:
+                jobs[job] = len(work)
+                work.append((private[key], lambda args=args: _leaves(args)))
+            row.append(jobs[job])
+        rows.append(row)
+    timed = timer(work) if work else []
+    return [[SegmentTime(segment, error=j) if isinstance(j, str)
+             else SegmentTime(segment, error=_why(timed[j])) if isinstance(timed[j], Exception)
+             else SegmentTime(segment, fwd_s=timed[j].fwd_s, bwd_s=timed[j].bwd_s)
+             for segment, j in zip(segments, row)] for row in rows]
+
+
+def _forward(module: torch.nn.Module, args: Sequence[Any]) -> Any:
+    with torch.no_grad():
+        return module(*args)
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or why it failed (a string) where an op refuses random inputs."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any op may refuse random inputs; the caller falls back
+        return _why(e)
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _with_grad(value: Any, node: torch.fx.Node) -> Any:
@@ -231,8 +276,3 @@ def _with_grad(value: Any, node: torch.fx.Node) -> Any:
     if len(metas) != len(leaves):
         metas = [None] * len(leaves)
     return pytree.tree_unflatten([mark(v, m) for v, m in zip(leaves, metas)], spec)
-
-
-def _time_one(module: torch.nn.Module, args: Sequence[Any], timer: _StepTimer) -> tuple[float, float]:
-    t = timer(module, lambda: _leaves(args))
-    return t.fwd_s, t.bwd_s

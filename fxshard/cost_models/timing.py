@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - Windows
 from fxshard.cost_models.host_memory import heap_retained
 from fxshard.errors import CostModelError
 
-__all__ = ["Clock", "StepTime", "median_time", "step_times", "stopwatch"]
+__all__ = ["Clock", "StepTime", "interleaved_step_times", "median_time", "step_times", "stopwatch"]
 
 Clock = Literal["wall", "cpu"]  # on the CPU: perf_counter, or the calling thread's CPU time
 
@@ -125,32 +125,117 @@ def step_times(module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]]
     Raises:
         CostModelError: the clock did not move (a broken or frozen clock).
     """
-    if min_sample_s is None:
-        min_sample_s = _min_sample_s(device, clock)
-    params = list(module.parameters())
-
-    def step() -> _StepSeconds:
-        return _training_step(module, params, make_inputs, device, clock)
-
+    steps = _Steps(module, make_inputs, device, clock, min_sample_s)
     try:
-        for _ in range(warmup):
-            step()
-        if warmup and device.type == "cpu" and heap_retained():
-            _warm_heap(step)
+        steps.warm(warmup)
         if on_timed is not None:
-            for p in params:
-                p.grad = None
+            steps.release()
             on_timed()
-        samples = [_step_sample(step, module, device, min_sample_s) for _ in range(repeats)]
+        samples = [steps.sample() for _ in range(repeats)]
     finally:
-        for p in params:
+        steps.release()
+    return _median(samples)
+
+
+def interleaved_step_times(jobs: Sequence[tuple[torch.nn.Module, Callable[[], Sequence[Any]]]],
+                           device: torch.device, *, warmup: int, repeats: int, min_sample_s: float | None = None,
+                           clock: Clock = "wall") -> list[StepTime | Exception]:
+    """:func:`step_times` of several modules at once, their samples taken in turns.
+
+    Every job is warmed up first; then each of the ``repeats`` rounds takes one sample of every
+    job, in the order given. Each round is divided by its speed (the median over jobs of the
+    round's sample over the job's median) and each job keeps the median of its rounds
+    (``_round_paired``). A drift of the machine's speed during the measurement (this CPU's moved
+    10-25% over minutes, its thread CPU time with it: docs/calibration.md) then falls on every
+    job alike instead of on whichever was timed last, so the jobs' times stay comparable with
+    each other: a stage's segments, and a segment at each micro-batch size the planner compares.
+    A job's gradients are set to None after each of its samples, so only one job's are held at a
+    time. A job that fails (an op that refuses its inputs) gets the exception in its place and is
+    timed no further; the others go on.
+
+    Raises:
+        CostModelError: the clock did not move (a broken or frozen clock).
+    """
+    steps = [_Steps(module, make_inputs, device, clock, min_sample_s) for module, make_inputs in jobs]
+    failed = [_failed_step(s.warm, warmup, heap=False) for s in steps]
+    live = [i for i, e in enumerate(failed) if e is None]
+    try:
+        if warmup and live and device.type == "cpu" and heap_retained():
+            _warm_heap(lambda: [steps[i].step() for i in live])  # the heap's steady state with every job in it
+        samples: list[list[StepTime]] = [[] for _ in steps]
+        for _ in range(repeats):
+            for i in live:
+                steps[i].release()
+                if failed[i] is None:
+                    failed[i] = _failed_step(lambda i=i: samples[i].append(steps[i].sample()))
+    finally:
+        for s in steps:
+            s.release()
+    timed = [i for i in live if failed[i] is None]
+    paired = dict(zip(timed, _round_paired([samples[i] for i in timed]))) if timed else {}
+    return [e if e is not None else paired[i] for i, e in enumerate(failed)]
+
+
+def _round_paired(samples: Sequence[Sequence[StepTime]]) -> list[StepTime]:
+    """Each job's median over rounds (``samples[job][round]``), every round first divided by its
+    speed: the median over jobs of the round's sample over the job's median. A step in the
+    machine's speed between rounds then moves no job against another; only the round it falls
+    in mixes the two speeds, and the median leaves that round out. With one job it is the plain
+    median."""
+    def total(t: StepTime) -> float:
+        return t.fwd_s + t.bwd_s
+
+    medians = [_median(s) for s in samples]
+    speeds = []
+    for r in range(len(samples[0])):
+        ratios = [total(s[r]) / total(m) for s, m in zip(samples, medians) if total(m) > 0]
+        speeds.append(statistics.median(ratios) if ratios and statistics.median(ratios) > 0 else 1.0)
+    return [_median([StepTime(**{f.name: getattr(t, f.name) / speed for f in dataclasses.fields(StepTime)})
+                     for t, speed in zip(s, speeds)]) for s in samples]
+
+
+def _failed_step(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Exception | None:
+    """The exception ``call`` raised (None: it ran); a frozen clock is raised, not kept."""
+    try:
+        call(*args, **kwargs)
+    except CostModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any op may refuse its inputs; the caller falls back
+        return e
+    return None
+
+
+class _Steps:
+    """One module's training steps (``_training_step``), run for warm-up and timed in samples."""
+
+    def __init__(self, module: torch.nn.Module, make_inputs: Callable[[], Sequence[Any]], device: torch.device,
+                 clock: Clock, min_sample_s: float | None) -> None:
+        self.module, self.make_inputs, self.device, self.clock = module, make_inputs, device, clock
+        self.params = list(module.parameters())
+        self.min_sample_s = _min_sample_s(device, clock) if min_sample_s is None else min_sample_s
+
+    def step(self) -> _StepSeconds:
+        return _training_step(self.module, self.params, self.make_inputs, self.device, self.clock)
+
+    def warm(self, warmup: int, heap: bool = True) -> None:
+        """``warmup`` untimed steps; on a CPU heap that keeps freed memory, then more until the
+        page faults stop (``_warm_heap``)."""
+        for _ in range(warmup):
+            self.step()
+        if heap and warmup and self.device.type == "cpu" and heap_retained():
+            _warm_heap(self.step)
+
+    def sample(self) -> StepTime:
+        return _step_sample(self.step, self.module, self.device, self.min_sample_s)
+
+    def release(self) -> None:
+        for p in self.params:
             p.grad = None
-    return StepTime(fwd_s=statistics.median([s.fwd_s for s in samples]),
-                    bwd_s=statistics.median([s.bwd_s for s in samples]),
-                    host_fwd_s=statistics.median([s.host_fwd_s for s in samples]),
-                    host_bwd_s=statistics.median([s.host_bwd_s for s in samples]),
-                    cpu_fwd_s=statistics.median([s.cpu_fwd_s for s in samples]),
-                    cpu_bwd_s=statistics.median([s.cpu_bwd_s for s in samples]))
+
+
+def _median(samples: Sequence[StepTime]) -> StepTime:
+    return StepTime(**{f.name: statistics.median([getattr(s, f.name) for s in samples])
+                       for f in dataclasses.fields(StepTime)})
 
 
 def _training_step(module: torch.nn.Module, params: Sequence[torch.nn.Parameter],
