@@ -218,9 +218,11 @@ def test_prepared_micro_batches_are_measured_together(gpt2, monkeypatch):
     pricer.prepare([CPU], [1.0, 0.5, 0.25])
     assert len(calls) == 1 and sorted(set(calls[0])) == [2, 4, 8]
     assert len(calls[0]) == 3 * 3  # before the blocks, one block (h.0 = h.1), after them: at each size
-    totals = {f: pricer.costs(CPU, f).fwd_time_s for f in (1.0, 0.5, 0.25)}
-    assert len(calls) == 1 and totals[1.0] > totals[0.25] > 0
-    assert sum(s.fwd_s for s in model.segments) == pytest.approx(totals[0.25], rel=1e-9)
+    for fraction in (1.0, 0.5, 0.25):
+        costs = pricer.costs(CPU, fraction)  # each priced from its own size's segments
+        assert costs.fwd_time_s == pytest.approx(sum(s.fwd_s for s in model.segments), rel=1e-9)
+        assert costs.fwd_time_s > 0
+    assert len(calls) == 1
 
 
 def test_interleaved_step_times_takes_samples_in_turns():
@@ -245,8 +247,10 @@ def test_interleaved_step_times_takes_samples_in_turns():
     out = interleaved_step_times(jobs, torch.device("cpu"), warmup=1, repeats=3, min_sample_s=0.0)
     assert isinstance(out[1], ValueError) and "refuses" in str(out[1])
     assert out[0].fwd_s > 0 and out[2].bwd_s > 0
-    timed = [t for t in order[3:] if t != "bad"]
-    assert timed == ["a", "b"] * 3  # after one warm-up step each: a, b, a, b, a, b
+    assert order[:3] == ["a", "bad", "b"]  # one warm-up step each ("bad" fails there)
+    assert order.count("bad") == 1
+    # (a heap kept warm by another test adds warm-up rounds of a, b; the samples come last)
+    assert [t for t in order if t != "bad"][-6:] == ["a", "b"] * 3
     assert all(p.grad is None for m, _ in jobs for p in m.parameters())
 
 
