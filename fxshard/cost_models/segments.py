@@ -220,13 +220,7 @@ def time_segments(gm: torch.fx.GraphModule, batches: Sequence[Sequence[Any]], de
                 row.append(f"its input {missing[0]} could not be computed")
                 continue
             args = [values[n] for n in ins]
-            if key not in private:
-                copied = _attempt(_private, module, dev)
-                if isinstance(copied, str):
-                    row.append(copied)
-                    continue
-                private[key] = copied
-            results = _attempt(_forward, private[key], args)
+            results = _attempt(_run_private, private, key, module, args, dev)
             if isinstance(results, str):
                 row.append(results)
                 continue
@@ -244,9 +238,14 @@ def time_segments(gm: torch.fx.GraphModule, batches: Sequence[Sequence[Any]], de
              for segment, j in zip(segments, row)] for row in rows]
 
 
-def _forward(module: torch.nn.Module, args: Sequence[Any]) -> Any:
+def _run_private(private: dict[tuple, torch.fx.GraphModule], key: tuple, module: torch.fx.GraphModule,
+                 args: Sequence[Any], dev: torch.device) -> Any:
+    """``module``'s private copy (made once per structure, kept in ``private``) run forward on
+    ``args`` without autograd: the values the next segments run on."""
+    if key not in private:
+        private[key] = _private(module, dev)
     with torch.no_grad():
-        return module(*args)
+        return private[key](*args)
 
 
 def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
