@@ -16,8 +16,8 @@ model at the plan's micro-batch on one thread, timed on the thread's CPU clock s
 processes' load stays out of it (:func:`fxshard.calibrate_dist.reprice`; ``--clock wall``: wall
 time), every micro-batch size the plans run measured in one measurement whose samples are
 taken in turns and shared by all the plans, as one planner call measures and shares it
-(``Pricer.prepare``), and measured under torchrun (:func:`fxshard.calibrate_dist.run_plan`: median over timed steps of
-the slowest rank's step). With ``--rounds R`` every plan runs R times in rotating order and
+(``Pricer.prepare``), and measured under torchrun (:func:`fxshard.calibrate_dist.run_plan`:
+median over timed steps of the slowest rank's step). With ``--rounds R`` every plan runs R times in rotating order and
 the median is kept. The report gives Kendall's tau between predicted and measured step times
 for both pricings, every discordant pair with how far apart its two plans measured (pairs
 under ~5% apart are coin tosses on a shared machine), and each run's load (the stages' wall

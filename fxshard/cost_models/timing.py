@@ -149,28 +149,28 @@ def interleaved_step_times(jobs: Sequence[tuple[torch.nn.Module, Callable[[], Se
     10-25% over minutes, its thread CPU time with it: docs/calibration.md) then falls on every
     job alike instead of on whichever was timed last, so the jobs' times stay comparable with
     each other: a stage's segments, and a segment at each micro-batch size the planner compares.
-    A job's gradients are set to None after each of its samples, so only one job's are held at a
-    time. A job that fails (an op that refuses its inputs) gets the exception in its place and is
-    timed no further; the others go on.
+    A job's gradients are set to None after each of its steps outside a sample and after each
+    sample, so only one job's are held at a time. A job that fails (an op that refuses its
+    inputs) gets the exception in its place and is timed no further; the others go on.
 
     Raises:
         CostModelError: the clock did not move (a broken or frozen clock).
     """
     steps = [_Steps(module, make_inputs, device, clock, min_sample_s) for module, make_inputs in jobs]
-    failed = [_failed_step(s.warm, warmup, heap=False) for s in steps]
+    failed = [_released(s, s.warm, warmup, heap=False) for s in steps]
     live = [i for i, e in enumerate(failed) if e is None]
-    try:
-        if warmup and live and device.type == "cpu" and heap_retained():
-            _warm_heap(lambda: [steps[i].step() for i in live])  # the heap's steady state with every job in it
-        samples: list[list[StepTime]] = [[] for _ in steps]
-        for _ in range(repeats):
-            for i in live:
-                steps[i].release()
-                if failed[i] is None:
-                    failed[i] = _failed_step(lambda i=i: samples[i].append(steps[i].sample()))
-    finally:
-        for s in steps:
-            s.release()
+    samples: list[list[StepTime]] = [[] for _ in steps]
+
+    def one_round() -> None:  # a step of every live job: the heap's steady state with all of them in it
+        for i in live:
+            _released(steps[i], steps[i].step)
+
+    if warmup and live and device.type == "cpu" and heap_retained():
+        _warm_heap(one_round)
+    for _ in range(repeats):
+        for i in live:
+            if failed[i] is None:
+                failed[i] = _released(steps[i], lambda i=i: samples[i].append(steps[i].sample()))
     timed = [i for i in live if failed[i] is None]
     paired = dict(zip(timed, _round_paired([samples[i] for i in timed]))) if timed else {}
     return [e if e is not None else paired[i] for i, e in enumerate(failed)]
@@ -189,19 +189,23 @@ def _round_paired(samples: Sequence[Sequence[StepTime]]) -> list[StepTime]:
     speeds = []
     for r in range(len(samples[0])):
         ratios = [total(s[r]) / total(m) for s, m in zip(samples, medians) if total(m) > 0]
-        speeds.append(statistics.median(ratios) if ratios and statistics.median(ratios) > 0 else 1.0)
+        speed = statistics.median(ratios) if ratios else 0.0
+        speeds.append(speed if speed > 0 else 1.0)
     return [_median([StepTime(**{f.name: getattr(t, f.name) / speed for f in dataclasses.fields(StepTime)})
                      for t, speed in zip(s, speeds)]) for s in samples]
 
 
-def _failed_step(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Exception | None:
-    """The exception ``call`` raised (None: it ran); a frozen clock is raised, not kept."""
+def _released(steps: _Steps, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Exception | None:
+    """The exception ``call`` raised (None: it ran), ``steps``' gradients set to None after it;
+    a frozen clock is raised, not kept."""
     try:
         call(*args, **kwargs)
     except CostModelError:
         raise
     except Exception as e:  # noqa: BLE001 - any op may refuse its inputs; the caller falls back
         return e
+    finally:
+        steps.release()
     return None
 
 
