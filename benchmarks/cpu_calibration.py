@@ -3,12 +3,16 @@
 For GPT-2 (real 50257-token vocabulary, so the tied head is heavy), a LLaMA-style decoder, the
 ResNet and the U-Net, each shrunk to a ~0.5-1.5 s training step on one thread, fxshard plans a
 pipeline (``strategy="pipeline"``, stages = ranks, 1F1B, micro-batches = 2 x stages where they
-divide the batch) on ``RANKSxcpu`` and :func:`fxshard.calibrate_dist.calibrate_plan` runs it
-under torchrun (gloo, one torch thread per rank) and holds it against the analytical and the
-profiled predictions. One row per model and rank count:
+divide the batch) on ``RANKSxcpu`` and :func:`fxshard.calibrate_dist.run_plan` runs it under
+torchrun (gloo, one torch thread per rank) and holds it against the analytical and the profiled
+predictions. The profiled model is measured twice: by every rank right after its timed steps,
+each stage held against its own rank's profile (``profile_in_ranks``: the same cores at the same
+minute), and in this process after the run, as a planner profiles. One row per model and rank count:
 
 - per-stage fwd+bwd median abs error of each pricing against the measured wall time, and of the
   profiled model against each rank's thread CPU time (robust to a loaded machine);
+- how far apart the ranks' prices of the same whole plan were, taken at the same moment on
+  their own cores (the machine's disagreement with itself);
 - the step's error, the step simulated over the *measured* stage times (its gap to the measured
   step is what the simulator leaves out, whatever the stage predictions) and Adam's step time on
   the slowest rank (timed here on one thread, scaled by the rank's parameter bytes);
@@ -149,8 +153,9 @@ def adam_step_s(ref: str, param_bytes: list[int], *, repeats: int = 3) -> float:
     return min(times) / total * max(param_bytes)
 
 
-def summary(name: str, report: object, adam_s: float | None = None) -> dict:
-    """One row of the summary table from a :class:`fxshard.calibrate_dist.DistCalibrationReport`."""
+def summary(name: str, report: object, adam_s: float | None = None, here: object | None = None) -> dict:
+    """One row of the summary table from a :class:`fxshard.calibrate_dist.DistCalibrationReport`
+    (``here``: the same run against the profiled model measured in this process after it)."""
     import os
     import statistics
 
@@ -172,6 +177,10 @@ def summary(name: str, report: object, adam_s: float | None = None) -> dict:
         "measured_step_s": report.measured_step_s,
         "analytical_step_s": report.analytical_step_s, "step_error_analytical": report.step_error("analytical"),
         "profiled_step_s": report.profiled_step_s, "step_error_profiled": report.step_error("profiled"),
+        "profile_where": report.profile_where, "profile_spread": report.profile_spread,
+        "stage_error_profiled_here": here.median_abs_error("profiled") if here else None,
+        "profiled_step_here_s": here.profiled_step_s if here else None,
+        "step_error_profiled_here": here.step_error("profiled") if here else None,
         # the plan simulated over the measured stage times: its gap to the measured step is what the
         # simulator leaves out (optimizer step, loss, tied weights' all-reduce, the schedule's overheads)
         "step_from_measured_stages_s": report.simulated_measured_step_s,
@@ -202,17 +211,23 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f} ms"
 
 
+def _spread(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"  # a measurement of the machine, not a target
+
+
 def summary_markdown(rows: list[dict]) -> str:
     """The summary table: one row per model and rank count (✗: over the 15% target)."""
     lines = ["| model | ranks | plan | load (wall/cpu) | stage err analytical | stage err profiled | "
              "stage err profiled vs rank CPU time | "
-             "step measured | step err analytical | step err profiled | step simulated from measured stages | "
+             "step measured | step err analytical | step err profiled | "
+             "profiled here after the run: stage err, step err | ranks' prices apart | "
+             "step simulated from measured stages | "
              "Adam step (slowest rank) | memory err per rank (median, worst) | "
              "peak per rank measured / predicted (MiB) | saved / predicted activations |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['ranks']} | failed: {r['error']} |" + " - |" * 12)
+            lines.append(f"| {r['model']} | {r['ranks']} | failed: {r['error']} |" + " - |" * 14)
             continue
         ranks = f"{r['ranks']}" + (f" (on {r['cores']} cores)" if r["oversubscribed"] else "")
         load = "-" if r["wall_over_cpu"] is None else f"{r['wall_over_cpu']:.2f}"
@@ -222,7 +237,9 @@ def summary_markdown(rows: list[dict]) -> str:
                      f"{load} | {_pct(r['stage_error_analytical'])} | {_pct(r['stage_error_profiled'])} | "
                      f"{_pct(r['stage_error_profiled_cpu_clock'])} | "
                      f"{r['measured_step_s'] * 1e3:.0f} ms | {_pct(r['step_error_analytical'], True)} | "
-                     f"{_pct(r['step_error_profiled'], True)} | {_ms(r['step_from_measured_stages_s'])} | "
+                     f"{_pct(r['step_error_profiled'], True)} | {_pct(r.get('stage_error_profiled_here'))}, "
+                     f"{_pct(r.get('step_error_profiled_here'), True)} | {_spread(r.get('profile_spread'))} | "
+                     f"{_ms(r['step_from_measured_stages_s'])} | "
                      f"{_ms(r['adam_step_s'])} | {_pct(r['memory_error_median'])}, "
                      f"{_pct(r['memory_error_worst'], True)} | {peaks} | {saved} |")
     return "\n".join(lines) + "\n"
@@ -234,7 +251,7 @@ def run(models: list[str], ranks: list[int], *, quick: bool, steps: int, warmup:
     import sys
     import time
 
-    from fxshard.calibrate_dist import calibrate_plan
+    from fxshard.calibrate_dist import capture_model, compare_run, run_plan
     from fxshard.errors import FxshardError
 
     rows, reports = [], []
@@ -244,13 +261,19 @@ def run(models: list[str], ranks: list[int], *, quick: bool, steps: int, warmup:
             t0 = time.perf_counter()
             try:
                 plan = pipeline_plan(ref, n)
-                report = calibrate_plan(ref, plan, steps=steps, warmup=warmup, threads=1, profiled=profiled)
+                # The profiled model measured on the ranks right after their timed steps (each stage
+                # against its own rank's), and in this process after the run, as a planner would.
+                measured = run_plan(ref, plan, steps=steps, warmup=warmup, threads=1, profile_in_ranks=profiled)
+                captured = capture_model(ref, plan)
+                report = compare_run(measured, captured, model=ref, profiled=profiled)
+                here = compare_run(measured, captured, model=ref, where="here") if profiled else None
             except FxshardError as e:
                 rows.append({"model": name, "ranks": n, "error": f"{type(e).__name__}: {_gist(e)}"})
                 print(f"{name} on {n} ranks failed: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 continue
-            rows.append(summary(name, report, adam_step_s(ref, [r.param_bytes for r in report.ranks])))
-            reports.append({"model": name, "ranks": n, "report": report.to_dict(), "markdown": report.to_markdown()})
+            rows.append(summary(name, report, adam_step_s(ref, [r.param_bytes for r in report.ranks]), here))
+            reports.append({"model": name, "ranks": n, "report": report.to_dict(), "markdown": report.to_markdown(),
+                            "profiled_here": here.to_dict() if here else None})
             print(f"{name} on {n} ranks: {time.perf_counter() - t0:.0f} s\n{report.to_markdown()}\n",
                   file=sys.stderr, flush=True)
     return rows, reports

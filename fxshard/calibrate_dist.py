@@ -27,14 +27,11 @@ import torch
 import torch.fx
 import torch.utils._pytree
 
+from fxshard.calibrate_dist_profile import priced_with_summaries, reprice
 from fxshard.calibrate_dist_report import DistCalibrationReport, DistRankRow, DistStageRow
 from fxshard.capture import CapturedGraph
-from fxshard.cluster import Cluster
-from fxshard.cost_models import estimate, scale_batch
-from fxshard.cost_models.analysis import analyze
 from fxshard.cost_models.loss import LossGraph, capture_loss
 from fxshard.errors import ExecutionError, UsageError
-from fxshard.passes.stages import StageSummary, summarize_stages
 from fxshard.plan import Plan
 
 __all__ = ["DistCalibrationReport", "DistRankRow", "DistStageRow", "PlanRun", "RankRun", "StageRun", "calibrate_plan",
@@ -89,6 +86,9 @@ class RankRun:
     # (``heap_retained``; host_memory.retain_freed_memory): the live peak plus the heap's free blocks.
     resident_bytes: int = 0
     heap_retained: bool = False
+    # The plan (JSON) as the profiled cost model priced it on this rank right after its timed
+    # steps (run_plan(..., profile_in_ranks=True); calibrate_dist_profile), else "".
+    profile: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ def check_ranks(plan: Plan, ranks: int, *, save_factors: str | None = None, png:
 
 def run_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: int | None = None,
              steps: int = 5, warmup: int = 2, threads: int = 1, timeout_s: float = 600.0,
-             model_kwargs: dict | None = None) -> PlanRun:
+             model_kwargs: dict | None = None, profile_in_ranks: bool = False) -> PlanRun:
     """Train ``plan`` under torchrun on this machine (gloo, one process per planned device) and
     measure it.
 
@@ -190,6 +190,9 @@ def run_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: 
         threads: torch CPU threads per rank.
         timeout_s: the whole run's hard limit (the job is killed after it).
         model_kwargs: more :func:`fxshard.zoo.resolve` keywords (``seed``; ``dtype`` by name).
+        profile_in_ranks: every rank also prices the plan with the profiled cost model right
+            after its timed steps, all ranks at once (``RankRun.profile``;
+            :mod:`fxshard.calibrate_dist_profile`).
 
     Returns:
         A :class:`PlanRun`.
@@ -212,7 +215,8 @@ def run_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: 
     world = world_of(plan)
     batch_size = _batch_size(model, plan, batch_size)
     job = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
-           "threads": threads, "timeout_s": timeout_s, "model_kwargs": dict(model_kwargs or {})}
+           "threads": threads, "timeout_s": timeout_s, "model_kwargs": dict(model_kwargs or {}),
+           "profile_in_ranks": profile_in_ranks}
     with tempfile.TemporaryDirectory(prefix="fxshard-calibrate-") as tmp:
         out = Path(tmp)
         (out / "job.json").write_text(json.dumps(job))
@@ -268,91 +272,14 @@ def _plan_run(plan: Plan, world: int, threads: int, results: list[dict]) -> Plan
                           baseline_bytes=r["baseline_bytes"], param_bytes=r["param_bytes"],
                           code_bytes=r.get("code_bytes", 0), optimizer_cpu_s=r.get("optimizer_cpu_s", 0.0),
                           resident_bytes=r.get("resident_bytes", 0), heap_retained=r.get("heap_retained", False),
-                          steps_s=tuple(r["steps_s"]),
-                          steps_cpu_s=tuple(r["steps_cpu_s"]))
+                          steps_s=tuple(r["steps_s"]), steps_cpu_s=tuple(r["steps_cpu_s"]),
+                          profile=r.get("profile", ""))
                   for r in sorted(results, key=lambda r: r["rank"]))
     return PlanRun(plan=plan, world=world, threads=threads, step_s=statistics.median(steps), steps_s=steps,
                    stages=stage_runs, ranks=ranks)
 
 
 # -- predictions -----------------------------------------------------------------------------
-
-
-def _priced(captured: CapturedGraph, plan: Plan, cost_model: Any,
-            loss: LossGraph | None = None) -> tuple[Plan, tuple[StageSummary, ...]]:
-    """:func:`reprice`, with the stage summaries (activation bytes per micro-batch) it priced."""
-    from fxshard.candidate_shapes import PipelineGroup, Shape
-    from fxshard.candidates import Pricer, price_pipeline
-    from fxshard.levers import Levers
-    from fxshard.plan_options import PlanOptions
-    from fxshard.simulate_plan import simulate_plan
-
-    if plan.strategy not in ("pipeline", "hybrid"):
-        raise ExecutionError(f"reprice prices pipeline stages; this is a {plan.strategy} plan")
-    cluster = Cluster.from_dict(plan.cluster)
-    fraction = 1.0 / (plan.replicas * plan.microbatches)
-    # As the planner prices a shape (candidates._pipeline_figures), at the plan's micro-batch.
-    works = analyze(captured)
-    works = scale_batch(works, fraction) if fraction < 1 else works
-    by_spec: dict[str, Any] = {}
-    stage_devices = tuple(s.device_indices for s in plan.stages)
-    specs = [cluster.devices[devs[0]].spec for devs in stage_devices]
-    for spec in specs:
-        if spec.name not in by_spec:
-            by_spec[spec.name] = estimate(captured, spec, cost_model=cost_model, works=works)
-    per_stage = [by_spec[spec.name] for spec in specs]
-    stage_of, n = plan.stage_of(), plan.num_stages
-    plain = tuple(summarize_stages(captured, per_stage[0], stage_of, n, training=plan.training,
-                                   optimizer=plan.optimizer, stage_costs=per_stage))
-    depth = len({devs[0] for devs in stage_devices})
-    policies = {s.activation_checkpointing for s in plan.stages}
-    levers = Levers(data_parallel=plan.data_parallel if plan.replicas > 1 else None,
-                    checkpointing=policies.pop() if len(policies) == 1 else "none",
-                    reshard_after_forward=plan.reshard_after_forward)
-    shape = Shape(strategy=plan.strategy, replicas=plan.replicas, depth=depth, stages_per_device=n // depth,
-                  schedule=plan.schedule, microbatches=plan.microbatches, levers=levers)
-    group = PipelineGroup(depth=depth, replicas=plan.replicas, placement="flat", schedules=(plan.schedule,),
-                          microbatches=((plan.microbatches,),))
-    opts = PlanOptions(training=plan.training, optimizer=plan.optimizer)
-    priced = price_pipeline(Pricer(captured, cost_model, plan.batch_size, loss=loss), cluster, group, stage_of,
-                            stage_devices, shape, opts, plain=(per_stage, plain))
-    if priced.refused or not priced.stages:
-        raise ExecutionError(f"the plan's schedule cannot be priced: {priced.note}")
-    stages = tuple(dataclasses.replace(s, fwd_time_s=st.fwd_time_s, bwd_time_s=st.bwd_time_s, flops=st.fwd_flops,
-                                       param_bytes=st.param_bytes, peak_memory_bytes=float(peak),
-                                       send_bytes=st.send_bytes, optimizer_time_s=st.optimizer_time_s,
-                                       accumulate_time_s=st.accumulate_time_s)
-                   for s, st, peak in zip(plan.stages, priced.stages, priced.peak))
-    out = dataclasses.replace(plan, stages=stages)
-    sim = simulate_plan(out)
-    step = sim.step_time_s
-    out = dataclasses.replace(out, estimate=dataclasses.replace(
-        plan.estimate, step_time_s=step, bubble_fraction=sim.bubble_fraction,
-        samples_per_s=plan.batch_size / step if step > 0 else 0.0))
-    return out, priced.stages
-
-
-def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any, *, loss: LossGraph | None = None) -> Plan:
-    """``plan`` (its split, schedule, micro-batches and levers) priced by ``cost_model``.
-
-    Every stage's forward and backward seconds and memory are priced as the planner prices a
-    pipeline (:func:`fxshard.candidates.price_pipeline`: the stage summaries at the plan's
-    micro-batch, its levers, the schedule's in-flight activations in the peak), and the
-    estimate's step time is :func:`fxshard.simulate_plan.simulate_plan` of the result. Priced
-    with the cost model the plan was made with, the figures are the plan's own.
-
-    Args:
-        captured: the model's captured graph (real weights for a measuring cost model).
-        plan: a ``pipeline`` or ``hybrid`` plan of it.
-        cost_model: a registered name or a cost model, e.g.
-            ``ProfiledCostModel(threads=1, batch_fraction=1 / plan.microbatches)``.
-        loss: the training loss on the last stage (:func:`fxshard.cost_models.loss.capture_loss`;
-            :func:`run_loss` gives the one :func:`run_plan` trains with); None: not priced.
-
-    Raises:
-        ExecutionError: another strategy, or a schedule the plan's counts cannot run.
-    """
-    return _priced(captured, plan, cost_model, loss)[0]
 
 
 def run_objective(captured: CapturedGraph) -> tuple[Any, torch.Tensor]:
@@ -380,9 +307,11 @@ def run_loss(captured: CapturedGraph) -> LossGraph:
 
 def calibrate_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq_len: int | None = None,
                    steps: int = 5, warmup: int = 2, threads: int = 1, profiled: bool = True,
-                   timeout_s: float = 600.0, model_kwargs: dict | None = None) -> DistCalibrationReport:
+                   timeout_s: float = 600.0, model_kwargs: dict | None = None,
+                   profile_in_ranks: bool = False) -> DistCalibrationReport:
     """Run ``plan`` under torchrun (:func:`run_plan`) and hold it against its predictions
-    (:func:`compare_run`, on the model built for real in this process).
+    (:func:`compare_run`, on the model built for real in this process; with ``profile_in_ranks``
+    the profiled model is measured on the ranks, right after their timed steps).
 
     Example::
 
@@ -390,7 +319,7 @@ def calibrate_plan(model: str, plan: Plan, *, batch_size: int | None = None, seq
         print(report.to_markdown())
     """
     run = run_plan(model, plan, batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup, threads=threads,
-                   timeout_s=timeout_s, model_kwargs=model_kwargs)
+                   timeout_s=timeout_s, model_kwargs=model_kwargs, profile_in_ranks=profile_in_ranks and profiled)
     captured = capture_model(model, plan, batch_size=batch_size, seq_len=seq_len, model_kwargs=model_kwargs)
     return compare_run(run, captured, model=model, profiled=profiled)
 
@@ -415,7 +344,7 @@ def capture_model(model: str, plan: Plan, *, batch_size: int | None = None, seq_
 
 
 def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = None,
-                profiled: bool = True) -> DistCalibrationReport:
+                profiled: bool = True, where: str | None = None) -> DistCalibrationReport:
     """``run`` held against the predictions for its plan.
 
     ``analytical`` re-prices the plan's split with the analytical cost model, ``profiled`` with
@@ -431,22 +360,23 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
         captured: the plan's model captured with real weights (:func:`capture_model`).
         model: the name the report gives (default: the plan's).
         profiled: also price with the profiled cost model (measures: slower).
+        where: ``"ranks"``: the profiles the run's ranks took right after their timed steps, each
+            stage priced by its own rank's (:func:`fxshard.calibrate_dist_profile.rank_priced`);
+            ``"here"``: profiled in this process now; default: ``"ranks"`` when the run has them.
     """
-    from fxshard.cost_models import ProfiledCostModel
+    from fxshard.calibrate_dist_profile import profile_spread, profiled_model, rank_priced
     from fxshard.simulate_plan import simulate_plan
 
     plan = run.plan
     loss = run_loss(captured)  # what the ranks trained with, priced on the last stage
-    analytical, summaries = _priced(captured, plan, "analytical", loss)
-    prof = None
-    # One torch thread per rank runs the stage in the calling thread: its CPU time is the compute,
-    # without the waits for a core of a loaded machine (cost_models/timing.py, clock="cpu").
-    clock = "cpu" if run.threads == 1 else "wall"
-    if profiled:
-        fraction = 1.0 / (plan.replicas * plan.microbatches)
-        # Segments end at the plan's stage boundaries too: a block the plan cuts is timed as its stages hold it.
-        prof = reprice(captured, plan, ProfiledCostModel(device="cpu", threads=run.threads, batch_fraction=fraction,
-                                                         clock=clock, stage_of=plan.stage_of()), loss=loss)
+    analytical, summaries = priced_with_summaries(captured, plan, "analytical", loss)
+    prof, spread = None, None
+    model_here = profiled_model(plan, run.threads)
+    where = where or ("ranks" if all(r.profile for r in run.ranks) else "here")
+    if profiled and where == "ranks":
+        prof, spread = rank_priced(plan, run.ranks), profile_spread(run.ranks)
+    elif profiled:
+        prof = reprice(captured, plan, model_here, loss=loss)
     measured = {m.index: m for m in run.stages}
     # A measured backward is the mean over the step's micro-batches, accumulation included; a
     # rank's measured optimizer step is shared among its stages by their parameter bytes.
@@ -485,5 +415,6 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
                                  steps=len(run.steps_s), stages=stages, ranks=ranks, measured_step_s=run.step_s,
                                  steps_s=run.steps_s, analytical_step_s=analytical.estimate.step_time_s,
                                  profiled_step_s=prof.estimate.step_time_s if prof else None,
-                                 load_average=run.load_average, profile_clock=clock,
+                                 load_average=run.load_average, profile_clock=model_here.clock,
+                                 profile_where=where if profiled else None, profile_spread=spread,
                                  simulated_measured_step_s=simulate_plan(as_run).step_time_s)

@@ -87,6 +87,12 @@ class DistCalibrationReport:
     # step instead of predicted ones: the simulator's share of the step error (communication and
     # schedule overheads).
     simulated_measured_step_s: float | None = None
+    # Where the profiled model measured: "here" (the calling process, after the run) or "ranks"
+    # (each stage on the rank that ran it, right after its timed steps: calibrate_dist_profile).
+    profile_where: str | None = None
+    # "ranks" only: the slowest rank's price of the whole plan over the fastest's, less one: how far
+    # the machine's cores disagreed at the same moment.
+    profile_spread: float | None = None
 
     def errors(self, which: str = "profiled", clock: str = "wall") -> list[float]:
         """Relative error of each stage's fwd + bwd, (predicted - measured) / measured, against
@@ -143,14 +149,21 @@ class DistCalibrationReport:
         kept["steps_s"] = tuple(data["steps_s"])
         return cls(**kept)
 
+    def _where(self) -> str:
+        if self.profile_where != "ranks":
+            return " in the calling process after the run" if self.profile_where == "here" else ""
+        spread = f" (the ranks' prices of the whole plan {self.profile_spread:.0%} apart)" \
+            if self.profile_spread is not None else ""
+        return f" on each stage's own rank right after its timed steps{spread}"
+
     def to_markdown(self) -> str:
         ms, mib = 1e3, 2.0**20
         load = f", load average {self.load_average:.1f}" if self.load_average is not None else ""
         lines = [f"Calibration of {self.model} under torchrun: {self.schedule}, {self.microbatches} micro-batches of "
                  f"a batch of {self.batch_size}, {self.world} gloo ranks x {self.threads} thread(s), median of "
                  f"{self.steps} timed steps{load}. Stage times per micro-batch, fwd / bwd; the profiled model "
-                 f"timed {self.profile_clock} time; errors against the measured wall time and (cpu) the rank "
-                 f"thread's CPU time.", "",
+                 f"timed {self.profile_clock} time{self._where()}; errors against the measured wall time and (cpu) "
+                 f"the rank thread's CPU time.", "",
                  "| stage | rank | measured (wall) | measured (cpu) | analytical | error | profiled | error | "
                  "error (cpu) | saved per micro-batch (measured / predicted) |",
                  "|---|---|---|---|---|---|---|---|---|---|"]

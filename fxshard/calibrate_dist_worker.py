@@ -3,7 +3,8 @@
 Run as ``python -m torch.distributed.run --nproc-per-node WORLD ... -m fxshard.calibrate_dist_worker
 JOB_DIR``: reads ``plan.json`` and ``job.json`` from ``JOB_DIR``, builds the model on the meta
 device (so this rank materialises only its own stages), trains ``warmup`` then ``steps`` steps
-of the plan with its optimizer, and writes ``rank<R>.json`` (or ``rank<R>.error``) back. What is
+of the plan with its optimizer (then, when the job asks, prices the plan with the profiled cost
+model: :mod:`fxshard.calibrate_dist_profile`), and writes ``rank<R>.json`` (or ``rank<R>.error``) back. What is
 measured is described in docs/calibration.md ("A whole plan under torchrun").
 """
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 import fxshard
 from fxshard.calibrate_dist import resolve_model
+from fxshard.calibrate_dist_profile import profile_on_rank
 from fxshard.cluster import Cluster
 from fxshard.cost_models.host_memory import (
     ResidentPeak,
@@ -261,6 +263,10 @@ def run(job: dict, plan: Plan) -> dict:
     # plus what the heap kept (above the same baseline, less the library code).
     resident = (memory_timed.peak_bytes() + memory_timed.baseline_bytes - probe.baseline_bytes
                 - max(0, (file_backed_bytes() or 0) - code_before))
+    profile = ""
+    if job.get("profile_in_ranks"):
+        dist.barrier()  # every rank prices the plan at once, each core as busy as while it trained
+        profile = profile_on_rank(job, plan)
     stages = [{"index": c.index, "rank": rank,
                **{k: statistics.median(v) for k, v in timed["per_stage"][c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
@@ -268,7 +274,8 @@ def run(job: dict, plan: Plan) -> dict:
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": timed["step_s"],
             "steps_cpu_s": timed["step_cpu_s"], "stages": stages, "peak_bytes": peak,
             "baseline_bytes": probe.baseline_bytes, "code_bytes": code, "resident_bytes": resident,
-            "heap_retained": retained, "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "heap_retained": retained, "profile": profile,
+            "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 
 

@@ -114,6 +114,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                         "and compare its stages, step and per-rank peak memory with the predictions")
     p.add_argument("--steps", type=int, default=5, metavar="N", help="with --ranks: timed training steps (median kept)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="with --ranks: untimed steps first (at least 1)")
+    p.add_argument("--profile-in-ranks", action="store_true",
+                   help="with --ranks: each rank measures the profiled cost model right after its timed steps, and "
+                        "each stage is held against its own rank's profile (a shared machine's drift left out)")
     p.add_argument("--save-factors", metavar="FILE",
                    help="write the fitted roofline factors to FILE (added to FILE's other presets if it exists), "
                         "for plan/compare/export --factors FILE")

@@ -22,6 +22,7 @@ from fxshard.calibrate_dist import (
 from fxshard.capture import capture
 from fxshard.cost_models import ProfiledCostModel
 from fxshard.errors import ExecutionError
+from fxshard.plan import Plan
 
 MODEL, BATCH = "gpt2-tiny", 4
 
@@ -36,7 +37,7 @@ def plan():
 
 @pytest.fixture(scope="module")
 def run(plan) -> PlanRun:
-    return run_plan(MODEL, plan, steps=2, warmup=1, timeout_s=180)
+    return run_plan(MODEL, plan, steps=2, warmup=1, timeout_s=180, profile_in_ranks=True)
 
 
 def test_every_stage_and_rank_is_measured(plan, run):
@@ -63,6 +64,14 @@ def test_every_stage_and_rank_is_measured(plan, run):
     assert run.steps_s == tuple(max(a, b) for a, b in zip(run.ranks[0].steps_s, run.ranks[1].steps_s))
 
 
+def test_every_rank_profiles_the_whole_plan_after_its_steps(plan, run):
+    for r in run.ranks:
+        priced = Plan.from_json(r.profile)
+        assert [s.nodes for s in priced.stages] == [s.nodes for s in plan.stages]  # the plan's own split
+        assert all(s.fwd_time_s > 0 and s.bwd_time_s > 0 for s in priced.stages)
+        assert priced.stages[0].fwd_time_s != plan.stages[0].fwd_time_s  # measured, not the analytical plan's
+
+
 def test_plan_run_round_trips_through_dict(run):
     assert PlanRun.from_dict(run.to_dict()) == run
 
@@ -85,6 +94,16 @@ def captured(plan):
 @pytest.fixture(scope="module")
 def report(run, captured) -> DistCalibrationReport:
     return compare_run(run, captured, model=MODEL)
+
+
+def test_the_report_holds_each_stage_against_its_own_ranks_profile(plan, run, report, captured):
+    assert report.profile_where == "ranks" and report.profile_spread >= 0
+    for s in report.stages:
+        own = Plan.from_json(run.ranks[s.rank].profile).stages[s.index]
+        assert s.profiled_fwd_s == own.fwd_time_s
+    here = compare_run(run, captured, model=MODEL, where="here")
+    assert here.profile_where == "here" and here.profile_spread is None and here.profiled_step_s > 0
+    assert "own rank right after its timed steps" in report.to_markdown()
 
 
 def test_the_report_has_every_row(plan, run, report):
@@ -145,6 +164,17 @@ def test_cli_refuses_ranks_that_are_not_the_plans_devices(capsys):
                  "--ranks", "3"]) == 2
     err = capsys.readouterr().err
     assert "--ranks 3" in err and "2 device(s)" in err and "--ranks 2" in err
+
+
+def test_cli_refuses_profile_in_ranks_without_ranks(capsys):
+    from fxshard.cli import main
+
+    args = ["calibrate", MODEL, "--devices", "2xcpu:1GB", "--batch-size", str(BATCH), "--strategy", "pipeline",
+            "--profile-in-ranks"]
+    assert main(args) == 2
+    assert "--profile-in-ranks" in (err := capsys.readouterr().err) and "add --ranks N" in err
+    assert main([*args, "--ranks", "2", "--no-profiled"]) == 2
+    assert "drop --no-profiled" in capsys.readouterr().err
 
 
 def test_cli_refuses_in_process_options_with_ranks(capsys):
