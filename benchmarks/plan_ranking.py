@@ -42,13 +42,15 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ranking_stats import COIN_TOSS, _gap, decisive_tau, reproducibility, split_half  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 MODEL = f"{HERE / 'cpu_calibration.py'}:gpt2_cpu"
 QUICK_MODEL = f"{HERE / 'cpu_calibration.py'}:gpt2_quick"
 DEVICES = "2xcpu:4GB"
 SKEWED = "first-block-alone"  # the hand-written skewed split, registered while the benchmark runs
 QUICK = (0, 5, 6)  # --quick runs these candidates: the planner's pick, equal layers under 1F1B and GPipe
-COIN_TOSS = 0.05  # measured step times closer than this (relative) are within the machine's noise
 # Profiling passes that rank the plans alike at least this well (Kendall tau) measured a machine that
 # held still: 0.96 between every two passes of a quiet run, -0.04 to 0.82 in a run whose prediction
 # then ranked the plans at 0.43 (docs/calibration.md, "Ranking plans").
@@ -254,6 +256,8 @@ class Ranking:
     # Each round as the ranking to predict (:func:`reproducibility`): per predictor ("machine": the other
     # rounds' median), Kendall's tau median, lowest and highest over rounds.
     tau_per_round: dict[str, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
+    # The rounds split in halves, each half's median against the other's (:func:`split_half`).
+    tau_halves: tuple[float, float, float] | None = None
     # The profiled prediction against itself: Kendall's tau between each two profiling passes, and each
     # plan's prediction per pass (the reported one is their median).
     tau_profiles: tuple[float, ...] = ()
@@ -279,11 +283,6 @@ def paired(rows: Sequence[Row]) -> tuple[Row, ...]:
     return tuple(dataclasses.replace(r, paired_s=by_name.get(r.name)) for r in rows)
 
 
-def _gap(a: float, b: float) -> float:
-    """How far apart two positive times are, relative to the smaller."""
-    return abs(a - b) / min(a, b)
-
-
 def rank(rows: Sequence[Row], *, measured: str = "measured_s") -> tuple[dict[str, float | None], dict[str, tuple]]:
     """Kendall's tau (``fxshard.calibrate.kendall_tau``) of each pricing against the measured step times
     (``measured``: the attribute, ``"normalised_s"`` for the load-normalised ones), over the rows that ran,
@@ -306,49 +305,6 @@ def rank(rows: Sequence[Row], *, measured: str = "measured_s") -> tuple[dict[str
                              for i in range(len(sub)) for j in range(i + 1, len(sub))
                              if (pred[i] - pred[j]) * (meas[i] - meas[j]) < 0)
     return tau, pairs
-
-
-def decisive_tau(rows: Sequence[Row], *, measured: str = "paired_s") -> dict[str, tuple[float | None, int]]:
-    """Per pricing, Kendall's tau over the pairs whose ``measured`` steps are at least ``COIN_TOSS``
-    apart (the pairs this machine can order), and how many such pairs there are: (concordant -
-    discordant) / decisive pairs; None where there are none."""
-    ran = [r for r in rows if getattr(r, measured) is not None]
-    out: dict[str, tuple[float | None, int]] = {}
-    for which in ("analytical", "profiled"):
-        sub = [r for r in ran if getattr(r, f"{which}_s") is not None]
-        score, n = 0, 0
-        for i, a in enumerate(sub):
-            for b in sub[i + 1:]:
-                ma, mb = getattr(a, measured), getattr(b, measured)
-                if _gap(ma, mb) < COIN_TOSS:
-                    continue
-                n += 1
-                score += 1 if (getattr(a, f"{which}_s") - getattr(b, f"{which}_s")) * (ma - mb) > 0 else -1
-        out[which] = (score / n if n else None, n)
-    return out
-
-
-def reproducibility(rows: Sequence[Row]) -> dict[str, tuple[float, float, float]]:
-    """Each round as a plan ranking to predict, over the plans that ran in every round (3 rounds
-    or more; else empty): Kendall's tau of that round's steps against ``"machine"``, the median of
-    the other rounds (the ceiling this machine's noise puts on any prediction held against one
-    round), and against each pricing's prediction; per predictor (median, lowest, highest) over
-    rounds."""
-    from fxshard.calibrate import kendall_tau
-
-    full = [r for r in rows if not r.error and r.rounds_s]
-    rounds = min((len(r.rounds_s) for r in full), default=0)
-    if len(full) < 2 or rounds < 3:
-        return {}
-    predictors = {"machine": lambda r, k: statistics.median(r.rounds_s[j] for j in range(rounds) if j != k)}
-    for which in ("analytical", "profiled"):
-        if all(getattr(r, f"{which}_s") is not None for r in full):
-            predictors[which] = lambda r, k, which=which: getattr(r, f"{which}_s")
-    out = {}
-    for name, predictor in predictors.items():
-        taus = [kendall_tau([predictor(r, k) for r in full], [r.rounds_s[k] for r in full]) for k in range(rounds)]
-        out[name] = (statistics.median(taus), min(taus), max(taus))
-    return out
 
 
 def to_markdown(result: Ranking) -> str:
@@ -408,6 +364,11 @@ def to_markdown(result: Ranking) -> str:
         lines.append("- each round's steps as the ranking to predict, Kendall tau median (lowest to highest) over "
                      "rounds: " + "; ".join(f"{said[k]} {mid:.2f} ({lo:.2f} to {hi:.2f})"
                                             for k, (mid, lo, hi) in result.tau_per_round.items()))
+    if result.tau_halves:
+        mid, lo, hi = result.tau_halves
+        lines.append(f"- the machine against itself in halves (the plans' median over some of the rounds against "
+                     f"their median over the others, every split): Kendall tau median {mid:.2f} ({lo:.2f} to "
+                     f"{hi:.2f}); a prediction cannot be held to much more")
     if result.tau_profiles:
         passes = ", ".join(f"{t:.2f}" for t in result.tau_profiles)
         lines.append(f"- the profiled prediction against itself ({len(result.profiled_passes_s[0])} profiling "
@@ -447,6 +408,7 @@ def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, pro
                    machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
                    clock=clock if profiled else "", tau_normalised=tau_normalised, tau_paired=tau_paired,
                    discordant_paired=pairs_paired, tau_decisive=decisive, tau_per_round=reproducibility(rows),
+                   tau_halves=split_half(rows),
                    tau_profiles=tau_profiles, profiled_passes_s=passes)
 
 

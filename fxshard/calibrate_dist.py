@@ -5,8 +5,10 @@
 measures, per stage, the compute of one micro-batch where torch's schedule runs it, per rank
 the resident-set peak above what the rank held before building its stages, and the slowest
 rank's step. :func:`reprice` prices the plan's own split with another cost model, and
-:func:`calibrate_plan` puts both side by side in a :class:`DistCalibrationReport`. See
-docs/calibration.md ("A whole plan under torchrun").
+:func:`calibrate_plan` puts both side by side in a :class:`DistCalibrationReport`; with
+``profile_in_ranks`` the profiled model is measured on the ranks themselves, right after their
+timed steps (:mod:`fxshard.calibrate_dist_profile`). See docs/calibration.md ("A whole plan under
+torchrun", "Profiled on the ranks").
 """
 
 from __future__ import annotations

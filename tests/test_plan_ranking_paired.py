@@ -77,6 +77,24 @@ def test_each_round_is_a_ranking_to_predict_and_the_other_rounds_bound_it():
     assert pr.reproducibility(steady[:2] + (row("c", [1.2, 1.5], 3.0),)) == {}  # under 3 rounds in common
 
 
+def test_the_rounds_split_in_halves_bound_what_a_median_of_rounds_can_be_held_to():
+    pr = _script()
+    # Three plans in the same order in every round, whatever the round's speed: every split agrees.
+    steady = (_row(pr, "a", [1.0, 1.3, 0.9, 1.1]), _row(pr, "b", [1.1, 1.43, 0.99, 1.21]),
+              _row(pr, "c", [1.2, 1.56, 1.08, 1.32]))
+    assert pr.split_half(steady) == (1.0, 1.0, 1.0)
+    # a and b trade places: rounds 0 and 1 put a first, rounds 2 and 3 put b first; the split
+    # {0, 1} against {2, 3} disagrees on them, the others tie them in one half or both.
+    swapping = (_row(pr, "a", [1.0, 1.0, 1.2, 1.2]), _row(pr, "b", [1.2, 1.2, 1.0, 1.0]),
+                _row(pr, "c", [2.0, 2.0, 2.0, 2.0]))
+    mid, lo, hi = pr.split_half(swapping)
+    assert lo < mid < 1.0 and hi < 1.0
+    assert pr.split_half(steady[:2] + (_row(pr, "c", [1.2, 1.5, 1.1], ),)) is None  # under 4 rounds in common
+    report = pr.to_markdown(pr.Ranking(model="m.py:f", devices="2xcpu", rows=steady, tau={}, discordant={},
+                                       machine="here", command="python x", tau_halves=pr.split_half(swapping)))
+    assert "the machine against itself in halves" in report and f"median {mid:.2f}" in report
+
+
 def test_a_report_whose_profiling_passes_disagree_says_so():
     pr = _script()
     row = _row(pr, "a", [1.0])
