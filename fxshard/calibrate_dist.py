@@ -379,21 +379,6 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
         prof, spread = rank_priced(plan, run.ranks), profile_spread(run.ranks)
     elif profiled:
         prof = reprice(captured, plan, model_here, loss=loss)
-    measured = {m.index: m for m in run.stages}
-    # A measured backward is the mean over the step's micro-batches, accumulation included; a
-    # rank's measured optimizer step is shared among its stages by their parameter bytes.
-    stepped = {i: r for r in run.ranks for i in r.stages}
-
-    def measured_step(s: Any) -> float:
-        r = stepped[s.index]
-        held = sum(plan.stages[i].param_bytes for i in r.stages)
-        return r.optimizer_cpu_s * s.param_bytes / held if held else 0.0
-
-    as_run = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, fwd_time_s=measured[s.index].fwd_s,
-                                                                        bwd_time_s=measured[s.index].bwd_s,
-                                                                        accumulate_time_s=0.0,
-                                                                        optimizer_time_s=measured_step(s))
-                                                    for s in plan.stages))
     share = (plan.microbatches - 1) / plan.microbatches  # of the backwards that accumulate
 
     def mean_bwd(st: Any) -> float:
@@ -419,4 +404,22 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
                                  profiled_step_s=prof.estimate.step_time_s if prof else None,
                                  load_average=run.load_average, profile_clock=model_here.clock,
                                  profile_where=where if profiled else None, profile_spread=spread,
-                                 simulated_measured_step_s=simulate_plan(as_run).step_time_s)
+                                 simulated_measured_step_s=simulate_plan(_as_run(run)).step_time_s)
+
+
+def _as_run(run: PlanRun) -> Plan:
+    """The run's plan with its measured stage times (a backward: the mean over the step's
+    micro-batches, accumulation included) and each rank's measured optimizer step, shared among
+    its stages by their parameter bytes."""
+    plan = run.plan
+    measured = {m.index: m for m in run.stages}
+    stepped = {i: r for r in run.ranks for i in r.stages}
+
+    def measured_step(s: Any) -> float:
+        r = stepped[s.index]
+        held = sum(plan.stages[i].param_bytes for i in r.stages)
+        return r.optimizer_cpu_s * s.param_bytes / held if held else 0.0
+
+    return dataclasses.replace(plan, stages=tuple(dataclasses.replace(
+        s, fwd_time_s=measured[s.index].fwd_s, bwd_time_s=measured[s.index].bwd_s, accumulate_time_s=0.0,
+        optimizer_time_s=measured_step(s)) for s in plan.stages))

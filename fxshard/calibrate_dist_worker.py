@@ -215,6 +215,15 @@ def _timed_steps(compiled: Any, inputs: tuple, target: torch.Tensor, optimizer: 
     return out
 
 
+def _profile_after_steps(job: dict, plan: Plan) -> str:
+    """When the job asks, ``plan`` priced by the profiled model on this rank (its JSON), every rank
+    at once after a barrier, each core as busy as while it trained; else ""."""
+    if not job.get("profile_in_ranks"):
+        return ""
+    dist.barrier()
+    return profile_on_rank(job, plan)
+
+
 def run(job: dict, plan: Plan) -> dict:
     """This rank's measurements of ``job`` (see :func:`fxshard.calibrate_dist.run_plan`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -263,10 +272,7 @@ def run(job: dict, plan: Plan) -> dict:
     # plus what the heap kept (above the same baseline, less the library code).
     resident = (memory_timed.peak_bytes() + memory_timed.baseline_bytes - probe.baseline_bytes
                 - max(0, (file_backed_bytes() or 0) - code_before))
-    profile = ""
-    if job.get("profile_in_ranks"):
-        dist.barrier()  # every rank prices the plan at once, each core as busy as while it trained
-        profile = profile_on_rank(job, plan)
+    profile = _profile_after_steps(job, plan)
     stages = [{"index": c.index, "rank": rank,
                **{k: statistics.median(v) for k, v in timed["per_stage"][c.index].items()},
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
@@ -274,8 +280,8 @@ def run(job: dict, plan: Plan) -> dict:
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": timed["step_s"],
             "steps_cpu_s": timed["step_cpu_s"], "stages": stages, "peak_bytes": peak,
             "baseline_bytes": probe.baseline_bytes, "code_bytes": code, "resident_bytes": resident,
-            "heap_retained": retained, "profile": profile,
-            "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "heap_retained": retained, "profile": profile, "param_bytes": sum(p.numel() * p.element_size()
+                                                                               for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 
 

@@ -410,8 +410,7 @@ def _calibrate_ranks(args: argparse.Namespace, job: _Job, plan: Any) -> int:
     check_ranks(plan, args.ranks, save_factors=args.save_factors, png=args.png, device=args.device)
     with _progress(f"running {plan.model.name}'s plan on {args.ranks} ranks under torchrun"):
         run = run_plan(args.model, plan, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                       warmup=args.warmup, threads=args.threads or 1,
-                       profile_in_ranks=args.profile_in_ranks)
+                       warmup=args.warmup, threads=args.threads or 1, profile_in_ranks=args.profile_in_ranks)
         report = compare_run(run, job.captured, model=job.built.name, profiled=not args.no_profiled)
     for dest, text in ((args.json, report.to_json()), (args.md, report.to_markdown())):
         if dest:
