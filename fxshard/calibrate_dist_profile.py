@@ -4,7 +4,7 @@ measured where the plan ran, on its ranks, right after their timed steps (:func:
 :func:`fxshard.calibrate_dist.compare_run` prices a run's plan with the profiled cost model in
 the calling process, after the run. On a shared machine that compares a run and a profile taken
 on other cores, up to a minute apart, and a core's speed moves within a minute while two cores
-differ at the same moment (by up to 30% on the 2-core CPU of docs/calibration.md, "Profiled on
+differ at the same moment (by up to 40% on the 2-core CPU of docs/calibration.md, "Profiled on
 the ranks"). The error then holds the machine's drift as well as the cost model's.
 
 With ``run_plan(..., profile_in_ranks=True)`` every rank, after its timed steps and after a
@@ -38,7 +38,7 @@ __all__ = ["priced_with_summaries", "profile_on_rank", "profile_spread", "profil
 
 
 def priced_with_summaries(captured: CapturedGraph, plan: Plan, cost_model: Any,
-            loss: LossGraph | None = None) -> tuple[Plan, tuple[StageSummary, ...]]:
+                          loss: LossGraph | None = None) -> tuple[Plan, tuple[StageSummary, ...]]:
     """:func:`reprice`, with the stage summaries (activation bytes per micro-batch) it priced."""
     from fxshard.candidate_shapes import PipelineGroup, Shape
     from fxshard.candidates import Pricer, price_pipeline
@@ -106,7 +106,8 @@ def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any, *, loss: LossG
         cost_model: a registered name or a cost model, e.g.
             ``ProfiledCostModel(threads=1, batch_fraction=1 / plan.microbatches)``.
         loss: the training loss on the last stage (:func:`fxshard.cost_models.loss.capture_loss`;
-            :func:`run_loss` gives the one :func:`run_plan` trains with); None: not priced.
+            :func:`fxshard.calibrate_dist.run_loss` gives the one
+            :func:`fxshard.calibrate_dist.run_plan` trains with); None: not priced.
 
     Raises:
         ExecutionError: another strategy, or a schedule the plan's counts cannot run.

@@ -4,8 +4,8 @@ Run as ``python -m torch.distributed.run --nproc-per-node WORLD ... -m fxshard.c
 JOB_DIR``: reads ``plan.json`` and ``job.json`` from ``JOB_DIR``, builds the model on the meta
 device (so this rank materialises only its own stages), trains ``warmup`` then ``steps`` steps
 of the plan with its optimizer (then, when the job asks, prices the plan with the profiled cost
-model: :mod:`fxshard.calibrate_dist_profile`), and writes ``rank<R>.json`` (or ``rank<R>.error``) back. What is
-measured is described in docs/calibration.md ("A whole plan under torchrun").
+model: :mod:`fxshard.calibrate_dist_profile`), and writes ``rank<R>.json`` (or ``rank<R>.error``)
+back. What is measured is described in docs/calibration.md ("A whole plan under torchrun").
 """
 
 from __future__ import annotations
@@ -278,10 +278,9 @@ def run(job: dict, plan: Plan) -> dict:
                "saved_bytes": [c.saved[k] for k in sorted(c.saved)]} for c in clocks]
     optimizer_cpu_s = timed["optimizer_cpu_s"]
     return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps_s": timed["step_s"],
-            "steps_cpu_s": timed["step_cpu_s"], "stages": stages, "peak_bytes": peak,
+            "steps_cpu_s": timed["step_cpu_s"], "stages": stages, "peak_bytes": peak, "profile": profile,
             "baseline_bytes": probe.baseline_bytes, "code_bytes": code, "resident_bytes": resident,
-            "heap_retained": retained, "profile": profile, "param_bytes": sum(p.numel() * p.element_size()
-                                                                               for p in params),
+            "heap_retained": retained, "param_bytes": sum(p.numel() * p.element_size() for p in params),
             "optimizer_cpu_s": statistics.median(optimizer_cpu_s) if optimizer_cpu_s else 0.0}
 
 
