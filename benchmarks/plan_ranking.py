@@ -401,8 +401,7 @@ def run(model_ref: str, *, rounds: int = 1, steps: int = 5, warmup: int = 2, pro
     tau_normalised, _ = rank(rows, measured="normalised_s")
     tau_paired, pairs_paired = rank(rows, measured="paired_s")
     decisive = decisive_tau(rows)
-    sys.path.insert(0, str(HERE))
-    from _suite import machine
+    from _suite import machine  # benchmarks/ is on sys.path (above)
 
     return Ranking(model=model_ref, devices=DEVICES, rows=rows, tau=tau, discordant=pairs,
                    machine=f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end", command=command,
