@@ -369,6 +369,9 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
     from fxshard.calibrate_dist_profile import profile_spread, profiled_model, rank_priced
     from fxshard.simulate_plan import simulate_plan
 
+    if where not in (None, "ranks", "here"):
+        raise ExecutionError(f"where={where!r}: use 'ranks' (the profiles the run's ranks took) or 'here' "
+                             f"(profile in this process now)")
     plan = run.plan
     loss = run_loss(captured)  # what the ranks trained with, priced on the last stage
     analytical, summaries = priced_with_summaries(captured, plan, "analytical", loss)

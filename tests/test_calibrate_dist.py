@@ -106,6 +106,11 @@ def test_the_report_holds_each_stage_against_its_own_ranks_profile(plan, run, re
     assert "own rank right after its timed steps" in report.to_markdown()
 
 
+def test_an_unknown_profile_place_is_refused(run, captured):
+    with pytest.raises(ExecutionError, match="where='there'.*'ranks'.*'here'"):
+        compare_run(run, captured, where="there")
+
+
 def test_the_report_has_every_row(plan, run, report):
     assert [s.index for s in report.stages] == [0, 1] and [r.rank for r in report.ranks] == [0, 1]
     for s, m in zip(report.stages, run.stages):
