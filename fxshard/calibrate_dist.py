@@ -366,22 +366,13 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
             stage priced by its own rank's (:func:`fxshard.calibrate_dist_profile.rank_priced`);
             ``"here"``: profiled in this process now; default: ``"ranks"`` when the run has them.
     """
-    from fxshard.calibrate_dist_profile import profile_spread, profiled_model, rank_priced
+    from fxshard.calibrate_dist_profile import profiled_model
     from fxshard.simulate_plan import simulate_plan
 
-    if where not in (None, "ranks", "here"):
-        raise ExecutionError(f"where={where!r}: use 'ranks' (the profiles the run's ranks took) or 'here' "
-                             f"(profile in this process now)")
     plan = run.plan
     loss = run_loss(captured)  # what the ranks trained with, priced on the last stage
     analytical, summaries = priced_with_summaries(captured, plan, "analytical", loss)
-    prof, spread = None, None
-    model_here = profiled_model(plan, run.threads)
-    where = where or ("ranks" if all(r.profile for r in run.ranks) else "here")
-    if profiled and where == "ranks":
-        prof, spread = rank_priced(plan, run.ranks), profile_spread(run.ranks)
-    elif profiled:
-        prof = reprice(captured, plan, model_here, loss=loss)
+    where, prof, spread = _profiled(run, captured, loss, where) if profiled else (None, None, None)
     share = (plan.microbatches - 1) / plan.microbatches  # of the backwards that accumulate
 
     def mean_bwd(st: Any) -> float:
@@ -405,9 +396,23 @@ def compare_run(run: PlanRun, captured: CapturedGraph, *, model: str | None = No
                                  steps=len(run.steps_s), stages=stages, ranks=ranks, measured_step_s=run.step_s,
                                  steps_s=run.steps_s, analytical_step_s=analytical.estimate.step_time_s,
                                  profiled_step_s=prof.estimate.step_time_s if prof else None,
-                                 load_average=run.load_average, profile_clock=model_here.clock,
-                                 profile_where=where if profiled else None, profile_spread=spread,
+                                 load_average=run.load_average, profile_clock=profiled_model(plan, run.threads).clock,
+                                 profile_where=where, profile_spread=spread,
                                  simulated_measured_step_s=simulate_plan(_as_run(run)).step_time_s)
+
+
+def _profiled(run: PlanRun, captured: CapturedGraph, loss: LossGraph,
+              where: str | None) -> tuple[str, Plan, float | None]:
+    """(where, the plan priced by the profiled model there, the ranks' spread) for :func:`compare_run`."""
+    from fxshard.calibrate_dist_profile import profile_spread, profiled_model, rank_priced
+
+    if where not in (None, "ranks", "here"):
+        raise ExecutionError(f"where={where!r}: use 'ranks' (the profiles the run's ranks took) or 'here' "
+                             f"(profile in this process now)")
+    where = where or ("ranks" if all(r.profile for r in run.ranks) else "here")
+    if where == "ranks":
+        return where, rank_priced(run.plan, run.ranks), profile_spread(run.ranks)
+    return where, reprice(captured, run.plan, profiled_model(run.plan, run.threads), loss=loss), None
 
 
 def _as_run(run: PlanRun) -> Plan:
