@@ -4,7 +4,7 @@ Each row runs one backward alone, on one torch thread, with glibc's mmap thresho
 tensor its own mapping, so the resident set follows the live bytes), and reports the resident-set
 high-water mark of the backward (``host_memory.ResidentPeak``) less the gradients it returns, the
 best of ``--reps``. Convolutions are held against
-``fxshard.cost_models.analysis.conv_backward_workspace``; batch norm, ReLU and the residual add
+``fxshard.cost_models.conv_workspace.conv_backward_workspace``; batch norm, ReLU and the residual add
 are measured for the record (the rule gives them 0). docs/cost_models.md has the results.
 
 Usage::
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fxshard.cost_models.analysis import conv_backward_workspace, onednn_float32_convolution
+from fxshard.cost_models.conv_workspace import conv_backward_workspace, onednn_float32_convolution
 from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold, trim_heap
 
 __all__ = ["CONVS", "main", "measure"]

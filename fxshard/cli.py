@@ -1,4 +1,5 @@
-"""The ``fxshard`` command line: plan, compare, export and simulate; inspect models and devices.
+"""The ``fxshard`` command line: plan, compare, export, calibrate and simulate (devices and inspect in
+fxshard/cli_inspect.py).
 
 Every command computes with the library and renders here (tables in fxshard/cli_text.py); the
 library never prints. Exit status: 0 on success, 2 on bad usage (argparse's errors, unknown
@@ -10,14 +11,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from fxshard.cli_parser import build_parser
-from fxshard.cli_text import cli_words, compare_table, console, fmt_count, fmt_time, print_plan
+from fxshard.cli_inspect import cmd_devices, cmd_inspect
+from fxshard.cli_parser import build_parser, check_names
+from fxshard.cli_text import (
+    cli_words,
+    compare_table,
+    console,
+    fmt_time,
+    print_plan,
+    progress,
+    write_json,
+    wrote,
+)
 from fxshard.errors import DeviceSpecError, FxshardError, UsageError, ZooError
 
 __all__ = ["main"]
@@ -25,196 +35,9 @@ __all__ = ["main"]
 _USAGE_ERRORS = (DeviceSpecError, ZooError, UsageError)
 
 
-def _write_json(data: Any, dest: str) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False, default=str)
-    if dest == "-":
-        sys.stdout.write(text + "\n")
-    else:
-        with open(dest, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-
-
-def _wrote(what: str, dest: str | None) -> None:
-    """Say where an output file went (nothing for stdout, whose content speaks for itself)."""
-    if dest and dest != "-":
-        import os
-
-        print(f"wrote {what} to {os.path.abspath(dest)}")
-
-
-# ---------------------------------------------------------------------------------------
-# fxshard devices
-# ---------------------------------------------------------------------------------------
-
-_FLOP_COLUMNS = ("float32", "tf32", "bfloat16", "float16", "float8")
-
-
-def cmd_devices(args: argparse.Namespace) -> int:
-    from fxshard.cluster import LINK_PRESETS, PRESETS, Cluster, format_bytes
-
-    if args.json:
-        _write_json({"presets": {n: s.to_dict() for n, s in PRESETS.items()},
-                     "links": {n: link.to_dict() for n, link in LINK_PRESETS.items()},
-                     "local": Cluster.local().to_dict()}, args.json)
-        if args.json == "-":
-            return 0
-    from rich.table import Table
-
-    out = console()
-    table = Table(title="Device presets (dense peak FLOP/s; sources in docs/devices.md)")
-    table.add_column("preset")
-    table.add_column("kind")
-    table.add_column("memory", justify="right")
-    for col in _FLOP_COLUMNS:
-        table.add_column(col, justify="right")
-    table.add_column("bandwidth", justify="right")
-    for name, spec in PRESETS.items():
-        flops = dict(spec.peak_flops)
-        table.add_row(name, spec.kind, format_bytes(spec.memory_bytes),
-                      *[fmt_count(flops[c], "FLOP/s") if c in flops else "-" for c in _FLOP_COLUMNS],
-                      f"{spec.memory_bandwidth / 1e9:,.0f} GB/s")
-    out.print(table)
-    links = Table(title="Link presets")
-    links.add_column("link")
-    links.add_column("bandwidth", justify="right")
-    links.add_column("latency", justify="right")
-    for name, link in LINK_PRESETS.items():
-        links.add_row(name, f"{link.bandwidth / 1e9:,.1f} GB/s", fmt_time(link.latency_s))
-    out.print(links)
-    out.print(f"This machine: {Cluster.local().describe()}")
-    _wrote("the presets as JSON", args.json)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------
-# fxshard inspect
-# ---------------------------------------------------------------------------------------
-
-
-def _shape_text(node: Any) -> str:
-    meta = node.meta.get("tensor_meta")
-    if hasattr(meta, "shape"):
-        dtype = str(meta.dtype).removeprefix("torch.")
-        return f"{dtype}[{', '.join(map(str, meta.shape))}]"
-    if isinstance(meta, (tuple, list)):
-        return "(" + ", ".join(f"[{', '.join(map(str, m.shape))}]" for m in meta if hasattr(m, "shape")) + ")"
-    return ""
-
-
-def inspect_model(model_ref: str, *, device: str, batch_size: int | None, seq_len: int | None,
-                  cost_model: str, method: str) -> dict:
-    """Capture and price a model; returns the ``inspect --json`` document."""
-    from fxshard.capture import capture
-    from fxshard.cluster import get_preset
-    from fxshard.cost_models import estimate
-    from fxshard.zoo import resolve
-
-    spec = get_preset(device)
-    t0 = time.perf_counter()
-    built = resolve(model_ref, batch_size=batch_size, seq_len=seq_len)
-    _check_names(cost_model=cost_model)  # after resolve: a factory file may register plug-ins
-    captured = capture(built.model, built.example_inputs, example_kwargs=built.example_kwargs, method=method)
-    t1 = time.perf_counter()
-    costs = estimate(captured, spec, cost_model=cost_model)
-    t2 = time.perf_counter()
-    rows = []
-    for node, cost in zip(captured.gm.graph.nodes, costs):
-        row = cost.to_row()
-        row["shape"] = _shape_text(node)
-        rows.append(row)
-    param_bytes, buffer_bytes = costs.state_bytes()
-    return {
-        "model": {"name": built.name, "class": captured.model_name, "method": captured.method,
-                  "fingerprint": captured.fingerprint(), "nodes": len(rows)},
-        "device": spec.to_dict(),
-        "cost_model": costs.cost_model,
-        "totals": {"param_bytes": param_bytes, "buffer_bytes": buffer_bytes,
-                   "fwd_flops": costs.fwd_flops, "bwd_flops": costs.bwd_flops,
-                   "fwd_time_s": costs.fwd_time_s, "bwd_time_s": costs.bwd_time_s,
-                   "saved_activation_bytes": costs.saved_activation_bytes()},
-        "seconds": {"capture": t1 - t0, "cost": t2 - t1},
-        "nodes": rows,
-    }
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from fxshard.cluster import format_bytes
-
-    with _progress(f"capturing and pricing {args.model}"):
-        doc = inspect_model(args.model, device=args.device, batch_size=args.batch_size,
-                            seq_len=args.seq_len, cost_model=args.cost_model, method=args.method)
-    if args.json:
-        _write_json(doc, args.json)
-        if args.json == "-":
-            return 0
-    from rich.table import Table
-
-    rows = doc["nodes"]
-    if args.top:
-        rows = sorted(rows, key=lambda r: r["fwd_time_s"] + r["bwd_time_s"], reverse=True)[: args.top]
-    table = Table(title=f"{doc['model']['name']} on {doc['device']['name']} ({doc['cost_model']} costs, "
-                        f"{doc['model']['method']}, {doc['model']['nodes']} nodes)")
-    for col, justify in (("node", "left"), ("op", "left"), ("target", "left"), ("output", "left"),
-                         ("fwd FLOP", "right"), ("params", "right"), ("out bytes", "right"),
-                         ("fwd", "right"), ("bwd", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], r["op"], r["target"][:48], r["shape"], fmt_count(r["flops"]),
-                      format_bytes(r["param_bytes"]) if r["param_bytes"] else "",
-                      format_bytes(r["output_bytes"]) if r["output_bytes"] else "",
-                      fmt_time(r["fwd_time_s"]), fmt_time(r["bwd_time_s"]))
-    out = console()
-    out.print(table)
-    t = doc["totals"]
-    out.print(
-        f"parameters {format_bytes(t['param_bytes'])} (shared counted once), buffers "
-        f"{format_bytes(t['buffer_bytes'])}, forward {fmt_count(t['fwd_flops'], 'FLOP')}, backward "
-        f"{fmt_count(t['bwd_flops'], 'FLOP')}, activations saved for backward "
-        f"{format_bytes(t['saved_activation_bytes'])}; time forward {fmt_time(t['fwd_time_s'])}, "
-        f"backward {fmt_time(t['bwd_time_s'])}. Captured in {doc['seconds']['capture']:.2f} s, "
-        f"priced in {doc['seconds']['cost']:.2f} s.")
-    _wrote("the rows and totals as JSON", args.json)
-    return 0
-
-
 # ---------------------------------------------------------------------------------------
 # fxshard plan / compare / export / simulate
 # ---------------------------------------------------------------------------------------
-
-
-def _progress(message: str) -> Any:
-    """A spinner on a terminal's stderr for steps that take seconds; silent otherwise."""
-    import contextlib
-
-    if not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    from rich.console import Console
-
-    return Console(stderr=True).status(message)
-
-
-def _check_names(*, partitioners: Sequence[str] = (), schedule: str | None = None,
-                 cost_model: str | None = None) -> None:
-    """Refuse names nothing is registered under, as bad usage (exit 2). Called after the model
-    is resolved, so partitioners and cost models a factory file registers count."""
-    from fxshard.cost_models import cost_models
-    from fxshard.passes.partition import partitioners as registered
-    from fxshard.simulate import SCHEDULES, SimulationError, schedule_name
-
-    unknown = [n for n in partitioners if n not in registered()]
-    if unknown:
-        raise UsageError(f"unknown partitioner(s) {', '.join(map(repr, unknown))}; registered: "
-                         f"{', '.join(registered())} (register your own with fxshard.register_partitioner in the "
-                         f"model's factory file)")
-    if schedule is not None:
-        try:
-            schedule_name(schedule)
-        except SimulationError as e:
-            raise UsageError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} (torch's names, "
-                             f"such as Interleaved1F1B, work too, in any case)") from e
-    if cost_model is not None and cost_model not in cost_models():
-        raise UsageError(f"unknown cost model {cost_model!r}; registered: {', '.join(cost_models())} (register "
-                         f"your own with fxshard.register_cost_model in the model's factory file)")
 
 
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -245,9 +68,9 @@ def _prepare(args: argparse.Namespace, partitioners: Sequence[str] = ()) -> _Job
     from fxshard.zoo import resolve
 
     built = resolve(args.model, batch_size=args.batch_size, seq_len=args.seq_len)
-    _check_names(partitioners=partitioners or [args.partitioner], schedule=args.schedule, cost_model=args.cost_model)
+    check_names(partitioners=partitioners or [args.partitioner], schedule=args.schedule, cost_model=args.cost_model)
     cluster = Cluster.parse(args.devices)
-    with _progress(f"capturing {built.name}"):
+    with progress(f"capturing {built.name}"):
         captured = capture(built.model, built.example_inputs, example_kwargs=built.example_kwargs)
     return _Job(built, captured, cluster, batch_size_of(captured, built.example_inputs, built.example_kwargs))
 
@@ -266,7 +89,7 @@ def _plan_job(job: _Job, args: argparse.Namespace, **overrides: Any) -> tuple[An
     from fxshard.planner import plan_captured
 
     opts = _options(job, args, **overrides)
-    with _progress(f"planning {job.built.name} on {job.cluster.describe()}"):
+    with progress(f"planning {job.built.name} on {job.cluster.describe()}"):
         start = time.perf_counter()
         plan = plan_captured(job.captured, job.cluster, job.batch, opts)
     return plan, time.perf_counter() - start
@@ -299,19 +122,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f.write(plan.to_json() + "\n")
     flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in forced.items())
     print_plan(plan, seconds, unforced, flags or None)
-    _wrote("the plan as JSON", args.json)
+    wrote("the plan as JSON", args.json)
     if args.png:
         from fxshard import viz
 
         viz.plan_png(plan, args.png)
-        _wrote("the plan's picture", args.png)
+        wrote("the plan's picture", args.png)
     if args.dot:
         from fxshard import viz
 
         outline = viz.graph_outline(job.captured)
         with _output(args.dot) as f:
             f.write(viz.plan_dot(plan, list(outline.edges), node_module=outline.node_module))
-        _wrote("the stage graph (Graphviz DOT)", args.dot)
+        wrote("the stage graph (Graphviz DOT)", args.dot)
     return 0
 
 
@@ -330,18 +153,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # milp is an exact solver with a time limit per partition: a reference to ask for by name
     names = args.partitioners.split(",") if args.partitioners else [n for n in partitioners() if n != "milp"]
     job = _prepare(args, names)
-    with _progress(f"planning {job.built.name} on {job.cluster.describe()} per strategy and partitioner"):
+    with progress(f"planning {job.built.name} on {job.cluster.describe()} per strategy and partitioner"):
         rows = [r.to_dict() for r in compare(job.captured, job.cluster, job.batch, _options(job, args), names)]
     for r in rows:
         if "error" in r:
             r["error"] = cli_words(r["error"])
     ok = [r for r in rows if "error" not in r]
     if args.json:
-        _write_json(rows, args.json)
+        write_json(rows, args.json)
         if args.json == "-":
             return 0 if ok else 1
     compare_table(rows, f"{args.model} on {args.devices}: strategies and partitioners compared (best marked *)")
-    _wrote("the rows as JSON", args.json)
+    wrote("the rows as JSON", args.json)
     return 0 if ok else 1
 
 
@@ -373,7 +196,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plan, _ = _plan_job(job, args)
     if args.ranks is not None:
         return _calibrate_ranks(args, job, plan)
-    with _progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
+    with progress(f"measuring {plan.num_stages} stage(s) of {plan.model.name}"):
         report = calibrate(job.captured, plan, job.built.example_inputs, device=args.device, repeats=args.repeats,
                            profiled=not args.no_profiled, factors=args.factors, threads=args.threads)
     if args.save_factors:
@@ -396,10 +219,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         viz.calibration_png(report, args.png)
     console().print(report.to_markdown())
-    _wrote("the report as JSON", args.json)
-    _wrote("the report as markdown", args.md)
-    _wrote("the predicted-against-measured picture", args.png)
-    _wrote(f"the fitted factors of {report.device_spec} (plan with --factors {args.save_factors})", args.save_factors)
+    wrote("the report as JSON", args.json)
+    wrote("the report as markdown", args.md)
+    wrote("the predicted-against-measured picture", args.png)
+    wrote(f"the fitted factors of {report.device_spec} (plan with --factors {args.save_factors})", args.save_factors)
     return 0
 
 
@@ -408,7 +231,7 @@ def _calibrate_ranks(args: argparse.Namespace, job: _Job, plan: Any) -> int:
     from fxshard.calibrate_dist import check_ranks, compare_run, run_plan
 
     check_ranks(plan, args.ranks, save_factors=args.save_factors, png=args.png, device=args.device)
-    with _progress(f"running {plan.model.name}'s plan on {args.ranks} ranks under torchrun"):
+    with progress(f"running {plan.model.name}'s plan on {args.ranks} ranks under torchrun"):
         run = run_plan(args.model, plan, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                        warmup=args.warmup, threads=args.threads or 1, profile_in_ranks=args.profile_in_ranks)
         report = compare_run(run, job.captured, model=job.built.name, profiled=not args.no_profiled)
@@ -418,8 +241,8 @@ def _calibrate_ranks(args: argparse.Namespace, job: _Job, plan: Any) -> int:
                 f.write(text + "\n")
     if args.json != "-":
         console().print(report.to_markdown())
-    _wrote("the report as JSON", args.json)
-    _wrote("the report as markdown", args.md)
+    wrote("the report as JSON", args.json)
+    wrote("the report as markdown", args.md)
     return 0
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -432,7 +255,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fxshard.viz_text import simulation_text
 
     if args.schedule is not None:
-        _check_names(schedule=args.schedule)
+        check_names(schedule=args.schedule)
     try:
         text = Path(args.plan).read_text(encoding="utf-8")
     except OSError as e:
@@ -452,11 +275,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         out.print(f"  {who}: busy {fmt_time(busy)}, idle {fmt_time(idle)}")
     if args.png:
         viz.timeline_png(result, args.png, title=f"{plan.model.name}: {what}")
-        _wrote("the timeline", args.png)
+        wrote("the timeline", args.png)
     if args.trace:
         with _output(args.trace) as f:
             f.write(to_chrome_trace(result, title=f"{plan.model.name}: {what}"))
-        _wrote("the Chrome trace", args.trace)
+        wrote("the Chrome trace", args.trace)
     return 0
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["build_parser"]
+from fxshard.errors import UsageError
+
+__all__ = ["build_parser", "check_names"]
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -162,3 +164,27 @@ def build_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
         add_args(p)
         p.set_defaults(func=commands[name])
     return parser
+
+
+def check_names(*, partitioners: Sequence[str] = (), schedule: str | None = None,
+                cost_model: str | None = None) -> None:
+    """Refuse names nothing is registered under, as bad usage (exit 2). Called after the model
+    is resolved, so partitioners and cost models a factory file registers count."""
+    from fxshard.cost_models import cost_models
+    from fxshard.passes.partition import partitioners as registered
+    from fxshard.simulate import SCHEDULES, SimulationError, schedule_name
+
+    unknown = [n for n in partitioners if n not in registered()]
+    if unknown:
+        raise UsageError(f"unknown partitioner(s) {', '.join(map(repr, unknown))}; registered: "
+                         f"{', '.join(registered())} (register your own with fxshard.register_partitioner in the "
+                         f"model's factory file)")
+    if schedule is not None:
+        try:
+            schedule_name(schedule)
+        except SimulationError as e:
+            raise UsageError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} (torch's names, "
+                             f"such as Interleaved1F1B, work too, in any case)") from e
+    if cost_model is not None and cost_model not in cost_models():
+        raise UsageError(f"unknown cost model {cost_model!r}; registered: {', '.join(cost_models())} (register "
+                         f"your own with fxshard.register_cost_model in the model's factory file)")

@@ -7,6 +7,7 @@ into the flags a CLI user types (``--optimizer sgd``), from one table.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from fxshard.units import format_count as fmt_count
 from fxshard.units import format_time as fmt_time
 
-__all__ = ["cli_words", "compare_table", "console", "fmt_count", "fmt_time", "levers_words", "print_plan"]
+__all__ = ["cli_words", "compare_table", "console", "fmt_count", "fmt_time", "levers_words", "print_plan", "progress",
+           "write_json", "wrote"]
 
 # Python option name -> command-line flag, for messages the library words in Python
 # ("optimizer='sgd'"): the CLI shows them as flags ("--optimizer sgd"). One table for every message.
@@ -175,3 +177,31 @@ def compare_table(rows: list[dict[str, Any]], title: str) -> None:
                       fmt_time(r["lower_bound_step_time_s"]), format_bytes(r["cut_bytes"]),
                       format_bytes(r["max_stage_memory_bytes"]), f"{r['plan_seconds']:.1f}")
     console().print(table)
+
+
+def write_json(data: Any, dest: str) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    if dest == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def wrote(what: str, dest: str | None) -> None:
+    """Say where an output file went (nothing for stdout, whose content speaks for itself)."""
+    if dest and dest != "-":
+        import os
+
+        print(f"wrote {what} to {os.path.abspath(dest)}")
+
+
+def progress(message: str) -> Any:
+    """A spinner on a terminal's stderr for steps that take seconds; silent otherwise."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)

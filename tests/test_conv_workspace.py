@@ -12,7 +12,7 @@ from torch import nn
 
 from fxshard.capture import capture
 from fxshard.cost_models import analyze, scale_batch
-from fxshard.cost_models.analysis import conv_backward_workspace, onednn_float32_convolution
+from fxshard.cost_models.conv_workspace import conv_backward_workspace, onednn_float32_convolution
 from fxshard.cost_models.host_memory import ResidentPeak, pin_mmap_threshold, trim_heap
 
 MiB = 2**20

@@ -19,13 +19,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxshard"
 # Floor of each module or package (a package's floor covers its submodules), highest first.
 FLOORS: dict[str, int] = {
     # 8: front ends
-    "fxshard.cli": 8, "fxshard.cli_parser": 8, "fxshard.cli_text": 8, "fxshard.viz": 8, "fxshard.viz_dot": 8, "fxshard.viz_text": 8,
+    "fxshard.cli": 8, "fxshard.cli_parser": 8, "fxshard.cli_text": 8, "fxshard.cli_inspect": 8,
+    "fxshard.viz": 8, "fxshard.viz_dot": 8, "fxshard.viz_text": 8,
     "fxshard.compare": 8, "fxshard.export": 8,
     # 7: the library entry points (fxshard itself re-exports them)
     "fxshard": 7, "fxshard.api": 7,
     # 6: planning
     "fxshard.planner": 6, "fxshard.refusal": 6, "fxshard.candidates": 6, "fxshard.candidate_shapes": 6, "fxshard.candidates_whole": 6, "fxshard.levers": 6, "fxshard.plan_options": 6,
-    "fxshard.calibrate": 6,
+    "fxshard.calibrate": 6, "fxshard.calibrate_report": 6,
     # 5: execution
     "fxshard.runtime": 5, "fxshard.runtime.checkpointing": 5,
     # 4: graph passes and partitioners
