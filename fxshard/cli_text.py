@@ -1,5 +1,5 @@
-"""What the command line prints: option names as flags, numbers with units, plans and
-comparisons as tables (rich).
+"""What the command line prints and writes: option names as flags, numbers with units, plans and
+comparisons as tables (rich), JSON documents, where an output went, a spinner while it works.
 
 The library words its messages in Python (``optimizer='sgd'``); :func:`cli_words` turns them
 into the flags a CLI user types (``--optimizer sgd``), from one table.
@@ -180,6 +180,7 @@ def compare_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def write_json(data: Any, dest: str) -> None:
+    """``data`` as indented JSON to the file ``dest``, or to standard output for ``-``."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
     if dest == "-":
         sys.stdout.write(text + "\n")
