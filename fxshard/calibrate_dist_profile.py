@@ -44,7 +44,6 @@ def priced_with_summaries(captured: CapturedGraph, plan: Plan, cost_model: Any,
     from fxshard.candidates import Pricer, price_pipeline
     from fxshard.levers import Levers
     from fxshard.plan_options import PlanOptions
-    from fxshard.simulate_plan import simulate_plan
 
     if plan.strategy not in ("pipeline", "hybrid"):
         raise ExecutionError(f"reprice prices pipeline stages; this is a {plan.strategy} plan")
@@ -82,13 +81,18 @@ def priced_with_summaries(captured: CapturedGraph, plan: Plan, cost_model: Any,
                                        send_bytes=st.send_bytes, optimizer_time_s=st.optimizer_time_s,
                                        accumulate_time_s=st.accumulate_time_s)
                    for s, st, peak in zip(plan.stages, priced.stages, priced.peak))
-    out = dataclasses.replace(plan, stages=stages)
-    sim = simulate_plan(out)
+    return _simulated(dataclasses.replace(plan, stages=stages)), priced.stages
+
+
+def _simulated(plan: Plan) -> Plan:
+    """``plan`` with its estimate's step time (and bubble, throughput) simulated from its stages."""
+    from fxshard.simulate_plan import simulate_plan
+
+    sim = simulate_plan(plan)
     step = sim.step_time_s
-    out = dataclasses.replace(out, estimate=dataclasses.replace(
+    return dataclasses.replace(plan, estimate=dataclasses.replace(
         plan.estimate, step_time_s=step, bubble_fraction=sim.bubble_fraction,
         samples_per_s=plan.batch_size / step if step > 0 else 0.0))
-    return out, priced.stages
 
 
 def reprice(captured: CapturedGraph, plan: Plan, cost_model: Any, *, loss: LossGraph | None = None) -> Plan:
@@ -164,16 +168,9 @@ def rank_priced(plan: Plan, ranks: Sequence[Any]) -> Plan:
     Raises:
         ExecutionError: a rank without a profile (the run was not made with ``profile_in_ranks``).
     """
-    from fxshard.simulate_plan import simulate_plan
-
     priced = _rank_plans(ranks)
     owner = {i: p for r, p in zip(ranks, priced) for i in r.stages}
-    out = dataclasses.replace(plan, stages=tuple(owner[s.index].stages[s.index] for s in plan.stages))
-    sim = simulate_plan(out)
-    step = sim.step_time_s
-    return dataclasses.replace(out, estimate=dataclasses.replace(
-        plan.estimate, step_time_s=step, bubble_fraction=sim.bubble_fraction,
-        samples_per_s=plan.batch_size / step if step > 0 else 0.0))
+    return _simulated(dataclasses.replace(plan, stages=tuple(owner[s.index].stages[s.index] for s in plan.stages)))
 
 
 def profile_spread(ranks: Sequence[Any]) -> float:
